@@ -1,0 +1,239 @@
+// The torch side of stitchops._C: argument checks, dtype mapping, output allocation.
+//
+// Only this file includes torch. It needs no CUDA header either: Python passes the current
+// stream as an integer (torch.cuda.current_stream().cuda_stream), so this file compiles
+// against any torch build and the kernels in *.cu against any CUDA toolkit.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "lora.h"
+
+#ifndef STITCHOPS_TORCH_VERSION
+#define STITCHOPS_TORCH_VERSION "unknown"
+#endif
+#ifndef STITCHOPS_CUDA_VERSION
+#define STITCHOPS_CUDA_VERSION "unknown"
+#endif
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Tests set this to fill every buffer a kernel must overwrite with NaN (see stitchops._memory).
+bool g_poison_outputs = false;
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return g_poison_outputs ? at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options)
+                          : at::empty(sizes, options);
+}
+
+stitchops::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return stitchops::DType::kFloat32;
+    case at::kHalf: return stitchops::DType::kFloat16;
+    case at::kBFloat16: return stitchops::DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "stitchops CUDA kernels take float16, bfloat16 or float32, got ", t.scalar_type());
+  }
+  return stitchops::DType::kFloat32;
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ", x.scalar_type());
+}
+
+void check_status(int code, const char* what) {
+  TORCH_CHECK(code == 0, "stitchops CUDA ", what, " failed: ", stitchops::error_string(code));
+}
+
+int64_t multiprocessors() {
+  int count = 0;
+  check_status(stitchops::device_multiprocessors(&count), "device query");
+  return count;
+}
+
+// out = x · Wᵀ + bias + extra_bias + scale · (x · Aᵀ) · Bᵀ for 2-D x; returns {y, S}.
+std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                     const OptTensor& lora_a, const OptTensor& lora_b, double scale,
+                                     const OptTensor& extra_bias, bool save_s, int64_t stream) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x and weight must be 2-D");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features but weight has IN = ", weight.size(1));
+  check_like(x, "x", x);
+  check_like(weight, "weight", x);
+  const bool has_lora = lora_a.has_value();
+  TORCH_CHECK(has_lora == lora_b.has_value(), "lora_a and lora_b must be given together");
+  const int64_t tokens = x.size(0), in_f = x.size(1), out_f = weight.size(0);
+  const int64_t rank = has_lora ? lora_a->size(0) : 0;
+  TORCH_CHECK(rank <= stitchops::kMaxRank, "rank ", rank, " > ", stitchops::kMaxRank);
+  if (has_lora) {
+    check_like(*lora_a, "lora_a", x);
+    check_like(*lora_b, "lora_b", x);
+    TORCH_CHECK(lora_a->size(1) == in_f && lora_b->size(0) == out_f && lora_b->size(1) == rank,
+                "lora_a must be [R, IN] and lora_b [OUT, R]");
+  }
+  for (const auto* vec : {&bias, &extra_bias})
+    if (vec->has_value()) {
+      check_like(**vec, "bias", x);
+      TORCH_CHECK((*vec)->numel() == out_f && (*vec)->stride(0) == 1, "biases must be contiguous [OUT]");
+    }
+
+  auto y = new_output({tokens, out_f}, x.options());
+  const bool keep_s = save_s && has_lora;
+  auto s = new_output({keep_s ? tokens : 0, keep_s ? rank : 0}, x.options().dtype(at::kFloat));
+  stitchops::LowRankMatmulArgs a;
+  a.x = x.data_ptr();
+  a.stride_xm = x.stride(0);
+  a.stride_xk = x.stride(1);
+  a.w = weight.data_ptr();
+  a.stride_wk = weight.stride(1);
+  a.stride_wn = weight.stride(0);
+  if (has_lora) {
+    a.l1 = lora_a->data_ptr();
+    a.stride_l1k = lora_a->stride(1);
+    a.stride_l1r = lora_a->stride(0);
+    a.l2 = lora_b->data_ptr();
+    a.stride_l2r = lora_b->stride(1);
+    a.stride_l2n = lora_b->stride(0);
+  }
+  a.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  a.bias2 = extra_bias.has_value() ? extra_bias->data_ptr() : nullptr;
+  a.out = y.data_ptr();
+  a.stride_om = y.stride(0);
+  a.stride_on = y.stride(1);
+  a.s_out = keep_s ? s.data_ptr<float>() : nullptr;
+  a.stride_sm = std::max<int64_t>(rank, 1);
+  a.M = tokens;
+  a.N = out_f;
+  a.K = in_f;
+  a.R = rank;
+  a.scale = static_cast<float>(scale);
+  a.k_per_split = std::max<int64_t>(in_f, 1);
+  check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)), "lora forward");
+  return {y, s};
+}
+
+// dW = dyᵀ · x [OUT, IN], split over tokens so a small [OUT, IN] still fills the device.
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, int64_t stream) {
+  const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1);
+  if (tokens == 0) return at::zeros_like(weight);
+  const int64_t tiles = ((out_f + 63) / 64) * ((in_f + 63) / 64);
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(2 * multiprocessors() / tiles, (tokens + 511) / 512));
+  const int64_t k_per_split = (tokens + splits - 1) / splits;
+  splits = (tokens + k_per_split - 1) / k_per_split;
+  auto partial = new_output({splits, out_f, in_f}, x.options().dtype(at::kFloat));
+  stitchops::LowRankMatmulArgs a;
+  a.x = dy.data_ptr();
+  a.stride_xm = dy.stride(1);
+  a.stride_xk = dy.stride(0);
+  a.w = x.data_ptr();
+  a.stride_wk = x.stride(0);
+  a.stride_wn = x.stride(1);
+  a.out = partial.data_ptr();
+  a.out_fp32 = true;
+  a.stride_oz = partial.stride(0);
+  a.stride_om = partial.stride(1);
+  a.stride_on = partial.stride(2);
+  a.M = out_f;
+  a.N = in_f;
+  a.K = tokens;
+  a.k_per_split = k_per_split;
+  a.splits = static_cast<int>(splits);
+  check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)), "lora weight grad");
+  return partial.sum(0).to(weight.scalar_type());
+}
+
+// Returns {dx, dW, dA, dB, dbias}; a gradient not asked for is an empty tensor.
+std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                      const OptTensor& lora_a, const OptTensor& lora_b, const at::Tensor& s,
+                                      double scale, bool need_x, bool need_weight, bool need_a, bool need_b,
+                                      bool need_bias, int64_t stream) {
+  check_like(grad_y, "grad_y", x);
+  check_like(weight, "weight", x);
+  const bool has_lora = lora_a.has_value();
+  need_a = need_a && has_lora;
+  need_b = need_b && has_lora;
+  const int64_t tokens = x.size(0), in_f = x.size(1), out_f = weight.size(0);
+  const int64_t rank = has_lora ? lora_a->size(0) : 0;
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == tokens && grad_y.size(1) == out_f, "grad_y must be [T, OUT]");
+  TORCH_CHECK(!need_b || (s.dim() == 2 && s.size(0) == tokens && s.size(1) == rank && s.is_contiguous()),
+              "S saved by the forward must be a contiguous [T, R] float32 tensor");
+  auto empty = at::empty({0}, x.options());
+  at::Tensor dw = need_weight ? weight_grad(grad_y, x, weight, stream) : empty;
+  if (!(need_x || need_a || need_b || need_bias)) return {empty, dw, empty, empty, empty};
+
+  const int64_t in_tiles = (in_f + stitchops::kBlockN - 1) / stitchops::kBlockN;
+  const int64_t wanted = std::max<int64_t>(1, 2 * multiprocessors() / std::max<int64_t>(in_tiles, 1));
+  const int64_t per_range = (std::max<int64_t>(tokens, 1) + wanted - 1) / wanted;
+  const int64_t rows_per_range = (per_range + stitchops::kBlockM - 1) / stitchops::kBlockM * stitchops::kBlockM;
+  const int64_t ranges = (tokens + rows_per_range - 1) / rows_per_range;
+  auto f32 = x.options().dtype(at::kFloat);
+  // Every range writes its whole slice of the partials, so none needs zeroing.
+  at::Tensor dx = need_x ? new_output({tokens, in_f}, x.options()) : empty;
+  at::Tensor da_part = need_a ? new_output({ranges, rank, in_f}, f32) : empty;
+  at::Tensor db_part = need_b ? new_output({ranges, out_f, rank}, f32) : empty;
+  at::Tensor dbias_part = need_bias ? new_output({ranges, out_f}, f32) : empty;
+  if (need_x && (tokens == 0 || in_f == 0)) dx.zero_();
+
+  stitchops::LoraBackwardArgs a;
+  a.dy = grad_y.data_ptr();
+  a.stride_dym = grad_y.stride(0);
+  a.stride_dyo = grad_y.stride(1);
+  a.w = weight.data_ptr();
+  a.stride_wo = weight.stride(0);
+  a.stride_wi = weight.stride(1);
+  if (has_lora) {
+    check_like(*lora_a, "lora_a", x);
+    check_like(*lora_b, "lora_b", x);
+    a.a = lora_a->data_ptr();
+    a.stride_ar = lora_a->stride(0);
+    a.stride_ai = lora_a->stride(1);
+    a.b = lora_b->data_ptr();
+    a.stride_bo = lora_b->stride(0);
+    a.stride_br = lora_b->stride(1);
+  }
+  if (need_a) a.da_part = da_part.data_ptr<float>();
+  if (need_b) {
+    a.s = s.data_ptr<float>();
+    a.stride_sm = s.stride(0);
+    a.db_part = db_part.data_ptr<float>();
+  }
+  a.x = x.data_ptr();
+  a.stride_xm = x.stride(0);
+  a.stride_xi = x.stride(1);
+  if (need_x) {
+    a.dx = dx.data_ptr();
+    a.stride_dxm = dx.stride(0);
+    a.stride_dxi = dx.stride(1);
+  }
+  a.dbias_part = need_bias ? dbias_part.data_ptr<float>() : nullptr;
+  a.M = tokens;
+  a.IN = in_f;
+  a.OUT = out_f;
+  a.R = rank;
+  a.scale = static_cast<float>(scale);
+  a.rows_per_range = rows_per_range;
+  a.ranges = static_cast<int>(ranges);
+  check_status(stitchops::lora_backward(dtype_of(x), a, reinterpret_cast<void*>(stream)), "lora backward");
+
+  const auto dtype = x.scalar_type();
+  at::Tensor da = need_a ? (da_part.sum(0) * scale).to(dtype) : empty;
+  at::Tensor db = need_b ? (db_part.sum(0) * scale).to(dtype) : empty;
+  at::Tensor dbias = need_bias ? dbias_part.sum(0).to(dtype) : empty;
+  return {dx, dw, da, db, dbias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "stitchops CUDA kernels (raw-pointer kernels in csrc/*.cu, bound here)";
+  m.def("torch_version", [] { return std::string(STITCHOPS_TORCH_VERSION); });
+  m.def("cuda_version", [] { return std::string(STITCHOPS_CUDA_VERSION); });
+  m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; });
+  m.def("lora_forward", &lora_forward, "fused LoRA stitching projection, forward");
+  m.def("lora_backward", &lora_backward, "fused LoRA stitching projection, backward");
+}

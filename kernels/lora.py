@@ -1,0 +1,436 @@
+"""Fused LoRA stitching projection in Triton: forward, dx and the low-rank gradients.
+
+    y = x · Wᵀ + b + b_s + scale · (x · Aᵀ) · Bᵀ        (SN-Netv2 LoRA SL, ESTA stitch bias)
+
+Cost model (T tokens, IN → OUT, rank R; bf16 = 2 bytes):
+  forward   FLOPs 2·T·IN·OUT + 2·T·R·(IN + OUT)       bytes ≥ 2·T·(IN + OUT)   (x in, y out)
+  backward  FLOPs 2·T·IN·OUT (dx) + 2·T·R·(2·IN + 2·OUT)
+            bytes ≥ 2·T·(OUT + IN) (dy in, dx out) + 2·T·IN (x, for dA) + 4·T·R (S)
+
+Design (after LoRAFusion, specialised for stitching layers whose IN is small):
+* ``_lowrank_matmul_kernel``: one [BLOCK_M, BLOCK_N] output tile per program. Each x tile
+  loaded for the main GEMM also feeds S = x·Aᵀ ([BLOCK_M, R], registers), so x is read once;
+  the low-rank term scale·S·Bᵀ is added to the fp32 accumulator in the epilogue, and no
+  [T, OUT] low-rank intermediate exists. Programs of the first column tile store S (fp32) for
+  the backward. With HAS_LORA=False and a split-K grid the same kernel computes dW = dyᵀ·x.
+* ``_lora_backward_kernel``: program (z, j) walks the row blocks of one token range z and one
+  IN tile j. One pass over dy gives dx = dy·W + scale·(dy·B)·A and dS = dy·B; dA = scale·dSᵀ·x
+  stays in registers across the range; the programs of tile j = 0 also fold dy into
+  dB = scale·dyᵀ·S and the bias gradient Σ_t dy, written to a per-range fp32 slice (no
+  atomics: deterministic). The launcher sums the few per-range partials.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from stitchops._memory import new_output
+
+MAX_RANK = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(tile_names: tuple[str, str, str], extra: dict[str, int]) -> list[triton.Config]:
+    """Autotune space; a single small config under the CPU interpreter."""
+    m, n, k = tile_names
+    if _interpreting():
+        return [triton.Config({m: 32, n: 32, k: 32, **extra}, num_warps=4, num_stages=1)]
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({m: bm, n: bn, k: bk, **extra}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+# Token ranges of the backward are aligned to this many rows, a multiple of every BLOCK_M.
+ROW_ALIGN = 32 if _interpreting() else 128
+
+
+@triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), {"GROUP_M": 8}),
+    key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
+)
+@triton.jit
+def _lowrank_matmul_kernel(
+    x_ptr, w_ptr, l1_ptr, l2_ptr, bias_ptr, bias2_ptr, out_ptr, s_ptr,
+    M, N, K, R, scale, k_per_split,
+    stride_xm, stride_xk, stride_wk, stride_wn,
+    stride_l1k, stride_l1r, stride_l2r, stride_l2n,
+    stride_oz, stride_om, stride_on, stride_sm,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    STORE_S: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out[z] = X[:, Kz]·Wt[Kz, :] + scale·(X·L1)·L2 + bias + bias2, K split into ranges Kz.
+
+    X [M, K], Wt [K, N], L1 [K, R], L2 [R, N] are addressed through strides, so the forward
+    passes Wt = Wᵀ, L1 = Aᵀ, L2 = Bᵀ as views and the dW pass X = dyᵀ, Wt = x.
+    S = X·L1 [M, R] (fp32) is stored by the programs of column tile 0 when STORE_S.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row tiles share each W column tile while it is in L2.
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    k_begin = split * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            l1 = tl.load(
+                l1_ptr + offs_k[:, None] * stride_l1k + offs_r[None, :] * stride_l1r,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            s = tl.dot(x, l1, s, input_precision=DOT_PRECISION)
+
+    if HAS_LORA:
+        if STORE_S:
+            if pid_n == 0:
+                s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :]
+                tl.store(s_ptrs, s, mask=mask_m[:, None] & mask_r[None, :])
+        l2 = tl.load(
+            l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        low = tl.dot(s.to(l2.dtype), l2, input_precision=DOT_PRECISION)
+        acc += tl.cast(scale, tl.float32) * low
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS2:
+        acc += tl.load(bias2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = (
+        out_ptr + split * stride_oz + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), {}),
+    key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
+)
+@triton.jit
+def _lora_backward_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, s_ptr, x_ptr,
+    dx_ptr, da_part_ptr, db_part_ptr, dbias_part_ptr,
+    M, IN, OUT, R, scale, rows_per_range,
+    stride_dym, stride_dyo, stride_wo, stride_wi, stride_ar, stride_ai, stride_bo, stride_br,
+    stride_sm, stride_xm, stride_xi, stride_dxm, stride_dxi,
+    HAS_LORA: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One pass over dy for the token range z = program_id(0), IN tile j = program_id(1).
+
+    Writes dx[rows, j], da_part[z, :, j] (unscaled dSᵀ·x); for j = 0 also db_part[z] =
+    dyᵀ·S [OUT, R] and dbias_part[z] = Σ_rows dy [OUT] (each range owns its slice).
+    """
+    z = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_i = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_i = offs_i < IN
+    mask_r = offs_r < R
+    row_begin = z * rows_per_range
+    row_end = tl.minimum(M, row_begin + rows_per_range)
+    owner = j == 0  # the IN tile whose programs also reduce dy over tokens
+    # Masks are block comparisons against limits (a scalar bool in a mask breaks the
+    # interpreter): the owner reads S rows below row_end, the others none.
+    s_row_end = tl.where(owner, row_end, 0)
+
+    da = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for m0 in range(row_begin, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        # The first row block of a range overwrites its partials, later ones accumulate.
+        prev_end = tl.where(m0 != row_begin, OUT, 0)
+        if HAS_LORA and NEED_DB:
+            s_rows = tl.load(
+                s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
+                mask=(offs_m < s_row_end)[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+        else:
+            s_rows = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, OUT, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < OUT
+            dy = tl.load(
+                dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyo,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            if NEED_DX:
+                w = tl.load(
+                    w_ptr + offs_k[:, None] * stride_wo + offs_i[None, :] * stride_wi,
+                    mask=mask_k[:, None] & mask_i[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            if HAS_LORA:
+                b = tl.load(
+                    b_ptr + offs_k[:, None] * stride_bo + offs_r[None, :] * stride_br,
+                    mask=mask_k[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
+                ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
+            if owner:
+                # Read-modify-write of this range's own slice; as the first row block
+                # overwrites, a relaunch (autotuning) starts clean.
+                if HAS_LORA and NEED_DB:
+                    part = tl.dot(tl.trans(dy), s_rows.to(dy.dtype), input_precision=DOT_PRECISION)
+                    ptrs = db_part_ptr + z * OUT * R + offs_k[:, None] * R + offs_r[None, :]
+                    mask = mask_k[:, None] & mask_r[None, :]
+                    prev = tl.load(ptrs, mask=mask & (offs_k < prev_end)[:, None], other=0.0)
+                    tl.store(ptrs, prev + part, mask=mask)
+                if NEED_BIAS:
+                    col = tl.sum(dy.to(tl.float32), axis=0)
+                    ptrs = dbias_part_ptr + z * OUT + offs_k
+                    prev = tl.load(ptrs, mask=offs_k < prev_end, other=0.0)
+                    tl.store(ptrs, prev + col, mask=mask_k)
+        if NEED_DX:
+            if HAS_LORA:
+                a = tl.load(
+                    a_ptr + offs_r[:, None] * stride_ar + offs_i[None, :] * stride_ai,
+                    mask=mask_r[:, None] & mask_i[None, :],
+                    other=0.0,
+                )
+                scaled = (ds * tl.cast(scale, tl.float32)).to(a.dtype)
+                acc = tl.dot(scaled, a, acc, input_precision=DOT_PRECISION)
+            dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_i[None, :] * stride_dxi
+            tl.store(
+                dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_i[None, :]
+            )
+        if HAS_LORA and NEED_DA:
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :] * stride_xi,
+                mask=mask_m[:, None] & mask_i[None, :],
+                other=0.0,
+            )
+            da = tl.dot(tl.trans(ds.to(x.dtype)), x, da, input_precision=DOT_PRECISION)
+    if HAS_LORA and NEED_DA:
+        da_ptrs = da_part_ptr + z * R * IN + offs_r[:, None] * IN + offs_i[None, :]
+        tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_i[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """Follow PyTorch's own fp32 matmul setting, so fp32 results match torch's."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.cache
+def _parallelism(device: torch.device) -> int:
+    """How many programs fill the device (2 per SM on a GPU; a few under the interpreter)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    return t  # a pointer the kernel never dereferences (its HAS_* flag is off)
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    extra_bias: torch.Tensor | None,
+    save_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, IN] (any strides) → (y [T, OUT] contiguous, S [T, R] fp32 or [0, 0])."""
+    tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    has_lora = lora_a is not None
+    rank = lora_a.shape[0] if has_lora else 0
+    keep_s = save_s and has_lora
+    y = new_output(tokens, out_features, device=x.device, dtype=x.dtype)
+    s = new_output(tokens if keep_s else 0, rank if keep_s else 0, device=x.device,
+                   dtype=torch.float32)  # fmt: skip
+    if tokens == 0 or out_features == 0:
+        return y, s
+    a = lora_a if has_lora else _dummy(weight)
+    b = lora_b if has_lora else _dummy(weight)
+
+    def grid(meta):
+        return (
+            triton.cdiv(tokens, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),
+            1,
+        )
+
+    _lowrank_matmul_kernel[grid](
+        x, weight, a, b,
+        bias if bias is not None else _dummy(weight),
+        extra_bias if extra_bias is not None else _dummy(weight),
+        y, s if s.numel() else _dummy(y),
+        tokens, out_features, in_features, rank, scale, max(in_features, 1),
+        x.stride(0), x.stride(1), weight.stride(1), weight.stride(0),
+        a.stride(1), a.stride(0), b.stride(1), b.stride(0),
+        0, y.stride(0), y.stride(1), max(rank, 1),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_BIAS2=extra_bias is not None,
+        STORE_S=bool(s.numel()), SPLIT_K=False, BLOCK_R=_block_r(rank),
+        DOT_PRECISION=_dot_precision(x.dtype),
+    )  # fmt: skip
+    return y, s
+
+
+def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dW = dyᵀ · x [OUT, IN], split over tokens so that a small [OUT, IN] still fills the GPU."""
+    tokens, out_features = grad_y.shape
+    in_features = x.shape[1]
+    if tokens == 0:
+        return torch.zeros(out_features, in_features, device=x.device, dtype=dtype)
+    tiles = triton.cdiv(out_features, 128) * triton.cdiv(in_features, 128)
+    splits = max(1, min(_parallelism(x.device) // tiles, triton.cdiv(tokens, 512)))
+    k_per_split = triton.cdiv(triton.cdiv(tokens, splits), ROW_ALIGN) * ROW_ALIGN
+    splits = triton.cdiv(tokens, k_per_split)
+    partial = new_output(splits, out_features, in_features, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (
+            triton.cdiv(out_features, meta["BLOCK_M"]) * triton.cdiv(in_features, meta["BLOCK_N"]),
+            splits,
+        )
+
+    _lowrank_matmul_kernel[grid](
+        grad_y, x, x, x, x, x, partial, partial,
+        out_features, in_features, tokens, 0, 1.0, k_per_split,
+        grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1),
+        0, 0, 0, 0,
+        partial.stride(0), partial.stride(1), partial.stride(2), 1,
+        HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True,
+        BLOCK_R=16, DOT_PRECISION=_dot_precision(x.dtype),
+    )  # fmt: skip
+    return partial.sum(0).to(dtype)
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    s: torch.Tensor,
+    scale: float,
+    need_x: bool,
+    need_weight: bool,
+    need_a: bool,
+    need_b: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, dW, dA, dB, dbias) for 2-D tensors; None where not asked for.
+
+    ``s`` (the forward's S, fp32 [T, R]) is read only when ``need_b``.
+    """
+    tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    has_lora = lora_a is not None
+    need_a, need_b = need_a and has_lora, need_b and has_lora
+    rank = lora_a.shape[0] if has_lora else 0
+    dw = weight_grad(grad_y, x, weight.dtype) if need_weight else None
+    if not (need_x or need_a or need_b or need_bias):
+        return None, dw, None, None, None
+
+    per_range = triton.cdiv(max(tokens, 1), _ranges_wanted(x.device, in_features))
+    rows_per_range = triton.cdiv(per_range, ROW_ALIGN) * ROW_ALIGN
+    ranges = triton.cdiv(tokens, rows_per_range)
+    # Every range writes its whole slice of the partials, so none needs zeroing.
+    f32 = {"device": x.device, "dtype": torch.float32}
+    dx = new_output(tokens, in_features, device=x.device, dtype=x.dtype) if need_x else None
+    da_part = new_output(ranges, rank, in_features, **f32) if need_a else None
+    db_part = new_output(ranges, out_features, rank, **f32) if need_b else None
+    dbias_part = new_output(ranges, out_features, **f32) if need_bias else None
+    if ranges > 0 and in_features > 0:
+        a = lora_a if has_lora else _dummy(weight)
+        b = lora_b if has_lora else _dummy(weight)
+        s_arg = s if need_b else _dummy(grad_y)
+        dx_arg = dx if need_x else _dummy(grad_y)
+
+        def grid(meta):
+            return (ranges, triton.cdiv(in_features, meta["BLOCK_N"]))
+
+        _lora_backward_kernel[grid](
+            grad_y, weight, a, b, s_arg, x,
+            dx_arg,
+            da_part if need_a else _dummy(grad_y),
+            db_part if need_b else _dummy(grad_y),
+            dbias_part if need_bias else _dummy(grad_y),
+            tokens, in_features, out_features, rank, scale, rows_per_range,
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            max(rank, 1), x.stride(0), x.stride(1),
+            dx_arg.stride(0), dx_arg.stride(1),
+            HAS_LORA=has_lora, NEED_DX=need_x, NEED_DA=need_a, NEED_DB=need_b,
+            NEED_BIAS=need_bias,
+            BLOCK_R=_block_r(rank), DOT_PRECISION=_dot_precision(x.dtype),
+        )  # fmt: skip
+    elif need_x:
+        dx.zero_()  # IN == 0 or no tokens: nothing to compute, but the output must be defined
+    da = (scale * da_part.sum(0)).to(x.dtype) if need_a else None
+    db = (scale * db_part.sum(0)).to(x.dtype) if need_b else None
+    dbias = dbias_part.sum(0).to(x.dtype) if need_bias else None
+    return dx, dw, da, db, dbias
+
+
+def _ranges_wanted(device: torch.device, in_features: int) -> int:
+    """Token ranges for the backward: enough programs to fill the device, few partials."""
+    in_tiles = triton.cdiv(in_features, 128)
+    return max(1, _parallelism(device) // max(in_tiles, 1))

@@ -1,0 +1,32 @@
+"""Thin Python side of the CUDA backend (``stitchops._C``), imported only when chosen."""
+
+from __future__ import annotations
+
+import torch
+
+from stitchops import _C, _memory
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def lora_forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s):
+    _C.set_poison_outputs(_memory.poisoning())
+    with torch.cuda.device(x.device):
+        y, s = _C.lora_forward(
+            x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s, _stream(x)
+        )
+    return y, s
+
+
+def lora_backward(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weight, need_a,
+                  need_b, need_bias):  # fmt: skip
+    _C.set_poison_outputs(_memory.poisoning())
+    needed = (need_x, need_weight, need_a, need_b, need_bias)
+    with torch.cuda.device(x.device):
+        grads = _C.lora_backward(
+            grad_y, x, weight, lora_a, lora_b, s, scale,
+            need_x, need_weight, need_a, need_b, need_bias, _stream(x),
+        )  # fmt: skip
+    return tuple(g if want else None for g, want in zip(grads, needed, strict=True))

@@ -1,0 +1,181 @@
+"""Backend selection shared by every op.
+
+An op describes each backend by a *reason function*: given the call's tensors it returns the
+reasons that backend cannot run the call (an empty list means it can). Dispatch walks the
+op's priority list and takes the first backend with no reasons. A forced backend
+(``use_backend(name)`` or ``STITCHOPS_BACKEND=name``) that has reasons raises
+``BackendUnavailableError`` listing every backend's reasons: never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "stitchops_backend", default=None
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message lists every backend's reasons."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown stitchops backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every stitchops op inside the block to run on backend ``name``.
+
+    ``use_backend(None)`` restores automatic selection inside the block. Forcing a backend
+    that cannot run a call raises ``BackendUnavailableError`` at that call.
+    """
+    token = _forced.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or, failing that, ``STITCHOPS_BACKEND``."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("STITCHOPS_BACKEND", "").strip()
+    if env in ("", "auto"):
+        return None
+    try:
+        return _check_name(env)
+    except ValueError as err:
+        raise ValueError(f"STITCHOPS_BACKEND: {err}") from None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_missing_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+@functools.cache
+def cuda_extension_missing_reason() -> str | None:
+    """Why ``stitchops._C`` cannot be used, or None. Imports it lazily, once."""
+    if importlib.util.find_spec("stitchops._C") is None:
+        return (
+            "stitchops._C is not built (installed without CUDA; rebuild with a CUDA build of "
+            "torch: pip install --no-build-isolation .)"
+        )
+    try:
+        from stitchops import _C
+    except ImportError as err:
+        return f"stitchops._C failed to import: {err}"
+    built_torch, built_cuda = _C.torch_version(), _C.cuda_version()
+    if built_torch.split("+")[0] != torch.__version__.split("+")[0] or built_cuda != str(
+        torch.version.cuda
+    ):
+        return (
+            f"stitchops._C was built for torch {built_torch} / CUDA {built_cuda} but torch "
+            f"{torch.__version__} / CUDA {torch.version.cuda} is running; reinstall stitchops"
+        )
+    return None
+
+
+def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
+    """Reasons common to every op: where the tensors live and whether the backend exists."""
+    devices = {t.device.type for t in tensors}
+    reasons: list[str] = []
+    if backend == "triton":
+        missing = triton_missing_reason()
+        if missing:
+            reasons.append(missing)
+        if devices != {"cuda"} and not triton_interpreting():
+            reasons.append(
+                f"tensors are on {sorted(devices)}; triton runs on CUDA tensors, or on CPU "
+                "tensors with TRITON_INTERPRET=1"
+            )
+    elif backend == "cuda":
+        if devices != {"cuda"}:
+            reasons.append(f"tensors are on {sorted(devices)}, not cuda")
+        else:
+            missing = cuda_extension_missing_reason()
+            if missing:
+                reasons.append(missing)
+    return reasons
+
+
+ReasonFn = Callable[[], list[str]]
+
+
+def choose(op: str, reasons: dict[str, ReasonFn], priority: Sequence[str]) -> str:
+    """Pick the backend for one call of ``op``.
+
+    ``reasons`` maps each backend to a function returning why it cannot run this call.
+    ``priority`` is the automatic order for this call (decided by the op from the device).
+    """
+    forced = forced_backend()
+    if forced is not None:
+        why = reasons[forced]()
+        if why:
+            raise BackendUnavailableError(_report(op, forced, reasons))
+        return forced
+    for name in priority:
+        if not reasons[name]():
+            if name == "torch" and priority[0] != "torch":
+                _warn_slow_path(op, _report(op, None, reasons))
+            return name
+    raise BackendUnavailableError(_report(op, None, reasons))
+
+
+@functools.cache
+def _warn_slow_path(op: str, report: str) -> None:
+    warnings.warn(
+        f"stitchops.{op} is running on the unfused PyTorch reference on CUDA tensors.\n{report}",
+        stacklevel=4,
+    )
+
+
+def _report(op: str, forced: str | None, reasons: dict[str, ReasonFn]) -> str:
+    head = (
+        f"stitchops.{op}: backend {forced!r} was forced but cannot run this call."
+        if forced
+        else f"stitchops.{op}: no backend can run this call."
+    )
+    lines = [head, "Backends:"]
+    for name, fn in reasons.items():
+        why = fn()
+        lines.append(f"  {name}: " + ("can run" if not why else "; ".join(why)))
+    return "\n".join(lines)
+
+
+def available_backends(device: str | torch.device | None = None) -> dict[str, str | None]:
+    """Which backends can run on ``device`` (default: cuda if present, else cpu).
+
+    Returns ``{name: None}`` for a usable backend and ``{name: reason}`` otherwise. Op-specific
+    limits (dtype, rank) are reported by the op itself when a call is refused.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = [torch.empty(0, device=device)]
+    out: dict[str, str | None] = {}
+    for name in BACKENDS:
+        why = device_reasons(name, probe)
+        out[name] = "; ".join(why) if why else None
+    return out

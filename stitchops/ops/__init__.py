@@ -1,0 +1,1 @@
+"""Public functional ops: checks, torch.library registration, backend dispatch, autograd."""

@@ -1,0 +1,232 @@
+"""``stitchops.lora_linear``: the stitching projection of SN-Net, SN-Netv2 and ESTA.
+
+    y = x · Wᵀ + b + b_s + scale · (x · Aᵀ) · Bᵀ
+
+Registered as ``stitchops::lora_linear`` (forward, returning y and the saved S = x·Aᵀ) and
+``stitchops::lora_linear_backward``, each with a fake implementation for torch.compile, and
+tied together with ``torch.library.register_autograd``. The math and the gradient formulas
+are in ``stitchops.reference.lora``.
+
+Backend choice for CUDA tensors: triton, then cuda, then torch. The Triton kernel runs its
+GEMMs on tensor cores (tl.dot) and is autotuned per shape; the CUDA kernel implements the
+same fusion with fp32 FMA (SIMT) tiles, exact and independent of Triton but without tensor
+cores, so it ranks second. CPU tensors run on the torch reference unless a backend is forced
+(``triton`` under TRITON_INTERPRET=1, as in CI).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stitchops import _dispatch
+from stitchops.ops import _checks
+from stitchops.reference import lora as reference
+
+MAX_KERNEL_RANK = 128
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_reasons(
+    backend: str, x: torch.Tensor, tensors: list[torch.Tensor], rank: int
+) -> list[str]:
+    reasons = _dispatch.device_reasons(backend, tensors)
+    if x.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
+    if backend == "triton" and x.dtype == torch.bfloat16 and _dispatch.triton_interpreting():
+        reasons.append("the Triton CPU interpreter computes bfloat16 wrongly; use float16/32")
+    if rank > MAX_KERNEL_RANK:
+        reasons.append(f"rank {rank} > {MAX_KERNEL_RANK}")
+    return reasons
+
+
+def _choose(x: torch.Tensor, tensors: list[torch.Tensor], rank: int) -> str:
+    reasons = {
+        "torch": lambda: [],
+        "triton": lambda: _kernel_reasons("triton", x, tensors, rank),
+        "cuda": lambda: _kernel_reasons("cuda", x, tensors, rank),
+    }
+    priority = ("triton", "cuda", "torch") if x.is_cuda else ("torch",)
+    return _dispatch.choose("lora_linear", reasons, priority)
+
+
+def _present(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+def _backend_module(name: str):
+    if name == "triton":
+        from stitchops.kernels import lora as module
+    elif name == "cuda":
+        from stitchops import _cuda as module
+    else:
+        module = reference
+    return module
+
+
+@torch.library.custom_op("stitchops::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    extra_bias: torch.Tensor | None,
+    save_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    backend = _choose(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank)
+    forward = _backend_module(backend).lora_forward
+    return forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s):
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    keep = save_s and lora_a is not None
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    s = x.new_empty(
+        x.shape[0] if keep else 0, rank if keep else 0, dtype=reference.saved_s_dtype(x.dtype)
+    )
+    return y, s
+
+
+@torch.library.custom_op("stitchops::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    s: torch.Tensor,
+    scale: float,
+    need_x: bool,
+    need_weight: bool,
+    need_a: bool,
+    need_b: bool,
+    need_bias: bool,
+) -> list[torch.Tensor]:
+    """Returns [dx, dW, dA, dB, dbias]; a gradient not asked for is an empty tensor."""
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    backend = _choose(x, _present(grad_y, x, weight, lora_a, lora_b), rank)
+    grads = _backend_module(backend).lora_backward(
+        grad_y.contiguous(), x, weight, lora_a, lora_b, s, scale,
+        need_x, need_weight, need_a, need_b, need_bias,
+    )  # fmt: skip
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weight, need_a, need_b, need_bias):
+    def maybe(needed: bool, *shape: int) -> torch.Tensor:
+        return x.new_empty(*shape) if needed else x.new_empty(0)
+
+    has_lora = lora_a is not None
+    rank = lora_a.shape[0] if has_lora else 0
+    out_f, in_f = weight.shape
+    return [
+        maybe(need_x, x.shape[0], in_f),
+        maybe(need_weight, out_f, in_f),
+        maybe(need_a and has_lora, rank, in_f),
+        maybe(need_b and has_lora, out_f, rank),
+        maybe(need_bias, out_f),
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_a, lora_b, scale, _extra_bias, _save_s = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_s):
+    x, weight, lora_a, lora_b, s = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s
+    dx, dw, da, db, dbias = torch.ops.stitchops.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, s, ctx.scale,
+        need[0], need[1], need[3], need[4], need[2] or need[6],
+    )  # fmt: skip
+    return (
+        dx if need[0] else None,
+        dw if need[1] else None,
+        dbias if need[2] else None,
+        da if need[3] else None,
+        db if need[4] else None,
+        None,
+        dbias if need[6] else None,
+        None,
+    )
+
+
+torch.library.register_autograd("stitchops::lora_linear", _backward, setup_context=_setup_context)
+
+
+def _check(x, weight, bias, lora_a, lora_b, scale, extra_bias) -> float:
+    _checks.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., IN], got shape {tuple(x.shape)}")
+    _checks.tensor("weight", weight, ndim=2)
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight [OUT, IN] has "
+            f"IN = {in_f}"
+        )
+    for name, vec in (("bias", bias), ("extra_bias", extra_bias)):
+        if vec is not None:
+            _checks.tensor(name, vec, ndim=1)
+            _checks.shape(name, vec, (out_f,), "OUT of weight")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together (or both None)")
+    if lora_a is not None:
+        _checks.tensor("lora_a", lora_a, ndim=2)
+        _checks.tensor("lora_b", lora_b, ndim=2)
+        rank = lora_a.shape[0]
+        if rank < 1:
+            raise ValueError(f"lora_a must have rank R >= 1 rows, got shape {tuple(lora_a.shape)}")
+        _checks.shape("lora_a", lora_a, (rank, in_f), "[R, IN]")
+        if lora_b.shape[1] != rank:
+            raise ValueError(
+                f"lora_b has rank {lora_b.shape[1]} (shape {tuple(lora_b.shape)}) but lora_a "
+                f"has rank {rank}: lora_a is [R, IN], lora_b is [OUT, R]"
+            )
+        _checks.shape("lora_b", lora_b, (out_f, rank), "[OUT, R]")
+    named = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
+             "extra_bias": extra_bias}  # fmt: skip
+    _checks.same_dtype_and_device("x", named)
+    return _checks.finite_float("scale", scale)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scale: float = 1.0,
+    extra_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused stitching projection ``y = x·Wᵀ + b + b_s + scale·(x·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: [..., IN] activations (any strides).
+        weight: [OUT, IN] stitching matrix W (frozen in SN-Netv2, trained in SN-Net).
+        bias: [OUT] bias b, or None.
+        lora_a: [R, IN] low-rank down-projection A (peft's ``lora_A``), or None.
+        lora_b: [OUT, R] low-rank up-projection B (peft's ``lora_B``), or None.
+        scale: multiplier of the low-rank term, alpha / R for peft-style LoRA.
+        extra_bias: [OUT] per-stitch bias b_s (ESTA), or None.
+
+    Returns:
+        [..., OUT] in the dtype of x. float16/bfloat16/float32 kernels accumulate in fp32.
+        Differentiable in x, weight, bias, lora_a, lora_b and extra_bias.
+    """
+    scale = _check(x, weight, bias, lora_a, lora_b, scale, extra_bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    save_s = lora_b is not None and torch.is_grad_enabled() and lora_b.requires_grad
+    y, _ = torch.ops.stitchops.lora_linear(
+        x2, weight, bias, lora_a, lora_b, scale, extra_bias, save_s
+    )
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,117 @@
+"""Backend selection: forcing, reasons, environment variable, no silent fallback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import stitchops
+from stitchops import _dispatch
+from stitchops.ops import lora as lora_ops
+
+
+def _args(dtype=torch.float32, rank=2):
+    return (torch.randn(5, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype), None,
+            torch.randn(rank, 8, dtype=dtype), torch.randn(6, rank, dtype=dtype))  # fmt: skip
+
+
+def test_available_backends_reports_every_backend():
+    found = stitchops.available_backends("cpu")
+    assert set(found) == set(stitchops.BACKENDS)
+    assert found["torch"] is None
+    assert isinstance(found["cuda"], str) and "cuda" in found["cuda"]
+
+
+def test_cpu_default_is_torch(monkeypatch):
+    calls = []
+    real = lora_ops.reference.lora_forward
+    monkeypatch.setattr(lora_ops.reference, "lora_forward",
+                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    stitchops.lora_linear(*_args())
+    assert calls == [1]
+
+
+def test_forced_triton_really_runs_the_triton_kernels(monkeypatch):
+    """Guards the CI claim: under TRITON_INTERPRET=1 the Triton launchers are executed."""
+    if _dispatch.triton_missing_reason() or not (_dispatch.triton_interpreting()
+                                                 or torch.cuda.is_available()):  # fmt: skip
+        pytest.skip("triton cannot run here")
+    from stitchops.kernels import lora as triton_lora
+
+    calls = []
+    for name in ("lora_forward", "lora_backward"):
+        real = getattr(triton_lora, name)
+        monkeypatch.setattr(
+            triton_lora, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a)
+        )
+    x, w, _, a, b = _args()
+    a.requires_grad_()
+    with stitchops.use_backend("triton"):
+        stitchops.lora_linear(x, w, None, a, b).sum().backward()
+    assert calls == ["lora_forward", "lora_backward"]
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises triton")
+def test_ci_runs_triton():
+    assert not lora_ops._kernel_reasons("triton", torch.empty(1), [torch.empty(1)], 1)
+
+
+def test_forcing_an_unavailable_backend_lists_every_reason():
+    with stitchops.use_backend("cuda"), pytest.raises(stitchops.BackendUnavailableError) as err:
+        stitchops.lora_linear(*_args())
+    message = str(err.value)
+    assert "'cuda' was forced" in message
+    for name in stitchops.BACKENDS:
+        assert f"  {name}: " in message
+    assert "torch: can run" in message
+
+
+def test_forced_triton_refuses_bf16_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with stitchops.use_backend("triton"), pytest.raises(stitchops.BackendUnavailableError,
+                                                        match="bfloat16"):  # fmt: skip
+        stitchops.lora_linear(*_args(torch.bfloat16))
+
+
+def test_forced_kernel_refuses_large_rank_and_float64(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with stitchops.use_backend("triton"):
+        with pytest.raises(stitchops.BackendUnavailableError, match="rank 129 > 128"):
+            stitchops.lora_linear(*_args(rank=129))
+        with pytest.raises(stitchops.BackendUnavailableError, match="float64 is not supported"):
+            stitchops.lora_linear(*_args(torch.float64))
+
+
+def test_torch_backend_takes_any_rank_and_float64():
+    with stitchops.use_backend("torch"):
+        y = stitchops.lora_linear(*_args(torch.float64, rank=129))
+    assert y.dtype == torch.float64
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("STITCHOPS_BACKEND", "cuda")
+    with pytest.raises(stitchops.BackendUnavailableError):
+        stitchops.lora_linear(*_args())
+    with stitchops.use_backend("torch"):  # the context manager wins over the environment
+        stitchops.lora_linear(*_args())
+    monkeypatch.setenv("STITCHOPS_BACKEND", "auto")
+    stitchops.lora_linear(*_args())
+    monkeypatch.setenv("STITCHOPS_BACKEND", "tritn")
+    with pytest.raises(ValueError, match="STITCHOPS_BACKEND: unknown stitchops backend 'tritn'"):
+        stitchops.lora_linear(*_args())
+
+
+def test_use_backend_nests_and_restores_after_errors():
+    with pytest.raises(ValueError, match="unknown stitchops backend"):
+        stitchops.use_backend("fast").__enter__()
+    assert _dispatch.forced_backend() is None
+    with stitchops.use_backend("cuda"):
+        with stitchops.use_backend(None):
+            assert _dispatch.forced_backend() is None
+            stitchops.lora_linear(*_args())
+        with pytest.raises(stitchops.BackendUnavailableError):
+            stitchops.lora_linear(*_args())
+        assert _dispatch.forced_backend() == "cuda"
+    assert _dispatch.forced_backend() is None

@@ -1,0 +1,290 @@
+"""stitchops.lora_linear: every runnable backend vs a float64 reference, forward and gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import DEVICE, assert_accurate, rel_err, require_backend
+
+import stitchops
+from stitchops import _memory
+from stitchops.reference import lora as reference
+
+
+@dataclass(frozen=True)
+class Case:
+    lead: tuple[int, ...]
+    in_f: int
+    out_f: int
+    rank: int
+    bias: bool = True
+    extra_bias: bool = False
+    train_weight: bool = False
+    frozen: tuple[str, ...] = ()  # arguments that need no gradient
+
+    @property
+    def id(self) -> str:
+        parts = ["T" + "x".join(map(str, self.lead)), f"IN{self.in_f}", f"OUT{self.out_f}"]
+        parts.append(f"R{self.rank}" if self.rank else "noLoRA")
+        parts += [name for name, on in (("bias", self.bias), ("sbias", self.extra_bias),
+                                        ("trainW", self.train_weight)) if on]  # fmt: skip
+        parts += [f"frozen_{name}" for name in self.frozen]
+        return "-".join(parts)
+
+
+CASES = [
+    Case((77,), 50, 130, 3, extra_bias=True),  # odd everything, two token ranges
+    Case((2, 37), 40, 24, 5),  # 3-D input
+    Case((64,), 32, 48, 16, bias=False, train_weight=True),
+    Case((33,), 20, 70, 1, extra_bias=True, train_weight=True),  # rank 1
+    Case((45,), 24, 40, 70),  # rank > 64: the widest rank block
+    Case((150,), 40, 36, 8, extra_bias=True),  # several row blocks per token range
+    Case((77,), 50, 130, 0, extra_bias=True, train_weight=True),  # SN-Net v1: no LoRA
+    # Subsets of gradients: each flag of the backward on its own.
+    Case((41,), 30, 50, 4, frozen=("lora_b",)),
+    Case((41,), 30, 50, 4, extra_bias=True, frozen=("lora_a", "x")),
+    Case((41,), 30, 50, 4, frozen=("x", "bias", "lora_a")),
+    Case((41,), 30, 50, 4, frozen=("lora_a", "lora_b", "bias")),
+]
+
+
+def make_params(case: Case, dtype: torch.dtype, device: str = DEVICE) -> dict[str, torch.Tensor]:
+    """Float64 masters of every argument (B non-zero so the low-rank path is exercised)."""
+    g = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(device)
+
+    p = {"x": rnd(*case.lead, case.in_f), "weight": rnd(case.out_f, case.in_f, s=case.in_f**-0.5)}
+    if case.bias:
+        p["bias"] = rnd(case.out_f)
+    if case.extra_bias:
+        p["extra_bias"] = rnd(case.out_f)
+    if case.rank:
+        p["lora_a"] = rnd(case.rank, case.in_f, s=case.in_f**-0.5)
+        p["lora_b"] = rnd(case.out_f, case.rank, s=case.rank**-0.5)
+    return p
+
+
+def leaves(masters: dict, dtype: torch.dtype, case: Case) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in masters.items():
+        trains = (name != "weight" or case.train_weight) and name not in case.frozen
+        out[name] = t.to(dtype).detach().requires_grad_(trains)
+    return out
+
+
+def run(fn, args: dict, scale: float, grad: torch.Tensor):
+    y = fn(**args, scale=scale)
+    trainable = {k: v for k, v in args.items() if v.requires_grad}
+    grads = torch.autograd.grad(y, list(trainable.values()), grad)
+    return y, dict(zip(trainable, grads, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_float64_reference(case: Case, dtype: torch.dtype, backend: str):
+    masters = make_params(case, dtype)
+    require_backend(backend, masters["x"].to(dtype), case.rank)
+    scale = 2.0 / max(case.rank, 1)
+    grad64 = torch.randn(*case.lead, case.out_f, dtype=torch.float64).to(DEVICE)
+
+    ref64, grads64 = run(reference.lora_linear, leaves(masters, torch.float64, case), scale, grad64)
+    ref_dt, grads_dt = run(reference.lora_linear, leaves(masters, dtype, case), scale,
+                           grad64.to(dtype))  # fmt: skip
+    args = leaves(masters, dtype, case)
+    with stitchops.use_backend(backend), _memory.poison_outputs():
+        y, grads = run(stitchops.lora_linear, args, scale, grad64.to(dtype))
+
+    assert y.dtype == dtype
+    assert_accurate("y", y, ref_dt, ref64)
+    assert set(grads) == set(grads64)
+    for name in grads64:
+        assert_accurate(f"d{name}", grads[name], grads_dt[name], grads64[name])
+    if not case.train_weight:
+        assert args["weight"].grad is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_explicit_backward_is_autograd_of_the_definition(case: Case):
+    """The torch backend's hand-written gradients equal autograd's in float64."""
+    masters = make_params(case, torch.float64)
+    grad = torch.randn(*case.lead, case.out_f, dtype=torch.float64).to(DEVICE)
+    ref, ref_grads = run(reference.lora_linear, leaves(masters, torch.float64, case), 0.7, grad)
+    with stitchops.use_backend("torch"):
+        y, grads = run(stitchops.lora_linear, leaves(masters, torch.float64, case), 0.7, grad)
+    assert rel_err(y, ref) < 1e-12
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_non_contiguous_x(backend: str, layout: str):
+    case = Case((37,), 40, 52, 4, extra_bias=True)
+    masters = make_params(case, torch.float32)
+    require_backend(backend, masters["x"].float(), case.rank)
+    x = masters["x"].float()
+    if layout == "transposed":
+        x_nc = x.t().contiguous().t()  # strides (1, T)
+    else:
+        x_nc = torch.zeros(37, 80, device=DEVICE)[:, ::2]
+        x_nc.copy_(x)
+    assert not x_nc.is_contiguous()
+    args = leaves(masters, torch.float32, case)
+    grad = torch.randn(37, 52, device=DEVICE)
+    expected, expected_grads = run(reference.lora_linear, args, 0.5, grad)
+    args["x"] = x_nc.requires_grad_()
+    with stitchops.use_backend(backend), _memory.poison_outputs():
+        y, grads = run(stitchops.lora_linear, args, 0.5, grad)
+    assert rel_err(y, expected) < 1e-5
+    for name in expected_grads:
+        assert rel_err(grads[name], expected_grads[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["T0", "3x0"])
+def test_empty_batch(backend: str, lead: tuple[int, ...]):
+    case = Case(lead, 20, 30, 4, extra_bias=True, train_weight=True)
+    masters = make_params(case, torch.float32)
+    require_backend(backend, masters["x"].float(), case.rank)
+    args = leaves(masters, torch.float32, case)
+    with stitchops.use_backend(backend), _memory.poison_outputs():
+        y = stitchops.lora_linear(**args, scale=0.5)
+        assert y.shape == (*lead, 30)
+        y.sum().backward()
+    assert args["x"].grad.shape == args["x"].shape
+    for name in ("weight", "bias", "extra_bias", "lora_a", "lora_b"):
+        grad = args[name].grad
+        assert grad is not None and grad.shape == args[name].shape, name
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_inference_saves_nothing_and_matches(backend: str):
+    case = Case((19,), 24, 40, 4, extra_bias=True)
+    masters = make_params(case, torch.float32)
+    require_backend(backend, masters["x"].float(), case.rank)
+    args = {k: v.float() for k, v in masters.items()}
+    expected = reference.lora_linear(**args, scale=0.5)
+    with torch.no_grad(), stitchops.use_backend(backend), _memory.poison_outputs():
+        y, s = torch.ops.stitchops.lora_linear(
+            args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], 0.5,
+            args["extra_bias"], False,
+        )  # fmt: skip
+    assert s.numel() == 0
+    assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend: str):
+    case = Case((13,), 20, 24, 3, extra_bias=True, train_weight=True)
+    masters = make_params(case, torch.float32)
+    require_backend(backend, masters["x"].float(), case.rank)
+    a = leaves(masters, torch.float32, case)
+    fwd_args = (
+        a["x"],
+        a["weight"],
+        a["bias"],
+        a["lora_a"],
+        a["lora_b"],
+        0.5,
+        a["extra_bias"],
+        True,
+    )
+    with stitchops.use_backend(backend):
+        torch.library.opcheck(torch.ops.stitchops.lora_linear.default, fwd_args)
+        _, s = torch.ops.stitchops.lora_linear(*fwd_args)
+        bwd_args = (torch.randn(13, 24, device=DEVICE), a["x"].detach(), a["weight"].detach(),
+                    a["lora_a"].detach(), a["lora_b"].detach(), s.detach(), 0.5,
+                    True, True, True, True, True)  # fmt: skip
+        torch.library.opcheck(torch.ops.stitchops.lora_linear_backward.default, bwd_args)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.front = torch.nn.Linear(20, 24)
+        self.stitch = stitchops.nn.StitchingLayer(24, 36, rank=4, num_stitch_biases=3)
+        self.stitch.active_stitch = 1
+        with torch.no_grad():
+            self.stitch.lora_B.normal_()
+            self.stitch.stitch_bias.normal_()
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.stitch(self.front(x)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler: str):
+    """No graph break (fullgraph=True) and the same values and gradients as eager."""
+    model = _Block().to(DEVICE)
+    x = torch.randn(2, 9, 20, device=DEVICE)
+    eager = model(x)
+    eager.square().sum().backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert "stitch.weight" not in trained  # frozen by rank > 0
+    eager_grads = {n: p.grad.clone() for n, p in trained.items()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert rel_err(out, eager) < 1e-5
+    for name, p in trained.items():
+        assert rel_err(p.grad, eager_grads[name]) < 1e-5, name
+
+
+def _good_args():
+    return {
+        "x": torch.randn(5, 8),
+        "weight": torch.randn(6, 8),
+        "bias": torch.randn(6),
+        "lora_a": torch.randn(2, 8),
+        "lora_b": torch.randn(6, 2),
+        "scale": 0.5,
+        "extra_bias": torch.randn(6),
+    }
+
+
+BAD_INPUTS = {
+    "x-not-tensor": ({"x": [[1.0] * 8]}, TypeError, "x must be a torch.Tensor"),
+    "x-int": ({"x": torch.ones(5, 8, dtype=torch.int64)}, TypeError, "x must be a floating"),
+    "weight-1d": ({"weight": torch.randn(8)}, ValueError, "weight must be 2-D"),
+    "in-mismatch": ({"x": torch.randn(5, 7)}, ValueError, "weight .OUT, IN. has IN = 8"),
+    "bias-shape": ({"bias": torch.randn(5)}, ValueError, "bias must have shape"),
+    "extra-bias-shape": ({"extra_bias": torch.randn(6, 1)}, ValueError, "extra_bias must be 1-D"),
+    "a-without-b": ({"lora_b": None}, ValueError, "lora_a and lora_b must be given together"),
+    "rank-mismatch": ({"lora_b": torch.randn(6, 3)}, ValueError, "lora_b has rank 3"),
+    "lora-a-in": ({"lora_a": torch.randn(2, 7)}, ValueError, "lora_a must have shape"),
+    "lora-b-out": ({"lora_b": torch.randn(5, 2)}, ValueError, "lora_b must have shape"),
+    "mixed-dtype": ({"weight": torch.randn(6, 8, dtype=torch.float64)}, TypeError,
+                    "weight has dtype torch.float64 but x has torch.float32"),
+    "int-lora": ({"lora_a": torch.ones(2, 8, dtype=torch.int32)}, TypeError,
+                 "lora_a must be a floating"),
+    "mixed-device": ({"bias": torch.randn(6, device="meta")}, ValueError, "bias is on meta"),
+    "scale-bool": ({"scale": True}, TypeError, "scale must be a Python float"),
+    "scale-nan": ({"scale": float("nan")}, ValueError, "scale must be finite"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_inputs_raise_clear_errors(change):
+    updates, error, message = change
+    args = {**_good_args(), **updates}
+    before = {
+        k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and not v.is_meta
+    }
+    with pytest.raises(error, match=message):
+        stitchops.lora_linear(**args)
+    for name, value in before.items():  # nothing was written
+        assert torch.equal(args[name], value), name
+
+
+def test_integer_scale_is_accepted():
+    args = {**_good_args(), "scale": 2}
+    expected = reference.lora_linear(**{**args, "scale": 2.0})
+    assert rel_err(stitchops.lora_linear(**args), expected) < 1e-6
