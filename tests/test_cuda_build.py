@@ -1,0 +1,117 @@
+"""The CUDA sources build wherever nvcc is on PATH, GPU or not.
+
+Every ``csrc/*.cu`` is compiled for sm_80 and sm_90a, and the torch binding is compiled,
+linked with those objects and imported, so a broken CUDA source or binding fails CI on a
+machine without a GPU. (Running the kernels needs a GPU: tests/test_lora.py, backend cuda.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
+ARCHS = ("80", "90a")
+
+pytestmark = pytest.mark.slow
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    return nvcc
+
+
+def _cuda_lib_dir(nvcc: str, scratch: Path) -> Path | None:
+    """Where libcudart_static.a lives, asked of nvcc itself (PATH may hold a wrapper)."""
+    probe = scratch / "probe.cu"
+    probe.write_text("")
+    dry = subprocess.run([nvcc, "--dryrun", "-c", str(probe)], capture_output=True, text=True)
+    for line in dry.stderr.splitlines() + dry.stdout.splitlines():
+        if line.startswith("#$ TOP="):
+            top = Path(line.split("=", 1)[1].strip())
+            for cand in (top / "lib64", top / "targets/x86_64-linux/lib", top / "lib"):
+                if (cand / "libcudart_static.a").exists():
+                    return cand.resolve()
+    return None
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory) -> list[Path]:
+    """Every kernel source compiled once (position-independent, both archs)."""
+    nvcc, out = _nvcc(), tmp_path_factory.mktemp("cu")
+    built = []
+    for src in KERNEL_SOURCES:
+        obj = out / (src.stem + ".o")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+        _run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *gencode, "-I", str(CSRC),
+              str(src), "-o", str(obj)])  # fmt: skip
+        built.append(obj)
+    return built
+
+
+def test_there_are_kernel_sources():
+    assert KERNEL_SOURCES, "csrc/ has no .cu files"
+
+
+@pytest.mark.parametrize(
+    "source", [p.name for p in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.h"))]
+)
+def test_kernel_sources_are_torch_free(source: str):
+    text = (CSRC / source).read_text()
+    assert not re.search(r'#include\s*[<"](torch|ATen|c10)/', text), f"{source} includes torch"
+
+
+def test_every_cu_compiles_for_sm80_and_sm90a(objects):
+    assert [o.stem for o in objects] == [s.stem for s in KERNEL_SOURCES]
+    assert all(o.stat().st_size > 0 for o in objects)
+
+
+def test_binding_links_and_imports(objects, tmp_path):
+    """Compile csrc/binding.cpp against this torch, link the kernels, import, call."""
+    from torch.utils.cpp_extension import include_paths
+
+    cuda_lib = _cuda_lib_dir(_nvcc(), tmp_path)
+    if cuda_lib is None:
+        pytest.skip("nvcc's toolkit has no libcudart_static.a")
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    binding = tmp_path / "binding.o"
+    _run([cxx, "-c", "-O0", "-fPIC", "-std=c++20", *[f"-I{p}" for p in include_paths()],
+          f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", "-DTORCH_EXTENSION_NAME=_C",
+          f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"', '-DSTITCHOPS_CUDA_VERSION="test"',
+          str(CSRC / "binding.cpp"), "-o", str(binding)])  # fmt: skip
+    torch_lib = Path(torch.__file__).parent / "lib"
+    module = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    _run([cxx, "-shared", str(binding), *map(str, objects), f"-L{torch_lib}", "-lc10", "-ltorch",
+          "-ltorch_cpu", "-ltorch_python", f"-L{cuda_lib}", "-lcudart_static", "-lrt", "-lpthread",
+          "-ldl", "-o", str(module)])  # fmt: skip
+
+    spec = importlib.util.spec_from_file_location("_C", module)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    assert ext.torch_version() == torch.__version__ and ext.cuda_version() == "test"
+    ext.set_poison_outputs(False)
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+            ext.lora_forward(x, w, None, None, None, 1.0, None, False, 0)
+    with pytest.raises(RuntimeError, match="x has 4 features but weight has IN = 5"):
+        ext.lora_forward(x, torch.randn(5, 5), None, None, None, 1.0, None, False, 0)
