@@ -1,0 +1,211 @@
+"""Benchmark of stitchops.lora_linear at stitching-layer shapes (issue: fused LoRA SL).
+
+For each shape, dtype and backend: check correctness against an fp32 reference in this run,
+then time forward and forward+backward (grad for x, A, B, bias; W frozen as in SN-Netv2):
+  unfused   y = F.linear(x, W, b) + scale·lora_B(lora_A(x)), as peft does it
+  triton    stitchops.lora_linear with the triton backend
+  cuda      stitchops.lora_linear with the cuda backend
+  floor     the bare frozen GEMM: x·Wᵀ forward, plus dY·W backward
+Reports median ms, TFLOP/s of the useful work, and the ratios vs unfused and vs the floor.
+
+    python benchmarks/bench_lora.py            # full table on a GPU; a small CPU table here
+    pytest benchmarks/ --benchmark-only        # the same cases through pytest-benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_ms, write_results
+
+import stitchops
+
+GPU_TOKENS = (64 * 197, 256 * 197)
+GPU_FEATURES = ((192, 384), (384, 768), (384, 1024), (768, 1024))
+GPU_RANKS = (16, 64)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+# On a CPU only the torch backend runs at speed (triton there is an interpreter): the table
+# shows the op's overhead over the unfused code it replaces, at smaller sizes.
+CPU_TOKENS = (8 * 197,)
+CPU_FEATURES = ((192, 384), (384, 1024))
+CPU_RANKS = (16,)
+CPU_DTYPES = (torch.float32,)
+
+
+def flops(tokens: int, in_f: int, out_f: int, rank: int, backward: bool) -> int:
+    """Useful FLOPs: main GEMM(s) plus the rank-R products (see kernels/lora.py)."""
+    fwd = 2 * tokens * in_f * out_f + 2 * tokens * rank * (in_f + out_f)
+    bwd = 2 * tokens * in_f * out_f + 4 * tokens * rank * (in_f + out_f)
+    return fwd + (bwd if backward else 0)
+
+
+def make_case(tokens, in_f, out_f, rank, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device, dtype)
+
+    return {
+        "x": rnd(tokens, in_f).requires_grad_(),
+        "weight": rnd(out_f, in_f, s=in_f**-0.5),
+        "bias": rnd(out_f).requires_grad_(),
+        "lora_a": rnd(rank, in_f, s=in_f**-0.5).requires_grad_(),
+        "lora_b": rnd(out_f, rank, s=rank**-0.5).requires_grad_(),
+        "scale": 1.0 / rank,
+    }
+
+
+def unfused(x, weight, bias, lora_a, lora_b, scale):
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a), lora_b) * scale
+
+
+def fused(backend):
+    def run(**kw):
+        with stitchops.use_backend(backend):
+            return stitchops.lora_linear(**kw)
+
+    return run
+
+
+def step(fn, case, grad, backward: bool):
+    def run():
+        y = fn(**case)
+        if backward:
+            trainable = [case[k] for k in ("x", "bias", "lora_a", "lora_b")]
+            torch.autograd.grad(y, trainable, grad)
+        return y
+
+    return run
+
+
+def floor_step(case, grad, backward: bool):
+    x, w = case["x"].detach(), case["weight"]
+
+    def run():
+        y = x @ w.t()
+        if backward:
+            grad @ w
+        return y
+
+    return run
+
+
+def check(fn, case, grad, ref, tol) -> float:
+    """Relative error of output and every gradient vs the fp32 reference; raises if too big."""
+    y = fn(**case)
+    names = ("x", "bias", "lora_a", "lora_b")
+    grads = torch.autograd.grad(y, [case[k] for k in names], grad)
+    worst = 0.0
+    for got, want in zip((y, *grads), ref, strict=True):
+        err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        worst = max(worst, err)
+    if not worst <= tol:
+        raise AssertionError(f"relative error {worst:.2e} > {tol:.0e}: refusing to time")
+    return worst
+
+
+def backends_for(device: str) -> list[str]:
+    if device == "cpu":
+        return ["torch"]
+    avail = stitchops.available_backends(device)
+    return [b for b in ("triton", "cuda") if avail[b] is None]
+
+
+def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms):
+    case = make_case(tokens, in_f, out_f, rank, dtype, device)
+    grad = torch.randn(tokens, out_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    ref32 = {k: v.float().detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
+             for k, v in case.items()}  # fmt: skip
+    y32 = unfused(**ref32)
+    ref = (y32, *torch.autograd.grad(y32, [ref32[k] for k in ("x", "bias", "lora_a", "lora_b")],
+                                     grad.float()))  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    rows = []
+    for backward in (False, True):
+        row = {"tokens": tokens, "in": in_f, "out": out_f, "rank": rank,
+               "dtype": str(dtype).removeprefix("torch."),
+               "pass": "fwd+bwd" if backward else "fwd",
+               "gflop": flops(tokens, in_f, out_f, rank, backward) / 1e9}  # fmt: skip
+        timings = {"unfused": step(unfused, case, grad, backward),
+                   "floor": floor_step(case, grad, backward)}  # fmt: skip
+        errors = {"unfused": check(unfused, case, grad, ref, tol)}
+        for backend in backends_for(device):
+            errors[backend] = check(fused(backend), case, grad, ref, tol)
+            timings[backend] = step(fused(backend), case, grad, backward)
+        for name, fn in timings.items():
+            t = median_ms(fn, device, budget_ms)
+            row[name] = {**t, "tflops": row["gflop"] / t["ms"]}
+            if name in errors:
+                row[name]["max_rel_err"] = errors[name]
+        for name in timings:
+            row[name]["vs_unfused"] = row["unfused"]["ms"] / row[name]["ms"]
+            row[name]["vs_floor"] = row[name]["ms"] / row["floor"]["ms"]
+        rows.append(row)
+    return rows
+
+
+def print_table(rows) -> None:
+    impls = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    head = f"{'tokens':>7} {'in→out':>10} {'r':>3} {'dtype':>8} {'pass':>8} " + " ".join(
+        f"{name + ' ms':>12}" for name in impls
+    )
+    print(head + "   speedup vs unfused / time vs floor")
+    for r in rows:
+        cells = " ".join(f"{r[n]['ms']:12.3f}" for n in impls)
+        ratios = ", ".join(
+            f"{n}: {r[n]['vs_unfused']:.2f}x / {r[n]['vs_floor']:.2f}x"
+            for n in impls
+            if n not in ("unfused", "floor")
+        )
+        print(f"{r['tokens']:>7} {r['in']:>4}→{r['out']:<5} {r['rank']:>3} {r['dtype']:>8} "
+              f"{r['pass']:>8} {cells}   {ratios}")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per cell")
+    parser.add_argument("--no-save", action="store_true", help="do not write results/")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    grid = list(itertools.product(
+        GPU_TOKENS if gpu else CPU_TOKENS, GPU_FEATURES if gpu else CPU_FEATURES,
+        GPU_RANKS if gpu else CPU_RANKS, GPU_DTYPES if gpu else CPU_DTYPES,
+    ))  # fmt: skip
+    budget = args.budget_ms or (200.0 if gpu else 300.0)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    rows = []
+    for tokens, (in_f, out_f), rank, dtype in tqdm(grid, desc="lora_linear") if tqdm else grid:
+        rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget)
+    print_table(rows)
+    if not args.no_save:
+        path = write_results("lora_linear", args.device, rows)
+        print(f"wrote {path}")
+    return 0
+
+
+# pytest-benchmark entry points (pytest benchmarks/ --benchmark-only)
+def test_lora_forward_backward(benchmark):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, in_f, out_f, rank, dtype = (
+        (256 * 197, 384, 1024, 16, torch.bfloat16) if device == "cuda"
+        else (8 * 197, 384, 1024, 16, torch.float32)
+    )  # fmt: skip
+    case = make_case(tokens, in_f, out_f, rank, dtype, device)
+    grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
+    fn = step(stitchops.lora_linear, case, grad, backward=True)
+    benchmark(lambda: (fn(), torch.cuda.synchronize() if device == "cuda" else None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

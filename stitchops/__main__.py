@@ -1,0 +1,5 @@
+import sys
+
+from stitchops.cli import main
+
+sys.exit(main())
