@@ -116,6 +116,21 @@ __device__ __forceinline__ void stage_rank_chunk(float (*sm_s)[RC + 1],
   for (int qq = 0; qq < RC / 4; ++qq) sm_s[srow][scol + 4 * qq] = lr[c * (RC / 4) + qq];
 }
 
+// acc[i][j] += scale · Σ_rr sm_s[row_i][rr] · sm_l[rr][col_j] over one staged rank chunk.
+__device__ __forceinline__ void add_rank_chunk(float (&acc)[4][4], const float (*sm_s)[RC + 1],
+                                               const float (*sm_l)[BN + 1], float scale) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll 4
+  for (int rr = 0; rr < RC; ++rr) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float sv = scale * sm_s[ty + 16 * i][rr];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(sv, sm_l[rr][tx + 16 * j], acc[i][j]);
+    }
+  }
+}
+
 template <typename T, int RP>
 __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulArgs a) {
   __shared__ Stage<T, RP> st;
@@ -147,15 +162,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
       stage_rank_chunk<RP>(sm_s, lr, c);
       load_tile<T, RC, BN>(&sm_l2[0][0], l2, a.stride_l2r, a.stride_l2n, c * RC, a.R, n0, a.N);
       __syncthreads();
-#pragma unroll 4
-      for (int rr = 0; rr < RC; ++rr) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float sv = a.scale * sm_s[ty + 16 * i][rr];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(sv, sm_l2[rr][tx + 16 * j], acc[i][j]);
-        }
-      }
+      add_rank_chunk(acc, sm_s, sm_l2, a.scale);
       __syncthreads();
     }
   }
@@ -224,7 +231,7 @@ struct TokenReductionHook {
 };
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs a) {
+__global__ void __launch_bounds__(THREADS, 1) lora_backward_kernel(LoraBackwardArgs a) {
   __shared__ Stage<T, RP> st;
   __shared__ float sm_s[BM][RC + 1];
   __shared__ float sm_a[RC][BN + 1];
@@ -256,16 +263,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
         stage_rank_chunk<RP>(sm_s, ds, c);
         load_tile<T, RC, BN>(&sm_a[0][0], A, a.stride_ar, a.stride_ai, c * RC, a.R, i0, a.IN);
         __syncthreads();
-        // dx += scale · dS · A
-#pragma unroll 4
-        for (int rr = 0; rr < RC; ++rr) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float sv = a.scale * sm_s[ty + 16 * i][rr];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(sv, sm_a[rr][tx + 16 * j], acc[i][j]);
-          }
-        }
+        add_rank_chunk(acc, sm_s, sm_a, a.scale);  // dx += scale · dS · A
         // dA += dSᵀ · x
         if (need_da) {
 #pragma unroll
