@@ -177,7 +177,7 @@ std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor
   at::Tensor da_part = need_a ? new_output({ranges, rank, in_f}, f32) : empty;
   at::Tensor db_part = need_b ? new_output({ranges, out_f, rank}, f32) : empty;
   at::Tensor dbias_part = need_bias ? new_output({ranges, out_f}, f32) : empty;
-  if (need_x && (tokens == 0 || in_f == 0)) dx.zero_();
+  TORCH_CHECK(in_f > 0 && out_f > 0, "IN and OUT must be >= 1");
 
   stitchops::LoraBackwardArgs a;
   a.dy = grad_y.data_ptr();

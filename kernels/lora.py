@@ -305,7 +305,7 @@ def lora_forward(
     y = new_output(tokens, out_features, device=x.device, dtype=x.dtype)
     s = new_output(tokens if keep_s else 0, rank if keep_s else 0, device=x.device,
                    dtype=torch.float32)  # fmt: skip
-    if tokens == 0 or out_features == 0:
+    if tokens == 0:
         return y, s
     a = lora_a if has_lora else _dummy(weight)
     b = lora_b if has_lora else _dummy(weight)
@@ -398,7 +398,7 @@ def lora_backward(
     da_part = new_output(ranges, rank, in_features, **f32) if need_a else None
     db_part = new_output(ranges, out_features, rank, **f32) if need_b else None
     dbias_part = new_output(ranges, out_features, **f32) if need_bias else None
-    if ranges > 0 and in_features > 0:
+    if ranges > 0:  # the op guarantees IN, OUT >= 1
         a = lora_a if has_lora else _dummy(weight)
         b = lora_b if has_lora else _dummy(weight)
         s_arg = s if need_b else _dummy(grad_y)
@@ -422,8 +422,6 @@ def lora_backward(
             NEED_BIAS=need_bias,
             BLOCK_R=_block_r(rank), DOT_PRECISION=_dot_precision(x.dtype),
         )  # fmt: skip
-    elif need_x:
-        dx.zero_()  # IN == 0 or no tokens: nothing to compute, but the output must be defined
     da = (scale * da_part.sum(0)).to(x.dtype) if need_a else None
     db = (scale * db_part.sum(0)).to(x.dtype) if need_b else None
     dbias = dbias_part.sum(0).to(x.dtype) if need_bias else None

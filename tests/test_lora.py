@@ -258,6 +258,8 @@ BAD_INPUTS = {
     "x-not-tensor": ({"x": [[1.0] * 8]}, TypeError, "x must be a torch.Tensor"),
     "x-int": ({"x": torch.ones(5, 8, dtype=torch.int64)}, TypeError, "x must be a floating"),
     "weight-1d": ({"weight": torch.randn(8)}, ValueError, "weight must be 2-D"),
+    "zero-out": ({"weight": torch.randn(0, 8), "bias": None, "extra_bias": None,
+                  "lora_b": torch.randn(0, 2)}, ValueError, "must have OUT, IN >= 1"),
     "in-mismatch": ({"x": torch.randn(5, 7)}, ValueError, "weight .OUT, IN. has IN = 8"),
     "bias-shape": ({"bias": torch.randn(5)}, ValueError, "bias must have shape"),
     "extra-bias-shape": ({"extra_bias": torch.randn(6, 1)}, ValueError, "extra_bias must be 1-D"),

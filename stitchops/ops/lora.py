@@ -168,6 +168,8 @@ def _check(x, weight, bias, lora_a, lora_b, scale, extra_bias) -> float:
         raise ValueError(f"x must have at least 1 dimension [..., IN], got shape {tuple(x.shape)}")
     _checks.tensor("weight", weight, ndim=2)
     out_f, in_f = weight.shape
+    if in_f == 0 or out_f == 0:
+        raise ValueError(f"weight [OUT, IN] must have OUT, IN >= 1, got {tuple(weight.shape)}")
     if x.shape[-1] != in_f:
         raise ValueError(
             f"x has {x.shape[-1]} features in its last dimension but weight [OUT, IN] has "
