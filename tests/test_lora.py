@@ -146,6 +146,27 @@ def test_non_contiguous_x(backend: str, layout: str):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_strided_biases_and_factors(backend: str):
+    case = Case((21,), 24, 30, 3, extra_bias=True)
+    masters = make_params(case, torch.float32)
+    require_backend(backend, masters["x"].float(), case.rank)
+    args = {k: v.float() for k, v in masters.items()}
+    strided = {
+        "bias": torch.zeros(60, device=DEVICE)[::2],
+        "extra_bias": torch.zeros(30, 2, device=DEVICE)[:, 1],
+        "lora_a": torch.zeros(24, 3, device=DEVICE).t(),
+        "lora_b": torch.zeros(3, 30, device=DEVICE).t(),
+    }
+    for name, view in strided.items():
+        view.copy_(args[name])
+        assert not view.is_contiguous()
+    expected = reference.lora_linear(**args, scale=0.5)
+    with stitchops.use_backend(backend), _memory.poison_outputs():
+        y = stitchops.lora_linear(**{**args, **strided}, scale=0.5)
+    assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["T0", "3x0"])
 def test_empty_batch(backend: str, lead: tuple[int, ...]):
     case = Case(lead, 20, 30, 4, extra_bias=True, train_weight=True)
