@@ -302,9 +302,6 @@ def lora_forward(
     has_lora = lora_a is not None
     rank = lora_a.shape[0] if has_lora else 0
     keep_s = save_s and has_lora
-    # The kernel reads biases with unit stride.
-    bias = bias.contiguous() if bias is not None else None
-    extra_bias = extra_bias.contiguous() if extra_bias is not None else None
     y = new_output(tokens, out_features, device=x.device, dtype=x.dtype)
     s = new_output(tokens if keep_s else 0, rank if keep_s else 0, device=x.device,
                    dtype=torch.float32)  # fmt: skip

@@ -13,9 +13,6 @@ def _stream(t: torch.Tensor) -> int:
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s):
     _C.set_poison_outputs(_memory.poisoning())
-    # The kernel reads biases with unit stride.
-    bias = bias.contiguous() if bias is not None else None
-    extra_bias = extra_bias.contiguous() if extra_bias is not None else None
     with torch.cuda.device(x.device):
         y, s = _C.lora_forward(
             x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s, _stream(x)

@@ -76,6 +76,13 @@ def leaves(masters: dict, dtype: torch.dtype, case: Case) -> dict[str, torch.Ten
     return out
 
 
+def runnable_params(case: Case, backend: str) -> dict[str, torch.Tensor]:
+    """Float64 masters of ``case``; skips when ``backend`` cannot run float32 here."""
+    masters = make_params(case, torch.float32)
+    require_backend(backend, masters["x"].float(), case.rank)
+    return masters
+
+
 def run(fn, args: dict, scale: float, grad: torch.Tensor):
     y = fn(**args, scale=scale)
     trainable = {k: v for k, v in args.items() if v.requires_grad}
@@ -125,8 +132,7 @@ def test_explicit_backward_is_autograd_of_the_definition(case: Case):
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
 def test_non_contiguous_x(backend: str, layout: str):
     case = Case((37,), 40, 52, 4, extra_bias=True)
-    masters = make_params(case, torch.float32)
-    require_backend(backend, masters["x"].float(), case.rank)
+    masters = runnable_params(case, backend)
     x = masters["x"].float()
     if layout == "transposed":
         x_nc = x.t().contiguous().t()  # strides (1, T)
@@ -148,8 +154,7 @@ def test_non_contiguous_x(backend: str, layout: str):
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_strided_biases_and_factors(backend: str):
     case = Case((21,), 24, 30, 3, extra_bias=True)
-    masters = make_params(case, torch.float32)
-    require_backend(backend, masters["x"].float(), case.rank)
+    masters = runnable_params(case, backend)
     args = {k: v.float() for k, v in masters.items()}
     strided = {
         "bias": torch.zeros(60, device=DEVICE)[::2],
@@ -170,8 +175,7 @@ def test_strided_biases_and_factors(backend: str):
 @pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["T0", "3x0"])
 def test_empty_batch(backend: str, lead: tuple[int, ...]):
     case = Case(lead, 20, 30, 4, extra_bias=True, train_weight=True)
-    masters = make_params(case, torch.float32)
-    require_backend(backend, masters["x"].float(), case.rank)
+    masters = runnable_params(case, backend)
     args = leaves(masters, torch.float32, case)
     with stitchops.use_backend(backend), _memory.poison_outputs():
         y = stitchops.lora_linear(**args, scale=0.5)
@@ -187,8 +191,7 @@ def test_empty_batch(backend: str, lead: tuple[int, ...]):
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_inference_saves_nothing_and_matches(backend: str):
     case = Case((19,), 24, 40, 4, extra_bias=True)
-    masters = make_params(case, torch.float32)
-    require_backend(backend, masters["x"].float(), case.rank)
+    masters = runnable_params(case, backend)
     args = {k: v.float() for k, v in masters.items()}
     expected = reference.lora_linear(**args, scale=0.5)
     with torch.no_grad(), stitchops.use_backend(backend), _memory.poison_outputs():
@@ -203,8 +206,7 @@ def test_inference_saves_nothing_and_matches(backend: str):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend: str):
     case = Case((13,), 20, 24, 3, extra_bias=True, train_weight=True)
-    masters = make_params(case, torch.float32)
-    require_backend(backend, masters["x"].float(), case.rank)
+    masters = runnable_params(case, backend)
     a = leaves(masters, torch.float32, case)
     fwd_args = (
         a["x"],

@@ -76,6 +76,9 @@ def _lora_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rank = lora_a.shape[0] if lora_a is not None else 0
     backend = _choose(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank)
+    # Every kernel reads the [OUT] biases with unit stride (a no-op copy when contiguous).
+    bias = bias.contiguous() if bias is not None else None
+    extra_bias = extra_bias.contiguous() if extra_bias is not None else None
     forward = _backend_module(backend).lora_forward
     return forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s)
 
