@@ -127,6 +127,11 @@ class StitchingLayer(nn.Module):
         ``stitchops.least_squares_init``. Returns self.
         """
         weight, bias = least_squares_init(x_src, x_dst, ridge=ridge)
+        return self.load_least_squares(weight, bias)
+
+    @torch.no_grad()
+    def load_least_squares(self, weight: torch.Tensor, bias: torch.Tensor) -> StitchingLayer:
+        """Set W, b to a solved least-squares map (weight [OUT, IN], bias [OUT]); B reset to 0."""
         if weight.shape != self.weight.shape:
             raise ValueError(
                 f"least-squares data maps {weight.shape[1]} -> {weight.shape[0]} features but "

@@ -16,7 +16,10 @@ cores, so it ranks second. CPU tensors run on the torch reference unless a backe
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from stitchops import _dispatch
 from stitchops.ops import _checks
@@ -163,6 +166,32 @@ def _backward(ctx, grad_y, _grad_s):
 
 
 torch.library.register_autograd("stitchops::lora_linear", _backward, setup_context=_setup_context)
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (2 per multiply-add, as for aten.mm), so
+# FLOP counts of models built on the op stay right.
+def _tokens(x_shape) -> int:
+    return math.prod(x_shape[:-1])
+
+
+@register_flop_formula(torch.ops.stitchops.lora_linear)
+def _lora_linear_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape, *args, **kwargs):
+    m, (out_f, in_f) = _tokens(x_shape), weight_shape
+    rank = a_shape[0] if a_shape is not None and b_shape is not None else 0
+    return 2 * m * out_f * in_f + 2 * m * rank * (in_f + out_f)
+
+
+@register_flop_formula(torch.ops.stitchops.lora_linear_backward)
+def _lora_linear_backward_flops(
+    grad_shape, x_shape, weight_shape, a_shape, b_shape, s_shape, scale,
+    need_x, need_weight, need_a, need_b, need_bias, **kwargs,
+):  # fmt: skip
+    m, (out_f, in_f) = _tokens(x_shape), weight_shape
+    rank = a_shape[0] if a_shape is not None and b_shape is not None else 0
+    low_rank = 2 * m * rank * out_f if rank and (need_x or need_a) else 0  # dS = dY·B
+    flops = (need_x + need_weight) * 2 * m * out_f * in_f + low_rank
+    flops += need_x * 2 * m * rank * in_f + need_a * 2 * m * rank * in_f  # dS·A, dSᵀ·x
+    return flops + need_b * 2 * m * rank * out_f  # dYᵀ·S
 
 
 def _check(x, weight, bias, lora_a, lora_b, scale, extra_bias) -> float:

@@ -1,0 +1,39 @@
+"""Models: the timm-compatible ViT (DeiT / DeiT-III, FlexiViT patch sizes) and stitched ViTs."""
+
+from stitchops.models.flexi import pi_resize_patch_embed, resize_pos_embed
+from stitchops.models.flops import vit_flops
+from stitchops.models.stitched import Stitch, StitchedViT
+from stitchops.models.vit import (
+    MODELS,
+    VisionTransformer,
+    ViTConfig,
+    create_model,
+    deit3_base_patch16_224,
+    deit3_large_patch16_224,
+    deit3_medium_patch16_224,
+    deit3_small_patch16_224,
+    deit_base_patch16_224,
+    deit_small_patch16_224,
+    deit_tiny_patch16_224,
+    vit_small_test,
+)
+
+__all__ = [
+    "MODELS",
+    "Stitch",
+    "StitchedViT",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "deit3_base_patch16_224",
+    "deit3_large_patch16_224",
+    "deit3_medium_patch16_224",
+    "deit3_small_patch16_224",
+    "deit_base_patch16_224",
+    "deit_small_patch16_224",
+    "deit_tiny_patch16_224",
+    "pi_resize_patch_embed",
+    "resize_pos_embed",
+    "vit_flops",
+    "vit_small_test",
+]

@@ -1,0 +1,56 @@
+"""FLOPs of ViTs and stitches, counted like fvcore.
+
+fvcore counts one FLOP per multiply-add of a linear, matmul or conv, and 5·numel for an
+affine LayerNorm; additions of biases and residuals, softmax, GELU and LayerScale count
+nothing. For a ViT with N = prefix + gh·gw tokens of width D and MLP width H:
+
+    patch embedding   gh·gw · D · C · p_h·p_w
+    block             2 · 5ND (LayerNorms) + 3ND² (qkv) + 2N²D (q·kᵀ, attn·v) + ND² (proj)
+                      + 2NDH (fc1, fc2)
+    tail              5ND (final norm) + D · classes (head on the class token)
+    stitching layer   N · D_in · D_out (deployed: a LoRA update is merged into W)
+
+which gives DeiT-Ti / S / B at 224² 1.26 / 4.61 / 17.58 GFLOPs and DeiT3-L 61.6 GFLOPs.
+"""
+
+from __future__ import annotations
+
+from stitchops.models.flexi import _pair
+
+
+def num_tokens(cfg, img_size=None, patch_size=None) -> tuple[int, int]:
+    """(patch tokens, all tokens) at an image and patch size (defaults: the model's)."""
+    h, w = _pair(cfg.img_size if img_size is None else img_size)
+    ph, pw = _pair(cfg.patch_size if patch_size is None else patch_size)
+    if h % ph or w % pw:
+        raise ValueError(f"patch size {(ph, pw)} does not divide the image size {(h, w)}")
+    patches = (h // ph) * (w // pw)
+    return patches, patches + 1
+
+
+def embed_flops(cfg, img_size=None, patch_size=None) -> int:
+    patches, _ = num_tokens(cfg, img_size, patch_size)
+    ph, pw = _pair(cfg.patch_size if patch_size is None else patch_size)
+    return patches * cfg.embed_dim * cfg.in_chans * ph * pw
+
+
+def block_flops(cfg, img_size=None, patch_size=None) -> int:
+    _, n = num_tokens(cfg, img_size, patch_size)
+    d, hidden = cfg.embed_dim, cfg.mlp_hidden
+    return 2 * 5 * n * d + 4 * n * d * d + 2 * n * n * d + 2 * n * d * hidden
+
+
+def tail_flops(cfg, img_size=None, patch_size=None) -> int:
+    _, n = num_tokens(cfg, img_size, patch_size)
+    return 5 * n * cfg.embed_dim + cfg.embed_dim * cfg.num_classes
+
+
+def stitch_layer_flops(in_dim: int, out_dim: int, cfg, img_size=None, patch_size=None) -> int:
+    _, n = num_tokens(cfg, img_size, patch_size)
+    return n * in_dim * out_dim
+
+
+def vit_flops(cfg, img_size=None, patch_size=None) -> int:
+    """fvcore-style FLOPs of one image through a ``ViTConfig``."""
+    args = (cfg, img_size, patch_size)
+    return embed_flops(*args) + cfg.depth * block_flops(*args) + tail_flops(*args)

@@ -1,0 +1,386 @@
+"""``StitchedViT``: one network holding every stitch of a family of ViT anchors.
+
+SN-Net (``two_way=False``): Fast-to-Slow sliding-window stitching, Sec. 3.2-3.3 of SN-Net.
+SN-Netv2 (``two_way=True``): FS, SF, FSF and SFS routes, Sec. 4.1 of SN-Netv2; ``rank > 0``
+gives its LoRA stitching layers (Sec. 4.3). ``stitch_biases=True`` gives every stitching
+layer a per-stitch bias table (ESTA); ``enable_pst`` adds ESTA's LoRA and per-stitch biases
+to the anchors' attention projections.
+
+A stitch's route is a list of segments (anchor, blocks [start, stop)); the forward pass is
+
+    x = embed_{a0}(img);  x = blocks_{a0}[0:f0+1](x);  x = SL_0(x);  x = blocks_{a1}[e0:f1+1](x)
+    ... ;  logits = head_{ak}(norm_{ak}(x))
+
+``model.select(id)`` switches the active stitch instantly (no weights move).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stitchops.models import flops as _flops
+from stitchops.models.space import RawStitch, Segment, StitchPoint, snnet_space, two_way_space
+from stitchops.models.vit import VisionTransformer
+from stitchops.nn.stitching import StitchingLayer
+from stitchops.ops.least_squares import _NormalEquations
+
+_NOT_DEPLOYED = ("lora_A", "lora_B", "stitch_bias")
+
+
+@dataclass(frozen=True)
+class Stitch:
+    """One network of the space: ``route`` segments joined by ``points`` (stitching layers)."""
+
+    id: int
+    kind: str
+    anchors: tuple[int, ...]
+    route: tuple[Segment, ...]
+    points: tuple[StitchPoint, ...]
+    flops: int
+    params: int
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the stitching layers used, ``stitch_layers.<key>.<index>``."""
+        return tuple(f"stitch_layers.{p.key}.{p.index}" for p in self.points)
+
+    def describe(self) -> str:
+        parts = [f"a{s.anchor}[{s.start}:{s.stop}]" for s in self.route]
+        return " → ".join(parts)
+
+
+def deployed_numel(module: nn.Module) -> int:
+    """Parameters of a module once deployed: LoRA merged, per-stitch bias tables folded."""
+    return sum(
+        p.numel()
+        for name, p in module.named_parameters()
+        if name.rsplit(".", 1)[-1] not in _NOT_DEPLOYED
+    )
+
+
+def _check_anchors(anchors) -> list[VisionTransformer]:
+    anchors = list(anchors)
+    if len(anchors) < 2:
+        raise ValueError(f"StitchedViT needs at least 2 anchors, got {len(anchors)}")
+    for i, anchor in enumerate(anchors):
+        if not isinstance(anchor, VisionTransformer):
+            raise TypeError(
+                f"anchors[{i}] must be a stitchops.models.VisionTransformer (load timm weights "
+                f"into one with load_state_dict), got {type(anchor).__name__}"
+            )
+    first = anchors[0].cfg
+    for i, anchor in enumerate(anchors[1:], start=1):
+        for field in ("img_size", "patch_size", "in_chans", "num_classes"):
+            if getattr(anchor.cfg, field) != getattr(first, field):
+                raise ValueError(
+                    f"anchors must share {field}: anchors[0] has {getattr(first, field)}, "
+                    f"anchors[{i}] has {getattr(anchor.cfg, field)}"
+                )
+    costs = [_flops.vit_flops(a.cfg) for a in anchors]
+    for i in range(1, len(costs)):
+        if costs[i] < costs[i - 1]:
+            raise ValueError(
+                "give the anchors from cheapest to most expensive (Fast-to-Slow): anchors"
+                f"[{i - 1}] costs {costs[i - 1] / 1e9:.3g} GFLOPs, anchors[{i}] "
+                f"{costs[i] / 1e9:.3g}"
+            )
+    return anchors
+
+
+class StitchedViT(nn.Module):
+    """A family of ViT anchors and their stitching layers; every stitch is one route.
+
+    Args:
+        anchors: ``VisionTransformer``s from cheapest to most expensive, same image size,
+            patch size, input channels and classes.
+        kernel_size, stride: SN-Net's sliding window over block ids (paired depths).
+        nearest: only neighbouring anchors stitch (SN-Net's nearest stitching).
+        two_way: SN-Netv2's FS / SF / FSF / SFS space instead of SN-Net's.
+        rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
+        stitch_biases: a per-stitch bias table in every stitching layer (ESTA).
+    """
+
+    def __init__(
+        self,
+        anchors,
+        kernel_size: int = 2,
+        stride: int = 1,
+        nearest: bool = True,
+        two_way: bool = False,
+        rank: int = 0,
+        alpha: float = 1.0,
+        stitch_biases: bool = False,
+    ) -> None:
+        super().__init__()
+        anchors = _check_anchors(anchors)
+        self.anchors = nn.ModuleList(anchors)
+        self.options = dict(
+            kernel_size=kernel_size,
+            stride=stride,
+            nearest=nearest,
+            two_way=two_way,
+            rank=rank,
+            alpha=alpha,
+            stitch_biases=stitch_biases,
+        )
+        depths = [len(a.blocks) for a in anchors]
+        if two_way:
+            raw = two_way_space(depths, nearest=nearest)
+        else:
+            raw = snnet_space(depths, kernel_size, stride, nearest)
+        self._raw: list[RawStitch] = raw
+        sizes: dict[str, int] = {}
+        for stitch in raw:
+            for p in stitch.points:
+                sizes[p.key] = max(sizes.get(p.key, 0), p.index + 1)
+        param = next(anchors[0].parameters())
+        factory = {"device": param.device, "dtype": param.dtype}
+        self.stitch_layers = nn.ModuleDict()
+        for key, count in sizes.items():
+            a, b = (int(s) for s in key.split("to"))
+            self.stitch_layers[key] = nn.ModuleList(
+                StitchingLayer(
+                    anchors[a].embed_dim,
+                    anchors[b].embed_dim,
+                    rank=rank,
+                    alpha=alpha,
+                    num_stitch_biases=len(raw) if stitch_biases else 0,
+                    **factory,
+                )
+                for _ in range(count)
+            )
+        self.stitches: list[Stitch] = [self._make_stitch(i) for i in range(len(raw))]
+        self.active = len(anchors) - 1
+        self.select(self.active)
+
+    # ---------------------------------------------------------------- description
+    def _make_stitch(self, i: int, img_size=None, patch_size=None) -> Stitch:
+        raw = self._raw[i]
+        depths = [len(a.blocks) for a in self.anchors]
+        route = raw.route(depths)
+        return Stitch(
+            i,
+            raw.kind,
+            raw.anchors,
+            route,
+            raw.points,
+            self.flops(i, img_size, patch_size),
+            self._params(route, raw.points),
+        )
+
+    def _params(self, route, points) -> int:
+        first, last = self.anchors[route[0].anchor], self.anchors[route[-1].anchor]
+        total = deployed_numel(first.patch_embed) + first.cls_token.numel()
+        total += first.pos_embed.numel() + deployed_numel(last.norm) + deployed_numel(last.head)
+        for seg in route:
+            total += sum(
+                deployed_numel(b) for b in self.anchors[seg.anchor].blocks[seg.start : seg.stop]
+            )
+        total += sum(deployed_numel(self.stitch_layers[p.key][p.index]) for p in points)
+        return total
+
+    def flops(self, stitch_id: int, img_size=None, patch_size=None) -> int:
+        """fvcore-style FLOPs of one image through a stitch, at any image and patch size."""
+        raw = self._raw[self._check_id(stitch_id)]
+        route = raw.route([len(a.blocks) for a in self.anchors])
+        cfgs = [a.cfg for a in self.anchors]
+        args = (img_size, patch_size)
+        total = _flops.embed_flops(cfgs[route[0].anchor], *args)
+        for seg in route:
+            total += (seg.stop - seg.start) * _flops.block_flops(cfgs[seg.anchor], *args)
+        for src, dst in zip(raw.anchors, raw.anchors[1:], strict=False):
+            total += _flops.stitch_layer_flops(
+                cfgs[src].embed_dim, cfgs[dst].embed_dim, cfgs[src], *args
+            )
+        return total + _flops.tail_flops(cfgs[route[-1].anchor], *args)
+
+    def route_parameters(self, stitch_id: int) -> list[str]:
+        """Names of the parameters a stitch's forward pass uses."""
+        stitch = self.stitches[self._check_id(stitch_id)]
+        first, last = stitch.route[0].anchor, stitch.route[-1].anchor
+        prefixes = [
+            f"anchors.{first}.patch_embed.",
+            f"anchors.{first}.cls_token",
+            f"anchors.{first}.pos_embed",
+            f"anchors.{last}.norm.",
+            f"anchors.{last}.head.",
+        ]
+        for seg in stitch.route:
+            prefixes += [f"anchors.{seg.anchor}.blocks.{b}." for b in range(seg.start, seg.stop)]
+        prefixes += [name + "." for name in stitch.layers]
+        return [n for n, _ in self.named_parameters() if n.startswith(tuple(prefixes))]
+
+    # ---------------------------------------------------------------- selection
+    def _check_id(self, stitch_id) -> int:
+        if isinstance(stitch_id, bool) or not isinstance(stitch_id, int):
+            raise TypeError(f"stitch_id must be an int, got {type(stitch_id).__name__}")
+        if not 0 <= stitch_id < len(self._raw):
+            raise ValueError(
+                f"unknown stitch id {stitch_id}: this model has {len(self._raw)} stitches, ids "
+                f"0..{len(self._raw) - 1} (see model.stitches)"
+            )
+        return stitch_id
+
+    def select(self, stitch_id: int) -> Stitch:
+        """Make ``stitch_id`` the network that ``forward`` runs (and whose biases apply)."""
+        self.active = self._check_id(stitch_id)
+        for module in self.modules():
+            if isinstance(module, StitchingLayer) and module.stitch_bias is not None:
+                module.active_stitch = self.active
+        return self.stitches[self.active]
+
+    def select_by_flops(self, budget: float, accuracy: dict[int, float] | None = None) -> Stitch:
+        """Select the best stitch within ``budget`` FLOPs per image.
+
+        Best = highest accuracy when ``accuracy`` ({stitch id: accuracy}, e.g. from
+        ``eval_stitches``) is given, else the most expensive stitch that fits.
+        """
+        fits = [s for s in self.stitches if s.flops <= budget]
+        if accuracy is not None:
+            fits = [s for s in fits if s.id in accuracy]
+        if not fits:
+            cheapest = min(self.stitches, key=lambda s: s.flops)
+            raise ValueError(
+                f"no stitch fits a budget of {budget / 1e9:.4g} GFLOPs: the cheapest is stitch "
+                f"{cheapest.id} at {cheapest.flops / 1e9:.4g} GFLOPs"
+            )
+        key = (lambda s: (accuracy[s.id], -s.flops)) if accuracy else (lambda s: s.flops)
+        return self.select(max(fits, key=key).id)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, patch_size=None) -> torch.Tensor:
+        """Logits [B, classes] of the active stitch for images [B, C, H, W]."""
+        stitch = self.stitches[self.active]
+        tokens = self.anchors[stitch.route[0].anchor].forward_embed(x, patch_size)
+        for k, seg in enumerate(stitch.route):
+            for block in self.anchors[seg.anchor].blocks[seg.start : seg.stop]:
+                tokens = block(tokens)
+            if k < len(stitch.points):
+                point = stitch.points[k]
+                tokens = self.stitch_layers[point.key][point.index](tokens)
+        last = self.anchors[stitch.route[-1].anchor]
+        return last.forward_head(last.norm(tokens))
+
+    # ---------------------------------------------------------------- least squares
+    @torch.no_grad()
+    def init_stitching_layers(self, images, patch_size=None, ridge: float = 0.0) -> None:
+        """SN-Net's least-squares init of every stitching layer (SN-Net Eq. 4-5).
+
+        ``images``: a tensor [B, C, H, W] or an iterable of image batches (or of
+        (images, labels) pairs), on the model's device; SN-Net uses ~100 images. A layer shared
+        by several stitch points is solved jointly over all of their activation pairs.
+        """
+        if isinstance(images, torch.Tensor):
+            images = [images]
+        points: dict[tuple[str, int], set[tuple[int, int, int, int]]] = defaultdict(set)
+        for raw in self._raw:
+            for (src, dst), p in zip(
+                zip(raw.anchors, raw.anchors[1:], strict=False), raw.points, strict=False
+            ):
+                points[(p.key, p.index)].add((src, dst, p.front, p.end))
+        equations = {key: _NormalEquations() for key in points}
+        was_training = self.training
+        self.eval()
+        seen = 0
+        for batch in images:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            acts = [self._block_inputs(a, batch, patch_size) for a in self.anchors]
+            for key, group in points.items():
+                for src, dst, front, end in group:
+                    equations[key].add(acts[src][front + 1], acts[dst][end])
+            seen += batch.shape[0]
+        self.train(was_training)
+        if seen == 0:
+            raise ValueError("init_stitching_layers got no images")
+        for (key, index), eq in equations.items():
+            weight, bias = eq.solve(ridge, rtol=1e-5)
+            layer = self.stitch_layers[key][index]
+            layer.load_least_squares(weight.to(layer.weight.dtype), bias.to(layer.weight.dtype))
+
+    @staticmethod
+    def _block_inputs(anchor: VisionTransformer, images, patch_size) -> list[torch.Tensor]:
+        """[embed output, block 0 output, ..., last block output]: acts[t] is block t's input."""
+        x = anchor.forward_embed(images, patch_size)
+        acts = [x]
+        for block in anchor.blocks:
+            x = block(x)
+            acts.append(x)
+        return acts
+
+    # ---------------------------------------------------------------- ESTA
+    def enable_pst(self, rank: int, alpha: float = 1.0, train_heads: bool = True) -> StitchedViT:
+        """ESTA's parameter-efficient stitch fine-tuning (thesis ch. 3, Sec. 3.4.1).
+
+        Every anchor's attention projections (``attn.qkv``, ``attn.proj``) become
+        ``StitchingLayer``s of the same names: the pretrained W and b frozen, a LoRA update of
+        ``rank`` shared by all stitches, and a per-stitch bias b_s added for the active stitch:
+        y = x·Wᵀ + b + b_s + (alpha/r)·(x·Aᵀ)·Bᵀ. The stitching layers keep their LoRA and
+        per-stitch biases trainable. Everything else is frozen, except the classifier heads
+        when ``train_heads`` (a downstream task has new classes). Needs a model built with
+        ``rank > 0`` and ``stitch_biases=True``.
+        """
+        if self.options["rank"] < 1 or not self.options["stitch_biases"]:
+            raise ValueError(
+                "enable_pst needs a StitchedViT built with rank > 0 and "
+                "stitch_biases=True (ESTA's LoRA stitching layers)"
+            )
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for anchor in self.anchors:
+            for block in anchor.blocks:
+                for name in ("qkv", "proj"):
+                    linear = getattr(block.attn, name)
+                    if isinstance(linear, StitchingLayer):
+                        continue
+                    layer = StitchingLayer(
+                        linear.in_features,
+                        linear.out_features,
+                        rank=rank,
+                        alpha=alpha,
+                        num_stitch_biases=len(self.stitches),
+                        bias=linear.bias is not None,
+                        device=linear.weight.device,
+                        dtype=linear.weight.dtype,
+                    )
+                    with torch.no_grad():
+                        layer.weight.copy_(linear.weight)
+                        if linear.bias is not None:
+                            layer.bias.copy_(linear.bias)
+                    setattr(block.attn, name, layer)
+        for module in self.modules():
+            if isinstance(module, StitchingLayer):
+                module.weight.requires_grad_(False)
+                if module.bias is not None:
+                    module.bias.requires_grad_(False)
+                for p in (module.lora_A, module.lora_B, module.stitch_bias):
+                    p.requires_grad_(True)
+        if train_heads:
+            for anchor in self.anchors:
+                anchor.head.requires_grad_(True)
+        self.select(self.active)
+        return self
+
+    # ---------------------------------------------------------------- deployment
+    def merge(self) -> StitchedViT:
+        """Merge every LoRA update into its weight (deployment); ``unmerge`` undoes it."""
+        for module in self.modules():
+            if isinstance(module, StitchingLayer):
+                module.merge()
+        return self
+
+    def unmerge(self) -> StitchedViT:
+        for module in self.modules():
+            if isinstance(module, StitchingLayer):
+                module.unmerge()
+        return self
+
+    def extra_repr(self) -> str:
+        kinds = defaultdict(int)
+        for s in self.stitches:
+            kinds[s.kind] += 1
+        return f"stitches={len(self.stitches)} ({dict(kinds)}), options={self.options}"

@@ -1,0 +1,170 @@
+"""Measure every stitch: accuracy, FLOPs, parameters and latency; Pareto frontier; plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class StitchResult:
+    id: int
+    kind: str
+    route: str
+    flops: int
+    params: int
+    accuracy: float
+    latency_ms: float
+    on_frontier: bool = False
+
+
+@dataclass
+class StitchTable:
+    """Rows of ``eval_stitches``; ``frontier`` lists the Pareto-optimal stitch ids."""
+
+    rows: list[StitchResult]
+    device: str
+    frontier: list[int] = field(default_factory=list)
+
+    def accuracy(self) -> dict[int, float]:
+        return {r.id: r.accuracy for r in self.rows}
+
+    def format(self) -> str:
+        lines = [
+            f"{'id':>4} {'kind':6} {'MFLOPs':>10} {'params(M)':>9} {'acc %':>6} "
+            f"{'ms/batch':>8} {'pareto':6} route"
+        ]
+        for r in sorted(self.rows, key=lambda r: r.flops):
+            lines.append(
+                f"{r.id:4d} {r.kind:6} {r.flops / 1e6:10.2f} {r.params / 1e6:9.3f} "
+                f"{100 * r.accuracy:6.2f} {r.latency_ms:8.2f} {'*' if r.on_frontier else '':6} "
+                f"{r.route}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "device": self.device,
+                "frontier": self.frontier,
+                "rows": [asdict(r) for r in self.rows],
+            },
+            indent=1,
+        )
+
+
+def pareto_frontier(points: list[tuple[int, float, float]]) -> list[int]:
+    """Ids of (id, cost, accuracy) points that no cheaper-or-equal point beats."""
+    best, frontier = float("-inf"), []
+    for pid, _, acc in sorted(points, key=lambda p: (p[1], -p[2])):
+        if acc > best:
+            frontier.append(pid)
+            best = acc
+    return frontier
+
+
+@torch.no_grad()
+def eval_stitches(
+    model, loader, ids=None, patch_size=None, device=None, progress=True, flops_kwargs=None
+) -> StitchTable:
+    """Top-1 accuracy, FLOPs, params and median batch latency of every stitch (or ``ids``).
+
+    ``loader`` yields (images, labels); ``device`` defaults to the model's. The selected
+    stitch is restored afterwards.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ids = list(range(len(model.stitches))) if ids is None else list(ids)
+    previous, was_training = model.active, model.training
+    model.eval()
+    rows = []
+    bar = tqdm(ids, desc="evaluating stitches", disable=not progress, leave=False)
+    for sid in bar:
+        stitch = model.select(sid)
+        correct = total = 0
+        times = []
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            logits = model(images, patch_size=patch_size)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += labels.numel()
+        if total == 0:
+            raise ValueError("eval_stitches got an empty loader")
+        flops = model.flops(sid, patch_size=patch_size, **(flops_kwargs or {}))
+        times.sort()
+        rows.append(
+            StitchResult(
+                sid,
+                stitch.kind,
+                stitch.describe(),
+                flops,
+                stitch.params,
+                correct / total,
+                1e3 * times[len(times) // 2],
+            )
+        )
+    model.select(previous)
+    model.train(was_training)
+    frontier = pareto_frontier([(r.id, r.flops, r.accuracy) for r in rows])
+    for r in rows:
+        r.on_frontier = r.id in frontier
+    return StitchTable(rows, str(device), frontier)
+
+
+def plot_stitches(table: StitchTable, path, title: str = "stitches") -> None:
+    """PNG of accuracy vs GFLOPs: every stitch, the Pareto frontier, the anchors as stars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("plotting needs matplotlib: pip install 'stitchops[train]'") from exc
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    scale, unit = (1e9, "G") if max(r.flops for r in table.rows) >= 1e9 else (1e6, "M")
+    kinds = sorted({r.kind for r in table.rows if r.kind != "anchor"})
+    for kind in kinds:
+        rows = [r for r in table.rows if r.kind == kind]
+        ax.scatter(
+            [r.flops / scale for r in rows],
+            [100 * r.accuracy for r in rows],
+            s=18,
+            alpha=0.7,
+            label=kind,
+        )
+    front = sorted((r for r in table.rows if r.on_frontier), key=lambda r: r.flops)
+    ax.plot(
+        [r.flops / scale for r in front],
+        [100 * r.accuracy for r in front],
+        "k-",
+        lw=1,
+        label="Pareto frontier",
+    )
+    anchors = [r for r in table.rows if r.kind == "anchor"]
+    ax.scatter(
+        [r.flops / scale for r in anchors],
+        [100 * r.accuracy for r in anchors],
+        marker="*",
+        s=220,
+        c="gold",
+        edgecolors="k",
+        zorder=5,
+        label="anchors",
+    )
+    ax.set_xlabel(f"{unit}FLOPs per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

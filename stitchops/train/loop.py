@@ -1,0 +1,348 @@
+"""Training: anchors (pretraining), SN-Net, SN-Netv2 and ESTA, one loop.
+
+Plain PyTorch: AdamW, linear warm-up then cosine decay (set per step, so a resumed run has
+exactly the same schedule), AMP (bf16 autocast) on CUDA, gradient clipping, tqdm progress,
+a JSON-lines log (step, epoch, stitch, patch size, loss, lr) and safetensors checkpoints that
+resume exactly. Multi-process through ``torchrun`` (DDP: gloo on CPU, nccl on GPU): every
+process samples its own stitch from its own stream (seed + rank), as SN-Net does; parameters
+outside the sampled routes get zero gradients through ``find_unused_parameters``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stitchops.models.stitched import StitchedViT
+from stitchops.train import build
+from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
+from stitchops.train.data import load_dataset
+from stitchops.train.samplers import SAMPLERS, ESTASampler, ROSSampler, snip_score
+
+MODES = ("anchor", "snnet", "snnetv2", "esta")
+MODE_DEFAULTS = {
+    "snnet": dict(two_way=False, rank=0, sampler="uniform"),
+    "snnetv2": dict(two_way=True, rank=16, sampler="ros"),
+    "esta": dict(two_way=False, rank=-1, sampler="esta", stitch_biases=True),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint. ``rank = -1``: ESTA's d_out / 4."""
+
+    mode: str = "snnetv2"
+    anchors: list[str] = field(default_factory=list)
+    anchor_weights: list[str] | None = None
+    data: str = "digits"
+    out: str = "runs/stitchops"
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    clip_grad: float | None = 1.0
+    amp: bool = True
+    seed: int = 0
+    sampler: str | None = None
+    ros_step: float | None = None
+    esta_intervals: int = 15
+    esta_momentum: float = 0.9
+    esta_warmup: int = 0
+    kernel_size: int = 2
+    stride: int = 1
+    nearest: bool = True
+    two_way: bool | None = None
+    rank: int | None = None
+    alpha: float = 1.0
+    stitch_biases: bool | None = None
+    pst_rank: int = 16
+    patch_sizes: list[int] | None = None
+    distill: str = "none"  # "none", "inplace" or the path of a teacher anchor's weights
+    teacher: str | None = None  # model spec of an external teacher
+    init_images: int = 100
+    save_every: int = 0
+    log_every: int = 1
+    workers: int = 0
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.anchors:
+            raise ValueError("give at least one model spec in anchors")
+        if self.mode == "anchor" and len(self.anchors) != 1:
+            raise ValueError("mode 'anchor' trains one model: give exactly one spec")
+        if self.mode != "anchor" and len(self.anchors) < 2:
+            raise ValueError(f"mode {self.mode!r} stitches anchors: give at least two specs")
+        for key, value in MODE_DEFAULTS.get(self.mode, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+def _dist_info() -> tuple[int, int, int]:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    return 0, 1, 0
+
+
+class _Step(torch.nn.Module):
+    """One DDP forward: the sampled stitch, plus the largest anchor for in-place distillation."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, stitch_id, teacher_id, patch_size):
+        if not isinstance(self.model, StitchedViT):
+            return self.model(x, patch_size=patch_size), None
+        teacher = None
+        if teacher_id is not None:
+            self.model.select(teacher_id)
+            teacher = self.model(x, patch_size=patch_size)
+        self.model.select(stitch_id)
+        return self.model(x, patch_size=patch_size), teacher
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Index batches of steps [start, stop): epoch e is a permutation seeded by seed + e, split
+    round-robin over the processes, last partial batch dropped. Deterministic in the step."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start, stop) -> None:
+        self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.start, self.stop = start, stop
+        self.per_epoch = (n // world) // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        epoch, order = None, None
+        for step in range(self.start, self.stop):
+            e, b = divmod(step, self.per_epoch)
+            if e != epoch:
+                gen = torch.Generator().manual_seed(self.seed + e)
+                order = torch.randperm(self.n, generator=gen)[self.rank :: self.world]
+                epoch = e
+            yield order[b * self.bs : (b + 1) * self.bs].tolist()
+
+
+def _lr(cfg: TrainConfig, step: int, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: TrainConfig, with_weights: bool = True):
+    """The model a config describes (weights of anchors loaded when ``with_weights``)."""
+    weights = cfg.anchor_weights if with_weights else None
+    if cfg.mode == "anchor":
+        return build.build_anchor(cfg.anchors[0], weights[0] if weights else None)
+    weights = weights or [None] * len(cfg.anchors)
+    if len(weights) != len(cfg.anchors):
+        raise ValueError(f"got {len(weights)} anchor weight files for {len(cfg.anchors)} anchors")
+    anchors = [build.build_anchor(s, w) for s, w in zip(cfg.anchors, weights, strict=True)]
+    rank = cfg.rank
+    if rank == -1:  # ESTA: d_out / 4 for every stitching layer (one rank for the model)
+        rank = max(1, min(a.embed_dim for a in anchors) // 4)
+    model = StitchedViT(
+        anchors,
+        kernel_size=cfg.kernel_size,
+        stride=cfg.stride,
+        nearest=cfg.nearest,
+        two_way=cfg.two_way,
+        rank=rank,
+        alpha=cfg.alpha,
+        stitch_biases=cfg.stitch_biases,
+    )
+    if cfg.mode == "esta":
+        model.enable_pst(cfg.pst_rank, cfg.alpha)
+    return model
+
+
+def make_sampler(cfg: TrainConfig, model, seed: int):
+    flops = [s.flops for s in model.stitches]
+    if cfg.sampler == "ros":
+        step = cfg.ros_step * 1e9 if cfg.ros_step else None
+        return ROSSampler(flops, step=step, seed=seed)
+    if cfg.sampler == "esta":
+        return ESTASampler(flops, cfg.esta_intervals, cfg.esta_momentum, cfg.esta_warmup, seed=seed)
+    return SAMPLERS[cfg.sampler](flops, seed=seed)
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+    """Run (or resume) training; returns the path of the final checkpoint."""
+    rank, world, local_rank = _dist_info()
+    meta = None
+    if resume:
+        model_state, optim_state, meta = read_checkpoint(resume)
+        saved = TrainConfig(**meta["config"])
+        # The run's own settings (schedule included) come from the checkpoint, so the resumed
+        # run is exactly the uninterrupted one; only where to stop and how to show it change.
+        for key in ("max_steps", "out", "progress", "save_every", "workers"):
+            setattr(saved, key, getattr(cfg, key))
+        cfg = saved
+    cfg = cfg.resolved()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, with_weights=meta is None).to(device)
+    stitched = isinstance(model, StitchedViT)
+    in_cfg = (model.anchors[0] if stitched else model).cfg
+    train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
+    if stitched and meta is None and cfg.init_images > 0:
+        count = min(cfg.init_images, len(train_set))
+        images = torch.stack([train_set[i][0] for i in range(count)]).to(device)
+        model.init_stitching_layers(images.split(cfg.batch_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = make_sampler(cfg, model, cfg.seed + rank) if stitched else None
+    patch_rng = random.Random(cfg.seed + 1000 + rank)
+    start = 0
+    if meta is not None:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        start = meta["step"]
+        if sampler is not None:
+            sampler.load_state_dict(meta["samplers"][rank])
+        version, internal, gauss = meta["patch_rngs"][rank]
+        patch_rng.setstate((version, tuple(internal), gauss))
+    step_module = _Step(model)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    teacher = None
+    if cfg.distill not in ("none", "inplace"):
+        if not cfg.teacher:
+            raise ValueError("distillation from a weights file needs the teacher's model spec")
+        teacher = build.build_anchor(cfg.teacher, cfg.distill).to(device).eval()
+    per_epoch = (len(train_set) // world) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"the training data has {len(train_set)} images: fewer than one batch of "
+            f"{cfg.batch_size} per process ({world}); lower --batch-size"
+        )
+    total = cfg.epochs * per_epoch
+    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    batches = _Batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, start, stop)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=cfg.workers)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    amp = cfg.amp and device.type == "cuda"
+    teacher_id = len(model.anchors) - 1 if stitched and cfg.distill == "inplace" else None
+    model.train()
+    bar = tqdm(
+        total=stop, initial=start, desc=f"train {cfg.mode}", disable=not cfg.progress or rank != 0
+    )
+    step = start
+
+    def checkpoint(path):
+        states = [sampler.state_dict() if sampler else None]
+        version, internal, gauss = patch_rng.getstate()
+        rngs = [[version, list(internal), gauss]]
+        if world > 1:
+            states, rngs = _gather(states[0]), _gather(rngs[0])
+        if rank == 0:
+            meta_out = {"config": asdict(cfg), "step": step, "samplers": states, "patch_rngs": rngs}
+            save_checkpoint(path, model, optimizer, meta_out)
+
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(cfg, step, total)
+        sid = sampler.sample(step) if sampler else None
+        patch = patch_rng.choice(cfg.patch_sizes) if cfg.patch_sizes else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, teacher_logits = step_module(images, sid, teacher_id, patch)
+            loss = F.cross_entropy(logits.float(), labels)
+            if teacher_logits is not None:
+                hard = teacher_logits.detach().argmax(-1)
+                loss = F.cross_entropy(teacher_logits.float(), labels) + F.cross_entropy(
+                    logits.float(), hard
+                )
+            elif teacher is not None:
+                with torch.no_grad():
+                    hard = teacher(images, patch_size=patch).argmax(-1)
+                loss = 0.5 * loss + 0.5 * F.cross_entropy(logits.float(), hard)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step} (stitch {sid}); "
+                "lower --lr or enable --clip-grad"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        if isinstance(sampler, ESTASampler):
+            score = snip_score(model.get_parameter(n) for n in model.route_parameters(sid))
+            for s, q in _gather((sid, score)) if world > 1 else [(sid, score)]:
+                sampler.update(s, q)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if log is not None and (step % cfg.log_every == 0 or step == stop):
+            record = {
+                "step": step,
+                "epoch": (step - 1) // per_epoch,
+                "stitch": sid,
+                "patch_size": patch,
+                "loss": round(loss.item(), 6),
+                "lr": optimizer.param_groups[0]["lr"],
+                "time": round(time.time(), 3),
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}", stitch=sid)
+        if cfg.save_every and step % cfg.save_every == 0 and step != stop:
+            checkpoint(out / "checkpoint.safetensors")
+    bar.close()
+    checkpoint(out / "checkpoint.safetensors")
+    if log is not None:
+        log.close()
+    if world > 1:
+        dist.barrier()
+    return out / "checkpoint.safetensors"
+
+
+def _gather(obj) -> list:
+    items = [None] * dist.get_world_size()
+    dist.all_gather_object(items, obj)
+    return items
+
+
+def load_trained(path, device="cpu"):
+    """(model, config) of a training checkpoint, ready for evaluation."""
+    model_state, _, meta = read_checkpoint(path)
+    cfg = TrainConfig(**meta["config"]).resolved()
+    model = build_model(cfg, with_weights=False)
+    model.load_state_dict(model_state)
+    return model.to(device).eval(), cfg

@@ -1,0 +1,254 @@
+"""Training loop: every mode runs, checkpoints resume exactly (1 and 2 processes), data and
+command-line errors are clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stitchops.cli import main
+from stitchops.train import TrainConfig, eval_stitches, load_trained, pareto_frontier, train
+from stitchops.train.checkpoint import read_checkpoint
+from stitchops.train.data import DataError, ImageFolder, load_digits
+
+SMALL = "vit_small_test:embed_dim=16,depth=2,num_heads=2"
+LARGE = "vit_small_test:embed_dim=24,depth=4,num_heads=2"
+TINY = dict(
+    anchors=[SMALL, LARGE],
+    data="digits",
+    batch_size=32,
+    epochs=2,
+    progress=False,
+    init_images=64,
+    lr=1e-3,
+)
+
+
+def tensors(path):
+    model, optim, meta = read_checkpoint(path)
+    flat = {f"model.{k}": v for k, v in model.items()}
+    for index, state in optim["state"].items():
+        flat.update({f"optim.{index}.{k}": v for k, v in state.items()})
+    return flat, meta
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("snnetv2", {"rank": 2}),
+        ("snnet", {}),
+        ("esta", {"pst_rank": 2, "esta_warmup": 1, "esta_intervals": 3}),
+    ],
+)
+def test_resume_is_exact(tmp_path, mode, extra):
+    full = train(TrainConfig(mode=mode, out=str(tmp_path / "full"), max_steps=3, **TINY, **extra))
+    part = train(TrainConfig(mode=mode, out=str(tmp_path / "part"), max_steps=2, **TINY, **extra))
+    resumed_cfg = TrainConfig(out=str(tmp_path / "part"), max_steps=3, progress=False)
+    resumed = train(resumed_cfg, resume=str(part))
+    (a, meta_a), (b, meta_b) = tensors(full), tensors(resumed)
+    assert meta_a["step"] == meta_b["step"] == 3
+    assert_same_tensors(a, b)
+    assert meta_a["samplers"] == meta_b["samplers"]
+    log = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert {"step", "stitch", "loss", "lr", "epoch"} <= log[0].keys()
+
+
+def test_anchor_pretraining_and_flexible_patch_sizes(tmp_path):
+    spec = "vit_small_test:embed_dim=16,depth=2,num_heads=2"
+    cfg = TrainConfig(
+        mode="anchor",
+        anchors=[spec],
+        out=str(tmp_path),
+        max_steps=4,
+        patch_sizes=[1, 2, 4],
+        **{k: v for k, v in TINY.items() if k != "anchors"},
+    )
+    path = train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["patch_size"] in (1, 2, 4) for r in log)
+    model, _ = load_trained(path)
+    assert model(torch.randn(2, 1, 8, 8), patch_size=4).shape == (2, 10)
+
+
+def test_eval_stitches_table_frontier_and_plot(tmp_path):
+    path = train(TrainConfig(mode="snnetv2", out=str(tmp_path), max_steps=2, rank=2, **TINY))
+    model, _ = load_trained(path)
+    loader = torch.utils.data.DataLoader(load_digits("val"), batch_size=200)
+    table = eval_stitches(model, loader, progress=False)
+    assert len(table.rows) == len(model.stitches)
+    assert all(0 <= r.accuracy <= 1 and r.latency_ms > 0 for r in table.rows)
+    assert table.frontier == pareto_frontier([(r.id, r.flops, r.accuracy) for r in table.rows])
+    assert "pareto" in table.format()
+    assert main(["eval", str(path), "--out", str(tmp_path / "eval")]) == 0
+    png = (tmp_path / "eval" / "stitches.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "eval" / "stitches.json").read_text())["rows"]
+
+
+def test_pareto_frontier():
+    points = [(0, 1.0, 0.5), (1, 2.0, 0.4), (2, 2.0, 0.7), (3, 3.0, 0.6), (4, 4.0, 0.9)]
+    assert pareto_frontier(points) == [0, 2, 4]
+
+
+def write_images(root: Path, classes=("cat", "dog"), count=3, size=12):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (size + i, size), color=(40 * i, 90, 200)).save(root / c / f"{i}.png")
+
+
+def test_image_folder(tmp_path):
+    write_images(tmp_path)
+    data = ImageFolder(tmp_path, img_size=8)
+    assert len(data) == 6 and data.classes == ["cat", "dog"]
+    x, y = data[4]
+    assert x.shape == (3, 8, 8) and y == 1 and torch.isfinite(x).all()
+    (tmp_path / "dog" / "bad.png").write_bytes(b"not an image")
+    data = ImageFolder(tmp_path, img_size=8)
+    with pytest.raises(DataError, match=r"cannot read image .*bad\.png"):
+        data[[str(p) for p, _ in data.samples].index(str(tmp_path / "dog" / "bad.png"))]
+
+
+def test_train_on_image_folder(tmp_path):
+    write_images(tmp_path / "data" / "train", count=8)
+    write_images(tmp_path / "data" / "val", count=2)
+    spec = "vit_small_test:img_size=8,in_chans=3,num_classes=2,embed_dim=16,depth=2,num_heads=2"
+    code = main(
+        [
+            "train",
+            "--mode",
+            "anchor",
+            "--anchors",
+            spec,
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and (tmp_path / "run" / "checkpoint.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{empty}"], "has no class sub-folders"),
+        (["--data", "{missing}"], "does not exist"),
+        (["--anchors", "resnet50", SMALL], "unknown model 'resnet50'"),
+        (["--anchors", SMALL, "vit_small_test:patch_size=4,embed_dim=32"], "share patch_size"),
+        (["--anchors", SMALL, "vit_small_test:img_size=16,embed_dim=32"], "share img_size"),
+        (["--batch-size", "5000"], "fewer than one batch"),
+    ],
+)
+def test_cli_errors_are_clear(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", missing=tmp_path / "nope") for a in args]
+    base = [
+        "train",
+        "--mode",
+        "snnet",
+        "--anchors",
+        SMALL,
+        LARGE,
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--max-steps",
+        "1",
+    ]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_eval_unknown_stitch_budget(tmp_path, capsys):
+    path = train(TrainConfig(mode="snnet", out=str(tmp_path), max_steps=1, **TINY))
+    model, _ = load_trained(path)
+    with pytest.raises(ValueError, match="unknown stitch id"):
+        model.select(len(model.stitches))
+    with pytest.raises(ValueError, match="no stitch fits"):
+        model.select_by_flops(1.0)
+    assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def torchrun(tmp_path, out, steps, resume=None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "stitchops",
+        "train",
+        "--mode",
+        "snnetv2",
+        "--anchors",
+        SMALL,
+        LARGE,
+        "--rank",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--init-images",
+        "32",
+        "--max-steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    if resume:
+        cmd += ["--resume", str(resume)]
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "checkpoint.safetensors"
+
+
+def test_torchrun_two_processes_and_exact_resume(tmp_path):
+    full = torchrun(tmp_path, tmp_path / "full", 3)
+    part = torchrun(tmp_path, tmp_path / "part", 2)
+    resumed = torchrun(tmp_path, tmp_path / "part", 3, resume=part)
+    (a, meta_a), (b, meta_b) = tensors(full), tensors(resumed)
+    assert meta_a["step"] == 3 and len(meta_a["samplers"]) == 2
+    assert meta_a["samplers"][0] != meta_a["samplers"][1]  # each rank its own stream
+    assert_same_tensors(a, b)
+    assert meta_a["samplers"] == meta_b["samplers"]
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from stitchops.train.demo import run_demo
+
+    summary = run_demo(out=tmp_path, anchor_epochs=1, stitch_epochs=1, progress=False)
+    assert summary["stitches"] == 14
+    assert summary["anchor_small"]["mflops"] < summary["anchor_large"]["mflops"]
+    assert summary["stitches_between_anchors_in_flops"] == 12
+    assert (tmp_path / "stitches.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
