@@ -317,3 +317,23 @@ def test_integer_scale_is_accepted():
     args = {**_good_args(), "scale": 2}
     expected = reference.lora_linear(**{**args, "scale": 2.0})
     assert rel_err(stitchops.lora_linear(**args), expected) < 1e-6
+
+
+def test_flop_counter_sees_the_op_like_the_unfused_code():
+    """FlopCounterMode counts stitchops::lora_linear (forward and backward) exactly as the
+    unfused PyTorch code it replaces, so model FLOP counts stay right."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    w = torch.randn(20, 12)
+    a = torch.randn(3, 12, requires_grad=True)
+    b = torch.randn(20, 3, requires_grad=True)
+    counts = []
+    for fn in (
+        lambda: stitchops.lora_linear(x, w, None, a, b, 0.5),
+        lambda: x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()),
+    ):
+        with FlopCounterMode(display=False) as counter:
+            fn().sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -50,6 +50,7 @@ def assert_same_tensors(a, b):
         ("snnetv2", {"rank": 2}),
         ("snnet", {}),
         ("esta", {"pst_rank": 2, "esta_warmup": 1, "esta_intervals": 3}),
+        ("esta", {"pst_rank": 2, "distill": "inplace"}),
     ],
 )
 def test_resume_is_exact(tmp_path, mode, extra):

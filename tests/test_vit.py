@@ -217,3 +217,16 @@ def test_bad_inputs():
         create_model("resnet50")
     with pytest.raises(ValueError, match="divisible"):
         vit_small_test(embed_dim=30, num_heads=4)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit3_small_patch16_224"])
+def test_matches_timm_itself(name):
+    """Where timm imports (the GPU machines), its own model's weights load into ours strictly
+    and give the same logits."""
+    timm = pytest.importorskip("timm", reason="timm does not import here (CPU torchvision)")
+    theirs = timm.create_model(name, pretrained=False, img_size=64).eval().double()
+    ours = create_model(name, img_size=64).eval().double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), rtol=1e-9, atol=1e-9)
