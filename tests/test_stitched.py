@@ -109,12 +109,7 @@ def test_least_squares_init_reproduces_end_anchor_better_than_random():
     model = small_pair()
     images = torch.randn(64, 1, 8, 8)
     acts = [StitchedViT._block_inputs(a, images, None) for a in model.anchors]
-    points = {}
-    for stitch in model.stitches:
-        for (src, dst), p in zip(
-            zip(stitch.anchors, stitch.anchors[1:], strict=False), stitch.points, strict=False
-        ):
-            points.setdefault((p.key, p.index), []).append((src, dst, p.front, p.end))
+    points = model.layer_positions()  # every (front, end) point each layer serves
 
     def errors():
         out = {}

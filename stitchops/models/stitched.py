@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from stitchops.models import flops as _flops
-from stitchops.models.space import RawStitch, Segment, StitchPoint, snnet_space, two_way_space
+from stitchops.models.space import (
+    RawStitch,
+    Segment,
+    StitchPoint,
+    layer_counts,
+    snnet_space,
+    two_way_space,
+)
 from stitchops.models.vit import VisionTransformer
 from stitchops.nn.stitching import StitchingLayer
 from stitchops.ops.least_squares import _NormalEquations
@@ -133,14 +140,10 @@ class StitchedViT(nn.Module):
         else:
             raw = snnet_space(depths, kernel_size, stride, nearest)
         self._raw: list[RawStitch] = raw
-        sizes: dict[str, int] = {}
-        for stitch in raw:
-            for p in stitch.points:
-                sizes[p.key] = max(sizes.get(p.key, 0), p.index + 1)
         param = next(anchors[0].parameters())
         factory = {"device": param.device, "dtype": param.dtype}
         self.stitch_layers = nn.ModuleDict()
-        for key, count in sizes.items():
+        for key, count in layer_counts(raw).items():
             a, b = (int(s) for s in key.split("to"))
             self.stitch_layers[key] = nn.ModuleList(
                 StitchingLayer(
@@ -158,7 +161,7 @@ class StitchedViT(nn.Module):
         self.select(self.active)
 
     # ---------------------------------------------------------------- description
-    def _make_stitch(self, i: int, img_size=None, patch_size=None) -> Stitch:
+    def _make_stitch(self, i: int) -> Stitch:
         raw = self._raw[i]
         depths = [len(a.blocks) for a in self.anchors]
         route = raw.route(depths)
@@ -168,7 +171,7 @@ class StitchedViT(nn.Module):
             raw.anchors,
             route,
             raw.points,
-            self.flops(i, img_size, patch_size),
+            self.flops(i),
             self._params(route, raw.points),
         )
 
@@ -276,12 +279,7 @@ class StitchedViT(nn.Module):
         """
         if isinstance(images, torch.Tensor):
             images = [images]
-        points: dict[tuple[str, int], set[tuple[int, int, int, int]]] = defaultdict(set)
-        for raw in self._raw:
-            for (src, dst), p in zip(
-                zip(raw.anchors, raw.anchors[1:], strict=False), raw.points, strict=False
-            ):
-                points[(p.key, p.index)].add((src, dst, p.front, p.end))
+        points = self.layer_positions()
         equations = {key: _NormalEquations() for key in points}
         was_training = self.training
         self.eval()
@@ -301,6 +299,16 @@ class StitchedViT(nn.Module):
             weight, bias = eq.solve(ridge, rtol=1e-5)
             layer = self.stitch_layers[key][index]
             layer.load_least_squares(weight.to(layer.weight.dtype), bias.to(layer.weight.dtype))
+
+    def layer_positions(self) -> dict[tuple[str, int], set[tuple[int, int, int, int]]]:
+        """{(key, index): {(front anchor, end anchor, front block, end block), ...}}: every
+        stitch point each stitching layer serves."""
+        points: dict[tuple[str, int], set[tuple[int, int, int, int]]] = defaultdict(set)
+        for raw in self._raw:
+            pairs = zip(raw.anchors, raw.anchors[1:], strict=False)
+            for (src, dst), p in zip(pairs, raw.points, strict=True):
+                points[(p.key, p.index)].add((src, dst, p.front, p.end))
+        return points
 
     @staticmethod
     def _block_inputs(anchor: VisionTransformer, images, patch_size) -> list[torch.Tensor]:

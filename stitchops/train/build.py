@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from stitchops.models.stitched import StitchedViT
 from stitchops.models.vit import MODELS, VisionTransformer, create_model
 
 
@@ -64,9 +63,9 @@ def build_anchor(spec: str, weights: str | None = None) -> VisionTransformer:
     return model
 
 
-def build_stitched(specs: list[str], weights: list[str] | None, options: dict) -> StitchedViT:
+def build_anchors(specs: list[str], weights: list[str] | None) -> list[VisionTransformer]:
+    """One anchor per spec, with its weights file when ``weights`` is given."""
     weights = weights or [None] * len(specs)
     if len(weights) != len(specs):
         raise ValueError(f"got {len(weights)} anchor weight files for {len(specs)} anchors")
-    anchors = [build_anchor(s, w) for s, w in zip(specs, weights, strict=False)]
-    return StitchedViT(anchors, **options)
+    return [build_anchor(s, w) for s, w in zip(specs, weights, strict=True)]

@@ -27,7 +27,6 @@ def run_demo(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True,
     """Run the demo; returns the summary it prints (also saved as ``summary.json``)."""
     out = Path(out)
     start = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     common = dict(data="digits", batch_size=64, progress=progress, seed=seed, warmup_steps=20)
     weights = []
     for name, spec in (("anchor_small", SMALL), ("anchor_large", LARGE)):

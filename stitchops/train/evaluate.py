@@ -69,7 +69,7 @@ def pareto_frontier(points: list[tuple[int, float, float]]) -> list[int]:
 
 @torch.no_grad()
 def eval_stitches(
-    model, loader, ids=None, patch_size=None, device=None, progress=True, flops_kwargs=None
+    model, loader, ids=None, patch_size=None, device=None, progress=True
 ) -> StitchTable:
     """Top-1 accuracy, FLOPs, params and median batch latency of every stitch (or ``ids``).
 
@@ -99,7 +99,8 @@ def eval_stitches(
             total += labels.numel()
         if total == 0:
             raise ValueError("eval_stitches got an empty loader")
-        flops = model.flops(sid, patch_size=patch_size, **(flops_kwargs or {}))
+        img_size = tuple(images.shape[-2:])  # FLOPs at the size evaluated
+        flops = model.flops(sid, img_size=img_size, patch_size=patch_size)
         times.sort()
         rows.append(
             StitchResult(

@@ -158,10 +158,7 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
     weights = cfg.anchor_weights if with_weights else None
     if cfg.mode == "anchor":
         return build.build_anchor(cfg.anchors[0], weights[0] if weights else None)
-    weights = weights or [None] * len(cfg.anchors)
-    if len(weights) != len(cfg.anchors):
-        raise ValueError(f"got {len(weights)} anchor weight files for {len(cfg.anchors)} anchors")
-    anchors = [build.build_anchor(s, w) for s, w in zip(cfg.anchors, weights, strict=True)]
+    anchors = build.build_anchors(cfg.anchors, weights)
     rank = cfg.rank
     if rank == -1:  # ESTA: d_out / 4 for every stitching layer (one rank for the model)
         rank = max(1, min(a.embed_dim for a in anchors) // 4)
