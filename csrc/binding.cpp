@@ -19,6 +19,14 @@
 #define STITCHOPS_CUDA_VERSION "unknown"
 #endif
 
+// tests/cuda_emulator builds this file with -DSTITCHOPS_HOST_EMULATION against CPU torch,
+// linked with the kernels compiled for host threads: there the "device" tensors are CPU ones.
+#ifdef STITCHOPS_HOST_EMULATION
+constexpr bool kHostEmulation = true;
+#else
+constexpr bool kHostEmulation = false;
+#endif
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -42,7 +50,7 @@ stitchops::DType dtype_of(const at::Tensor& t) {
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(kHostEmulation ? t.is_cpu() : t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ", x.scalar_type());
 }

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from stitchops import _C, _memory
+from stitchops import _memory
+
+try:
+    from stitchops import _C
+except ImportError:  # the dispatcher reports why (cuda_extension_missing_reason)
+    _C = None
 
 
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device)
+
+
 def lora_forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s):
     _C.set_poison_outputs(_memory.poisoning())
-    with torch.cuda.device(x.device):
+    with _device_guard(x):
         y, s = _C.lora_forward(
             x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s, _stream(x)
         )
@@ -24,7 +33,7 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weig
                   need_b, need_bias):  # fmt: skip
     _C.set_poison_outputs(_memory.poisoning())
     needed = (need_x, need_weight, need_a, need_b, need_bias)
-    with torch.cuda.device(x.device):
+    with _device_guard(x):
         grads = _C.lora_backward(
             grad_y, x, weight, lora_a, lora_b, s, scale,
             need_x, need_weight, need_a, need_b, need_bias, _stream(x),

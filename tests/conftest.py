@@ -1,9 +1,17 @@
-"""Test configuration: run Triton kernels through the CPU interpreter where there is no GPU.
+"""Test configuration for machines with and without a GPU.
 
-TRITON_INTERPRET must be set before triton is imported, hence here, before any test module.
+Without a GPU:
+- Triton kernels run through the CPU interpreter (TRITON_INTERPRET must be set before triton
+  is imported, hence here, before any test module).
+- Tests parametrised with ``backend="cuda"`` run csrc/*.cu compiled for host threads
+  (tests/cuda_emulator) on CPU tensors, through the real binding and op layer. The terminal
+  summary says how many did and how many kernel launches they made.
+  ``STITCHOPS_EMULATE_CUDA=0`` turns this off (those tests then skip).
 """
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +19,55 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+_EMULATED = {"tests": 0, "launches": 0}
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_no_forced_backend(monkeypatch):
     """Fresh random data per test, and no STITCHOPS_BACKEND leaking in from the shell."""
     monkeypatch.delenv("STITCHOPS_BACKEND", raising=False)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda_extension(tmp_path_factory):
+    """csrc/*.cu + csrc/binding.cpp built for host threads (built once per session)."""
+    from cuda_emulator import build
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None and os.environ.get("CI") != "true":
+        pytest.skip("the CUDA emulator needs g++ (CI has it)")
+    cache = os.environ.get("STITCHOPS_EMULATOR_CACHE")
+    return build.build(Path(cache) if cache else tmp_path_factory.mktemp("emulated_cuda"))
+
+
+def _wants_emulated_cuda(request) -> bool:
+    callspec = getattr(request.node, "callspec", None)
+    return (
+        callspec is not None
+        and callspec.params.get("backend") == "cuda"
+        and not torch.cuda.is_available()
+        and os.environ.get("STITCHOPS_EMULATE_CUDA", "1") != "0"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _emulate_cuda_without_gpu(request, monkeypatch):
+    if not _wants_emulated_cuda(request):
+        yield
+        return
+    from cuda_emulator import build
+
+    ext = request.getfixturevalue("emulated_cuda_extension")
+    build.install(ext, monkeypatch)
+    before = ext.emulated_launches()
+    yield
+    _EMULATED["tests"] += 1
+    _EMULATED["launches"] += ext.emulated_launches() - before
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _EMULATED["tests"]:
+        terminalreporter.write_line(
+            f"cuda backend: {_EMULATED['tests']} tests ran csrc/*.cu on the host emulator "
+            f"(tests/cuda_emulator, no GPU here), {_EMULATED['launches']} kernel launches"
+        )

@@ -2,7 +2,8 @@
 
 Every ``csrc/*.cu`` is compiled for sm_80 and sm_90a, and the torch binding is compiled,
 linked with those objects and imported, so a broken CUDA source or binding fails CI on a
-machine without a GPU. (Running the kernels needs a GPU: tests/test_lora.py, backend cuda.)
+machine without a GPU. (The kernels run in tests/test_lora.py, backend cuda: on the GPU, or
+on the host emulator of tests/cuda_emulator without one.)
 """
 
 from __future__ import annotations

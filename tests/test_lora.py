@@ -91,7 +91,9 @@ def run(fn, args: dict, scale: float, grad: torch.Tensor):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_float64_reference(case: Case, dtype: torch.dtype, backend: str):
     masters = make_params(case, dtype)

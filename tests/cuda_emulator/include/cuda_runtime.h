@@ -1,0 +1,147 @@
+// Host emulation of the CUDA runtime subset that csrc/*.cu uses (tests only).
+//
+// Replaces the toolkit's cuda_runtime.h when csrc/*.cu is compiled as plain C++ by
+// tests/cuda_emulator/build.py. A launch `kernel<<<grid, block, shmem, stream>>>(args)`
+// (rewritten by build.py to emu::launch(kernel, grid, block, shmem, stream, args)) runs the
+// blocks one after another, in a shuffled order, each as block.x·block.y·block.z real host
+// threads: __syncthreads() is a std::barrier, __shared__ variables are function statics
+// (one block at a time, so every thread of the running block sees the same object), and
+// threadIdx / blockIdx are thread_local. What this checks: indexing, bounds, the tiling
+// logic and the arithmetic, with races between the threads of a block as real as the host
+// makes them. What it cannot: warp timing, memory-model subtleties, shared-memory limits,
+// performance. It is a test harness, not a CUDA implementation.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __restrict__ __restrict
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+
+inline thread_local dim3 threadIdx{0, 0, 0};
+inline thread_local dim3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+};
+enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+namespace emu {
+
+// The SM count the emulated device reports (an H100 SXM's, so launch heuristics that depend
+// on it split the work as they would on the real device).
+constexpr int kMultiprocessors = 132;
+
+// Launches so far (defined in runtime.cpp; read through ctypes by the tests, to prove the
+// kernels ran rather than some other backend).
+extern "C" long stitchops_emulated_launches;
+
+inline cudaError_t& last_error() {
+  static cudaError_t error = cudaSuccess;
+  return error;
+}
+
+inline std::barrier<>*& block_barrier() {
+  static std::barrier<>* barrier = nullptr;
+  return barrier;
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t /*shmem*/,
+            cudaStream_t /*stream*/, Args&&... args) {
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535) {
+    last_error() = cudaErrorInvalidConfiguration;
+    return;
+  }
+  __atomic_add_fetch(&stitchops_emulated_launches, 1, __ATOMIC_RELAXED);
+  std::vector<dim3> blocks;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  // Blocks run in no particular order on a GPU; a fixed shuffle catches order dependence.
+  std::mt19937 rng(12345);
+  std::shuffle(blocks.begin(), blocks.end(), rng);
+  for (const dim3& b : blocks) {
+    std::barrier<> barrier(threads);
+    block_barrier() = &barrier;
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        blockIdx = b;
+        blockDim = block;
+        gridDim = grid;
+        kernel(args...);
+        barrier.arrive_and_drop();  // an exited thread no longer holds the others back
+      });
+    }
+    for (auto& th : pool) th.join();
+    block_barrier() = nullptr;
+  }
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::block_barrier()->arrive_and_wait(); }
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+inline cudaError_t cudaGetLastError() { return std::exchange(emu::last_error(), cudaSuccess); }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = emu::kMultiprocessors;
+  return cudaSuccess;
+}
+inline const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error (emulated)";
+    case cudaErrorInvalidValue: return "invalid argument (emulated)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated)";
+  }
+  return "unknown error (emulated)";
+}

@@ -1,0 +1,69 @@
+"""The host emulator of the CUDA backend (tests/cuda_emulator) and what it runs.
+
+Without a GPU, conftest.py runs every ``backend="cuda"`` test on csrc/*.cu compiled for host
+threads. Here: the emulator's own contract, and the cuda tests once more with the kernels
+built under AddressSanitizer (the host counterpart of compute-sanitizer's memcheck: an
+out-of-bounds read or write of any tensor or shared array aborts with its source line).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cuda_emulator import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU runs the real kernels (test_lora.py, backend cuda)"
+)
+
+
+def test_translate_rewrites_only_launches():
+    src = "k<T, 16><<<grid, THREADS, 0, stream>>>(a);\nint x = a << 2;\nf<<<g, b>>>(p, q);"
+    assert build.translate(src) == (
+        "::emu::launch(k<T, 16>, grid, THREADS, 0, stream, a);\nint x = a << 2;\n"
+        "::emu::launch(f, g, b, p, q);"
+    )
+
+
+def test_emulated_kernels_compute_and_count_launches(emulated_cuda_extension):
+    ext = emulated_cuda_extension
+    before = ext.emulated_launches()
+    x, w = torch.randn(70, 33), torch.randn(65, 33)
+    y, _ = ext.lora_forward(x, w, None, None, None, 1.0, None, False, 0)
+    assert ext.emulated_launches() == before + 1
+    assert torch.allclose(y, x @ w.t(), atol=1e-5)
+    with pytest.raises(TypeError, match="weight has dtype Float but x has Double"):
+        ext.lora_forward(x.double(), w, None, None, None, 1.0, None, False, 0)
+
+
+@pytest.mark.slow
+def test_cuda_suite_under_address_sanitizer(tmp_path):
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True).stdout.strip() if shutil.which("g++") else ""  # fmt: skip
+    if not os.path.isabs(libasan):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must have g++ with libasan")
+        pytest.skip("no libasan")
+    env = {
+        **os.environ,
+        "STITCHOPS_EMULATE_SANITIZE": "address",
+        "STITCHOPS_EMULATOR_CACHE": str(tmp_path / "build"),
+        "LD_PRELOAD": libasan,
+        "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}",
+    }
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+           str(ROOT / "tests" / "test_lora.py")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    reports = "\n".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert not reports, reports[:6000]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " skipped" not in result.stdout.splitlines()[-2], result.stdout[-2000:]
+    assert "tests ran csrc/*.cu on the host emulator" in result.stdout
