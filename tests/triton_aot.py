@@ -1,0 +1,103 @@
+"""Compile stitchops' Triton kernels for sm_80 and sm_90 without a GPU (run as a script).
+
+Used by test_triton_compile.py in a subprocess with TRITON_INTERPRET unset: the test process
+itself runs Triton through the interpreter, where ``triton.jit`` builds interpreted
+functions. Every autotune config of every kernel is compiled, down to a cubin by Triton's
+bundled ptxas, with the specialisation a launch on contiguous inputs at the benchmark's
+shapes gets (unit strides constant, pointers and sizes divisible by 16). Prints one JSON
+line per compiled kernel: Triton version, kernel, arch, dtype, config, shared memory,
+whether tensor-core MMAs (mma.sync / wgmma) and asynchronous copies (the software pipeline)
+are in the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import lora
+
+FP32_BUFFERS = {"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr"}
+
+# Per kernel: the launch's compile-time flags, and the strides that are 1 for contiguous
+# inputs (Triton specialises an integer argument equal to 1 into a constant).
+KERNELS = {
+    "_lowrank_matmul_kernel": (
+        dict(
+            HAS_LORA=True,
+            HAS_BIAS=True,
+            HAS_BIAS2=True,
+            STORE_S=True,
+            SPLIT_K=False,
+            BLOCK_R=16,
+            GROUP_M=8,
+        ),
+        ("stride_xk", "stride_wk", "stride_l1k", "stride_l2r", "stride_on"),
+    ),
+    "_lora_backward_kernel": (
+        dict(HAS_LORA=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_BIAS=True, BLOCK_R=16),
+        ("stride_dyo", "stride_wi", "stride_ai", "stride_br", "stride_xi", "stride_dxi"),
+    ),
+}
+ARCHS = (80, 90)
+DTYPES = ("bf16", "fp32")
+
+
+def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) -> dict:
+    constants = {
+        **flags,
+        **config.kwargs,
+        "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+        **dict.fromkeys(unit_strides, 1),
+    }
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+        if name != "scale":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(
+        ASTSource(fn, signature, constants, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    return {
+        "triton": triton.__version__,
+        "kernel": fn.__name__,
+        "arch": arch,
+        "dtype": dtype,
+        "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+        "shared": kernel.metadata.shared,
+        "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "",
+        "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma"),
+        "cubin_bytes": len(kernel.asm["cubin"]),
+    }
+
+
+def main() -> None:
+    for name, (flags, unit_strides) in KERNELS.items():
+        fn = getattr(lora, name).fn
+        for config in getattr(lora, name).configs:
+            for arch in ARCHS:
+                for dtype in DTYPES:
+                    row = compile_one(fn, flags, unit_strides, dtype, arch, config)
+                    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
