@@ -1,9 +1,11 @@
 """The host emulator of the CUDA backend (tests/cuda_emulator) and what it runs.
 
 Without a GPU, conftest.py runs every ``backend="cuda"`` test on csrc/*.cu compiled for host
-threads. Here: the emulator's own contract, and the cuda tests once more with the kernels
-built under AddressSanitizer (the host counterpart of compute-sanitizer's memcheck: an
-out-of-bounds read or write of any tensor or shared array aborts with its source line).
+threads. Here: the emulator's own contract; the cuda tests once more with the kernels built
+under AddressSanitizer (the host counterpart of compute-sanitizer's memcheck: an
+out-of-bounds read or write of any tensor or shared array aborts with its source line); and
+a torch-free driver under ThreadSanitizer (the counterpart of racecheck: a missing
+__syncthreads is reported as a data race with its source line).
 """
 
 from __future__ import annotations
@@ -67,3 +69,19 @@ def test_cuda_suite_under_address_sanitizer(tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " skipped" not in result.stdout.splitlines()[-2], result.stdout[-2000:]
     assert "tests ran csrc/*.cu on the host emulator" in result.stdout
+
+
+@pytest.mark.slow
+def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
+    """No data race between the threads of a block (a missing __syncthreads would be one)."""
+    try:
+        exe = build.build_racecheck(tmp_path)
+    except RuntimeError as err:
+        if os.environ.get("CI") == "true" or "-fsanitize=thread" not in str(err):
+            raise
+        pytest.skip(f"no ThreadSanitizer here: {str(err)[-300:]}")
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1"}
+    result = subprocess.run([str(exe)], env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert "ThreadSanitizer" not in output, output[-6000:]
+    assert result.returncode == 0 and "racecheck: all results match" in output, output[-3000:]

@@ -9,7 +9,9 @@ tests/test_cuda_emulated.py runs the cuda-backend tests that way.
 
 ``STITCHOPS_EMULATE_SANITIZE=address`` builds the kernels with AddressSanitizer (run Python
 with ``LD_PRELOAD`` of libasan, as test_cuda_emulated.py does): the host counterpart of
-compute-sanitizer's memcheck for out-of-bounds reads and writes.
+compute-sanitizer's memcheck for out-of-bounds reads and writes. ``build_racecheck()`` links
+the kernels under ThreadSanitizer into racecheck.cpp's torch-free driver: the counterpart of
+compute-sanitizer's racecheck (a missing ``__syncthreads`` is a host data race).
 """
 
 from __future__ import annotations
@@ -62,6 +64,31 @@ def _fingerprint(sanitize: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _translated_kernels(out: Path) -> list[Path]:
+    """csrc/*.cu rewritten for the emulator, plus its runtime, as C++ files under ``out``."""
+    sources = []
+    for src in [*sorted(CSRC.glob("*.cu")), HERE / "runtime.cpp"]:
+        translated = out / (src.stem + ".emulated.cpp")
+        translated.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
+        sources.append(translated)
+    return sources
+
+
+def _kernel_flags(sanitize: str) -> list[str]:
+    san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
+    return ["-std=c++20", "-O1", "-g", "-pthread", *san, "-Wno-unknown-pragmas",
+            f"-I{HERE / 'include'}", f"-I{CSRC}"]  # fmt: skip
+
+
+def build_racecheck(out: Path) -> Path:
+    """racecheck.cpp + the kernels under ThreadSanitizer, as one torch-free executable."""
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / "racecheck"
+    _run([_compiler(), *_kernel_flags("thread"), *map(str, _translated_kernels(out)),
+          str(HERE / "racecheck.cpp"), "-o", str(exe)])  # fmt: skip
+    return exe
+
+
 def build(cache_dir: Path) -> object:
     """Compile (or reuse from ``cache_dir``) and import the emulated extension module."""
     from torch.utils.cpp_extension import include_paths
@@ -72,15 +99,10 @@ def build(cache_dir: Path) -> object:
     if not module.exists():
         out.mkdir(parents=True, exist_ok=True)
         cxx = _compiler()
-        san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
         objects = []
-        for src in [*sorted(CSRC.glob("*.cu")), HERE / "runtime.cpp"]:
-            translated = out / (src.stem + ".emulated.cpp")
-            translated.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
-            obj = out / (src.stem + ".o")
-            _run([cxx, "-c", "-std=c++20", "-O1", "-g", "-fPIC", "-pthread", *san,
-                  "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{CSRC}",
-                  str(translated), "-o", str(obj)])  # fmt: skip
+        for src in _translated_kernels(out):
+            obj = src.with_suffix(".o")
+            _run([cxx, "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o", str(obj)])
             objects.append(obj)
         binding = out / "binding.o"
         _run([cxx, "-c", "-std=c++20", "-O0", "-fPIC", "-DSTITCHOPS_HOST_EMULATION",
@@ -90,6 +112,7 @@ def build(cache_dir: Path) -> object:
               str(CSRC / "binding.cpp"), "-o", str(binding)])  # fmt: skip
         torch_lib = Path(torch.__file__).parent / "lib"
         partial = module.with_suffix(".partial")
+        san = [f"-fsanitize={sanitize}"] if sanitize else []
         _run([cxx, "-shared", "-pthread", *san, str(binding), *map(str, objects),
               f"-L{torch_lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
               "-o", str(partial)])  # fmt: skip
