@@ -33,6 +33,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 
+# Its own module name: an extension module is initialised once per name and process, and
+# test_cuda_build.py imports the nvcc-built binding as "_C" in the same process.
+MODULE_NAME = "_stitchops_emulated_C"
+
 # kernel<T, 0><<<grid, threads, shmem, stream>>>(args)  ->  emu::launch(kernel<T, 0>, ..., args)
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;<>]*>)?)\s*<<<([^;]*?)>>>\s*\(")
 
@@ -95,7 +99,7 @@ def build(cache_dir: Path) -> object:
 
     sanitize = os.environ.get("STITCHOPS_EMULATE_SANITIZE", "")
     out = Path(cache_dir) / f"emulated-{_fingerprint(sanitize)}"
-    module = out / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    module = out / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
     if not module.exists():
         out.mkdir(parents=True, exist_ok=True)
         cxx = _compiler()
@@ -106,9 +110,10 @@ def build(cache_dir: Path) -> object:
             objects.append(obj)
         binding = out / "binding.o"
         _run([cxx, "-c", "-std=c++20", "-O0", "-fPIC", "-DSTITCHOPS_HOST_EMULATION",
-              "-DTORCH_EXTENSION_NAME=_C", f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
-              '-DSTITCHOPS_CUDA_VERSION="emulated"', *[f"-I{p}" for p in include_paths()],
-              f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}",
+              f"-DTORCH_EXTENSION_NAME={MODULE_NAME}", '-DSTITCHOPS_CUDA_VERSION="emulated"',
+              f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
+              *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+              f"-I{CSRC}",
               str(CSRC / "binding.cpp"), "-o", str(binding)])  # fmt: skip
         torch_lib = Path(torch.__file__).parent / "lib"
         partial = module.with_suffix(".partial")
@@ -117,7 +122,7 @@ def build(cache_dir: Path) -> object:
               f"-L{torch_lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
               "-o", str(partial)])  # fmt: skip
         partial.rename(module)
-    spec = importlib.util.spec_from_file_location("_C", module)
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, module)
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
     if ext.cuda_version() != "emulated":
