@@ -8,8 +8,6 @@ on the host emulator of tests/cuda_emulator without one.)
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_emulator import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -48,11 +47,6 @@ def _cuda_lib_dir(nvcc: str, scratch: Path) -> Path | None:
     return None
 
 
-def _run(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory) -> list[Path]:
     """Every kernel source compiled once (position-independent, both archs)."""
@@ -61,8 +55,8 @@ def objects(tmp_path_factory) -> list[Path]:
     for src in KERNEL_SOURCES:
         obj = out / (src.stem + ".o")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-        _run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *gencode, "-I", str(CSRC),
-              str(src), "-o", str(obj)])  # fmt: skip
+        build.run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *gencode,
+                   "-I", str(CSRC), str(src), "-o", str(obj)])  # fmt: skip
         built.append(obj)
     return built
 
@@ -86,28 +80,18 @@ def test_every_cu_compiles_for_sm80_and_sm90a(objects):
 
 def test_binding_links_and_imports(objects, tmp_path):
     """Compile csrc/binding.cpp against this torch, link the kernels, import, call."""
-    from torch.utils.cpp_extension import include_paths
-
     cuda_lib = _cuda_lib_dir(_nvcc(), tmp_path)
     if cuda_lib is None:
         pytest.skip("nvcc's toolkit has no libcudart_static.a")
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler")
+    try:
+        build.compiler()
+    except RuntimeError as err:
+        pytest.skip(str(err))
     binding = tmp_path / "binding.o"
-    _run([cxx, "-c", "-O0", "-fPIC", "-std=c++20", *[f"-I{p}" for p in include_paths()],
-          f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", "-DTORCH_EXTENSION_NAME=_C",
-          f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"', '-DSTITCHOPS_CUDA_VERSION="test"',
-          str(CSRC / "binding.cpp"), "-o", str(binding)])  # fmt: skip
-    torch_lib = Path(torch.__file__).parent / "lib"
+    build.compile_binding(binding, "_C", "test")
     module = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
-    _run([cxx, "-shared", str(binding), *map(str, objects), f"-L{torch_lib}", "-lc10", "-ltorch",
-          "-ltorch_cpu", "-ltorch_python", f"-L{cuda_lib}", "-lcudart_static", "-lrt", "-lpthread",
-          "-ldl", "-o", str(module)])  # fmt: skip
-
-    spec = importlib.util.spec_from_file_location("_C", module)
-    ext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ext)
+    ext = build.link_and_import(module, "_C", [binding, *objects], f"-L{cuda_lib}",
+                                "-lcudart_static", "-lrt", "-lpthread", "-ldl")  # fmt: skip
     assert ext.torch_version() == torch.__version__ and ext.cuda_version() == "test"
     ext.set_poison_outputs(False)
     x, w = torch.randn(3, 4), torch.randn(5, 4)

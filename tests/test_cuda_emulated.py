@@ -11,7 +11,6 @@ __syncthreads is reported as a data race with its source line).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +47,11 @@ def test_emulated_kernels_compute_and_count_launches(emulated_cuda_extension):
 
 @pytest.mark.slow
 def test_cuda_suite_under_address_sanitizer(tmp_path):
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True).stdout.strip() if shutil.which("g++") else ""  # fmt: skip
+    try:
+        libasan = subprocess.run([build.compiler(), "-print-file-name=libasan.so"],
+                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except RuntimeError:
+        libasan = ""
     if not os.path.isabs(libasan):
         if os.environ.get("CI") == "true":
             pytest.fail("CI must have g++ with libasan")

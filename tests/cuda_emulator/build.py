@@ -4,8 +4,9 @@
 ``include/``, and ``csrc/binding.cpp`` against the installed (CPU) torch with
 ``-DSTITCHOPS_HOST_EMULATION`` (its tensors then live on the CPU); it links them into an
 extension module and imports it. ``install(ext, monkeypatch)`` points the ``cuda`` backend
-at that module for CPU tensors. tests/conftest.py does both when ``STITCHOPS_EMULATE_CUDA=1``;
-tests/test_cuda_emulated.py runs the cuda-backend tests that way.
+at that module for CPU tensors. tests/conftest.py does both for every ``backend="cuda"``
+test on a machine without a GPU (unless ``STITCHOPS_EMULATE_CUDA=0``).
+test_cuda_build.py uses ``compile_binding`` / ``link_and_import`` for the nvcc-built binding.
 
 ``STITCHOPS_EMULATE_SANITIZE=address`` builds the kernels with AddressSanitizer (run Python
 with ``LD_PRELOAD`` of libasan, as test_cuda_emulated.py does): the host counterpart of
@@ -46,14 +47,14 @@ def translate(source: str) -> str:
     return _LAUNCH.sub(r"::emu::launch(\1, \2, ", source)
 
 
-def _compiler() -> str:
+def compiler() -> str:
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         raise RuntimeError("the CUDA emulator needs a C++20 compiler (g++), none is on PATH")
     return cxx
 
 
-def _run(cmd: list[str]) -> None:
+def run(cmd: list[str]) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}")
@@ -88,43 +89,56 @@ def build_racecheck(out: Path) -> Path:
     """racecheck.cpp + the kernels under ThreadSanitizer, as one torch-free executable."""
     out.mkdir(parents=True, exist_ok=True)
     exe = out / "racecheck"
-    _run([_compiler(), *_kernel_flags("thread"), *map(str, _translated_kernels(out)),
+    run([compiler(), *_kernel_flags("thread"), *map(str, _translated_kernels(out)),
           str(HERE / "racecheck.cpp"), "-o", str(exe)])  # fmt: skip
     return exe
 
 
-def build(cache_dir: Path) -> object:
-    """Compile (or reuse from ``cache_dir``) and import the emulated extension module."""
+def compile_binding(obj: Path, name: str, cuda_version: str, *flags: str) -> None:
+    """csrc/binding.cpp against the installed torch, as extension module ``name``."""
     from torch.utils.cpp_extension import include_paths
 
+    run([compiler(), "-c", "-std=c++20", "-O0", "-fPIC", *flags,
+         f"-DTORCH_EXTENSION_NAME={name}", f'-DSTITCHOPS_CUDA_VERSION="{cuda_version}"',
+         f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
+         *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+         f"-I{CSRC}", str(CSRC / "binding.cpp"), "-o", str(obj)])  # fmt: skip
+
+
+def link_and_import(module: Path, name: str, objects: list[Path], *flags: str):
+    """Link ``objects`` with torch's libraries into ``module`` and import it as ``name``."""
+    torch_lib = Path(torch.__file__).parent / "lib"
+    partial = module.with_suffix(".partial")
+    run([compiler(), "-shared", *map(str, objects), f"-L{torch_lib}", "-lc10", "-ltorch",
+         "-ltorch_cpu", "-ltorch_python", *flags, "-o", str(partial)])  # fmt: skip
+    partial.rename(module)
+    return load(module, name)
+
+
+def load(module: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, module)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    return ext
+
+
+def build(cache_dir: Path) -> object:
+    """Compile (or reuse from ``cache_dir``) and import the emulated extension module."""
     sanitize = os.environ.get("STITCHOPS_EMULATE_SANITIZE", "")
     out = Path(cache_dir) / f"emulated-{_fingerprint(sanitize)}"
     module = out / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not module.exists():
+    if module.exists():
+        ext = load(module, MODULE_NAME)
+    else:
         out.mkdir(parents=True, exist_ok=True)
-        cxx = _compiler()
-        objects = []
+        objects = [out / "binding.o"]
+        compile_binding(objects[0], MODULE_NAME, "emulated", "-DSTITCHOPS_HOST_EMULATION")
         for src in _translated_kernels(out):
-            obj = src.with_suffix(".o")
-            _run([cxx, "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o", str(obj)])
-            objects.append(obj)
-        binding = out / "binding.o"
-        _run([cxx, "-c", "-std=c++20", "-O0", "-fPIC", "-DSTITCHOPS_HOST_EMULATION",
-              f"-DTORCH_EXTENSION_NAME={MODULE_NAME}", '-DSTITCHOPS_CUDA_VERSION="emulated"',
-              f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
-              *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
-              f"-I{CSRC}",
-              str(CSRC / "binding.cpp"), "-o", str(binding)])  # fmt: skip
-        torch_lib = Path(torch.__file__).parent / "lib"
-        partial = module.with_suffix(".partial")
+            objects.append(src.with_suffix(".o"))
+            run([compiler(), "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o",
+                 str(objects[-1])])  # fmt: skip
         san = [f"-fsanitize={sanitize}"] if sanitize else []
-        _run([cxx, "-shared", "-pthread", *san, str(binding), *map(str, objects),
-              f"-L{torch_lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
-              "-o", str(partial)])  # fmt: skip
-        partial.rename(module)
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, module)
-    ext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ext)
+        ext = link_and_import(module, MODULE_NAME, objects, "-pthread", *san)
     if ext.cuda_version() != "emulated":
         raise RuntimeError(f"{module} is not the emulated build")
     counter = ctypes.c_long.in_dll(ctypes.CDLL(str(module)), "stitchops_emulated_launches")
