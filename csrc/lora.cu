@@ -6,13 +6,14 @@
 // forward, dS = dy·B in the backward), held in registers, so x (resp. dy) is read once per
 // pass and no [tokens, OUT] low-rank intermediate is ever written.
 //
-// This is the SIMT implementation of the fusion: exact fp32 accumulation on any sm_80+ GPU,
-// no tensor cores. The Triton backend (tensor cores, autotuned) is the default on CUDA.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// This is the SIMT implementation of the fusion, for fp32: exact fp32 products and
+// accumulation (torch's default for fp32 matmul, no TF32). fp16 and bf16 go to the
+// tensor-core kernels of lora_tc.cu. The Triton backend (autotuned) is the default on CUDA.
 #include <cuda_runtime.h>
 
+#include "convert.cuh"
 #include "lora.h"
+#include "lora_tc.h"
 
 namespace stitchops {
 namespace {
@@ -22,21 +23,6 @@ constexpr int BN = kBlockN;
 constexpr int BK = 16;
 constexpr int THREADS = 256;
 constexpr int RC = 16;  // rank chunk of the epilogues
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // dst[k][n] (row length NT + 1, padded against bank conflicts) = src[k·s_k + n·s_n] for
 // k0 + k < k_end and n0 + n < n_end, else 0. Consecutive threads follow the unit stride.
@@ -333,26 +319,18 @@ int launch_backward(const LoraBackwardArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+// fp32 runs the SIMT kernels above (exact fp32 products, as torch's default fp32 matmul);
+// fp16 and bf16 run the tensor-core kernels of lora_tc.cu.
 int lowrank_matmul(DType dtype, const LowRankMatmulArgs& args, void* stream) {
   if (args.R > kMaxRank) return cudaErrorInvalidValue;
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return launch_matmul<float>(args, s);
-    case DType::kFloat16: return launch_matmul<__half>(args, s);
-    case DType::kBFloat16: return launch_matmul<__nv_bfloat16>(args, s);
-  }
-  return cudaErrorInvalidValue;
+  if (dtype != DType::kFloat32) return tc::lowrank_matmul(dtype, args, stream);
+  return launch_matmul<float>(args, static_cast<cudaStream_t>(stream));
 }
 
 int lora_backward(DType dtype, const LoraBackwardArgs& args, void* stream) {
   if (args.R > kMaxRank || args.rows_per_range % kBlockM != 0) return cudaErrorInvalidValue;
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return launch_backward<float>(args, s);
-    case DType::kFloat16: return launch_backward<__half>(args, s);
-    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(args, s);
-  }
-  return cudaErrorInvalidValue;
+  if (dtype != DType::kFloat32) return tc::lora_backward(dtype, args, stream);
+  return launch_backward<float>(args, static_cast<cudaStream_t>(stream));
 }
 
 int device_multiprocessors(int* count) {

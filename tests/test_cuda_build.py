@@ -66,7 +66,7 @@ def test_there_are_kernel_sources():
 
 
 @pytest.mark.parametrize(
-    "source", [p.name for p in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.h"))]
+    "source", [p.name for p in sorted(CSRC.glob("*.cu*")) + sorted(CSRC.glob("*.h"))]
 )
 def test_kernel_sources_are_torch_free(source: str):
     text = (CSRC / source).read_text()

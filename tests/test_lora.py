@@ -42,6 +42,9 @@ CASES = [
     Case((45,), 24, 40, 70),  # rank > 64: the widest rank block
     Case((150,), 40, 36, 8, extra_bias=True),  # several row blocks per token range
     Case((77,), 50, 130, 0, extra_bias=True, train_weight=True),  # SN-Net v1: no LoRA
+    # Several K steps and column tiles, 16-byte-aligned rows (vector loads): ranks 32 and 40.
+    Case((66,), 72, 64, 32, train_weight=True),
+    Case((130,), 96, 200, 40, extra_bias=True),
     # Subsets of gradients: each flag of the backward on its own.
     Case((41,), 30, 50, 4, frozen=("lora_b",)),
     Case((41,), 30, 50, 4, extra_bias=True, frozen=("lora_a", "x")),

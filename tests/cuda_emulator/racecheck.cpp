@@ -5,6 +5,10 @@
 // barrier between a shared-memory write and another thread's read is a data race that
 // ThreadSanitizer reports (the host stand-in for compute-sanitizer's racecheck). The driver
 // also checks the results against a float64 loop, so a run that races silently still fails.
+// fp32 runs the SIMT kernels of lora.cu; fp16 and bf16 the tensor-core kernels of lora_tc.cu.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -18,6 +22,52 @@ struct Problem {
   int64_t tokens, in_f, out_f, rank;
 };
 
+// An element type with its conversions and the relative error its rounding allows
+// (outputs, and S / dS, are rounded to it once).
+template <typename T>
+struct Dtype;
+template <>
+struct Dtype<float> {
+  static constexpr auto id = stitchops::DType::kFloat32;
+  static constexpr const char* name = "fp32";
+  static constexpr double tolerance = 1e-5;
+  static float from(float v) { return v; }
+  static float to(float v) { return v; }
+};
+template <>
+struct Dtype<__half> {
+  static constexpr auto id = stitchops::DType::kFloat16;
+  static constexpr const char* name = "fp16";
+  static constexpr double tolerance = 2e-3;
+  static __half from(float v) { return __float2half_rn(v); }
+  static float to(__half v) { return __half2float(v); }
+};
+template <>
+struct Dtype<__nv_bfloat16> {
+  static constexpr auto id = stitchops::DType::kBFloat16;
+  static constexpr const char* name = "bf16";
+  static constexpr double tolerance = 1e-2;
+  static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+template <typename T>
+std::vector<T> narrow(std::vector<float>& v) {  // rounds v in place, returns it as T
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    out[i] = Dtype<T>::from(v[i]);
+    v[i] = Dtype<T>::to(out[i]);
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<float> widen(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = Dtype<T>::to(v[i]);
+  return out;
+}
+
 double max_rel_err(const std::vector<float>& got, const std::vector<double>& want) {
   double err = 0, scale = 1e-30;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -28,14 +78,16 @@ double max_rel_err(const std::vector<float>& got, const std::vector<double>& wan
   return err / scale;
 }
 
+template <typename T>
 bool check(const char* what, const Problem& p, const std::vector<float>& got,
            const std::vector<double>& want) {
   const double err = max_rel_err(got, want);
-  std::printf("T=%ld IN=%ld OUT=%ld R=%ld %-6s rel err %.2e\n", long(p.tokens), long(p.in_f),
-              long(p.out_f), long(p.rank), what, err);
-  return err < 1e-5;
+  std::printf("%s T=%ld IN=%ld OUT=%ld R=%ld %-6s rel err %.2e\n", Dtype<T>::name,
+              long(p.tokens), long(p.in_f), long(p.out_f), long(p.rank), what, err);
+  return err < Dtype<T>::tolerance;
 }
 
+template <typename E>
 bool run(const Problem& p) {
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
@@ -47,6 +99,9 @@ bool run(const Problem& p) {
   const int64_t T = p.tokens, I = p.in_f, O = p.out_f, R = p.rank;
   auto x = rnd(T * I), w = rnd(O * I), a = rnd(R * I), b = rnd(O * R), bias = rnd(O), dy = rnd(T * O);
   const float scale = 0.5f;
+  // The kernels' inputs in T; the float copies are rounded alike for the reference.
+  const auto x_t = narrow<E>(x), w_t = narrow<E>(w), a_t = narrow<E>(a), b_t = narrow<E>(b),
+             bias_t = narrow<E>(bias), dy_t = narrow<E>(dy);
 
   // float64 reference: y, S, dx, dA, dB, dbias.
   std::vector<double> s_ref(T * R), y_ref(T * O), ds(T * R), dx_ref(T * I), da_ref(R * I, 0.0),
@@ -84,34 +139,36 @@ bool run(const Problem& p) {
       for (int64_t t = 0; t < T; ++t) db_ref[o * R + r] += double(dy[t * O + o]) * s_ref[t * R + r];
 
   // Forward, laid out as csrc/binding.cpp does: Wt = Wᵀ, L1 = Aᵀ, L2 = Bᵀ as strided views.
-  std::vector<float> y(T * O, NAN), s(T * R, NAN);
+  std::vector<E> y(T * O, Dtype<E>::from(NAN));
+  std::vector<float> s(T * R, NAN);
   stitchops::LowRankMatmulArgs f;
-  f.x = x.data(), f.stride_xm = I, f.stride_xk = 1;
-  f.w = w.data(), f.stride_wk = 1, f.stride_wn = I;
-  f.l1 = a.data(), f.stride_l1k = 1, f.stride_l1r = I;
-  f.l2 = b.data(), f.stride_l2r = 1, f.stride_l2n = R;
-  f.bias = bias.data();
+  f.x = x_t.data(), f.stride_xm = I, f.stride_xk = 1;
+  f.w = w_t.data(), f.stride_wk = 1, f.stride_wn = I;
+  f.l1 = a_t.data(), f.stride_l1k = 1, f.stride_l1r = I;
+  f.l2 = b_t.data(), f.stride_l2r = 1, f.stride_l2n = R;
+  f.bias = bias_t.data();
   f.out = y.data(), f.stride_om = O, f.stride_on = 1;
   f.s_out = s.data(), f.stride_sm = R;
   f.M = T, f.N = O, f.K = I, f.R = R, f.scale = scale, f.k_per_split = I;
-  if (stitchops::lowrank_matmul(stitchops::DType::kFloat32, f, nullptr) != 0) return false;
+  if (stitchops::lowrank_matmul(Dtype<E>::id, f, nullptr) != 0) return false;
 
   // Backward over two token ranges.
   const int64_t rows_per_range = stitchops::kBlockM, ranges = (T + rows_per_range - 1) / rows_per_range;
-  std::vector<float> dx(T * I, NAN), da_part(ranges * R * I, NAN), db_part(ranges * O * R, NAN),
+  std::vector<E> dx(T * I, Dtype<E>::from(NAN));
+  std::vector<float> da_part(ranges * R * I, NAN), db_part(ranges * O * R, NAN),
       dbias_part(ranges * O, NAN);
   stitchops::LoraBackwardArgs g;
-  g.dy = dy.data(), g.stride_dym = O, g.stride_dyo = 1;
-  g.w = w.data(), g.stride_wo = I, g.stride_wi = 1;
-  g.a = a.data(), g.stride_ar = I, g.stride_ai = 1;
-  g.b = b.data(), g.stride_bo = R, g.stride_br = 1;
+  g.dy = dy_t.data(), g.stride_dym = O, g.stride_dyo = 1;
+  g.w = w_t.data(), g.stride_wo = I, g.stride_wi = 1;
+  g.a = a_t.data(), g.stride_ar = I, g.stride_ai = 1;
+  g.b = b_t.data(), g.stride_bo = R, g.stride_br = 1;
   g.s = s.data(), g.stride_sm = R;
-  g.x = x.data(), g.stride_xm = I, g.stride_xi = 1;
+  g.x = x_t.data(), g.stride_xm = I, g.stride_xi = 1;
   g.dx = dx.data(), g.stride_dxm = I, g.stride_dxi = 1;
   g.da_part = da_part.data(), g.db_part = db_part.data(), g.dbias_part = dbias_part.data();
   g.M = T, g.IN = I, g.OUT = O, g.R = R, g.scale = scale;
   g.rows_per_range = rows_per_range, g.ranges = int(ranges);
-  if (stitchops::lora_backward(stitchops::DType::kFloat32, g, nullptr) != 0) return false;
+  if (stitchops::lora_backward(Dtype<E>::id, g, nullptr) != 0) return false;
 
   auto reduce = [&](const std::vector<float>& part, int64_t n, float mult) {
     std::vector<float> out(n, 0.f);
@@ -119,18 +176,18 @@ bool run(const Problem& p) {
       for (int64_t k = 0; k < n; ++k) out[k] += part[z * n + k] * mult;
     return out;
   };
-  bool ok = check("y", p, y, y_ref);
-  ok &= check("S", p, s, s_ref);
-  ok &= check("dx", p, dx, dx_ref);
-  ok &= check("dA", p, reduce(da_part, R * I, scale), [&] {
+  bool ok = check<E>("y", p, widen(y), y_ref);
+  ok &= check<E>("S", p, s, s_ref);
+  ok &= check<E>("dx", p, widen(dx), dx_ref);
+  ok &= check<E>("dA", p, reduce(da_part, R * I, scale), [&] {
     for (auto& v : da_ref) v *= scale;
     return da_ref;
   }());
-  ok &= check("dB", p, reduce(db_part, O * R, scale), [&] {
+  ok &= check<E>("dB", p, reduce(db_part, O * R, scale), [&] {
     for (auto& v : db_ref) v *= scale;
     return db_ref;
   }());
-  ok &= check("dbias", p, reduce(dbias_part, O, 1.f), dbias_ref);
+  ok &= check<E>("dbias", p, reduce(dbias_part, O, 1.f), dbias_ref);
   return ok;
 }
 
@@ -138,7 +195,12 @@ bool run(const Problem& p) {
 
 int main() {
   bool ok = true;
-  for (const Problem& p : {Problem{77, 50, 130, 3}, Problem{70, 40, 36, 70}}) ok &= run(p);
+  // Odd sizes and rank 3; 16-byte-aligned rows (vector loads), several K steps, rank 70.
+  for (const Problem& p : {Problem{77, 50, 130, 3}, Problem{70, 40, 72, 70}}) {
+    ok &= run<float>(p);
+    ok &= run<__half>(p);
+    ok &= run<__nv_bfloat16>(p);
+  }
   std::printf(ok ? "racecheck: all results match\n" : "racecheck: MISMATCH\n");
   return ok ? 0 : 1;
 }

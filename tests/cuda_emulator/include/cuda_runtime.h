@@ -6,7 +6,8 @@
 // blocks one after another, in a shuffled order, each as block.x·block.y·block.z real host
 // threads: __syncthreads() is a std::barrier, __shared__ variables are function statics
 // (one block at a time, so every thread of the running block sees the same object), and
-// threadIdx / blockIdx are thread_local. What this checks: indexing, bounds, the tiling
+// threadIdx / blockIdx are thread_local; each run of 32 consecutive threads is a warp with
+// its own std::barrier for __syncwarp(). What this checks: indexing, bounds, the tiling
 // logic and the arithmetic, with races between the threads of a block as real as the host
 // makes them. What it cannot: warp timing, memory-model subtleties, shared-memory limits,
 // performance. It is a test harness, not a CUDA implementation.
@@ -18,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <thread>
 #include <type_traits>
@@ -31,6 +33,11 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 
 struct dim3 {
   unsigned x, y, z;
@@ -72,6 +79,14 @@ inline std::barrier<>*& block_barrier() {
   return barrier;
 }
 
+// The barrier of the calling thread's warp (threads 32w .. 32w + 31 of its block).
+inline thread_local std::barrier<>* warp_barrier = nullptr;
+
+// Lane of the calling thread within its warp (threads are numbered x fastest, as on a GPU).
+inline unsigned lane_id() {
+  return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32u;
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t /*shmem*/,
             cudaStream_t /*stream*/, Args&&... args) {
@@ -92,6 +107,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t /*shme
   for (const dim3& b : blocks) {
     std::barrier<> barrier(threads);
     block_barrier() = &barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (unsigned w = 0; w * 32 < threads; ++w)
+      warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned t = 0; t < threads; ++t) {
@@ -100,8 +118,11 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t /*shme
         blockIdx = b;
         blockDim = block;
         gridDim = grid;
+        warp_barrier = warps[t / 32].get();
         kernel(args...);
-        barrier.arrive_and_drop();  // an exited thread no longer holds the others back
+        // An exited thread no longer holds the others back.
+        warp_barrier->arrive_and_drop();
+        barrier.arrive_and_drop();
       });
     }
     for (auto& th : pool) th.join();
@@ -112,6 +133,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t /*shme
 }  // namespace emu
 
 inline void __syncthreads() { emu::block_barrier()->arrive_and_wait(); }
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) { emu::warp_barrier->arrive_and_wait(); }
 
 template <typename T>
 inline T __ldg(const T* p) {
