@@ -11,8 +11,8 @@ Backend choice for CUDA tensors: triton, then cuda, then torch. The Triton kerne
 GEMMs on tensor cores (tl.dot), software-pipelined and autotuned per shape; the CUDA kernel
 implements the same fusion independently of Triton, with WMMA tensor-core tiles for
 fp16/bf16 (csrc/lora_tc.cu: one fixed tile shape, no asynchronous-copy pipeline) and exact
-fp32 FMA tiles for fp32 (csrc/lora.cu), so it ranks second. CPU tensors run on the torch reference unless a backend is forced
-(``triton`` under TRITON_INTERPRET=1, as in CI).
+fp32 FMA tiles for fp32 (csrc/lora.cu), so it ranks second. CPU tensors run on the torch
+reference unless a backend is forced (``triton`` under TRITON_INTERPRET=1, as in CI).
 """
 
 from __future__ import annotations
