@@ -1,0 +1,52 @@
+"""compute-sanitizer over the real CUDA kernels, on a machine with a GPU.
+
+Re-runs the cuda-backend tests of test_lora.py in a subprocess under compute-sanitizer's
+memcheck (out-of-bounds and misaligned accesses), racecheck (shared-memory hazards between
+the threads of a block) and synccheck (barriers). Without a GPU the same questions are
+asked of the host emulator (test_cuda_emulated.py: AddressSanitizer, ThreadSanitizer).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import require_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+# racecheck is slow (every shared access is tracked): a few shapes cover every kernel
+# instantiation kind (odd sizes, several K steps, the widest rank) in fp32 and bf16.
+TOOLS = {
+    "memcheck": "cuda",
+    "synccheck": "cuda and (fp32 or bf16)",
+    "racecheck": "cuda and (T77-IN50 or IN96 or R70) and (fp32 or bf16)",
+}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_cuda_kernels_under_compute_sanitizer(tool: str, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: test_cuda_emulated.py checks the kernels on the host emulator")
+    require_backend("cuda", torch.zeros(1, 1, device="cuda"), 16)
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH (it ships with the CUDA toolkit)")
+    cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=97", "--target-processes=all",
+           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", TOOLS[tool],
+           str(ROOT / "tests" / "test_lora.py")]  # fmt: skip
+    # Without the caching allocator every tensor is its own allocation, so memcheck sees an
+    # access past a tensor's end instead of landing in a neighbour inside the same pool.
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-8000:]
+    assert "ERROR SUMMARY: 0 errors" in output, output[-8000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1]
