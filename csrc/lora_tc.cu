@@ -4,8 +4,9 @@
 // A block of 4 warps owns a 64 × 64 output tile; warp w = 2·wm + wn owns the 32 × 32 quarter
 // (wm, wn) as 2 × 2 accumulator fragments, and rows 16w .. 16w + 15 of the rank-R product
 // (S = x·Aᵀ in the forward, dS = dy·B in the backward) as R/16 more. K advances in steps of
-// 32, with the operand tiles staged in shared memory in their own dtype (16-byte vector
-// loads where the columns are contiguous and aligned). Each staged x (resp. dy) tile feeds
+// 32, with the operand tiles staged in shared memory in their own dtype, double-buffered:
+// where the columns are contiguous and 16-byte aligned the next step's tiles arrive by
+// cp.async while this step computes (elsewhere by plain loads). Each staged x (resp. dy) tile feeds
 // both the main product and the rank-R one, so x is read once per pass and no [tokens, OUT]
 // low-rank intermediate exists. The epilogues reuse the same shared memory.
 //
@@ -15,6 +16,7 @@
 // fp32 scratch tile (store_matrix_sync, __syncwarp, then element-wise by lane).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -58,27 +60,26 @@ constexpr size_t kScratchBytes = WARPS * F * SLD * sizeof(float);
 
 // dst[r][c] (row pitch ld) = src[(r0 + r)·s_r + (c0 + c)·s_c] for r0 + r < r_end and
 // c0 + c < c_end, else 0, over a ROWS × COLS tile. Contiguous, 16-byte aligned columns move
-// 8 elements per load; otherwise consecutive threads follow the unit stride.
+// as asynchronous 16-byte copies (cp.async; the part past the edge zero-filled), which land
+// at the caller's __pipeline_wait_prior; otherwise plain loads, consecutive threads
+// following the unit stride.
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void stage(T* dst, int ld, const T* src, int64_t s_r, int64_t s_c,
                                       int64_t r0, int64_t r_end, int64_t c0, int64_t c_end) {
   constexpr int V = 16 / sizeof(T);
-  const T zero = from_float<T>(0.f);
   if (COLS % V == 0 && s_c == 1 && s_r % V == 0 && c0 % V == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     for (int e = threadIdx.x; e < ROWS * COLS / V; e += THREADS) {
       const int r = e / (COLS / V), c = e % (COLS / V) * V;
       const int64_t gr = r0 + r, gc = c0 + c;
-      T* d = dst + r * ld + c;
-      if (gr < r_end && gc + V <= c_end) {
-        *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(src + gr * s_r + gc);
-      } else {
-        for (int v = 0; v < V; ++v)
-          d[v] = gr < r_end && gc + v < c_end ? src[gr * s_r + gc + v] : zero;
-      }
+      const int64_t valid = gr < r_end ? min(int64_t(V), max(int64_t(0), c_end - gc)) : 0;
+      // With nothing valid the copy reads no byte; its source only has to be aligned.
+      const T* from = valid > 0 ? src + gr * s_r + gc : src;
+      __pipeline_memcpy_async(dst + r * ld + c, from, 16, size_t(V - valid) * sizeof(T));
     }
     return;
   }
+  const T zero = from_float<T>(0.f);
   const bool c_fast = s_c == 1 || s_r != 1;
   for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
     const int r = c_fast ? e / COLS : e % ROWS;
@@ -86,6 +87,12 @@ __device__ __forceinline__ void stage(T* dst, int ld, const T* src, int64_t s_r,
     const int64_t gr = r0 + r, gc = c0 + c;
     dst[r * ld + c] = gr < r_end && gc < c_end ? src[gr * s_r + gc * s_c] : zero;
   }
+}
+
+// This thread's asynchronous copies so far have landed (a __syncthreads makes them shared).
+__device__ __forceinline__ void land() {
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
 }
 
 // fn(r, c, value) for the 16 × 16 elements of a warp's accumulator fragment, by lane.
@@ -101,10 +108,11 @@ __device__ __forceinline__ void add_scaled(Acc& acc, const Acc& term, float scal
   for (int e = 0; e < acc.num_elements; ++e) acc.x[e] += scale * term.x[e];
 }
 
-// The shared tiles of one K step: X [BM][BK], then Wt and L either n-major ([n][k], read as
-// col_major fragments; the forward, whose Wt = Wᵀ and L1 = Aᵀ are views of row-major W, A)
-// or k-major ([k][n], row_major fragments; the backward, whose W and B are [OUT, ·]).
-template <typename T, int RP, bool KMAJOR>
+// The shared tiles of one K step, STAGES times over (cp.async double buffer): X [BM][BK],
+// then Wt and L either n-major ([n][k], read as col_major fragments; the forward, whose
+// Wt = Wᵀ and L1 = Aᵀ are views of row-major W, A) or k-major ([k][n], row_major fragments;
+// the backward, whose W and B are [OUT, ·]).
+template <typename T, int RP, bool KMAJOR, int STAGES>
 struct LoopTiles {
   static constexpr int x_ld = pitch(BK);
   static constexpr int w_ld = KMAJOR ? pitch(BN) : pitch(BK);
@@ -112,55 +120,76 @@ struct LoopTiles {
   static constexpr size_t x_bytes = align128(BM * x_ld * sizeof(T));
   static constexpr size_t w_bytes = align128((KMAJOR ? BK : BN) * w_ld * sizeof(T));
   static constexpr size_t l_bytes = RP > 0 ? align128((KMAJOR ? BK : RP) * l_ld * sizeof(T)) : 0;
-  static constexpr size_t bytes = x_bytes + w_bytes + l_bytes;
+  static constexpr size_t stage_bytes = x_bytes + w_bytes + l_bytes;
+  static constexpr size_t bytes = STAGES * stage_bytes;
   using FragW = std::conditional_t<KMAJOR, FragB<T>, FragBt<T>>;
 
-  T* x;
-  T* w;
-  T* l;
-  __device__ explicit LoopTiles(unsigned char* base)
-      : x(reinterpret_cast<T*>(base)),
-        w(reinterpret_cast<T*>(base + x_bytes)),
-        l(reinterpret_cast<T*>(base + x_bytes + w_bytes)) {}
-  // Fragment (k tile kk, column 16·j) of Wt resp. L.
-  __device__ const T* w_at(int kk, int j) const {
-    return KMAJOR ? w + kk * w_ld + F * j : w + F * j * w_ld + kk;
+  unsigned char* base;
+  __device__ T* x(int s) const { return reinterpret_cast<T*>(base + s * stage_bytes); }
+  __device__ T* w(int s) const { return reinterpret_cast<T*>(base + s * stage_bytes + x_bytes); }
+  __device__ T* l(int s) const {
+    return reinterpret_cast<T*>(base + s * stage_bytes + x_bytes + w_bytes);
   }
-  __device__ const T* l_at(int kk, int c) const {
-    return KMAJOR ? l + kk * l_ld + F * c : l + F * c * l_ld + kk;
+  // Fragment (k offset kk, column block j) of Wt resp. L in stage s.
+  __device__ const T* w_at(int s, int kk, int j) const {
+    return KMAJOR ? w(s) + kk * w_ld + F * j : w(s) + F * j * w_ld + kk;
+  }
+  __device__ const T* l_at(int s, int kk, int c) const {
+    return KMAJOR ? l(s) + kk * l_ld + F * c : l(s) + F * c * l_ld + kk;
   }
 };
 
 struct NoHook {
-  __device__ void operator()(int64_t) const {}
+  template <typename T>
+  __device__ void operator()(int64_t, const T*) const {}
 };
 
 // acc[i][j] += Σ_k X[m0 + 32wm + 16i + ·, k]·Wt[k, n0 + 32wn + 16j + ·] (when want_w) and
 // lr[c] += Σ_k X[m0 + 16w + ·, k]·L[k, 16c + ·] over k in [k_begin, k_end).
-// hook(k0) runs on every staged X tile (rows past m_end, columns past k_end are zero).
-template <typename T, int RP, bool KMAJOR, typename Hook>
-__device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR>& t, Acc (&acc)[2][2],
-                                          Acc (&lr)[rank_frags(RP)], const T* X, int64_t s_xm,
-                                          int64_t s_xk, const T* Wt, int64_t s_wk, int64_t s_wn,
-                                          const T* L, int64_t s_lk, int64_t s_lr, int64_t m0,
-                                          int64_t m_end, int64_t n0, int64_t n_end,
-                                          int64_t k_begin, int64_t k_end, int64_t R, bool want_w,
-                                          Hook hook) {
-  using Tiles = LoopTiles<T, RP, KMAJOR>;
+// hook(k0, x_tile) runs on every staged X tile (rows past m_end, columns past k_end zero).
+// With two stages the copies of step k0 + BK are in flight while step k0 computes.
+template <typename T, int RP, bool KMAJOR, int STAGES, typename Hook>
+__device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR, STAGES>& t,
+                                          Acc (&acc)[2][2], Acc (&lr)[rank_frags(RP)],
+                                          const T* X, int64_t s_xm, int64_t s_xk, const T* Wt,
+                                          int64_t s_wk, int64_t s_wn, const T* L, int64_t s_lk,
+                                          int64_t s_lr, int64_t m0, int64_t m_end, int64_t n0,
+                                          int64_t n_end, int64_t k_begin, int64_t k_end,
+                                          int64_t R, bool want_w, Hook hook) {
+  static_assert(STAGES == 1 || STAGES == 2, "one buffer, or a double buffer");
+  using Tiles = LoopTiles<T, RP, KMAJOR, STAGES>;
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    stage<T, BM, BK>(t.x, Tiles::x_ld, X, s_xm, s_xk, m0, m_end, k0, k_end);
+  auto issue = [&](int s, int64_t k0) {
+    stage<T, BM, BK>(t.x(s), Tiles::x_ld, X, s_xm, s_xk, m0, m_end, k0, k_end);
     if (want_w) {
       if constexpr (KMAJOR)
-        stage<T, BK, BN>(t.w, Tiles::w_ld, Wt, s_wk, s_wn, k0, k_end, n0, n_end);
+        stage<T, BK, BN>(t.w(s), Tiles::w_ld, Wt, s_wk, s_wn, k0, k_end, n0, n_end);
       else
-        stage<T, BN, BK>(t.w, Tiles::w_ld, Wt, s_wn, s_wk, n0, n_end, k0, k_end);
+        stage<T, BN, BK>(t.w(s), Tiles::w_ld, Wt, s_wn, s_wk, n0, n_end, k0, k_end);
     }
     if constexpr (RP > 0) {
       if constexpr (KMAJOR)
-        stage<T, BK, RP>(t.l, Tiles::l_ld, L, s_lk, s_lr, k0, k_end, 0, R);
+        stage<T, BK, RP>(t.l(s), Tiles::l_ld, L, s_lk, s_lr, k0, k_end, 0, R);
       else
-        stage<T, RP, BK>(t.l, Tiles::l_ld, L, s_lr, s_lk, 0, R, k0, k_end);
+        stage<T, RP, BK>(t.l(s), Tiles::l_ld, L, s_lr, s_lk, 0, R, k0, k_end);
+    }
+    __pipeline_commit();
+  };
+  if constexpr (STAGES == 2)
+    if (k_begin < k_end) issue(0, k_begin);
+  int s = 0;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK, s = STAGES - 1 - s) {
+    if constexpr (STAGES == 2) {
+      // Prefetch the next step into the other buffer (freed by the last __syncthreads),
+      // then wait for all but that newest group: this step's copies.
+      if (k0 + BK < k_end)
+        issue(1 - s, k0 + BK);
+      else
+        __pipeline_commit();  // an empty group keeps the count
+      __pipeline_wait_prior(1);
+    } else {
+      issue(0, k0);
+      __pipeline_wait_prior(0);
     }
     __syncthreads();
 #pragma unroll
@@ -170,9 +199,11 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR>& t, Acc
         typename Tiles::FragW b[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-          wmma::load_matrix_sync(a[i], t.x + (32 * wm + F * i) * Tiles::x_ld + kk, Tiles::x_ld);
+          wmma::load_matrix_sync(a[i], t.x(s) + (32 * wm + F * i) * Tiles::x_ld + kk,
+                                 Tiles::x_ld);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], t.w_at(kk, 2 * wn + j), Tiles::w_ld);
+        for (int j = 0; j < 2; ++j)
+          wmma::load_matrix_sync(b[j], t.w_at(s, kk, 2 * wn + j), Tiles::w_ld);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -180,17 +211,17 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR>& t, Acc
       }
       if constexpr (RP > 0) {
         FragA<T> a;
-        wmma::load_matrix_sync(a, t.x + F * warp * Tiles::x_ld + kk, Tiles::x_ld);
+        wmma::load_matrix_sync(a, t.x(s) + F * warp * Tiles::x_ld + kk, Tiles::x_ld);
 #pragma unroll
         for (int c = 0; c < RP / F; ++c) {
           typename Tiles::FragW b;
-          wmma::load_matrix_sync(b, t.l_at(kk, c), Tiles::l_ld);
+          wmma::load_matrix_sync(b, t.l_at(s, kk, c), Tiles::l_ld);
           wmma::mma_sync(lr[c], a, b, lr[c]);
         }
       }
     }
-    hook(k0);
-    __syncthreads();
+    hook(k0, static_cast<const T*>(t.x(s)));
+    __syncthreads();  // buffer s is refilled two steps on
   }
 }
 
@@ -202,13 +233,13 @@ __device__ __forceinline__ void zero(Acc (&frags)[N]) {
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulArgs a) {
-  using Tiles = LoopTiles<T, RP, false>;
+  using Tiles = LoopTiles<T, RP, false, 2>;
   // After the K loop: T(S) [BM][s_ld], then the L2 tile n-major [BN][s_ld].
   constexpr int s_ld = pitch(RP);
   constexpr size_t s_bytes = align128(BM * s_ld * sizeof(T));
   constexpr size_t tile_bytes = larger(Tiles::bytes, RP > 0 ? 2 * s_bytes : 0);
   __shared__ __align__(128) unsigned char smem[tile_bytes + kScratchBytes];
-  const Tiles tiles(smem);
+  const Tiles tiles{smem};
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
   float* scratch = reinterpret_cast<float*>(smem + tile_bytes) + warp * F * SLD;
   const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
@@ -219,7 +250,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
   zero(acc[0]);
   zero(acc[1]);
   zero(lr);
-  main_loop<T, RP, false>(tiles, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
+  main_loop(tiles, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
                           static_cast<const T*>(a.w), a.stride_wk, a.stride_wn,
                           static_cast<const T*>(a.l1), a.stride_l1k, a.stride_l1r, m0, a.M, n0,
                           a.N, k_begin, k_end, a.R, true, NoHook{});
@@ -238,6 +269,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
       });
     stage<T, BN, RP>(l2_t, s_ld, static_cast<const T*>(a.l2), a.stride_l2n, a.stride_l2r, n0,
                      a.N, 0, a.R);
+    land();
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -278,7 +310,8 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs a) {
-  using Tiles = LoopTiles<T, RP, true>;
+  // The widest rank keeps one loop buffer: two would not fit the 48 KB of static shared memory.
+  using Tiles = LoopTiles<T, RP, true, RP >= 128 ? 1 : 2>;
   // During the K loop: the loop tiles, then T(S) rows [BM][r_ld] for dB. After it: T(dS)
   // [BM][r_ld], then the A tile [RP][n_ld] (for dx), later the x tile [BM][n_ld] (for dA).
   constexpr int r_ld = pitch(RP), n_ld = pitch(BN);
@@ -289,7 +322,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
   constexpr size_t epilogue_bytes = RP > 0 ? s_bytes + larger(a_bytes, x_bytes) : 0;
   constexpr size_t tile_bytes = larger(loop_bytes, epilogue_bytes);
   __shared__ __align__(128) unsigned char smem[tile_bytes + kScratchBytes];
-  const Tiles tiles(smem);
+  const Tiles tiles{smem};
   T* s_rows = reinterpret_cast<T*>(smem + Tiles::bytes);
   T* ds_t = reinterpret_cast<T*>(smem);
   T* a_t = reinterpret_cast<T*>(smem + s_bytes);
@@ -322,7 +355,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
     }
     // On each staged dy tile, by the owner blocks: db_part[z][k0 + ·] += dyᵀ·T(S) ([BK, RP]
     // in (BK/16)·(RP/16) fragments, spread over the warps) and dbias_part[z][k0 + ·] += Σ dy.
-    auto reduce_tokens = [&](int64_t k0) {
+    auto reduce_tokens = [&](int64_t k0, const T* dy_tile) {
       if constexpr (RP > 0) {
         if (need_db)
           for (int f = warp; f < (BK / F) * (RP / F); f += WARPS) {
@@ -333,7 +366,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
             for (int mm = 0; mm < BM; mm += F) {
               FragAt<T> dy_t;
               FragB<T> s;
-              wmma::load_matrix_sync(dy_t, tiles.x + mm * Tiles::x_ld + F * kf, Tiles::x_ld);
+              wmma::load_matrix_sync(dy_t, dy_tile + mm * Tiles::x_ld + F * kf, Tiles::x_ld);
               wmma::load_matrix_sync(s, s_rows + mm * r_ld + F * rc, r_ld);
               wmma::mma_sync(part, dy_t, s, part);
             }
@@ -347,7 +380,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
       }
       if (owner && a.dbias_part != nullptr && threadIdx.x < BK && k0 + threadIdx.x < a.OUT) {
         float col = 0.f;
-        for (int m = 0; m < BM; ++m) col += to_float(tiles.x[m * Tiles::x_ld + threadIdx.x]);
+        for (int m = 0; m < BM; ++m) col += to_float(dy_tile[m * Tiles::x_ld + threadIdx.x]);
         float* dst = &a.dbias_part[z * a.OUT + k0 + threadIdx.x];
         *dst = first ? col : *dst + col;
       }
@@ -357,7 +390,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
     zero(acc[0]);
     zero(acc[1]);
     zero(ds);
-    main_loop<T, RP, true>(tiles, acc, ds, static_cast<const T*>(a.dy), a.stride_dym,
+    main_loop(tiles, acc, ds, static_cast<const T*>(a.dy), a.stride_dym,
                            a.stride_dyo, static_cast<const T*>(a.w), a.stride_wo, a.stride_wi,
                            static_cast<const T*>(a.b), a.stride_bo, a.stride_br, m0, row_end, i0,
                            a.IN, 0, a.OUT, a.R, need_dx, reduce_tokens);
@@ -372,6 +405,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
       if (need_dx) {  // dx += scale · T(dS)·A
         stage<T, RP, BN>(a_t, n_ld, static_cast<const T*>(a.a), a.stride_ar, a.stride_ai, 0, a.R,
                          i0, a.IN);
+        land();
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < 2; ++i)
@@ -393,6 +427,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
       }
       if (need_da) {  // dA += T(dS)ᵀ·x
         stage<T, BM, BN>(x_t, n_ld, x, a.stride_xm, a.stride_xi, m0, row_end, i0, a.IN);
+        land();
         __syncthreads();
 #pragma unroll
         for (int rc = 0; rc < RP / F; ++rc)

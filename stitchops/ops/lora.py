@@ -10,7 +10,7 @@ are in ``stitchops.reference.lora``.
 Backend choice for CUDA tensors: triton, then cuda, then torch. The Triton kernel runs its
 GEMMs on tensor cores (tl.dot), software-pipelined and autotuned per shape; the CUDA kernel
 implements the same fusion independently of Triton, with WMMA tensor-core tiles for
-fp16/bf16 (csrc/lora_tc.cu: one fixed tile shape, no asynchronous-copy pipeline) and exact
+fp16/bf16 (csrc/lora_tc.cu: one fixed tile shape, a cp.async double buffer) and exact
 fp32 FMA tiles for fp32 (csrc/lora.cu), so it ranks second. CPU tensors run on the torch
 reference unless a backend is forced (``triton`` under TRITON_INTERPRET=1, as in CI).
 """
