@@ -33,8 +33,14 @@ def _gencode_flags(archs: str) -> list[str]:
     flags = []
     for arch in archs.replace(",", ";").split(";"):
         arch = arch.strip().replace("sm_", "").replace(".", "")
-        if arch:
-            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if not arch:
+            continue
+        if not arch[:2].isdigit() or int(arch[:2]) < 80:
+            raise SystemExit(
+                f"STITCHOPS_CUDA_ARCHS: {arch!r} is not supported; the kernels need sm_80 or "
+                "newer (bf16 tensor cores, cp.async), e.g. STITCHOPS_CUDA_ARCHS='80;90a'"
+            )
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
     return flags
 
 

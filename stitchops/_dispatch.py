@@ -118,7 +118,21 @@ def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
             missing = cuda_extension_missing_reason()
             if missing:
                 reasons.append(missing)
+            old = capability_reason(torch.cuda.get_device_capability(tensors[0].device))
+            if old:
+                reasons.append(old)
     return reasons
+
+
+def capability_reason(capability: tuple[int, int]) -> str | None:
+    """Why stitchops._C cannot run on a GPU of this compute capability, or None."""
+    if capability < (8, 0):
+        major, minor = capability
+        return (
+            f"the GPU has compute capability {major}.{minor}; stitchops._C needs 8.0 or newer "
+            "(bf16 tensor cores, cp.async); the triton backend may still run"
+        )
+    return None
 
 
 ReasonFn = Callable[[], list[str]]

@@ -115,3 +115,10 @@ def test_use_backend_nests_and_restores_after_errors():
             stitchops.lora_linear(*_args())
         assert _dispatch.forced_backend() == "cuda"
     assert _dispatch.forced_backend() is None
+
+
+def test_cuda_backend_refuses_gpus_older_than_sm80():
+    reason = _dispatch.capability_reason((7, 5))
+    assert reason is not None and "7.5" in reason and "8.0" in reason
+    assert _dispatch.capability_reason((8, 0)) is None
+    assert _dispatch.capability_reason((9, 0)) is None
