@@ -47,6 +47,8 @@ def test_cuda_kernels_under_compute_sanitizer(tool: str, tmp_path):
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
+    if "Device not supported" in output:  # e.g. GPUs behind gVisor refuse the sanitizer
+        pytest.skip(f"compute-sanitizer refuses this device: {output[-500:]}")
     assert result.returncode == 0, output[-8000:]
     assert "ERROR SUMMARY: 0 errors" in output, output[-8000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1]

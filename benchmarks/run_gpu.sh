@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should check, in one go, from the repository root:
+#   bash benchmarks/run_gpu.sh [build] [test] [sanitize] [bench]     (default: all four)
+# build     compile stitchops._C in place (no network needed: --no-deps, no build isolation)
+# test      the whole pytest suite on the GPU (cuda backend on the real kernels, timm parity)
+# sanitize  compute-sanitizer memcheck / synccheck / racecheck over the cuda-backend tests
+# bench     bench_lora, bench_least_squares and bench_stitched on the GPU
+# Logs and result files go to $OUT if set (else benchmarks/results/logs/); the benchmark
+# JSON files are also written to benchmarks/results/ as usual.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS="${OUT:-benchmarks/results/logs}"
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build test sanitize bench)
+PY="${PYTHON:-python3}"
+status=0
+
+step() {  # step NAME COMMAND...: run, log to $LOGS/NAME.log, report the time
+  local name=$1
+  shift
+  local start=$SECONDS
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+for s in "${STEPS[@]}"; do
+  case "$s" in
+    build)
+      "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+      step build env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps --no-build-isolation -e .
+      step info "$PY" -m stitchops info
+      ;;
+    test) step test "$PY" -m pytest -q -rs --ignore=tests/test_cuda_sanitizer.py ;;
+    sanitize) step sanitize "$PY" -m pytest -q -rs tests/test_cuda_sanitizer.py ;;
+    bench)
+      step bench_lora "$PY" benchmarks/bench_lora.py
+      step bench_least_squares "$PY" benchmarks/bench_least_squares.py
+      step bench_stitched "$PY" benchmarks/bench_stitched.py --device cuda
+      cp benchmarks/results/*.json "$LOGS/" 2>/dev/null || true
+      ;;
+    *) echo "unknown step $s (build, test, sanitize, bench)"; exit 2 ;;
+  esac
+done
+exit $status
