@@ -108,20 +108,23 @@ __device__ __forceinline__ void add_scaled(Acc& acc, const Acc& term, float scal
   for (int e = 0; e < acc.num_elements; ++e) acc.x[e] += scale * term.x[e];
 }
 
-// The shared tiles of one K step, STAGES times over (cp.async double buffer): X [BM][BK],
-// then Wt and L either n-major ([n][k], read as col_major fragments; the forward, whose
-// Wt = Wᵀ and L1 = Aᵀ are views of row-major W, A) or k-major ([k][n], row_major fragments;
-// the backward, whose W and B are [OUT, ·]).
-template <typename T, int RP, bool KMAJOR, int STAGES>
+// The shared tiles of one K step, STAGES times over (cp.async double buffer), each laid out
+// so that its rows follow the operand's contiguous dimension (16-byte copies):
+//   X   [m][k] (row_major fragments), or with XT [k][m] (col_major; the dW pass, X = dyᵀ);
+//   Wt, L  [n][k] (col_major fragments; the forward, whose Wt = Wᵀ and L1 = Aᵀ are views of
+//   row-major W and A), or with KMAJOR [k][n] (row_major; the backward's W and B are
+//   [OUT, ·], and the dW pass's Wt = x is [tokens, IN]).
+template <typename T, int RP, bool XT, bool KMAJOR, int STAGES>
 struct LoopTiles {
-  static constexpr int x_ld = pitch(BK);
+  static constexpr int x_ld = XT ? pitch(BM) : pitch(BK);
   static constexpr int w_ld = KMAJOR ? pitch(BN) : pitch(BK);
   static constexpr int l_ld = KMAJOR ? pitch(RP) : pitch(BK);
-  static constexpr size_t x_bytes = align128(BM * x_ld * sizeof(T));
+  static constexpr size_t x_bytes = align128((XT ? BK : BM) * x_ld * sizeof(T));
   static constexpr size_t w_bytes = align128((KMAJOR ? BK : BN) * w_ld * sizeof(T));
   static constexpr size_t l_bytes = RP > 0 ? align128((KMAJOR ? BK : RP) * l_ld * sizeof(T)) : 0;
   static constexpr size_t stage_bytes = x_bytes + w_bytes + l_bytes;
   static constexpr size_t bytes = STAGES * stage_bytes;
+  using FragX = std::conditional_t<XT, FragAt<T>, FragA<T>>;
   using FragW = std::conditional_t<KMAJOR, FragB<T>, FragBt<T>>;
 
   unsigned char* base;
@@ -130,7 +133,10 @@ struct LoopTiles {
   __device__ T* l(int s) const {
     return reinterpret_cast<T*>(base + s * stage_bytes + x_bytes + w_bytes);
   }
-  // Fragment (k offset kk, column block j) of Wt resp. L in stage s.
+  // Fragment (k offset kk, row block i) of X, (kk, column block j) of Wt resp. L, in stage s.
+  __device__ const T* x_at(int s, int kk, int i) const {
+    return XT ? x(s) + kk * x_ld + F * i : x(s) + F * i * x_ld + kk;
+  }
   __device__ const T* w_at(int s, int kk, int j) const {
     return KMAJOR ? w(s) + kk * w_ld + F * j : w(s) + F * j * w_ld + kk;
   }
@@ -148,8 +154,8 @@ struct NoHook {
 // lr[c] += Σ_k X[m0 + 16w + ·, k]·L[k, 16c + ·] over k in [k_begin, k_end).
 // hook(k0, x_tile) runs on every staged X tile (rows past m_end, columns past k_end zero).
 // With two stages the copies of step k0 + BK are in flight while step k0 computes.
-template <typename T, int RP, bool KMAJOR, int STAGES, typename Hook>
-__device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR, STAGES>& t,
+template <typename T, int RP, bool XT, bool KMAJOR, int STAGES, typename Hook>
+__device__ __forceinline__ void main_loop(const LoopTiles<T, RP, XT, KMAJOR, STAGES>& t,
                                           Acc (&acc)[2][2], Acc (&lr)[rank_frags(RP)],
                                           const T* X, int64_t s_xm, int64_t s_xk, const T* Wt,
                                           int64_t s_wk, int64_t s_wn, const T* L, int64_t s_lk,
@@ -157,10 +163,13 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR, STAGES>
                                           int64_t n_end, int64_t k_begin, int64_t k_end,
                                           int64_t R, bool want_w, Hook hook) {
   static_assert(STAGES == 1 || STAGES == 2, "one buffer, or a double buffer");
-  using Tiles = LoopTiles<T, RP, KMAJOR, STAGES>;
+  using Tiles = LoopTiles<T, RP, XT, KMAJOR, STAGES>;
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
   auto issue = [&](int s, int64_t k0) {
-    stage<T, BM, BK>(t.x(s), Tiles::x_ld, X, s_xm, s_xk, m0, m_end, k0, k_end);
+    if constexpr (XT)
+      stage<T, BK, BM>(t.x(s), Tiles::x_ld, X, s_xk, s_xm, k0, k_end, m0, m_end);
+    else
+      stage<T, BM, BK>(t.x(s), Tiles::x_ld, X, s_xm, s_xk, m0, m_end, k0, k_end);
     if (want_w) {
       if constexpr (KMAJOR)
         stage<T, BK, BN>(t.w(s), Tiles::w_ld, Wt, s_wk, s_wn, k0, k_end, n0, n_end);
@@ -195,12 +204,10 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR, STAGES>
 #pragma unroll
     for (int kk = 0; kk < BK; kk += F) {
       if (want_w) {
-        FragA<T> a[2];
+        typename Tiles::FragX a[2];
         typename Tiles::FragW b[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-          wmma::load_matrix_sync(a[i], t.x(s) + (32 * wm + F * i) * Tiles::x_ld + kk,
-                                 Tiles::x_ld);
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], t.x_at(s, kk, 2 * wm + i), Tiles::x_ld);
 #pragma unroll
         for (int j = 0; j < 2; ++j)
           wmma::load_matrix_sync(b[j], t.w_at(s, kk, 2 * wn + j), Tiles::w_ld);
@@ -210,8 +217,8 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, KMAJOR, STAGES>
           for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
       }
       if constexpr (RP > 0) {
-        FragA<T> a;
-        wmma::load_matrix_sync(a, t.x(s) + F * warp * Tiles::x_ld + kk, Tiles::x_ld);
+        typename Tiles::FragX a;
+        wmma::load_matrix_sync(a, t.x_at(s, kk, warp), Tiles::x_ld);
 #pragma unroll
         for (int c = 0; c < RP / F; ++c) {
           typename Tiles::FragW b;
@@ -231,9 +238,11 @@ __device__ __forceinline__ void zero(Acc (&frags)[N]) {
   for (int i = 0; i < N; ++i) wmma::fill_fragment(frags[i], 0.f);
 }
 
-template <typename T, int RP>
+// TRANSPOSED: the dW pass's layout (X = dyᵀ and Wt = x, both contiguous along m resp. n).
+template <typename T, int RP, bool TRANSPOSED>
 __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulArgs a) {
-  using Tiles = LoopTiles<T, RP, false, 2>;
+  static_assert(!TRANSPOSED || RP == 0, "the dW pass has no low-rank term");
+  using Tiles = LoopTiles<T, RP, TRANSPOSED, TRANSPOSED, 2>;
   // After the K loop: T(S) [BM][s_ld], then the L2 tile n-major [BN][s_ld].
   constexpr int s_ld = pitch(RP);
   constexpr size_t s_bytes = align128(BM * s_ld * sizeof(T));
@@ -311,7 +320,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
 template <typename T, int RP>
 __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs a) {
   // The widest rank keeps one loop buffer: two would not fit the 48 KB of static shared memory.
-  using Tiles = LoopTiles<T, RP, true, RP >= 128 ? 1 : 2>;
+  using Tiles = LoopTiles<T, RP, false, true, RP >= 128 ? 1 : 2>;
   // During the K loop: the loop tiles, then T(S) rows [BM][r_ld] for dB. After it: T(dS)
   // [BM][r_ld], then the A tile [RP][n_ld] (for dx), later the x tile [BM][n_ld] (for dA).
   constexpr int r_ld = pitch(RP), n_ld = pitch(BN);
@@ -472,12 +481,17 @@ template <typename T>
 int launch_matmul(const LowRankMatmulArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
   const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned((a.N + BN - 1) / BN), unsigned(a.splits));
-  switch (rank_tile(a.l1 != nullptr ? a.R : 0)) {
-    case 0: lowrank_matmul_kernel<T, 0><<<grid, THREADS, 0, stream>>>(a); break;
-    case 16: lowrank_matmul_kernel<T, 16><<<grid, THREADS, 0, stream>>>(a); break;
-    case 32: lowrank_matmul_kernel<T, 32><<<grid, THREADS, 0, stream>>>(a); break;
-    case 64: lowrank_matmul_kernel<T, 64><<<grid, THREADS, 0, stream>>>(a); break;
-    default: lowrank_matmul_kernel<T, 128><<<grid, THREADS, 0, stream>>>(a); break;
+  const int rp = rank_tile(a.l1 != nullptr ? a.R : 0);
+  if (rp == 0 && a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1) {
+    lowrank_matmul_kernel<T, 0, true><<<grid, THREADS, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+  switch (rp) {
+    case 0: lowrank_matmul_kernel<T, 0, false><<<grid, THREADS, 0, stream>>>(a); break;
+    case 16: lowrank_matmul_kernel<T, 16, false><<<grid, THREADS, 0, stream>>>(a); break;
+    case 32: lowrank_matmul_kernel<T, 32, false><<<grid, THREADS, 0, stream>>>(a); break;
+    case 64: lowrank_matmul_kernel<T, 64, false><<<grid, THREADS, 0, stream>>>(a); break;
+    default: lowrank_matmul_kernel<T, 128, false><<<grid, THREADS, 0, stream>>>(a); break;
   }
   return cudaGetLastError();
 }

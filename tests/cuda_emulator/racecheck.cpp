@@ -170,6 +170,20 @@ bool run(const Problem& p) {
   g.rows_per_range = rows_per_range, g.ranges = int(ranges);
   if (stitchops::lora_backward(Dtype<E>::id, g, nullptr) != 0) return false;
 
+  // dW = dyᵀ·x (SN-Net v1 trains W), split over tokens as csrc/binding.cpp does it.
+  std::vector<double> dw_ref(O * I, 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t i = 0; i < I; ++i) dw_ref[o * I + i] += double(dy[t * O + o]) * x[t * I + i];
+  const int64_t splits = (T + stitchops::kBlockM - 1) / stitchops::kBlockM;
+  std::vector<float> dw_part(splits * O * I, NAN);
+  stitchops::LowRankMatmulArgs d;
+  d.x = dy_t.data(), d.stride_xm = 1, d.stride_xk = O;
+  d.w = x_t.data(), d.stride_wk = I, d.stride_wn = 1;
+  d.out = dw_part.data(), d.out_fp32 = true, d.stride_oz = O * I, d.stride_om = I, d.stride_on = 1;
+  d.M = O, d.N = I, d.K = T, d.k_per_split = stitchops::kBlockM, d.splits = int(splits);
+  if (stitchops::lowrank_matmul(Dtype<E>::id, d, nullptr) != 0) return false;
+
   auto reduce = [&](const std::vector<float>& part, int64_t n, float mult) {
     std::vector<float> out(n, 0.f);
     for (int64_t z = 0; z < ranges; ++z)
@@ -188,6 +202,12 @@ bool run(const Problem& p) {
     return db_ref;
   }());
   ok &= check<E>("dbias", p, reduce(dbias_part, O, 1.f), dbias_ref);
+  ok &= check<E>("dW", p, [&] {
+    std::vector<float> dw(O * I, 0.f);
+    for (int64_t z = 0; z < splits; ++z)
+      for (int64_t k = 0; k < O * I; ++k) dw[k] += dw_part[z * O * I + k];
+    return dw;
+  }(), dw_ref);
   return ok;
 }
 
