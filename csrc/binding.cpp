@@ -44,7 +44,9 @@ stitchops::DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return stitchops::DType::kFloat32;
     case at::kHalf: return stitchops::DType::kFloat16;
     case at::kBFloat16: return stitchops::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "stitchops CUDA kernels take float16, bfloat16 or float32, got ", t.scalar_type());
+    default:
+      TORCH_CHECK_TYPE(false, "stitchops CUDA kernels take float16, bfloat16 or float32, got ",
+                       t.scalar_type());
   }
   return stitchops::DType::kFloat32;
 }
@@ -52,7 +54,8 @@ stitchops::DType dtype_of(const at::Tensor& t) {
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(kHostEmulation ? t.is_cpu() : t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(),
+                   " but x has ", x.scalar_type());
 }
 
 void check_status(int code, const char* what) {
@@ -66,11 +69,13 @@ int64_t multiprocessors() {
 }
 
 // out = x · Wᵀ + bias + extra_bias + scale · (x · Aᵀ) · Bᵀ for 2-D x; returns {y, S}.
-std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                                     const OptTensor& lora_a, const OptTensor& lora_b, double scale,
+std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                     const OptTensor& bias, const OptTensor& lora_a,
+                                     const OptTensor& lora_b, double scale,
                                      const OptTensor& extra_bias, bool save_s, int64_t stream) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x and weight must be 2-D");
-  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features but weight has IN = ", weight.size(1));
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1),
+              " features but weight has IN = ", weight.size(1));
   check_like(x, "x", x);
   check_like(weight, "weight", x);
   const bool has_lora = lora_a.has_value();
@@ -87,7 +92,8 @@ std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weig
   for (const auto* vec : {&bias, &extra_bias})
     if (vec->has_value()) {
       check_like(**vec, "bias", x);
-      TORCH_CHECK((*vec)->numel() == out_f && (*vec)->stride(0) == 1, "biases must be contiguous [OUT]");
+      TORCH_CHECK((*vec)->numel() == out_f && (*vec)->stride(0) == 1,
+                  "biases must be contiguous [OUT]");
     }
 
   auto y = new_output({tokens, out_f}, x.options());
@@ -121,16 +127,19 @@ std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weig
   a.R = rank;
   a.scale = static_cast<float>(scale);
   a.k_per_split = std::max<int64_t>(in_f, 1);
-  check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)), "lora forward");
+  check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)),
+               "lora forward");
   return {y, s};
 }
 
 // dW = dyᵀ · x [OUT, IN], split over tokens so a small [OUT, IN] still fills the device.
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, int64_t stream) {
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t stream) {
   const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1);
   if (tokens == 0) return at::zeros_like(weight);
   const int64_t tiles = ((out_f + 63) / 64) * ((in_f + 63) / 64);
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(2 * multiprocessors() / tiles, (tokens + 511) / 512));
+  int64_t splits =
+      std::max<int64_t>(1, std::min<int64_t>(2 * multiprocessors() / tiles, (tokens + 511) / 512));
   const int64_t k_per_split = (tokens + splits - 1) / splits;
   splits = (tokens + k_per_split - 1) / k_per_split;
   auto partial = new_output({splits, out_f, in_f}, x.options().dtype(at::kFloat));
@@ -151,14 +160,16 @@ at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   a.K = tokens;
   a.k_per_split = k_per_split;
   a.splits = static_cast<int>(splits);
-  check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)), "lora weight grad");
+  check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)),
+               "lora weight grad");
   return partial.sum(0).to(weight.scalar_type());
 }
 
 // Returns {dx, dW, dA, dB, dbias}; a gradient not asked for is an empty tensor.
-std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                      const OptTensor& lora_a, const OptTensor& lora_b, const at::Tensor& s,
-                                      double scale, bool need_x, bool need_weight, bool need_a, bool need_b,
+std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& weight, const OptTensor& lora_a,
+                                      const OptTensor& lora_b, const at::Tensor& s, double scale,
+                                      bool need_x, bool need_weight, bool need_a, bool need_b,
                                       bool need_bias, int64_t stream) {
   check_like(grad_y, "grad_y", x);
   check_like(weight, "weight", x);
@@ -167,17 +178,21 @@ std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor
   need_b = need_b && has_lora;
   const int64_t tokens = x.size(0), in_f = x.size(1), out_f = weight.size(0);
   const int64_t rank = has_lora ? lora_a->size(0) : 0;
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == tokens && grad_y.size(1) == out_f, "grad_y must be [T, OUT]");
-  TORCH_CHECK(!need_b || (s.dim() == 2 && s.size(0) == tokens && s.size(1) == rank && s.is_contiguous()),
-              "S saved by the forward must be a contiguous [T, R] float32 tensor");
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == tokens && grad_y.size(1) == out_f,
+              "grad_y must be [T, OUT]");
+  TORCH_CHECK(
+      !need_b || (s.dim() == 2 && s.size(0) == tokens && s.size(1) == rank && s.is_contiguous()),
+      "S saved by the forward must be a contiguous [T, R] float32 tensor");
   auto empty = at::empty({0}, x.options());
   at::Tensor dw = need_weight ? weight_grad(grad_y, x, weight, stream) : empty;
   if (!(need_x || need_a || need_b || need_bias)) return {empty, dw, empty, empty, empty};
 
   const int64_t in_tiles = (in_f + stitchops::kBlockN - 1) / stitchops::kBlockN;
-  const int64_t wanted = std::max<int64_t>(1, 2 * multiprocessors() / std::max<int64_t>(in_tiles, 1));
+  const int64_t wanted =
+      std::max<int64_t>(1, 2 * multiprocessors() / std::max<int64_t>(in_tiles, 1));
   const int64_t per_range = (std::max<int64_t>(tokens, 1) + wanted - 1) / wanted;
-  const int64_t rows_per_range = (per_range + stitchops::kBlockM - 1) / stitchops::kBlockM * stitchops::kBlockM;
+  const int64_t rows_per_range =
+      (per_range + stitchops::kBlockM - 1) / stitchops::kBlockM * stitchops::kBlockM;
   const int64_t ranges = (tokens + rows_per_range - 1) / rows_per_range;
   auto f32 = x.options().dtype(at::kFloat);
   // Every range writes its whole slice of the partials, so none needs zeroing.
@@ -226,7 +241,8 @@ std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor
   a.scale = static_cast<float>(scale);
   a.rows_per_range = rows_per_range;
   a.ranges = static_cast<int>(ranges);
-  check_status(stitchops::lora_backward(dtype_of(x), a, reinterpret_cast<void*>(stream)), "lora backward");
+  check_status(stitchops::lora_backward(dtype_of(x), a, reinterpret_cast<void*>(stream)),
+               "lora backward");
 
   const auto dtype = x.scalar_type();
   at::Tensor da = need_a ? (da_part.sum(0) * scale).to(dtype) : empty;

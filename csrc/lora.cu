@@ -57,8 +57,8 @@ __device__ __forceinline__ void main_loop(Stage<T, RP>& st, float (&acc)[4][4],
                                           int64_t s_xm, int64_t s_xk, const T* Wt, int64_t s_wk,
                                           int64_t s_wn, const T* L, int64_t s_lk, int64_t s_lr,
                                           int64_t m0, int64_t m_end, int64_t n0, int64_t n_end,
-                                          int64_t k_begin, int64_t k_end, int64_t R,
-                                          bool want_w, Hook hook) {
+                                          int64_t k_begin, int64_t k_end, int64_t R, bool want_w,
+                                          Hook hook) {
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16, srow = tid / 4, scol = tid % 4;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     load_tile<T, BK, BM>(&st.xs[0][0], X, s_xk, s_xm, k0, k_end, m0, m_end);
@@ -95,8 +95,8 @@ struct NoHook {
 
 // Rank chunk c of lr (rank entries 16c .. 16c + 15) into sm_s[row][r - 16c].
 template <int RP>
-__device__ __forceinline__ void stage_rank_chunk(float (*sm_s)[RC + 1],
-                                                 const float (&lr)[RP / 4], int c) {
+__device__ __forceinline__ void stage_rank_chunk(float (*sm_s)[RC + 1], const float (&lr)[RP / 4],
+                                                 int c) {
   const int srow = threadIdx.x / 4, scol = threadIdx.x % 4;
 #pragma unroll
   for (int qq = 0; qq < RC / 4; ++qq) sm_s[srow][scol + 4 * qq] = lr[c * (RC / 4) + qq];
@@ -238,12 +238,12 @@ __global__ void __launch_bounds__(THREADS, 1) lora_backward_kernel(LoraBackwardA
     TokenReductionHook<RP> hook{&a, m0, row_end, m0 == row_begin, blockIdx.y == 0};
     main_loop<T, RP>(st, acc, ds, static_cast<const T*>(a.dy), a.stride_dym, a.stride_dyo,
                      static_cast<const T*>(a.w), a.stride_wo, a.stride_wi,
-                     static_cast<const T*>(a.b), a.stride_bo, a.stride_br, m0, row_end, i0,
-                     a.IN, 0, a.OUT, a.R, a.dx != nullptr, hook);
+                     static_cast<const T*>(a.b), a.stride_bo, a.stride_br, m0, row_end, i0, a.IN, 0,
+                     a.OUT, a.R, a.dx != nullptr, hook);
     if constexpr (RP > 0) {
       if (need_da)
-        load_tile<T, BM, BN>(&sm_x[0][0], static_cast<const T*>(a.x), a.stride_xm, a.stride_xi,
-                             m0, row_end, i0, a.IN);
+        load_tile<T, BM, BN>(&sm_x[0][0], static_cast<const T*>(a.x), a.stride_xm, a.stride_xi, m0,
+                             row_end, i0, a.IN);
 #pragma unroll
       for (int c = 0; c < RP / RC; ++c) {
         stage_rank_chunk<RP>(sm_s, ds, c);

@@ -156,12 +156,12 @@ struct NoHook {
 // With two stages the copies of step k0 + BK are in flight while step k0 computes.
 template <typename T, int RP, bool XT, bool KMAJOR, int STAGES, typename Hook>
 __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, XT, KMAJOR, STAGES>& t,
-                                          Acc (&acc)[2][2], Acc (&lr)[rank_frags(RP)],
-                                          const T* X, int64_t s_xm, int64_t s_xk, const T* Wt,
-                                          int64_t s_wk, int64_t s_wn, const T* L, int64_t s_lk,
-                                          int64_t s_lr, int64_t m0, int64_t m_end, int64_t n0,
-                                          int64_t n_end, int64_t k_begin, int64_t k_end,
-                                          int64_t R, bool want_w, Hook hook) {
+                                          Acc (&acc)[2][2], Acc (&lr)[rank_frags(RP)], const T* X,
+                                          int64_t s_xm, int64_t s_xk, const T* Wt, int64_t s_wk,
+                                          int64_t s_wn, const T* L, int64_t s_lk, int64_t s_lr,
+                                          int64_t m0, int64_t m_end, int64_t n0, int64_t n_end,
+                                          int64_t k_begin, int64_t k_end, int64_t R, bool want_w,
+                                          Hook hook) {
   static_assert(STAGES == 1 || STAGES == 2, "one buffer, or a double buffer");
   using Tiles = LoopTiles<T, RP, XT, KMAJOR, STAGES>;
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
@@ -207,7 +207,8 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, XT, KMAJOR, STA
         typename Tiles::FragX a[2];
         typename Tiles::FragW b[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], t.x_at(s, kk, 2 * wm + i), Tiles::x_ld);
+        for (int i = 0; i < 2; ++i)
+          wmma::load_matrix_sync(a[i], t.x_at(s, kk, 2 * wm + i), Tiles::x_ld);
 #pragma unroll
         for (int j = 0; j < 2; ++j)
           wmma::load_matrix_sync(b[j], t.w_at(s, kk, 2 * wn + j), Tiles::w_ld);
@@ -260,9 +261,8 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
   zero(acc[1]);
   zero(lr);
   main_loop(tiles, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
-                          static_cast<const T*>(a.w), a.stride_wk, a.stride_wn,
-                          static_cast<const T*>(a.l1), a.stride_l1k, a.stride_l1r, m0, a.M, n0,
-                          a.N, k_begin, k_end, a.R, true, NoHook{});
+            static_cast<const T*>(a.w), a.stride_wk, a.stride_wn, static_cast<const T*>(a.l1),
+            a.stride_l1k, a.stride_l1r, m0, a.M, n0, a.N, k_begin, k_end, a.R, true, NoHook{});
 
   if constexpr (RP > 0) {
     // S leaves exact (fp32) from column tile 0, and as T(S) into shared for acc += scale·S·L2.
@@ -276,8 +276,8 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
         if (store_s && m0 + row < a.M && col < a.R) a.s_out[(m0 + row) * a.stride_sm + col] = v;
         s_t[row * s_ld + col] = from_float<T>(v);
       });
-    stage<T, BN, RP>(l2_t, s_ld, static_cast<const T*>(a.l2), a.stride_l2n, a.stride_l2r, n0,
-                     a.N, 0, a.R);
+    stage<T, BN, RP>(l2_t, s_ld, static_cast<const T*>(a.l2), a.stride_l2n, a.stride_l2r, n0, a.N,
+                     0, a.R);
     land();
     __syncthreads();
 #pragma unroll
@@ -399,10 +399,10 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
     zero(acc[0]);
     zero(acc[1]);
     zero(ds);
-    main_loop(tiles, acc, ds, static_cast<const T*>(a.dy), a.stride_dym,
-                           a.stride_dyo, static_cast<const T*>(a.w), a.stride_wo, a.stride_wi,
-                           static_cast<const T*>(a.b), a.stride_bo, a.stride_br, m0, row_end, i0,
-                           a.IN, 0, a.OUT, a.R, need_dx, reduce_tokens);
+    main_loop(tiles, acc, ds, static_cast<const T*>(a.dy), a.stride_dym, a.stride_dyo,
+              static_cast<const T*>(a.w), a.stride_wo, a.stride_wi, static_cast<const T*>(a.b),
+              a.stride_bo, a.stride_br, m0, row_end, i0, a.IN, 0, a.OUT, a.R, need_dx,
+              reduce_tokens);
 
     if constexpr (RP > 0) {
       __syncthreads();  // T(dS) overwrites the loop tiles (and S rows, also with no K step)

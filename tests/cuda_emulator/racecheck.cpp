@@ -82,8 +82,8 @@ template <typename T>
 bool check(const char* what, const Problem& p, const std::vector<float>& got,
            const std::vector<double>& want) {
   const double err = max_rel_err(got, want);
-  std::printf("%s T=%ld IN=%ld OUT=%ld R=%ld %-6s rel err %.2e\n", Dtype<T>::name,
-              long(p.tokens), long(p.in_f), long(p.out_f), long(p.rank), what, err);
+  std::printf("%s T=%ld IN=%ld OUT=%ld R=%ld %-6s rel err %.2e\n", Dtype<T>::name, long(p.tokens),
+              long(p.in_f), long(p.out_f), long(p.rank), what, err);
   return err < Dtype<T>::tolerance;
 }
 
@@ -97,7 +97,8 @@ bool run(const Problem& p) {
     return v;
   };
   const int64_t T = p.tokens, I = p.in_f, O = p.out_f, R = p.rank;
-  auto x = rnd(T * I), w = rnd(O * I), a = rnd(R * I), b = rnd(O * R), bias = rnd(O), dy = rnd(T * O);
+  auto x = rnd(T * I), w = rnd(O * I), a = rnd(R * I), b = rnd(O * R), bias = rnd(O),
+       dy = rnd(T * O);
   const float scale = 0.5f;
   // The kernels' inputs in T; the float copies are rounded alike for the reference.
   const auto x_t = narrow<E>(x), w_t = narrow<E>(w), a_t = narrow<E>(a), b_t = narrow<E>(b),
@@ -153,7 +154,8 @@ bool run(const Problem& p) {
   if (stitchops::lowrank_matmul(Dtype<E>::id, f, nullptr) != 0) return false;
 
   // Backward over two token ranges.
-  const int64_t rows_per_range = stitchops::kBlockM, ranges = (T + rows_per_range - 1) / rows_per_range;
+  const int64_t rows_per_range = stitchops::kBlockM,
+                ranges = (T + rows_per_range - 1) / rows_per_range;
   std::vector<E> dx(T * I, Dtype<E>::from(NAN));
   std::vector<float> da_part(ranges * R * I, NAN), db_part(ranges * O * R, NAN),
       dbias_part(ranges * O, NAN);
@@ -202,12 +204,15 @@ bool run(const Problem& p) {
     return db_ref;
   }());
   ok &= check<E>("dbias", p, reduce(dbias_part, O, 1.f), dbias_ref);
-  ok &= check<E>("dW", p, [&] {
-    std::vector<float> dw(O * I, 0.f);
-    for (int64_t z = 0; z < splits; ++z)
-      for (int64_t k = 0; k < O * I; ++k) dw[k] += dw_part[z * O * I + k];
-    return dw;
-  }(), dw_ref);
+  ok &= check<E>(
+      "dW", p,
+      [&] {
+        std::vector<float> dw(O * I, 0.f);
+        for (int64_t z = 0; z < splits; ++z)
+          for (int64_t k = 0; k < O * I; ++k) dw[k] += dw_part[z * O * I + k];
+        return dw;
+      }(),
+      dw_ref);
   return ok;
 }
 
@@ -217,7 +222,8 @@ int main() {
   bool ok = true;
   // Odd sizes and rank 3; 16-byte-aligned rows (cp.async), several K steps, rank 70 (one
   // loop buffer in the backward), rank 24 (double-buffered everywhere, three token ranges).
-  for (const Problem& p : {Problem{77, 50, 130, 3}, Problem{70, 40, 72, 70}, Problem{130, 48, 80, 24}}) {
+  for (const Problem& p :
+       {Problem{77, 50, 130, 3}, Problem{70, 40, 72, 70}, Problem{130, 48, 80, 24}}) {
     ok &= run<float>(p);
     ok &= run<__half>(p);
     ok &= run<__nv_bfloat16>(p);

@@ -25,8 +25,8 @@ struct AsyncCopy {
 };
 
 struct Pipeline {
-  std::vector<AsyncCopy> open;                 // issued since the last commit
-  std::deque<std::vector<AsyncCopy>> groups;   // committed, not yet waited for
+  std::vector<AsyncCopy> open;                // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> groups;  // committed, not yet waited for
 };
 
 inline thread_local Pipeline pipeline;
@@ -40,8 +40,8 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t size
   };
   if ((size_and_align != 4 && size_and_align != 8 && size_and_align != 16) ||
       zfill > size_and_align || misaligned(dst) || misaligned(src)) {
-    std::fprintf(stderr, "cp.async: bad copy of %zu bytes (zfill %zu) %p <- %p\n",
-                 size_and_align, zfill, dst, src);
+    std::fprintf(stderr, "cp.async: bad copy of %zu bytes (zfill %zu) %p <- %p\n", size_and_align,
+                 zfill, dst, src);
     std::abort();
   }
   emu::pipeline.open.push_back({dst, src, size_and_align, zfill});
