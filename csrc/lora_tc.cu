@@ -6,9 +6,9 @@
 // (S = x·Aᵀ in the forward, dS = dy·B in the backward) as R/16 more. K advances in steps of
 // 32, with the operand tiles staged in shared memory in their own dtype, double-buffered:
 // where the columns are contiguous and 16-byte aligned the next step's tiles arrive by
-// cp.async while this step computes (elsewhere by plain loads). Each staged x (resp. dy) tile feeds
-// both the main product and the rank-R one, so x is read once per pass and no [tokens, OUT]
-// low-rank intermediate exists. The epilogues reuse the same shared memory.
+// cp.async while this step computes (elsewhere by plain loads). Each staged x (resp. dy)
+// tile feeds both the main product and the rank-R one, so x is read once per pass and no
+// [tokens, OUT] low-rank intermediate exists. The epilogues reuse the same shared memory.
 //
 // Rounding, as in the Triton kernels: S and dS enter the second products (S·Bᵀ, dS·A, dSᵀ·x,
 // dyᵀ·S) rounded to the operand dtype; the stored S and every partial sum stay fp32.
