@@ -28,9 +28,9 @@ pytestmark = pytest.mark.skipif(
 
 def test_translate_rewrites_only_launches():
     src = "k<T, 16><<<grid, THREADS, 0, stream>>>(a);\nint x = a << 2;\nf<<<g, b>>>(p, q);"
-    assert build.translate(src) == (
-        "::emu::launch(k<T, 16>, grid, THREADS, 0, stream, a);\nint x = a << 2;\n"
-        "::emu::launch(f, g, b, p, q);"
+    assert build.translate(src + "\nh<<<1, 32>>>( );") == (
+        "::emu::launch(k<T, 16>, ::emu::Config{grid, THREADS, 0, stream}, a);\nint x = a << 2;\n"
+        "::emu::launch(f, ::emu::Config{g, b}, p, q);\n::emu::launch(h, ::emu::Config{1, 32});"
     )
 
 
@@ -87,3 +87,14 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]
     assert result.returncode == 0 and "racecheck: all results match" in output, output[-3000:]
+
+
+def test_emulator_semantics_selftest(tmp_path):
+    """The harness itself: grid coverage, barriers, WMMA products, cp.async timing."""
+    exe = build.build_selftest(tmp_path)
+    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert result.returncode == 0 and "selftest: all passed" in result.stdout, result.stdout
+    for misuse, message in (("misaligned-wmma", "wmma: misaligned operand"),
+                            ("misaligned-cp-async", "cp.async: bad copy")):  # fmt: skip
+        result = subprocess.run([str(exe), misuse], capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr, (misuse, result.stderr)

@@ -38,13 +38,19 @@ CSRC = ROOT / "csrc"
 # test_cuda_build.py imports the nvcc-built binding as "_C" in the same process.
 MODULE_NAME = "_stitchops_emulated_C"
 
-# kernel<T, 0><<<grid, threads, shmem, stream>>>(args)  ->  emu::launch(kernel<T, 0>, ..., args)
-_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;<>]*>)?)\s*<<<([^;]*?)>>>\s*\(")
+# kernel<T, 0><<<grid, block[, shmem[, stream]]>>>(args)
+#   ->  ::emu::launch(kernel<T, 0>, ::emu::Config{grid, block[, shmem[, stream]]}, args)
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;<>]*>)?)\s*<<<([^;]*?)>>>\s*\((\s*\))?")
 
 
 def translate(source: str) -> str:
     """CUDA source → C++ for the emulator: only the launch syntax changes."""
-    return _LAUNCH.sub(r"::emu::launch(\1, \2, ", source)
+
+    def launch(m: re.Match) -> str:
+        head = f"::emu::launch({m[1]}, ::emu::Config{{{m[2]}}}"
+        return head + ")" if m[3] else head + ", "
+
+    return _LAUNCH.sub(launch, source)
 
 
 def compiler() -> str:
@@ -69,14 +75,15 @@ def _fingerprint(sanitize: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _translated(src: Path, out: Path) -> Path:
+    translated = out / (src.stem + ".emulated.cpp")
+    translated.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
+    return translated
+
+
 def _translated_kernels(out: Path) -> list[Path]:
     """csrc/*.cu rewritten for the emulator, plus its runtime, as C++ files under ``out``."""
-    sources = []
-    for src in [*sorted(CSRC.glob("*.cu")), HERE / "runtime.cpp"]:
-        translated = out / (src.stem + ".emulated.cpp")
-        translated.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
-        sources.append(translated)
-    return sources
+    return [_translated(src, out) for src in [*sorted(CSRC.glob("*.cu")), HERE / "runtime.cpp"]]
 
 
 def _kernel_flags(sanitize: str) -> list[str]:
@@ -91,6 +98,15 @@ def build_racecheck(out: Path) -> Path:
     exe = out / "racecheck"
     run([compiler(), *_kernel_flags("thread"), *map(str, _translated_kernels(out)),
           str(HERE / "racecheck.cpp"), "-o", str(exe)])  # fmt: skip
+    return exe
+
+
+def build_selftest(out: Path) -> Path:
+    """selftest.cpp (the emulator checking its own semantics) as an executable."""
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / "selftest"
+    sources = [_translated(HERE / "selftest.cpp", out), _translated(HERE / "runtime.cpp", out)]
+    run([compiler(), *_kernel_flags(""), *map(str, sources), "-o", str(exe)])
     return exe
 
 

@@ -1,10 +1,10 @@
 // Host emulation of the CUDA runtime subset that csrc/*.cu uses (tests only).
 //
 // Replaces the toolkit's cuda_runtime.h when csrc/*.cu is compiled as plain C++ by
-// tests/cuda_emulator/build.py. A launch `kernel<<<grid, block, shmem, stream>>>(args)`
-// (rewritten by build.py to emu::launch(kernel, grid, block, shmem, stream, args)) runs the
-// blocks one after another, in a shuffled order, each as block.x·block.y·block.z real host
-// threads: __syncthreads() is a std::barrier, __shared__ variables are function statics
+// tests/cuda_emulator/build.py. A launch `kernel<<<grid, block, shmem, stream>>>(args)`,
+// rewritten by build.py to `emu::launch(kernel, emu::Config{grid, block, ...}, args)`, runs
+// the blocks one after another, in a shuffled order, each as block.x·block.y·block.z real
+// host threads: __syncthreads() is a std::barrier, __shared__ variables are function statics
 // (one block at a time, so every thread of the running block sees the same object), and
 // threadIdx / blockIdx are thread_local; each run of 32 consecutive threads is a warp with
 // its own std::barrier for __syncwarp(). What this checks: indexing, bounds, the tiling
@@ -87,9 +87,16 @@ inline unsigned lane_id() {
   return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32u;
 }
 
+// The <<<grid, block, shmem, stream>>> of a launch (the last two optional, as in CUDA).
+struct Config {
+  dim3 grid, block;
+  std::size_t shmem = 0;
+  cudaStream_t stream = nullptr;
+};
+
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t /*shmem*/,
-            cudaStream_t /*stream*/, Args&&... args) {
+void launch(void (*kernel)(Params...), Config config, Args&&... args) {
+  const dim3 grid = config.grid, block = config.block;
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535) {
