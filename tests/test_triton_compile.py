@@ -38,11 +38,17 @@ def compiled() -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def test_every_config_compiles_for_both_archs(compiled):
-    kernels = {row["kernel"] for row in compiled}
+@pytest.fixture(scope="module")
+def grid(compiled) -> list[dict]:
+    """Every config × arch × dtype of the main specialisation of each kernel."""
+    return [row for row in compiled if "variant" not in row]
+
+
+def test_every_config_compiles_for_both_archs(grid):
+    kernels = {row["kernel"] for row in grid}
     assert kernels == {"_lowrank_matmul_kernel", "_lora_backward_kernel"}
     for kernel in kernels:
-        rows = [row for row in compiled if row["kernel"] == kernel]
+        rows = [row for row in grid if row["kernel"] == kernel]
         assert {(row["arch"], row["dtype"]) for row in rows} == {
             (80, "bf16"),
             (80, "fp32"),
@@ -60,13 +66,24 @@ def test_main_loops_use_tensor_cores_and_are_pipelined(compiled):
         assert row["async_copies"] > 0, f"{where}: no asynchronous copies (loop not pipelined)"
 
 
-def test_some_config_fits_each_arch(compiled):
-    for kernel in {row["kernel"] for row in compiled}:
+def test_some_config_fits_each_arch(grid):
+    for kernel in {row["kernel"] for row in grid}:
         for arch, limit in SHARED_LIMIT.items():
             for dtype in ("bf16", "fp32"):
                 key = (kernel, arch, dtype)
-                rows = [r for r in compiled if (r["kernel"], r["arch"], r["dtype"]) == key]
+                rows = [r for r in grid if (r["kernel"], r["arch"], r["dtype"]) == key]
                 fitting = [r for r in rows if r["shared"] <= limit]
                 assert fitting, f"{kernel} sm_{arch} {dtype}: no config fits {limit} B"
                 if dtype == "bf16":  # every 16-bit config must fit: none is wasted
                     assert len(fitting) == len(rows), f"{kernel} sm_{arch} bf16"
+
+
+def test_every_other_specialisation_compiles_and_fits(compiled):
+    """No LoRA, ranks 64 / 128, the split-K dW pass, subsets of the backward's outputs."""
+    variants = {row["variant"] for row in compiled if "variant" in row}
+    assert len(variants) == 8, variants
+    for variant in variants:
+        for arch, limit in SHARED_LIMIT.items():
+            rows = [r for r in compiled if r.get("variant") == variant and r["arch"] == arch]
+            assert rows and all(r["cubin_bytes"] > 0 for r in rows), (variant, arch)
+            assert any(r["shared"] <= limit for r in rows), f"{variant} sm_{arch}: none fits"

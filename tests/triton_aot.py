@@ -51,6 +51,32 @@ KERNELS = {
 ARCHS = (80, 90)
 DTYPES = ("bf16", "fp32")
 
+# The other specialisations launches ask for, each compiled in bf16 with the first and the
+# largest autotune config (the full grid above covers configs × dtypes for the main ones):
+# name -> (kernel, flag overrides, unit strides, or None to keep the kernel's).
+VARIANTS = {
+    "forward no LoRA": ("_lowrank_matmul_kernel", dict(HAS_LORA=False, STORE_S=False), None),
+    "forward rank 64": ("_lowrank_matmul_kernel", dict(BLOCK_R=64), None),
+    "forward rank 128": ("_lowrank_matmul_kernel", dict(BLOCK_R=128), None),
+    "dW split-K": (
+        "_lowrank_matmul_kernel",
+        dict(HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True),
+        ("stride_xm", "stride_wn", "stride_on"),
+    ),
+    "backward no LoRA": (
+        "_lora_backward_kernel",
+        dict(HAS_LORA=False, NEED_DA=False, NEED_DB=False),
+        None,
+    ),
+    "backward rank 128": ("_lora_backward_kernel", dict(BLOCK_R=128), None),
+    "backward dx only": (
+        "_lora_backward_kernel",
+        dict(NEED_DA=False, NEED_DB=False, NEED_BIAS=False),
+        None,
+    ),
+    "backward no dx": ("_lora_backward_kernel", dict(NEED_DX=False), None),
+}
+
 
 def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) -> dict:
     constants = {
@@ -97,6 +123,15 @@ def main() -> None:
                 for dtype in DTYPES:
                     row = compile_one(fn, flags, unit_strides, dtype, arch, config)
                     print(json.dumps(row), flush=True)
+    for variant, (name, overrides, unit_strides) in VARIANTS.items():
+        base_flags, base_strides = KERNELS[name]
+        autotuned = getattr(lora, name)
+        largest = max(autotuned.configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        for config in dict.fromkeys([autotuned.configs[0], largest]):
+            for arch in ARCHS:
+                row = compile_one(autotuned.fn, {**base_flags, **overrides},
+                                  unit_strides or base_strides, "bf16", arch, config)  # fmt: skip
+                print(json.dumps({**row, "variant": variant}), flush=True)
 
 
 if __name__ == "__main__":
