@@ -93,12 +93,38 @@ def run(fn, args: dict, scale: float, grad: torch.Tensor):
     return y, dict(zip(trainable, grads, strict=True))
 
 
+# Extremes: single token / feature / output, the largest rank with a tiny IN, rank above IN,
+# sizes one past a tile (16, 32, 64) and 8-element rows whose vector loads are partial.
+EDGE_CASES = [
+    Case((1,), 1, 1, 1, extra_bias=True, train_weight=True),
+    Case((1,), 8, 1, 128),
+    Case((5,), 1, 33, 2, train_weight=True),
+    Case((17,), 130, 9, 17, extra_bias=True),
+    Case((65,), 8, 16, 128, train_weight=True),
+    Case((129,), 24, 72, 31),
+    Case((3,), 200, 5, 64, extra_bias=True),
+    Case((64,), 16, 65, 1, bias=False, train_weight=True),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c.id)
+def test_edge_shapes_match_float64_reference(case: Case, dtype: torch.dtype, backend: str):
+    check_against_float64(case, dtype, backend)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_float64_reference(case: Case, dtype: torch.dtype, backend: str):
+    check_against_float64(case, dtype, backend)
+
+
+def check_against_float64(case: Case, dtype: torch.dtype, backend: str) -> None:
+    """Output and every gradient within the accuracy rule of helpers.assert_accurate."""
     masters = make_params(case, dtype)
     require_backend(backend, masters["x"].to(dtype), case.rank)
     scale = 2.0 / max(case.rank, 1)
