@@ -43,14 +43,23 @@ MODULE_NAME = "_stitchops_emulated_C"
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;<>]*>)?)\s*<<<([^;]*?)>>>\s*\((\s*\))?")
 
 
+# __shared__ [__align__(n)] type name[dims];  (one declaration per statement, no initialiser)
+_SHARED = re.compile(r"__shared__\s+([^;=]*?)\b(\w+)\s*((?:\[[^\]]*\]\s*)*);")
+
+
 def translate(source: str) -> str:
-    """CUDA source → C++ for the emulator: only the launch syntax changes."""
+    """CUDA source → C++ for the emulator: launches become emu::launch calls, and every
+    __shared__ declaration is followed by emu::poison_shared, which fills the variable with
+    0xFF bytes (NaN in every float type) once per block, as uninitialised shared memory."""
 
     def launch(m: re.Match) -> str:
         head = f"::emu::launch({m[1]}, ::emu::Config{{{m[2]}}}"
         return head + ")" if m[3] else head + ", "
 
-    return _LAUNCH.sub(launch, source)
+    def shared(m: re.Match) -> str:
+        return f"{m[0]} ::emu::poison_shared(&{m[2]}, sizeof({m[2]}));"
+
+    return _SHARED.sub(shared, _LAUNCH.sub(launch, source))
 
 
 def compiler() -> str:

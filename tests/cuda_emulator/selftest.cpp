@@ -1,7 +1,8 @@
 // Self-test of the host emulator's own semantics (tests/test_cuda_emulated.py runs it), so
 // that a harness bug cannot make the kernels' tests pass vacuously:
 //   selftest            checks: launches cover the grid, __syncthreads / __syncwarp order
-//                       shared memory, WMMA m16n16k16 computes d = a·b + c for every
+//                       shared memory, shared memory starts as NaN in every block (so
+//                       reads of unwritten elements show), WMMA computes d = a·b + c for every
 //                       layout, cp.async copies land at the wait and not before, zero-fill;
 //   selftest misaligned-wmma | misaligned-cp-async
 //                       must abort with the emulator's message (alignment is enforced).
@@ -13,6 +14,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -69,6 +71,13 @@ __global__ void async_copy(const __half* src, float* before, float* after, int z
   for (int i = 0; i < 8; ++i) before[i] = __half2float(tile[i]);
   __pipeline_wait_prior(0);
   for (int i = 0; i < 8; ++i) after[i] = __half2float(tile[i]);
+}
+
+// Reads shared memory no thread of this block wrote, then writes it for the next block.
+__global__ void read_unwritten(float* out) {
+  __shared__ float cell;
+  out[blockIdx.x] = cell;
+  cell = 1.f;
 }
 
 __global__ void misaligned_wmma(const __half* a) {
@@ -139,6 +148,11 @@ int main(int argc, char** argv) {
     expect(ok, warp_only ? "__syncwarp orders shared memory within a warp"
                          : "__syncthreads orders shared memory within a block");
   }
+
+  float unwritten[3] = {0.f, 0.f, 0.f};
+  read_unwritten<<<3, 1>>>(unwritten);
+  expect(std::isnan(unwritten[0]) && std::isnan(unwritten[1]) && std::isnan(unwritten[2]),
+         "shared memory starts as NaN in every block");
 
   check_wmma<wmma::row_major, wmma::row_major>("wmma row·row", true, true);
   check_wmma<wmma::row_major, wmma::col_major>("wmma row·col", true, false);

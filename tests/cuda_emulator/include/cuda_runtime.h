@@ -20,7 +20,9 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -82,6 +84,23 @@ inline std::barrier<>*& block_barrier() {
 // The barrier of the calling thread's warp (threads 32w .. 32w + 31 of its block).
 inline thread_local std::barrier<>* warp_barrier = nullptr;
 
+// Shared memory is not initialised on a GPU: build.py makes every __shared__ variable's
+// first use in a block fill it with 0xFF bytes (a NaN in fp32, fp16 and bf16), so a read of
+// an element no thread wrote shows up in the results. Once per variable and block, under a
+// lock, so that later writers are ordered after the fill.
+inline std::mutex& shared_lock() {
+  static std::mutex lock;
+  return lock;
+}
+inline std::set<const void*>& poisoned_this_block() {
+  static std::set<const void*> seen;
+  return seen;
+}
+inline void poison_shared(void* p, std::size_t bytes) {
+  std::lock_guard<std::mutex> guard(shared_lock());
+  if (poisoned_this_block().insert(p).second) std::memset(p, 0xFF, bytes);
+}
+
 // Lane of the calling thread within its warp (threads are numbered x fastest, as on a GPU).
 inline unsigned lane_id() {
   return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32u;
@@ -112,6 +131,7 @@ void launch(void (*kernel)(Params...), Config config, Args&&... args) {
   std::mt19937 rng(12345);
   std::shuffle(blocks.begin(), blocks.end(), rng);
   for (const dim3& b : blocks) {
+    poisoned_this_block().clear();
     std::barrier<> barrier(threads);
     block_barrier() = &barrier;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
