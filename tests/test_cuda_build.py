@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 from cuda_emulator import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,10 @@ def objects(tmp_path_factory) -> list[Path]:
     for src in KERNEL_SOURCES:
         obj = out / (src.stem + ".o")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-        build.run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *gencode,
-                   "-I", str(CSRC), str(src), "-o", str(obj)])  # fmt: skip
+        # The flags torch's CUDAExtension adds in setup.py's real build (no implicit half /
+        # bf16 conversions or operators), so code that only builds without them fails here.
+        build.run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
+                   *gencode, "-I", str(CSRC), str(src), "-o", str(obj)])  # fmt: skip
         built.append(obj)
     return built
 
