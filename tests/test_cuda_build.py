@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 from cuda_emulator import build
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
