@@ -118,9 +118,9 @@ def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
             missing = cuda_extension_missing_reason()
             if missing:
                 reasons.append(missing)
-            old = capability_reason(torch.cuda.get_device_capability(tensors[0].device))
-            if old:
-                reasons.append(old)
+            too_old = capability_reason(torch.cuda.get_device_capability(tensors[0].device))
+            if too_old:
+                reasons.append(too_old)
     return reasons
 
 
