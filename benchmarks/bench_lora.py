@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_ms, write_results
+from _common import measured_ceilings, median_ms, write_results
 
 import stitchops
 
@@ -44,6 +44,16 @@ def flops(tokens: int, in_f: int, out_f: int, rank: int, backward: bool) -> int:
     fwd = 2 * tokens * in_f * out_f + 2 * tokens * rank * (in_f + out_f)
     bwd = 2 * tokens * in_f * out_f + 4 * tokens * rank * (in_f + out_f)
     return fwd + (bwd if backward else 0)
+
+
+def min_bytes(tokens: int, in_f: int, out_f: int, rank: int, elem: int, backward: bool) -> int:
+    """Bytes that must move at least (kernels/lora.py's cost model): every input read once,
+    every output written once; S = x·Aᵀ (fp32) is written by the forward (the inputs require
+    grad) and read back by the backward, which also reads x again for dA."""
+    weights = elem * (out_f * in_f + rank * (in_f + out_f))
+    fwd = elem * tokens * (in_f + out_f) + weights + 4 * tokens * rank
+    bwd = elem * tokens * (out_f + 2 * in_f) + weights + 4 * tokens * rank
+    return fwd + (bwd + elem * rank * (in_f + out_f) if backward else 0)
 
 
 def make_case(tokens, in_f, out_f, rank, dtype, device):
@@ -118,7 +128,7 @@ def backends_for(device: str) -> list[str]:
     return [b for b in ("triton", "cuda") if avail[b] is None]
 
 
-def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms):
+def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings):
     case = make_case(tokens, in_f, out_f, rank, dtype, device)
     grad = torch.randn(tokens, out_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ref32 = {k: v.float().detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
@@ -129,10 +139,19 @@ def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     rows = []
     for backward in (False, True):
-        row = {"tokens": tokens, "in": in_f, "out": out_f, "rank": rank,
-               "dtype": str(dtype).removeprefix("torch."),
-               "pass": "fwd+bwd" if backward else "fwd",
-               "gflop": flops(tokens, in_f, out_f, rank, backward) / 1e9}  # fmt: skip
+        row = {
+            "tokens": tokens,
+            "in": in_f,
+            "out": out_f,
+            "rank": rank,
+            "dtype": str(dtype).removeprefix("torch."),
+            "pass": "fwd+bwd" if backward else "fwd",
+            "gflop": flops(tokens, in_f, out_f, rank, backward) / 1e9,
+            "mbytes": min_bytes(tokens, in_f, out_f, rank, dtype.itemsize, backward) / 1e6,
+        }
+        # The roofline of this row's work on this device, from ceilings measured in this run.
+        rate = ceilings["matmul_TFLOPs"][row["dtype"]]
+        row["roofline_ms"] = max(row["gflop"] / rate, row["mbytes"] / ceilings["bandwidth_GBps"])
         timings = {"unfused": step(unfused, case, grad, backward),
                    "floor": floor_step(case, grad, backward)}  # fmt: skip
         errors = {"unfused": check(unfused, case, grad, ref, tol)}
@@ -147,6 +166,7 @@ def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms):
         for name in timings:
             row[name]["vs_unfused"] = row["unfused"]["ms"] / row[name]["ms"]
             row[name]["vs_floor"] = row[name]["ms"] / row["floor"]["ms"]
+            row[name]["of_roofline"] = row["roofline_ms"] / row[name]["ms"]
         rows.append(row)
     return rows
 
@@ -156,11 +176,11 @@ def print_table(rows) -> None:
     head = f"{'tokens':>7} {'in→out':>10} {'r':>3} {'dtype':>8} {'pass':>8} " + " ".join(
         f"{name + ' ms':>12}" for name in impls
     )
-    print(head + "   speedup vs unfused / time vs floor")
+    print(head + "   speedup vs unfused / time vs floor / fraction of the roofline")
     for r in rows:
         cells = " ".join(f"{r[n]['ms']:12.3f}" for n in impls)
         ratios = ", ".join(
-            f"{n}: {r[n]['vs_unfused']:.2f}x / {r[n]['vs_floor']:.2f}x"
+            f"{n}: {r[n]['vs_unfused']:.2f}x / {r[n]['vs_floor']:.2f}x / {r[n]['of_roofline']:.0%}"
             for n in impls
             if n not in ("unfused", "floor")
         )
@@ -184,11 +204,15 @@ def main(argv=None) -> int:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
+    ceilings = measured_ceilings(args.device, tuple(dict.fromkeys(g[3] for g in grid)))
+    print(f"measured ceilings: {ceilings['bandwidth_GBps']:.0f} GB/s, matmul TFLOP/s "
+          f"{ceilings['matmul_TFLOPs']}")  # fmt: skip
     rows = []
     for tokens, (in_f, out_f), rank, dtype in tqdm(grid, desc="lora_linear") if tqdm else grid:
-        rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget)
+        rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget, ceilings)
     print_table(rows)
     if not args.no_save:
+        write_results("ceilings", args.device, ceilings)
         path = write_results("lora_linear", args.device, rows)
         print(f"wrote {path}")
     return 0

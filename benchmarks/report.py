@@ -14,13 +14,14 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def lora_table(rows: list[dict]) -> list[str]:
     impls = [k for k in rows[0] if isinstance(rows[0][k], dict) and k not in ("unfused", "floor")]
-    heads = " | ".join(f"{i} ms (vs unfused, vs floor, TFLOP/s)" for i in impls)
+    heads = " | ".join(f"{i} ms (vs unfused, vs floor, TFLOP/s, of roofline)" for i in impls)
     lines = [f"| tokens | IN→OUT | r | dtype | pass | unfused ms | floor ms | {heads} |"]
     lines.append("|" + "---|" * (7 + len(impls)))
     for r in rows:
         cells = [
             f"{r[i]['ms']:.3f} ({r[i]['vs_unfused']:.2f}x, {r[i]['vs_floor']:.2f}x, "
-            f"{r[i]['tflops']:.2f})"
+            f"{r[i]['tflops']:.2f}, "
+            + (f"{r[i]['of_roofline']:.0%})" if "of_roofline" in r[i] else "n/a)")
             for i in impls
         ]
         lines.append(
@@ -49,6 +50,15 @@ def section() -> str:
             f"CUDA {env['cuda']}, commit {env['commit']}, {env['date']}",
             "",
         ]
+        if "ceilings" in data:
+            c = data["ceilings"]
+            rates = ", ".join(f"{k} {v:.1f}" for k, v in c["matmul_TFLOPs"].items())
+            out += [
+                f"Ceilings measured in the same run: copy {c['bandwidth_GBps']:.0f} GB/s "
+                f"(read + write), {c['matmul_n']}³ matmul TFLOP/s: {rates}. Roofline of a row: "
+                "max(FLOPs / rate, minimum bytes / bandwidth).",
+                "",
+            ]
         if "lora_linear" in data:
             out += ["`lora_linear` (forward; forward+backward with W frozen):", ""]
             out += [*lora_table(data["lora_linear"]), ""]
