@@ -234,6 +234,25 @@ def test_inference_saves_nothing_and_matches(backend: str):
     assert rel_err(y, expected) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kernels_are_deterministic(backend: str, dtype: torch.dtype):
+    """No atomics: two runs give the same bits (on the emulator, in different block orders)."""
+    case = Case((150,), 40, 36, 8, extra_bias=True, train_weight=True)  # several token ranges
+    masters = make_params(case, dtype)
+    require_backend(backend, masters["x"].to(dtype), case.rank)
+    grad = torch.randn(*case.lead, case.out_f, dtype=torch.float64).to(DEVICE, dtype)
+    runs = []
+    for _ in range(2):
+        with stitchops.use_backend(backend):
+            runs.append(run(stitchops.lora_linear, leaves(masters, dtype, case), 0.5, grad))
+    (y0, grads0), (y1, grads1) = runs
+    assert torch.equal(y0, y1)
+    assert grads0.keys() == grads1.keys() and len(grads0) == 6
+    for name in grads0:
+        assert torch.equal(grads0[name], grads1[name]), name
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend: str):
     case = Case((13,), 20, 24, 3, extra_bias=True, train_weight=True)

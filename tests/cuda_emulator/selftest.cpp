@@ -1,9 +1,10 @@
 // Self-test of the host emulator's own semantics (tests/test_cuda_emulated.py runs it), so
 // that a harness bug cannot make the kernels' tests pass vacuously:
-//   selftest            checks: launches cover the grid, __syncthreads / __syncwarp order
-//                       shared memory, shared memory starts as NaN in every block (so
-//                       reads of unwritten elements show), WMMA computes d = a·b + c for every
-//                       layout, cp.async copies land at the wait and not before, zero-fill;
+//   selftest            checks: launches cover the grid (in a new block order each time),
+//                       __syncthreads / __syncwarp order shared memory, shared memory
+//                       starts as NaN in every block (so reads of unwritten elements show),
+//                       WMMA computes d = a·b + c for every layout, cp.async copies land at
+//                       the wait and not before, zero-fill;
 //   selftest misaligned-wmma | misaligned-cp-async
 //                       must abort with the emulator's message (alignment is enforced).
 // Kernels are written in CUDA syntax and translated by build.py like csrc/*.cu.
@@ -35,6 +36,9 @@ __global__ void cover(int* out) {
   const int block = blockIdx.x + gridDim.x * blockIdx.y;
   out[block * blockDim.x + threadIdx.x] += 1;
 }
+
+// Records the order the blocks ran in (blocks run one at a time on the emulator).
+__global__ void record_order(int* order, int* next) { order[(*next)++] = int(blockIdx.x); }
 
 // Thread t writes shared[t], then after the barrier reads its neighbour's cell.
 __global__ void barrier_orders(int* out, bool warp_only) {
@@ -136,6 +140,17 @@ int main(int argc, char** argv) {
   bool all_once = true;
   for (int v : cells) all_once &= v == 1;
   expect(all_once, "a launch runs every thread of every block exactly once");
+
+  std::vector<int> first(16), second(16);
+  int next = 0;
+  record_order<<<16, 1>>>(first.data(), &next);
+  next = 0;
+  record_order<<<16, 1>>>(second.data(), &next);
+  std::vector<int> sorted_first = first;
+  std::sort(sorted_first.begin(), sorted_first.end());
+  bool permutation = true;
+  for (int i = 0; i < 16; ++i) permutation &= sorted_first[i] == i;
+  expect(permutation && first != second, "each launch runs the blocks in another order");
 
   for (bool warp_only : {false, true}) {
     std::vector<int> out(64, -1);

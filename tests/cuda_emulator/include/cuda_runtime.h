@@ -122,13 +122,15 @@ void launch(void (*kernel)(Params...), Config config, Args&&... args) {
     last_error() = cudaErrorInvalidConfiguration;
     return;
   }
-  __atomic_add_fetch(&stitchops_emulated_launches, 1, __ATOMIC_RELAXED);
+  const long launch = __atomic_add_fetch(&stitchops_emulated_launches, 1, __ATOMIC_RELAXED);
   std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
-  // Blocks run in no particular order on a GPU; a fixed shuffle catches order dependence.
-  std::mt19937 rng(12345);
+  // Blocks run in no particular order on a GPU: each launch shuffles them differently
+  // (reproducibly, seeded by the launch count), so a result that depends on the order
+  // differs between two runs of the same call.
+  std::mt19937 rng(12345u + unsigned(launch));
   std::shuffle(blocks.begin(), blocks.end(), rng);
   for (const dim3& b : blocks) {
     poisoned_this_block().clear();
