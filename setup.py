@@ -66,9 +66,12 @@ def _cuda_extension():
         )
         return [], {}
     archs = os.environ.get("STITCHOPS_CUDA_ARCHS", "80;90a")
+    gencode = _gencode_flags(archs)
+    built = ";".join(flag.rsplit("sm_", 1)[1] for flag in gencode)
     version_macros = [
         f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
         f'-DSTITCHOPS_CUDA_VERSION="{torch.version.cuda}"',
+        f'-DSTITCHOPS_CUDA_ARCHS="{built}"',  # what stitchops._C reports, for dispatch
     ]
     ext = CUDAExtension(
         name="stitchops._C",
@@ -76,7 +79,7 @@ def _cuda_extension():
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={
             "cxx": ["-O3", *version_macros],
-            "nvcc": ["-O3", "-std=c++17", *_gencode_flags(archs)],
+            "nvcc": ["-O3", "-std=c++17", *gencode],
         },
     )
     _say(f"building stitchops._C for CUDA {torch.version.cuda}, archs {archs}")

@@ -18,6 +18,9 @@
 #ifndef STITCHOPS_CUDA_VERSION
 #define STITCHOPS_CUDA_VERSION "unknown"
 #endif
+#ifndef STITCHOPS_CUDA_ARCHS  // the machine code in the module, e.g. "80;90a"
+#define STITCHOPS_CUDA_ARCHS "unknown"
+#endif
 
 // tests/cuda_emulator builds this file with -DSTITCHOPS_HOST_EMULATION against CPU torch,
 // linked with the kernels compiled for host threads: there the "device" tensors are CPU ones.
@@ -257,6 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "stitchops CUDA kernels (raw-pointer kernels in csrc/*.cu, bound here)";
   m.def("torch_version", [] { return std::string(STITCHOPS_TORCH_VERSION); });
   m.def("cuda_version", [] { return std::string(STITCHOPS_CUDA_VERSION); });
+  m.def("cuda_archs", [] { return std::string(STITCHOPS_CUDA_ARCHS); });
   m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; });
   m.def("lora_forward", &lora_forward, "fused LoRA stitching projection, forward");
   m.def("lora_backward", &lora_backward, "fused LoRA stitching projection, backward");

@@ -118,21 +118,51 @@ def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
             missing = cuda_extension_missing_reason()
             if missing:
                 reasons.append(missing)
-            too_old = capability_reason(torch.cuda.get_device_capability(tensors[0].device))
-            if too_old:
-                reasons.append(too_old)
+            else:
+                index = tensors[0].device.index
+                mismatch = _device_mismatch(torch.cuda.current_device() if index is None else index)
+                if mismatch:
+                    reasons.append(mismatch)
     return reasons
 
 
-def capability_reason(capability: tuple[int, int]) -> str | None:
-    """Why stitchops._C cannot run on a GPU of this compute capability, or None."""
+@functools.cache
+def _device_mismatch(index: int) -> str | None:
+    """capability_reason for CUDA device ``index`` and the built stitchops._C (once each)."""
+    from stitchops import _C
+
+    built = getattr(_C, "cuda_archs", lambda: "unknown")()
+    return capability_reason(torch.cuda.get_device_capability(index), built)
+
+
+def capability_reason(capability: tuple[int, int], built: str = "unknown") -> str | None:
+    """Why stitchops._C cannot run on a GPU of this compute capability, or None.
+
+    ``built`` is the module's machine code ("80;90a", from STITCHOPS_CUDA_ARCHS at build
+    time). Machine code for sm_XY runs on compute capability X.Z with Z >= Y; an
+    architecture-specific target (sm_90a) only on exactly that capability; nothing runs
+    across major versions (the build embeds no PTX to recompile).
+    """
+    major, minor = capability
     if capability < (8, 0):
-        major, minor = capability
         return (
             f"the GPU has compute capability {major}.{minor}; stitchops._C needs 8.0 or newer "
             "(bf16 tensor cores, cp.async); the triton backend may still run"
         )
-    return None
+    archs = [a.strip() for a in built.split(";") if a.strip()]
+    if not archs or not all(a.rstrip("a").isdigit() for a in archs):
+        return None  # an older or emulated build that does not say: let the launch tell
+    for arch in archs:
+        code = int(arch.rstrip("a"))
+        a_major, a_minor = divmod(code, 10)
+        exact = arch.endswith("a")
+        if a_major == major and (a_minor == minor if exact else a_minor <= minor):
+            return None
+    return (
+        f"stitchops._C holds machine code for sm_{', sm_'.join(archs)}, none of which runs on "
+        f"this GPU (compute capability {major}.{minor}); rebuild with "
+        f'STITCHOPS_CUDA_ARCHS="{major}{minor}" pip install --no-build-isolation .'
+    )
 
 
 ReasonFn = Callable[[], list[str]]

@@ -91,11 +91,12 @@ def test_binding_links_and_imports(objects, tmp_path):
     except RuntimeError as err:
         pytest.skip(str(err))
     binding = tmp_path / "binding.o"
-    build.compile_binding(binding, "_C", "test")
+    build.compile_binding(binding, "_C", "test", '-DSTITCHOPS_CUDA_ARCHS="80;90a"')
     module = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     ext = build.link_and_import(module, "_C", [binding, *objects], f"-L{cuda_lib}",
                                 "-lcudart_static", "-lrt", "-lpthread", "-ldl")  # fmt: skip
     assert ext.torch_version() == torch.__version__ and ext.cuda_version() == "test"
+    assert ext.cuda_archs() == "80;90a"
     ext.set_poison_outputs(False)
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     if not torch.cuda.is_available():

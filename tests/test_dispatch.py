@@ -122,3 +122,25 @@ def test_cuda_backend_refuses_gpus_older_than_sm80():
     assert reason is not None and "7.5" in reason and "8.0" in reason
     assert _dispatch.capability_reason((8, 0)) is None
     assert _dispatch.capability_reason((9, 0)) is None
+
+
+@pytest.mark.parametrize(
+    ("capability", "built", "runs"),
+    [
+        ((9, 0), "80;90a", True),
+        ((8, 0), "80;90a", True),
+        ((8, 9), "80;90a", True),  # sm_80 machine code runs on 8.x, x >= 0
+        ((8, 6), "86", True),
+        ((8, 0), "86", False),  # but not on a lower minor
+        ((9, 0), "80", False),  # nor across major versions
+        ((10, 0), "80;90a", False),  # sm_90a runs on 9.0 only
+        ((9, 0), "90", True),
+        ((9, 0), "unknown", True),  # an older build that does not say
+        ((9, 0), "emulated", True),
+    ],
+)
+def test_cuda_backend_checks_the_built_machine_code(capability, built, runs):
+    reason = _dispatch.capability_reason(capability, built)
+    assert (reason is None) == runs, reason
+    if not runs:
+        assert "STITCHOPS_CUDA_ARCHS" in reason and f"{capability[0]}.{capability[1]}" in reason
