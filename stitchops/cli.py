@@ -31,6 +31,15 @@ def info(_args) -> int:
     print(
         f"stitchops {stitchops.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     )
+    from stitchops import _dispatch
+
+    if _dispatch.cuda_extension_missing_reason() is None:
+        from stitchops import _C
+
+        print(f"stitchops._C: machine code for sm_{getattr(_C, 'cuda_archs', lambda: '?')()}")
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        print(f"GPU: {torch.cuda.get_device_name()} (compute capability {major}.{minor})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device}:")
