@@ -36,7 +36,8 @@ def info(_args) -> int:
     if _dispatch.cuda_extension_missing_reason() is None:
         from stitchops import _C
 
-        print(f"stitchops._C: machine code for sm_{getattr(_C, 'cuda_archs', lambda: '?')()}")
+        archs = getattr(_C, "cuda_archs", lambda: "unknown")().split(";")
+        print("stitchops._C: machine code for " + ", ".join(f"sm_{a}" for a in archs))
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         print(f"GPU: {torch.cuda.get_device_name()} (compute capability {major}.{minor})")
