@@ -75,14 +75,17 @@ def test_cuda_suite_under_address_sanitizer(tmp_path):
 
 @pytest.mark.slow
 def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
-    """No data race between the threads of a block (a missing __syncthreads would be one)."""
+    """No data race between the threads of a block (a missing __syncthreads would be one),
+    nor between blocks (two blocks writing the same element: all blocks run at once)."""
     try:
         exe = build.build_racecheck(tmp_path)
     except RuntimeError as err:
         if os.environ.get("CI") == "true" or "-fsanitize=thread" not in str(err):
             raise
         pytest.skip(f"no ThreadSanitizer here: {str(err)[-300:]}")
-    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1"}
+    # Every block of a launch at once: races between blocks are races between host threads.
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1",
+           "STITCHOPS_EMULATE_CONCURRENT_BLOCKS": "1024"}  # fmt: skip
     result = subprocess.run([str(exe)], env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]

@@ -12,7 +12,9 @@ test_cuda_build.py uses ``compile_binding`` / ``link_and_import`` for the nvcc-b
 with ``LD_PRELOAD`` of libasan, as test_cuda_emulated.py does): the host counterpart of
 compute-sanitizer's memcheck for out-of-bounds reads and writes. ``build_racecheck()`` links
 the kernels under ThreadSanitizer into racecheck.cpp's torch-free driver: the counterpart of
-compute-sanitizer's racecheck (a missing ``__syncthreads`` is a host data race).
+compute-sanitizer's racecheck (a missing ``__syncthreads`` is a host data race; with
+``STITCHOPS_EMULATE_CONCURRENT_BLOCKS`` > 1 blocks run at once, so two blocks writing the same
+element are one too).
 """
 
 from __future__ import annotations
@@ -44,20 +46,24 @@ _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;<>]*>)?)\s*<<<([^;]*?)>>>\s*\((\s*\))
 
 
 # __shared__ [__align__(n)] type name[dims];  (one declaration per statement, no initialiser)
-_SHARED = re.compile(r"__shared__\s+([^;=]*?)\b(\w+)\s*((?:\[[^\]]*\]\s*)*);")
+_SHARED = re.compile(
+    r"__shared__\s+(?:__align__\((\d+)\)\s+)?([^;=]*?)\s*\b(\w+)\s*((?:\[[^\]]*\]\s*)*);"
+)
 
 
 def translate(source: str) -> str:
-    """CUDA source → C++ for the emulator: launches become emu::launch calls, and every
-    __shared__ declaration is followed by emu::poison_shared, which fills the variable with
-    0xFF bytes (NaN in every float type) once per block, as uninitialised shared memory."""
+    """CUDA source → C++ for the emulator: launches become emu::launch calls, and each
+    __shared__ declaration a reference to the running block's own variable (emu::block_shared:
+    created NaN-filled, like uninitialised shared memory, at its first use in the block)."""
 
     def launch(m: re.Match) -> str:
         head = f"::emu::launch({m[1]}, ::emu::Config{{{m[2]}}}"
         return head + ")" if m[3] else head + ", "
 
     def shared(m: re.Match) -> str:
-        return f"{m[0]} ::emu::poison_shared(&{m[2]}, sizeof({m[2]}));"
+        align, type_, name, dims = m[1] or "1", m[2], m[3], m[4].replace(" ", "")
+        return (f"static char {name}_site; auto& {name} = "
+                f"::emu::block_shared<{type_}{dims}, {align}>(&{name}_site);")  # fmt: skip
 
     return _SHARED.sub(shared, _LAUNCH.sub(launch, source))
 

@@ -1,6 +1,7 @@
 // Self-test of the host emulator's own semantics (tests/test_cuda_emulated.py runs it), so
 // that a harness bug cannot make the kernels' tests pass vacuously:
 //   selftest            checks: launches cover the grid (in a new block order each time),
+//                       concurrent blocks have their own shared memory,
 //                       __syncthreads / __syncwarp order shared memory, shared memory
 //                       starts as NaN in every block (so reads of unwritten elements show),
 //                       WMMA computes d = a·b + c for every layout, cp.async copies land at
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -39,6 +41,16 @@ __global__ void cover(int* out) {
 
 // Records the order the blocks ran in (blocks run one at a time on the emulator).
 __global__ void record_order(int* order, int* next) { order[(*next)++] = int(blockIdx.x); }
+
+// Each block keeps its own shared memory, also while other blocks run: thread 0 writes the
+// block's index, every thread reads it back after the barrier.
+__global__ void own_shared(int* mismatches) {
+  __shared__ int mine;
+  if (threadIdx.x == 0) mine = int(blockIdx.x);
+  __syncthreads();
+  for (int spin = 0; spin < 1000; ++spin)
+    mismatches[blockIdx.x * blockDim.x + threadIdx.x] += mine != int(blockIdx.x);
+}
 
 // Thread t writes shared[t], then after the barrier reads its neighbour's cell.
 __global__ void barrier_orders(int* out, bool warp_only) {
@@ -151,6 +163,14 @@ int main(int argc, char** argv) {
   bool permutation = true;
   for (int i = 0; i < 16; ++i) permutation &= sorted_first[i] == i;
   expect(permutation && first != second, "each launch runs the blocks in another order");
+
+  setenv("STITCHOPS_EMULATE_CONCURRENT_BLOCKS", "8", 1);
+  std::vector<int> mismatches(8 * 64, 0);
+  own_shared<<<8, 64>>>(mismatches.data());
+  bool separate = true;
+  for (int m : mismatches) separate &= m == 0;
+  expect(separate, "blocks running at the same time have separate shared memory");
+  unsetenv("STITCHOPS_EMULATE_CONCURRENT_BLOCKS");
 
   for (bool warp_only : {false, true}) {
     std::vector<int> out(64, -1);

@@ -3,10 +3,10 @@
 // Replaces the toolkit's cuda_runtime.h when csrc/*.cu is compiled as plain C++ by
 // tests/cuda_emulator/build.py. A launch `kernel<<<grid, block, shmem, stream>>>(args)`,
 // rewritten by build.py to `emu::launch(kernel, emu::Config{grid, block, ...}, args)`, runs
-// the blocks one after another, in a shuffled order, each as block.x·block.y·block.z real
-// host threads: __syncthreads() is a std::barrier, __shared__ variables are function statics
-// (one block at a time, so every thread of the running block sees the same object), and
-// threadIdx / blockIdx are thread_local; each run of 32 consecutive threads is a warp with
+// the blocks in a shuffled order, one at a time or several at once, each as
+// block.x·block.y·block.z real host threads: __syncthreads() is a std::barrier, __shared__
+// variables are the running block's own (emu::block_shared), and threadIdx / blockIdx are
+// thread_local; each run of 32 consecutive threads is a warp with
 // its own std::barrier for __syncwarp(). What this checks: indexing, bounds, the tiling
 // logic and the arithmetic, with races between the threads of a block as real as the host
 // makes them. What it cannot: warp timing, memory-model subtleties, shared-memory limits,
@@ -18,11 +18,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <random>
-#include <set>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -33,7 +35,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static  // build.py rewrites every declaration to emu::block_shared
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -76,29 +78,55 @@ inline cudaError_t& last_error() {
   return error;
 }
 
-inline std::barrier<>*& block_barrier() {
-  static std::barrier<>* barrier = nullptr;
-  return barrier;
+// The running block of the calling thread: its __syncthreads barrier, its warps' barriers
+// and its shared memory (blocks may run at the same time, see launch).
+struct AlignedDelete {
+  std::size_t align = 1;
+  void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t(align)); }
+};
+
+struct Block {
+  explicit Block(unsigned threads) : barrier(threads) {
+    for (unsigned w = 0; w * 32 < threads; ++w)
+      warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::mutex shared_lock;
+  std::map<const void*, std::unique_ptr<unsigned char, AlignedDelete>> shared;
+};
+
+inline thread_local Block* this_block = nullptr;
+inline thread_local std::barrier<>* warp_barrier = nullptr;  // threads 32w .. 32w + 31
+
+// A __shared__ variable of the running block, created at its first use in the block: build.py
+// turns `__shared__ T name[N];` into `auto& name = emu::block_shared<T[N], align>(&site)`.
+// Shared memory is not initialised on a GPU, so it starts as 0xFF bytes (a NaN in fp32,
+// fp16 and bf16) and a read of an element no thread wrote shows up in the results. Created
+// under the block's lock, so every later access is ordered after the fill.
+template <typename T, std::size_t Align>
+T& block_shared(const void* site) {
+  static_assert(std::is_trivially_default_constructible_v<std::remove_all_extents_t<T>>,
+                "__shared__ variables cannot have constructors");
+  Block& block = *this_block;
+  std::lock_guard<std::mutex> guard(block.shared_lock);
+  auto& slot = block.shared[site];
+  if (!slot) {
+    constexpr std::size_t align = Align > alignof(T) ? Align : alignof(T);
+    auto* bytes = static_cast<unsigned char*>(::operator new(sizeof(T), std::align_val_t(align)));
+    std::memset(bytes, 0xFF, sizeof(T));
+    slot = std::unique_ptr<unsigned char, AlignedDelete>(bytes, AlignedDelete{align});
+  }
+  return *reinterpret_cast<T*>(slot.get());
 }
 
-// The barrier of the calling thread's warp (threads 32w .. 32w + 31 of its block).
-inline thread_local std::barrier<>* warp_barrier = nullptr;
-
-// Shared memory is not initialised on a GPU: build.py makes every __shared__ variable's
-// first use in a block fill it with 0xFF bytes (a NaN in fp32, fp16 and bf16), so a read of
-// an element no thread wrote shows up in the results. Once per variable and block, under a
-// lock, so that later writers are ordered after the fill.
-inline std::mutex& shared_lock() {
-  static std::mutex lock;
-  return lock;
-}
-inline std::set<const void*>& poisoned_this_block() {
-  static std::set<const void*> seen;
-  return seen;
-}
-inline void poison_shared(void* p, std::size_t bytes) {
-  std::lock_guard<std::mutex> guard(shared_lock());
-  if (poisoned_this_block().insert(p).second) std::memset(p, 0xFF, bytes);
+// How many blocks run at the same time (STITCHOPS_EMULATE_CONCURRENT_BLOCKS, default 1):
+// one at a time is fast; all at once lets ThreadSanitizer see races between blocks (two
+// blocks writing the same global element), as racecheck.cpp does.
+inline unsigned concurrent_blocks() {
+  const char* env = std::getenv("STITCHOPS_EMULATE_CONCURRENT_BLOCKS");
+  const long n = env != nullptr ? std::strtol(env, nullptr, 10) : 1;
+  return n > 0 ? unsigned(n) : 1u;
 }
 
 // Lane of the calling thread within its warp (threads are numbered x fastest, as on a GPU).
@@ -132,36 +160,38 @@ void launch(void (*kernel)(Params...), Config config, Args&&... args) {
   // differs between two runs of the same call.
   std::mt19937 rng(12345u + unsigned(launch));
   std::shuffle(blocks.begin(), blocks.end(), rng);
-  for (const dim3& b : blocks) {
-    poisoned_this_block().clear();
-    std::barrier<> barrier(threads);
-    block_barrier() = &barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
-    for (unsigned w = 0; w * 32 < threads; ++w)
-      warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+  const std::size_t wave = concurrent_blocks();
+  for (std::size_t first = 0; first < blocks.size(); first += wave) {
+    const std::size_t count = std::min(wave, blocks.size() - first);
+    std::vector<std::unique_ptr<Block>> running;
     std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-        blockIdx = b;
-        blockDim = block;
-        gridDim = grid;
-        warp_barrier = warps[t / 32].get();
-        kernel(args...);
-        // An exited thread no longer holds the others back.
-        warp_barrier->arrive_and_drop();
-        barrier.arrive_and_drop();
-      });
+    pool.reserve(count * threads);
+    for (std::size_t i = 0; i < count; ++i) {
+      running.push_back(std::make_unique<Block>(threads));
+      Block* blk = running.back().get();
+      const dim3 b = blocks[first + i];
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, blk, b, t] {
+          threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+          blockIdx = b;
+          blockDim = block;
+          gridDim = grid;
+          this_block = blk;
+          warp_barrier = blk->warps[t / 32].get();
+          kernel(args...);
+          // An exited thread no longer holds the others back.
+          warp_barrier->arrive_and_drop();
+          blk->barrier.arrive_and_drop();
+        });
+      }
     }
     for (auto& th : pool) th.join();
-    block_barrier() = nullptr;
   }
 }
 
 }  // namespace emu
 
-inline void __syncthreads() { emu::block_barrier()->arrive_and_wait(); }
+inline void __syncthreads() { emu::this_block->barrier.arrive_and_wait(); }
 inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) { emu::warp_barrier->arrive_and_wait(); }
 
 template <typename T>
