@@ -182,6 +182,34 @@ def test_non_contiguous_x(backend: str, layout: str):
         assert rel_err(grads[name], expected_grads[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_non_contiguous_everything_in_half_precision(backend: str):
+    """fp16 with every tensor strided (no 16-byte vector copies anywhere), every gradient."""
+    case = Case((37,), 40, 52, 4, extra_bias=True, train_weight=True)
+    dtype = torch.float16
+    masters = make_params(case, dtype)
+    require_backend(backend, masters["x"].to(dtype), case.rank)
+    grad64 = torch.randn(37, 52, dtype=torch.float64).to(DEVICE)
+    ref64, grads64 = run(reference.lora_linear, leaves(masters, torch.float64, case), 0.5, grad64)
+    ref_dt, grads_dt = run(reference.lora_linear, leaves(masters, dtype, case), 0.5,
+                           grad64.to(dtype))  # fmt: skip
+    args = {}
+    for name, leaf in leaves(masters, dtype, case).items():
+        if leaf.dim() == 2:  # transposed storage: strides (1, rows)
+            strided = leaf.detach().t().contiguous().t()
+        else:  # every other element of a buffer twice as long
+            strided = torch.zeros(2 * leaf.numel(), device=DEVICE, dtype=dtype)[::2]
+            strided.copy_(leaf.detach())
+        assert not strided.is_contiguous(), name
+        args[name] = strided.requires_grad_(leaf.requires_grad)
+    with stitchops.use_backend(backend), _memory.poison_outputs():
+        y, grads = run(stitchops.lora_linear, args, 0.5, grad64.to(dtype))
+    assert_accurate("y", y, ref_dt, ref64)
+    assert set(grads) == set(grads64)
+    for name in grads64:
+        assert_accurate(f"d{name}", grads[name], grads_dt[name], grads64[name])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_strided_biases_and_factors(backend: str):
     case = Case((21,), 24, 30, 3, extra_bias=True)
