@@ -35,7 +35,8 @@ def _gencode_flags(archs: str) -> list[str]:
         arch = arch.strip().replace("sm_", "").replace(".", "")
         if not arch:
             continue
-        if not arch[:2].isdigit() or int(arch[:2]) < 80:
+        number = arch.rstrip("af")  # 90a, 100f: architecture- / family-specific targets
+        if not number.isdigit() or int(number) < 80:
             raise SystemExit(
                 f"STITCHOPS_CUDA_ARCHS: {arch!r} is not supported; the kernels need sm_80 or "
                 "newer (bf16 tensor cores, cp.async), e.g. STITCHOPS_CUDA_ARCHS='80;90a'"
