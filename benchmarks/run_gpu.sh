@@ -4,7 +4,8 @@
 # build     compile stitchops._C in place (no network needed: --no-deps, no build isolation)
 # test      the whole pytest suite on the GPU (cuda backend on the real kernels, timm parity)
 # sanitize  compute-sanitizer memcheck / synccheck / racecheck over the cuda-backend tests
-# bench     bench_lora, bench_least_squares and bench_stitched on the GPU
+# bench     bench_lora, bench_least_squares and bench_stitched on the GPU, then issue 2's
+#           targets read off the results (benchmarks/acceptance.py)
 # Logs and result files go to $OUT if set (else benchmarks/results/logs/); the benchmark
 # JSON files are also written to benchmarks/results/ as usual.
 set -uo pipefail
@@ -42,6 +43,7 @@ for s in "${STEPS[@]}"; do
       step bench_least_squares "$PY" benchmarks/bench_least_squares.py
       step bench_stitched "$PY" benchmarks/bench_stitched.py --device cuda
       cp benchmarks/results/*.json "$LOGS/" 2>/dev/null || true
+      step acceptance "$PY" benchmarks/acceptance.py
       ;;
     *) echo "unknown step $s (build, test, sanitize, bench)"; exit 2 ;;
   esac
