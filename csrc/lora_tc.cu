@@ -108,6 +108,33 @@ __device__ __forceinline__ void add_scaled(Acc& acc, const Acc& term, float scal
   for (int e = 0; e < acc.num_elements; ++e) acc.x[e] += scale * term.x[e];
 }
 
+// acc[i][j] += scale · Σ_r S[32wm + 16i + ·, r]·L[r, 32wn + 16j + ·] over the RP rank entries,
+// from shared memory: S [BM][s_ld], L either n-major ([n][r]: the forward's Bᵀ tile) or
+// r-major ([r][n]: the backward's A tile).
+template <typename T, int RP, bool L_RMAJOR>
+__device__ __forceinline__ void add_low_rank(Acc (&acc)[2][2], const T* s, int s_ld, const T* l,
+                                             int l_ld, float scale) {
+  using FragL = std::conditional_t<L_RMAJOR, FragB<T>, FragBt<T>>;
+  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      Acc low;
+      wmma::fill_fragment(low, 0.f);
+#pragma unroll
+      for (int c = 0; c < RP / F; ++c) {
+        FragA<T> sf;
+        FragL lf;
+        const int n = 32 * wn + F * j;
+        wmma::load_matrix_sync(sf, s + (32 * wm + F * i) * s_ld + F * c, s_ld);
+        wmma::load_matrix_sync(lf, L_RMAJOR ? l + F * c * l_ld + n : l + n * l_ld + F * c, l_ld);
+        wmma::mma_sync(low, sf, lf, low);
+      }
+      add_scaled(acc[i][j], low, scale);
+    }
+}
+
 // The shared tiles of one K step, STAGES times over (cp.async double buffer), each laid out
 // so that its rows follow the operand's contiguous dimension (16-byte copies):
 //   X   [m][k] (row_major fragments), or with XT [k][m] (col_major; the dW pass, X = dyᵀ);
@@ -280,22 +307,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
                      0, a.R);
     land();
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        Acc low;
-        wmma::fill_fragment(low, 0.f);
-#pragma unroll
-        for (int c = 0; c < RP / F; ++c) {
-          FragA<T> s;
-          FragBt<T> l2;
-          wmma::load_matrix_sync(s, s_t + (32 * wm + F * i) * s_ld + F * c, s_ld);
-          wmma::load_matrix_sync(l2, l2_t + (32 * wn + F * j) * s_ld + F * c, s_ld);
-          wmma::mma_sync(low, s, l2, low);
-        }
-        add_scaled(acc[i][j], low, a.scale);
-      }
+    add_low_rank<T, RP, false>(acc, s_t, s_ld, l2_t, s_ld, a.scale);
   }
 
   const T* bias = static_cast<const T*>(a.bias);
@@ -416,22 +428,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
                          i0, a.IN);
         land();
         __syncthreads();
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            Acc low;
-            wmma::fill_fragment(low, 0.f);
-#pragma unroll
-            for (int c = 0; c < RP / F; ++c) {
-              FragA<T> d;
-              FragB<T> af;
-              wmma::load_matrix_sync(d, ds_t + (32 * wm + F * i) * r_ld + F * c, r_ld);
-              wmma::load_matrix_sync(af, a_t + F * c * n_ld + 32 * wn + F * j, n_ld);
-              wmma::mma_sync(low, d, af, low);
-            }
-            add_scaled(acc[i][j], low, a.scale);
-          }
+        add_low_rank<T, RP, true>(acc, ds_t, r_ld, a_t, n_ld, a.scale);
         __syncthreads();  // the x tile takes the A tile's place
       }
       if (need_da) {  // dA += T(dS)ᵀ·x
