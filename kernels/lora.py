@@ -22,6 +22,7 @@ Design (after LoRAFusion, specialised for stitching layers whose IN is small):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -38,31 +39,54 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(tile_names: tuple[str, str, str], extra: dict[str, int]) -> list[triton.Config]:
-    """Autotune space; a single small config under the CPU interpreter."""
-    m, n, k = tile_names
+def autotune_enabled() -> bool:
+    """False with STITCHOPS_AUTOTUNE=0: every launch uses UNTUNED (fast first call, slower)."""
+    return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
+
+
+# Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+TILINGS = (
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 4, 3),
+)
+# The tiling that fits shared memory at every rank (up to 128) and dtype, forward and
+# backward, on sm_80 and sm_90 (tests/test_triton_compile.py checks it); the others do not
+# all fit at fp32 and high rank (the backward at rank 128 in fp32 needs 240-416 KB with them
+# on sm_90). It is the autotuner's fallback, and the only tiling with STITCHOPS_AUTOTUNE=0.
+UNTUNED = (128, 128, 32, 4, 3)
+# Under the CPU interpreter: one small tiling (warps and stages mean nothing there).
+INTERPRETED = (32, 32, 32, 4, 1)
+
+
+def _tilings() -> tuple[tuple[int, int, int, int, int], ...]:
     if _interpreting():
-        return [triton.Config({m: 32, n: 32, k: 32, **extra}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-    ]
-    return [
-        triton.Config({m: bm, n: bn, k: bk, **extra}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+        return (INTERPRETED,)
+    return TILINGS if autotune_enabled() else (UNTUNED,)
 
 
-# Token ranges of the backward are aligned to this many rows, a multiple of every BLOCK_M.
+def _config(tiling: tuple[int, ...], tile_names: tuple[str, str, str], extra: dict[str, int]):
+    bm, bn, bk, warps, stages = tiling
+    m, n, k = tile_names
+    return triton.Config({m: bm, n: bn, k: bk, **extra}, num_warps=warps, num_stages=stages)
+
+
+_FORWARD_TILES = (("BLOCK_M", "BLOCK_N", "BLOCK_K"), {"GROUP_M": 8})
+_BACKWARD_TILES = (("BLOCK_M", "BLOCK_N", "BLOCK_K"), {})
+
+
+# Token ranges of the backward (and dW's split-K ranges) are aligned to this many rows: on a
+# GPU a multiple of every BLOCK_M, so that only a range's last row block is partial. The
+# kernels mask by the range's end, so a tiling that breaks this (pinned_tiling under the
+# interpreter) is still exact.
 ROW_ALIGN = 32 if _interpreting() else 128
 
 
 @triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), {"GROUP_M": 8}),
+    configs=[_config(t, *_FORWARD_TILES) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
 )
 @triton.jit
@@ -150,7 +174,7 @@ def _lowrank_matmul_kernel(
 
 
 @triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), {}),
+    configs=[_config(t, *_BACKWARD_TILES) for t in _tilings()],
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
 )
 @triton.jit
@@ -261,6 +285,24 @@ def _lora_backward_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+@contextlib.contextmanager
+def pinned_tiling(tiling: tuple[int, int, int, int, int]):
+    """Run every kernel here with one tiling (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+
+    No autotuning inside the block; the autotune space and its cached choices come back on
+    exit. For tests (each tiling of TILINGS checked for exactness) and for tuning by hand.
+    """
+    kernels = ((_lowrank_matmul_kernel, _FORWARD_TILES), (_lora_backward_kernel, _BACKWARD_TILES))
+    saved = [(kernel, kernel.configs, kernel.cache) for kernel, _ in kernels]
+    try:
+        for kernel, tiles in kernels:
+            kernel.configs, kernel.cache = [_config(tiling, *tiles)], {}
+        yield
+    finally:
+        for kernel, configs, cache in saved:
+            kernel.configs, kernel.cache = configs, cache
 
 
 def _block_r(rank: int) -> int:

@@ -7,6 +7,13 @@ Without a GPU:
   (tests/cuda_emulator) on CPU tensors, through the real binding and op layer. The terminal
   summary says how many did and how many kernel launches they made.
   ``STITCHOPS_EMULATE_CUDA=0`` turns this off (those tests then skip).
+
+With a GPU:
+- The Triton kernels run one tiling (``STITCHOPS_AUTOTUNE=0``, unless the shell sets it):
+  autotuning every shape the suite uses would compile some 650 kernels (108 autotune keys
+  on the CPU suite, × 6 tilings; tests/triton_aot.py takes ~1.3 s a compile on our CPU
+  machine), over ten minutes of compiling. Each tiling of the
+  autotune space is still run, pinned, by test_every_triton_tiling_matches_float64_reference.
 """
 
 import os
@@ -15,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    os.environ.setdefault("STITCHOPS_AUTOTUNE", "0")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _EMULATED = {"tests": 0, "launches": 0}
@@ -66,6 +75,13 @@ def _emulate_cuda_without_gpu(request, monkeypatch):
     yield
     _EMULATED["tests"] += 1
     _EMULATED["launches"] += ext.emulated_launches() - before
+
+
+def pytest_report_header(config):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton: CPU interpreter, one small tiling (each autotune tiling pinned in turn)"
+    autotune = os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
+    return f"triton: {'autotuned' if autotune else 'STITCHOPS_AUTOTUNE=0, one tiling'}"
 
 
 def pytest_terminal_summary(terminalreporter):

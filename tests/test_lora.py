@@ -114,6 +114,57 @@ def test_edge_shapes_match_float64_reference(case: Case, dtype: torch.dtype, bac
     check_against_float64(case, dtype, backend)
 
 
+try:
+    from stitchops.kernels.lora import TILINGS
+except ImportError:  # no triton: nothing to parametrise (the triton backend's reason says why)
+    TILINGS = ()
+
+# Sizes that straddle every block size of the autotune space: two row blocks of 128, partial
+# column tiles of 128 and 256, several K steps of 32 and 64, and the widest rank block.
+TILING_CASES = [
+    Case((200,), 150, 300, 24, extra_bias=True, train_weight=True),
+    Case((130,), 72, 40, 128),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "{}x{}x{}-w{}-s{}".format(*t))
+def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtype):
+    """Each tiling the autotuner may pick, pinned in turn, is exact at edge-straddling sizes.
+
+    Elsewhere the Triton kernels run one tiling: the interpreter's small one on CPU, UNTUNED
+    on a GPU (tests/conftest.py sets STITCHOPS_AUTOTUNE=0 there to keep compile time down).
+    """
+    from stitchops.kernels import lora as kernels
+
+    with kernels.pinned_tiling(tiling):
+        for case in TILING_CASES:
+            check_against_float64(case, dtype, "triton")
+
+
+def test_autotune_switch_and_pinned_tiling(monkeypatch):
+    """STITCHOPS_AUTOTUNE=0 leaves UNTUNED alone; pinned_tiling puts everything back on exit."""
+    pytest.importorskip("triton")
+    from stitchops.kernels import lora as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels._tilings() == kernels.TILINGS and kernels.UNTUNED in kernels.TILINGS
+    monkeypatch.setenv("STITCHOPS_AUTOTUNE", "0")
+    assert kernels._tilings() == (kernels.UNTUNED,)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels._tilings() == (kernels.INTERPRETED,)
+
+    kernel = kernels._lora_backward_kernel
+    configs, cache = kernel.configs, kernel.cache
+    with pytest.raises(RuntimeError), kernels.pinned_tiling((64, 64, 32, 4, 2)):
+        (config,) = kernel.configs
+        assert (config.kwargs["BLOCK_N"], config.num_stages) == (64, 2)
+        raise RuntimeError("a failing call inside the block")
+    assert kernel.configs is configs and kernel.cache is cache
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]

@@ -115,23 +115,37 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
     }
 
 
+def configs(name: str) -> list:
+    """The whole autotune space (lora.TILINGS), whatever STITCHOPS_AUTOTUNE says."""
+    tiles = lora._FORWARD_TILES if name == "_lowrank_matmul_kernel" else lora._BACKWARD_TILES
+    return [lora._config(tiling, *tiles) for tiling in lora.TILINGS]
+
+
 def main() -> None:
     for name, (flags, unit_strides) in KERNELS.items():
         fn = getattr(lora, name).fn
-        for config in getattr(lora, name).configs:
+        for config in configs(name):
             for arch in ARCHS:
                 for dtype in DTYPES:
                     row = compile_one(fn, flags, unit_strides, dtype, arch, config)
                     print(json.dumps(row), flush=True)
     for variant, (name, overrides, unit_strides) in VARIANTS.items():
         base_flags, base_strides = KERNELS[name]
-        autotuned = getattr(lora, name)
-        largest = max(autotuned.configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        for config in dict.fromkeys([autotuned.configs[0], largest]):
+        space = configs(name)
+        largest = max(space, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        for config in dict.fromkeys([space[0], largest]):
             for arch in ARCHS:
-                row = compile_one(autotuned.fn, {**base_flags, **overrides},
+                row = compile_one(getattr(lora, name).fn, {**base_flags, **overrides},
                                   unit_strides or base_strides, "bf16", arch, config)  # fmt: skip
                 print(json.dumps({**row, "variant": variant}), flush=True)
+    # The fallback tiling at the largest rank (the most shared memory), in both dtypes.
+    for name, (flags, unit_strides) in KERNELS.items():
+        untuned = configs(name)[lora.TILINGS.index(lora.UNTUNED)]
+        for arch in ARCHS:
+            for dtype in DTYPES:
+                row = compile_one(getattr(lora, name).fn, {**flags, "BLOCK_R": lora.MAX_RANK},
+                                  unit_strides, dtype, arch, untuned)  # fmt: skip
+                print(json.dumps({**row, "variant": "untuned, rank 128"}), flush=True)
 
 
 if __name__ == "__main__":
