@@ -15,7 +15,7 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.b
 
 def require_backend(backend: str, x: torch.Tensor, rank: int = 0) -> None:
     """Skip (with the backend's own reason) when ``backend`` cannot run on this machine."""
-    reasons = [] if backend == "torch" else lora_ops._kernel_reasons(backend, x, [x], rank)
+    reasons = [] if backend == "torch" else lora_ops._kernel_reasons(backend, x, [x], rank, 1)
     if reasons:
         pytest.skip(f"{backend} cannot run here: {'; '.join(reasons)}")
 

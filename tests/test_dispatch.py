@@ -55,7 +55,7 @@ def test_forced_triton_really_runs_the_triton_kernels(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises triton")
 def test_ci_runs_triton():
-    assert not lora_ops._kernel_reasons("triton", torch.empty(1), [torch.empty(1)], 1)
+    assert not lora_ops._kernel_reasons("triton", torch.empty(1), [torch.empty(1)], 1, 1)
 
 
 def test_forcing_an_unavailable_backend_lists_every_reason():
@@ -144,3 +144,19 @@ def test_cuda_backend_checks_the_built_machine_code(capability, built, runs):
     assert (reason is None) == runs, reason
     if not runs:
         assert "STITCHOPS_CUDA_ARCHS" in reason and f"{capability[0]}.{capability[1]}" in reason
+
+
+def test_triton_refuses_tensors_past_int32_offsets(monkeypatch):
+    """Views wide enough that y [T, OUT] reaches 2^31 elements, without allocating them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w = torch.zeros(64, 8)
+    at_limit = torch.zeros(1, 8).expand(2**31 // 64, 8)  # y [T, 64] spans exactly 2^31
+    reasons = lora_ops._kernel_reasons("triton", at_limit, [at_limit, w], 0, 64)
+    assert any("int32" in r for r in reasons), reasons
+    below = at_limit[1:]
+    assert not lora_ops._kernel_reasons("triton", below, [below, w], 0, 64)
+    # An input's own span counts too: two rows 2^31 - 7 elements apart (meta: no memory).
+    strided = torch.empty_strided((2, 8), (2**31 - 7, 1), device="meta")
+    for backend, refused in (("triton", True), ("cuda", False)):
+        reasons = lora_ops._kernel_reasons(backend, strided, [strided], 0, 64)
+        assert any("int32" in r for r in reasons) == refused, (backend, reasons)

@@ -28,12 +28,32 @@ from stitchops.reference import lora as reference
 
 MAX_KERNEL_RANK = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The Triton kernels form element offsets in int32 (row index × row stride): every tensor
+# they index must span fewer elements than this. The CUDA kernels use int64 offsets.
+TRITON_MAX_SPAN = 2**31
+
+
+def _span(t: torch.Tensor) -> int:
+    """1 + the largest element offset of ``t`` (its numel when contiguous; 0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    extents = zip(t.shape, t.stride(), strict=True)
+    return 1 + sum((size - 1) * abs(stride) for size, stride in extents)
 
 
 def _kernel_reasons(
-    backend: str, x: torch.Tensor, tensors: list[torch.Tensor], rank: int
+    backend: str, x: torch.Tensor, tensors: list[torch.Tensor], rank: int, out_features: int
 ) -> list[str]:
     reasons = _dispatch.device_reasons(backend, tensors)
+    if backend == "triton":
+        # The inputs, and what the kernels write: y [T, OUT] (dy is its shape), dx [T, IN].
+        tokens = math.prod(x.shape[:-1])
+        span = max(tokens * max(out_features, x.shape[-1]), *map(_span, tensors))
+        if span >= TRITON_MAX_SPAN:
+            reasons.append(
+                f"a tensor spans {span} elements, past the Triton kernels' int32 offsets "
+                "(< 2^31); the cuda backend (int64 offsets) takes it"
+            )
     if x.dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
     if backend == "triton" and x.dtype == torch.bfloat16 and _dispatch.triton_interpreting():
@@ -43,11 +63,11 @@ def _kernel_reasons(
     return reasons
 
 
-def _choose(x: torch.Tensor, tensors: list[torch.Tensor], rank: int) -> str:
+def _choose(x: torch.Tensor, tensors: list[torch.Tensor], rank: int, out_features: int) -> str:
     reasons = {
         "torch": lambda: [],
-        "triton": lambda: _kernel_reasons("triton", x, tensors, rank),
-        "cuda": lambda: _kernel_reasons("cuda", x, tensors, rank),
+        "triton": lambda: _kernel_reasons("triton", x, tensors, rank, out_features),
+        "cuda": lambda: _kernel_reasons("cuda", x, tensors, rank, out_features),
     }
     priority = ("triton", "cuda", "torch") if x.is_cuda else ("torch",)
     return _dispatch.choose("lora_linear", reasons, priority)
@@ -79,7 +99,8 @@ def _lora_linear_op(
     save_s: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rank = lora_a.shape[0] if lora_a is not None else 0
-    backend = _choose(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank)
+    tensors = _present(x, weight, bias, lora_a, lora_b, extra_bias)
+    backend = _choose(x, tensors, rank, weight.shape[0])
     # Every kernel reads the [OUT] biases with unit stride (a no-op copy when contiguous).
     bias = bias.contiguous() if bias is not None else None
     extra_bias = extra_bias.contiguous() if extra_bias is not None else None
@@ -115,7 +136,7 @@ def _lora_linear_backward_op(
 ) -> list[torch.Tensor]:
     """Returns [dx, dW, dA, dB, dbias]; a gradient not asked for is an empty tensor."""
     rank = lora_a.shape[0] if lora_a is not None else 0
-    backend = _choose(x, _present(grad_y, x, weight, lora_a, lora_b), rank)
+    backend = _choose(x, _present(grad_y, x, weight, lora_a, lora_b), rank, weight.shape[0])
     grads = _backend_module(backend).lora_backward(
         grad_y.contiguous(), x, weight, lora_a, lora_b, s, scale,
         need_x, need_weight, need_a, need_b, need_bias,
