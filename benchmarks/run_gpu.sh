@@ -36,7 +36,14 @@ for s in "${STEPS[@]}"; do
       step build env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps --no-build-isolation -e .
       step info "$PY" -m stitchops info
       ;;
-    test) step test "$PY" -m pytest -q -rs --ignore=tests/test_cuda_sanitizer.py ;;
+    test)
+      # Spread over 8 processes when pytest-xdist is there (the GPU image has it): most of
+      # the time goes into compiling Triton kernels, one CPU core per compile.
+      parallel=()
+      "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}" --dist loadscope)
+      step test "$PY" -m pytest -q -rs --durations=15 "${parallel[@]}" \
+        --ignore=tests/test_cuda_sanitizer.py
+      ;;
     sanitize) step sanitize "$PY" -m pytest -q -rs tests/test_cuda_sanitizer.py ;;
     bench)
       step bench_lora "$PY" benchmarks/bench_lora.py
