@@ -6,6 +6,8 @@ then time forward and forward+backward (grad for x, A, B, bias; W frozen as in S
   triton    stitchops.lora_linear with the triton backend
   cuda      stitchops.lora_linear with the cuda backend
   floor     the bare frozen GEMM: x·Wᵀ forward, plus dY·W backward
+  compiled  torch.compile of the unfused code (Inductor's own fusion), on a GPU at the
+            acceptance shape only (compiling every shape would take minutes)
 Reports median ms, TFLOP/s of the useful work, and the ratios vs unfused and vs the floor.
 
     python benchmarks/bench_lora.py            # full table on a GPU; a small CPU table here
@@ -129,7 +131,8 @@ def backends_for(device: str) -> list[str]:
     return [b for b in ("triton", "cuda") if avail[b] is None]
 
 
-def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings):
+def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings, extra=None):
+    """Rows (fwd, fwd+bwd) for one shape; ``extra``: more implementations by name."""
     case = make_case(tokens, in_f, out_f, rank, dtype, device)
     grad = torch.randn(tokens, out_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ref32 = {k: v.float().detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
@@ -156,9 +159,10 @@ def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings):
         timings = {"unfused": step(unfused, case, grad, backward),
                    "floor": floor_step(case, grad, backward)}  # fmt: skip
         errors = {"unfused": check(unfused, case, grad, ref, tol)}
-        for backend in backends_for(device):
-            errors[backend] = check(fused(backend), case, grad, ref, tol)
-            timings[backend] = step(fused(backend), case, grad, backward)
+        impls = {backend: fused(backend) for backend in backends_for(device)}
+        for name, fn in {**impls, **(extra or {})}.items():
+            errors[name] = check(fn, case, grad, ref, tol)
+            timings[name] = step(fn, case, grad, backward)
         for name, fn in timings.items():
             t = median_ms(fn, device, budget_ms)
             row[name] = {**t, "tflops": row["gflop"] / t["ms"]}
@@ -172,18 +176,23 @@ def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings):
     return rows
 
 
+def implementations(rows) -> list[str]:
+    """Every implementation timed in any row, in first-seen order (some rows lack some)."""
+    return list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict)))
+
+
 def print_table(rows) -> None:
-    impls = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    impls = implementations(rows)
     head = f"{'tokens':>7} {'in→out':>10} {'r':>3} {'dtype':>8} {'pass':>8} " + " ".join(
         f"{name + ' ms':>12}" for name in impls
     )
     print(head + "   speedup vs unfused / time vs floor / fraction of the roofline")
     for r in rows:
-        cells = " ".join(f"{r[n]['ms']:12.3f}" for n in impls)
+        cells = " ".join(f"{r[n]['ms']:12.3f}" if n in r else f"{'-':>12}" for n in impls)
         ratios = ", ".join(
             f"{n}: {r[n]['vs_unfused']:.2f}x / {r[n]['vs_floor']:.2f}x / {r[n]['of_roofline']:.0%}"
             for n in impls
-            if n not in ("unfused", "floor")
+            if n not in ("unfused", "floor") and n in r
         )
         print(f"{r['tokens']:>7} {r['in']:>4}→{r['out']:<5} {r['rank']:>3} {r['dtype']:>8} "
               f"{r['pass']:>8} {cells}   {ratios}")  # fmt: skip
@@ -194,6 +203,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per cell")
     parser.add_argument("--no-save", action="store_true", help="do not write results/")
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time torch.compile(unfused) at the acceptance shape (GPU default)",
+    )
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     grid = list(itertools.product(
@@ -212,8 +227,12 @@ def main(argv=None) -> int:
     if not args.no_save:
         write_results("ceilings", args.device, ceilings)
     rows = []
+    compiled = gpu if args.compiled is None else args.compiled
     for tokens, (in_f, out_f), rank, dtype in tqdm(grid, desc="lora_linear") if tqdm else grid:
-        rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget, ceilings)
+        extra = None
+        if compiled and _is_acceptance_case(tokens, (in_f, out_f), rank, dtype):
+            extra = {"compiled": torch.compile(unfused, dynamic=False)}
+        rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget, ceilings, extra)
         if not args.no_save:  # after every case: a run cut short keeps what it measured
             path = write_results("lora_linear", args.device, rows)
     print_table(rows)

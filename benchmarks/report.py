@@ -13,7 +13,8 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def lora_table(rows: list[dict]) -> list[str]:
-    impls = [k for k in rows[0] if isinstance(rows[0][k], dict) and k not in ("unfused", "floor")]
+    timed = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict))
+    impls = [k for k in timed if k not in ("unfused", "floor")]  # "-" where a row lacks one
     heads = " | ".join(f"{i} ms (vs unfused, vs floor, TFLOP/s, of roofline)" for i in impls)
     lines = [f"| tokens | IN→OUT | r | dtype | pass | unfused ms | floor ms | {heads} |"]
     lines.append("|" + "---|" * (7 + len(impls)))
@@ -22,6 +23,8 @@ def lora_table(rows: list[dict]) -> list[str]:
             f"{r[i]['ms']:.3f} ({r[i]['vs_unfused']:.2f}x, {r[i]['vs_floor']:.2f}x, "
             f"{r[i]['tflops']:.2f}, "
             + (f"{r[i]['of_roofline']:.0%})" if "of_roofline" in r[i] else "n/a)")
+            if i in r
+            else "-"
             for i in impls
         ]
         lines.append(

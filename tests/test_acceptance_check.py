@@ -39,6 +39,14 @@ def test_met_when_the_best_backend_meets_every_target(acceptance):
     assert any("triton: 2.00x vs unfused" in line for line in lines)
 
 
+def test_compiled_baseline_is_reported_but_not_a_target(acceptance):
+    data = results(triton=(1.7, 1.2))
+    data["lora_linear"][1]["compiled"] = {"ms": 1.5, "vs_unfused": 1.2, "vs_floor": 1.3}
+    lines, ok = acceptance.check(data)
+    assert not ok  # torch.compile's figure cannot meet a target for the fused kernels
+    assert any("torch.compile" in line and "1.50x faster" in line for line in lines), lines
+
+
 @pytest.mark.parametrize(
     "change",
     [
