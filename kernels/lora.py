@@ -40,7 +40,7 @@ def _interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    """False with STITCHOPS_AUTOTUNE=0: every launch uses UNTUNED (fast first call, slower)."""
+    """False with STITCHOPS_AUTOTUNE=0: one fallback tiling per GPU, no search (read at import)."""
     return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
 
 
@@ -52,12 +52,17 @@ TILINGS = (
     (128, 64, 64, 4, 4),
     (64, 64, 64, 4, 4),
     (128, 128, 32, 4, 3),
+    (64, 64, 32, 4, 3),
 )
-# The tiling that fits shared memory at every rank (up to 128) and dtype, forward and
-# backward, on sm_80 and sm_90 (tests/test_triton_compile.py checks it); the others do not
-# all fit at fp32 and high rank (the backward at rank 128 in fp32 needs 240-416 KB with them
-# on sm_90). It is the autotuner's fallback, and the only tiling with STITCHOPS_AUTOTUNE=0.
+# Fallbacks, each checked by tests/test_triton_compile.py to fit shared memory at rank 128
+# (the most) in fp32 and bf16, forward and backward; the other tilings do not all fit there
+# (the fp32 backward at rank 128 needs 240-416 KB with them on sm_90, bf16 106-180 KB).
+# UNTUNED fits the 163 KB of sm_80 and the 227 KB of sm_90; SMALL the 99 KB of sm_86, sm_89
+# and sm_120 (GeForce and workstation cards). With STITCHOPS_AUTOTUNE=0 a launch runs the
+# one of the two its GPU's shared memory calls for.
 UNTUNED = (128, 128, 32, 4, 3)
+SMALL = (64, 64, 32, 4, 3)
+UNTUNED_MIN_SHARED = 163 * 1024  # bytes per block (opt-in) that UNTUNED is checked against
 # Under the CPU interpreter: one small tiling (warps and stages mean nothing there).
 INTERPRETED = (32, 32, 32, 4, 1)
 
@@ -65,7 +70,25 @@ INTERPRETED = (32, 32, 32, 4, 1)
 def _tilings() -> tuple[tuple[int, int, int, int, int], ...]:
     if _interpreting():
         return (INTERPRETED,)
-    return TILINGS if autotune_enabled() else (UNTUNED,)
+    return TILINGS if autotune_enabled() else (UNTUNED, SMALL)
+
+
+def _max_shared_memory(device_index: int) -> int:
+    """Shared memory one block may opt into on this GPU: the limit Triton launches against."""
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _one_tiling_for_this_gpu(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotuner prune with STITCHOPS_AUTOTUNE=0: of (UNTUNED, SMALL), the one that fits."""
+    if len(configs) != 2:
+        return configs
+    device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+    return [configs[0] if _max_shared_memory(device.index) >= UNTUNED_MIN_SHARED else configs[1]]
+
+
+_PRUNE = None if _interpreting() or autotune_enabled() else _one_tiling_for_this_gpu
 
 
 def _config(tiling: tuple[int, ...], tile_names: tuple[str, str, str], extra: dict[str, int]):
@@ -88,6 +111,7 @@ ROW_ALIGN = 32 if _interpreting() else 128
 @triton.autotune(
     configs=[_config(t, *_FORWARD_TILES) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _PRUNE} if _PRUNE else None,
 )
 @triton.jit
 def _lowrank_matmul_kernel(
@@ -176,6 +200,7 @@ def _lowrank_matmul_kernel(
 @triton.autotune(
     configs=[_config(t, *_BACKWARD_TILES) for t in _tilings()],
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
+    prune_configs_by={"early_config_prune": _PRUNE} if _PRUNE else None,
 )
 @triton.jit
 def _lora_backward_kernel(

@@ -10,8 +10,8 @@ Without a GPU:
 
 With a GPU:
 - The Triton kernels run one tiling (``STITCHOPS_AUTOTUNE=0``, unless the shell sets it):
-  autotuning every shape the suite uses would compile some 650 kernels (108 autotune keys
-  on the CPU suite, × 6 tilings; tests/triton_aot.py takes ~1.3 s a compile on our CPU
+  autotuning every shape the suite uses would compile some 750 kernels (108 autotune keys
+  on the CPU suite, × 7 tilings; tests/triton_aot.py takes ~1.3 s a compile on our CPU
   machine), over ten minutes of compiling. Each tiling of the
   autotune space is still run, pinned, by test_every_triton_tiling_matches_float64_reference.
 """

@@ -145,16 +145,25 @@ def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtyp
 
 
 def test_autotune_switch_and_pinned_tiling(monkeypatch):
-    """STITCHOPS_AUTOTUNE=0 leaves UNTUNED alone; pinned_tiling puts everything back on exit."""
+    """STITCHOPS_AUTOTUNE=0: the fallback that fits this GPU; pinned_tiling restores on exit."""
     pytest.importorskip("triton")
     from stitchops.kernels import lora as kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert kernels._tilings() == kernels.TILINGS and kernels.UNTUNED in kernels.TILINGS
+    assert kernels._tilings() == kernels.TILINGS
+    assert {kernels.UNTUNED, kernels.SMALL} <= set(kernels.TILINGS)
     monkeypatch.setenv("STITCHOPS_AUTOTUNE", "0")
-    assert kernels._tilings() == (kernels.UNTUNED,)
+    assert kernels._tilings() == (kernels.UNTUNED, kernels.SMALL)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels._tilings() == (kernels.INTERPRETED,)
+
+    fallbacks = [kernels._config(t, *kernels._BACKWARD_TILES) for t in (kernels.UNTUNED,
+                                                                        kernels.SMALL)]  # fmt: skip
+    args = {"dy_ptr": torch.empty(1), "M": 7}
+    for shared_kb, picked in ((227, kernels.UNTUNED), (163, kernels.UNTUNED), (99, kernels.SMALL)):
+        monkeypatch.setattr(kernels, "_max_shared_memory", lambda index, kb=shared_kb: kb * 1024)
+        (config,) = kernels._one_tiling_for_this_gpu(fallbacks, args)
+        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == picked[:2], shared_kb
 
     kernel = kernels._lora_backward_kernel
     configs, cache = kernel.configs, kernel.cache

@@ -21,6 +21,15 @@ from stitchops import _dispatch
 HERE = Path(__file__).resolve().parent
 # Largest dynamic shared memory one block may use (A100: 163 KB, H100/H200: 227 KB).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# sm_86 / sm_89 / sm_120 (RTX 30 / 40 / 50, L4, A10...): 99 KB.
+SMALL_SHARED_LIMIT = {86: 99 * 1024, 120: 99 * 1024}
+
+
+def _fallback_variant(tiling) -> str:  # as tests/triton_aot.py names its rows
+    return f"fallback {tiling}, rank 128"
+
+
+FALLBACK_VARIANTS = {_fallback_variant(t) for t in ((128, 128, 32, 4, 3), (64, 64, 32, 4, 3))}
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +89,7 @@ def test_some_config_fits_each_arch(grid):
 
 def test_every_other_specialisation_compiles_and_fits(compiled):
     """No LoRA, ranks 64 / 128, the split-K dW pass, subsets of the backward's outputs."""
-    variants = {row["variant"] for row in compiled if "variant" in row} - {"untuned, rank 128"}
+    variants = {r["variant"] for r in compiled if "variant" in r} - FALLBACK_VARIANTS
     assert len(variants) == 8, variants
     for variant in variants:
         for arch, limit in SHARED_LIMIT.items():
@@ -89,20 +98,26 @@ def test_every_other_specialisation_compiles_and_fits(compiled):
             assert any(r["shared"] <= limit for r in rows), f"{variant} sm_{arch}: none fits"
 
 
-def test_untuned_tiling_fits_every_rank_and_dtype(compiled):
-    """lora.UNTUNED fits at rank 128 (the most shared memory) in fp32 and bf16 on both archs.
+def test_fallback_tilings_fit_every_rank_and_dtype(compiled):
+    """At rank 128 (the most shared memory), fp32 and bf16, forward and backward:
+    lora.UNTUNED fits sm_80 and sm_90, lora.SMALL the 99 KB GPUs.
 
-    It is the autotuner's fallback, so some tiling fits every call the op accepts; and the
-    only one with STITCHOPS_AUTOTUNE=0.
+    Both are in the autotune space, so some tiling fits every call the op accepts on those
+    GPUs; with STITCHOPS_AUTOTUNE=0 a launch runs the one its GPU calls for.
     """
-    rows = [r for r in compiled if r.get("variant") == "untuned, rank 128"]
-    assert {(r["kernel"], r["arch"], r["dtype"]) for r in rows} == {
-        (kernel, arch, dtype)
-        for kernel in ("_lowrank_matmul_kernel", "_lora_backward_kernel")
-        for arch in SHARED_LIMIT
-        for dtype in ("bf16", "fp32")
-    }
-    for row in rows:
-        limit = SHARED_LIMIT[row["arch"]]
-        where = f"{row['kernel']} sm_{row['arch']} {row['dtype']}"
-        assert row["shared"] <= limit, f"{where}: {row['shared']} B > {limit} B"
+    from stitchops.kernels import lora
+
+    for tiling, limits in ((lora.UNTUNED, SHARED_LIMIT), (lora.SMALL, SMALL_SHARED_LIMIT)):
+        assert _fallback_variant(tiling) in FALLBACK_VARIANTS, tiling
+        rows = [r for r in compiled if r.get("variant") == _fallback_variant(tiling)]
+        assert {(r["kernel"], r["arch"], r["dtype"]) for r in rows} == {
+            (kernel, arch, dtype)
+            for kernel in ("_lowrank_matmul_kernel", "_lora_backward_kernel")
+            for arch in limits
+            for dtype in ("bf16", "fp32")
+        }, tiling
+        for row in rows:
+            limit = limits[row["arch"]]
+            where = f"{tiling} {row['kernel']} sm_{row['arch']} {row['dtype']}"
+            assert row["shared"] <= limit, f"{where}: {row['shared']} B > {limit} B"
+    assert min(SHARED_LIMIT.values()) == lora.UNTUNED_MIN_SHARED

@@ -49,6 +49,7 @@ KERNELS = {
     ),
 }
 ARCHS = (80, 90)
+SMALL_SHARED_ARCHS = (86, 120)  # 99 KB of shared memory per block: GeForce / workstation
 DTYPES = ("bf16", "fp32")
 
 # The other specialisations launches ask for, each compiled in bf16 with the first and the
@@ -138,14 +139,17 @@ def main() -> None:
                 row = compile_one(getattr(lora, name).fn, {**base_flags, **overrides},
                                   unit_strides or base_strides, "bf16", arch, config)  # fmt: skip
                 print(json.dumps({**row, "variant": variant}), flush=True)
-    # The fallback tiling at the largest rank (the most shared memory), in both dtypes.
-    for name, (flags, unit_strides) in KERNELS.items():
-        untuned = configs(name)[lora.TILINGS.index(lora.UNTUNED)]
-        for arch in ARCHS:
-            for dtype in DTYPES:
-                row = compile_one(getattr(lora, name).fn, {**flags, "BLOCK_R": lora.MAX_RANK},
-                                  unit_strides, dtype, arch, untuned)  # fmt: skip
-                print(json.dumps({**row, "variant": "untuned, rank 128"}), flush=True)
+    # The fallback tilings at the largest rank (the most shared memory), in both dtypes, on
+    # the archs each is for: UNTUNED on sm_80 / sm_90, SMALL on the 99 KB sm_86 / sm_120.
+    for tiling, archs in ((lora.UNTUNED, ARCHS), (lora.SMALL, SMALL_SHARED_ARCHS)):
+        for name, (flags, unit_strides) in KERNELS.items():
+            config = configs(name)[lora.TILINGS.index(tiling)]
+            for arch in archs:
+                for dtype in DTYPES:
+                    row = compile_one(getattr(lora, name).fn, {**flags, "BLOCK_R": lora.MAX_RANK},
+                                      unit_strides, dtype, arch, config)  # fmt: skip
+                    print(json.dumps({**row, "variant": f"fallback {tiling}, rank 128"}),
+                          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
