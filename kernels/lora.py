@@ -80,12 +80,17 @@ def _max_shared_memory(device_index: int) -> int:
     return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
+def fallback_tiling(device_index: int) -> tuple[int, int, int, int, int]:
+    """The fallback tiling that fits every rank and dtype on this GPU: UNTUNED or SMALL."""
+    return UNTUNED if _max_shared_memory(device_index) >= UNTUNED_MIN_SHARED else SMALL
+
+
 def _one_tiling_for_this_gpu(configs: list, named_args: dict, **kwargs) -> list:
     """Autotuner prune with STITCHOPS_AUTOTUNE=0: of (UNTUNED, SMALL), the one that fits."""
     if len(configs) != 2:
         return configs
     device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
-    return [configs[0] if _max_shared_memory(device.index) >= UNTUNED_MIN_SHARED else configs[1]]
+    return [configs[0] if fallback_tiling(device.index) == UNTUNED else configs[1]]
 
 
 _PRUNE = None if _interpreting() or autotune_enabled() else _one_tiling_for_this_gpu

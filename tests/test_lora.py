@@ -138,10 +138,19 @@ def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtyp
     on a GPU (tests/conftest.py sets STITCHOPS_AUTOTUNE=0 there to keep compile time down).
     """
     from stitchops.kernels import lora as kernels
+    from triton.runtime.errors import OutOfResources
 
+    too_big = []
     with kernels.pinned_tiling(tiling):
         for case in TILING_CASES:
-            check_against_float64(case, dtype, "triton")
+            try:
+                check_against_float64(case, dtype, "triton")
+            except OutOfResources as err:  # a GPU's shared memory; never the interpreter
+                too_big.append(f"{case.id}: {err}")  # the autotuner skips it the same way
+    if too_big and tiling == kernels.fallback_tiling(torch.cuda.current_device()):
+        pytest.fail(f"this GPU's fallback tiling must fit every rank: {too_big}")
+    if len(too_big) == len(TILING_CASES):
+        pytest.skip(f"this GPU's shared memory fits neither case: {too_big}")
 
 
 def test_autotune_switch_and_pinned_tiling(monkeypatch):
