@@ -134,8 +134,9 @@ TILING_CASES = [
 def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtype):
     """Each tiling the autotuner may pick, pinned in turn, is exact at edge-straddling sizes.
 
-    Elsewhere the Triton kernels run one tiling: the interpreter's small one on CPU, UNTUNED
-    on a GPU (tests/conftest.py sets STITCHOPS_AUTOTUNE=0 there to keep compile time down).
+    Elsewhere the Triton kernels run one tiling: the interpreter's small one on CPU, the
+    GPU's fallback on a GPU (tests/conftest.py sets STITCHOPS_AUTOTUNE=0 there, to keep
+    compile time down).
     """
     from stitchops.kernels import lora as kernels
     from triton.runtime.errors import OutOfResources
