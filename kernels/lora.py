@@ -24,24 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from stitchops._dispatch import triton_autotune_enabled, triton_interpreting
 from stitchops._memory import new_output
 
 MAX_RANK = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def autotune_enabled() -> bool:
-    """False with STITCHOPS_AUTOTUNE=0: one fallback tiling per GPU, no search (read at import)."""
-    return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
 
 
 # Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
@@ -68,9 +59,9 @@ INTERPRETED = (32, 32, 32, 4, 1)
 
 
 def _tilings() -> tuple[tuple[int, int, int, int, int], ...]:
-    if _interpreting():
+    if triton_interpreting():
         return (INTERPRETED,)
-    return TILINGS if autotune_enabled() else (UNTUNED, SMALL)
+    return TILINGS if triton_autotune_enabled() else (UNTUNED, SMALL)
 
 
 def _max_shared_memory(device_index: int) -> int:
@@ -93,28 +84,27 @@ def _one_tiling_for_this_gpu(configs: list, named_args: dict, **kwargs) -> list:
     return [configs[0] if fallback_tiling(device.index) == UNTUNED else configs[1]]
 
 
-_PRUNE = None if _interpreting() or autotune_enabled() else _one_tiling_for_this_gpu
+_PRUNE = None if triton_interpreting() or triton_autotune_enabled() else _one_tiling_for_this_gpu
 
 
-def _config(tiling: tuple[int, ...], tile_names: tuple[str, str, str], extra: dict[str, int]):
+def _config(tiling: tuple[int, ...], **extra: int) -> triton.Config:
     bm, bn, bk, warps, stages = tiling
-    m, n, k = tile_names
-    return triton.Config({m: bm, n: bn, k: bk, **extra}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
+                         num_warps=warps, num_stages=stages)  # fmt: skip
 
 
-_FORWARD_TILES = (("BLOCK_M", "BLOCK_N", "BLOCK_K"), {"GROUP_M": 8})
-_BACKWARD_TILES = (("BLOCK_M", "BLOCK_N", "BLOCK_K"), {})
+_FORWARD_EXTRA = {"GROUP_M": 8}  # the forward's meta-parameters beyond the tile sizes
 
 
 # Token ranges of the backward (and dW's split-K ranges) are aligned to this many rows: on a
 # GPU a multiple of every BLOCK_M, so that only a range's last row block is partial. The
 # kernels mask by the range's end, so a tiling that breaks this (pinned_tiling under the
 # interpreter) is still exact.
-ROW_ALIGN = 32 if _interpreting() else 128
+ROW_ALIGN = 32 if triton_interpreting() else 128
 
 
 @triton.autotune(
-    configs=[_config(t, *_FORWARD_TILES) for t in _tilings()],
+    configs=[_config(t, **_FORWARD_EXTRA) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _PRUNE} if _PRUNE else None,
 )
@@ -203,7 +193,7 @@ def _lowrank_matmul_kernel(
 
 
 @triton.autotune(
-    configs=[_config(t, *_BACKWARD_TILES) for t in _tilings()],
+    configs=[_config(t) for t in _tilings()],
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
     prune_configs_by={"early_config_prune": _PRUNE} if _PRUNE else None,
 )
@@ -324,11 +314,11 @@ def pinned_tiling(tiling: tuple[int, int, int, int, int]):
     No autotuning inside the block; the autotune space and its cached choices come back on
     exit. For tests (each tiling of TILINGS checked for exactness) and for tuning by hand.
     """
-    kernels = ((_lowrank_matmul_kernel, _FORWARD_TILES), (_lora_backward_kernel, _BACKWARD_TILES))
+    kernels = ((_lowrank_matmul_kernel, _FORWARD_EXTRA), (_lora_backward_kernel, {}))
     saved = [(kernel, kernel.configs, kernel.cache) for kernel, _ in kernels]
     try:
-        for kernel, tiles in kernels:
-            kernel.configs, kernel.cache = [_config(tiling, *tiles)], {}
+        for kernel, extra in kernels:
+            kernel.configs, kernel.cache = [_config(tiling, **extra)], {}
         yield
     finally:
         for kernel, configs, cache in saved:

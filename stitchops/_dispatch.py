@@ -68,6 +68,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_autotune_enabled() -> bool:
+    """False with STITCHOPS_AUTOTUNE=0: one fallback tiling per GPU, no search (read at import
+    of the Triton kernels)."""
+    return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
+
+
 @functools.cache
 def triton_missing_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:

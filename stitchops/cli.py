@@ -42,9 +42,9 @@ def info(_args) -> int:
         major, minor = torch.cuda.get_device_capability()
         print(f"GPU: {torch.cuda.get_device_name()} (compute capability {major}.{minor})")
     if _dispatch.triton_missing_reason() is None:
-        tuned = os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
+        tuned = _dispatch.triton_autotune_enabled()
         print("triton kernels: " + ("autotuned per shape" if tuned else
-                                    "STITCHOPS_AUTOTUNE=0, one fixed tiling"))  # fmt: skip
+                                    "STITCHOPS_AUTOTUNE=0, one fallback tiling"))  # fmt: skip
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device}:")

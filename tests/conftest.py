@@ -78,10 +78,12 @@ def _emulate_cuda_without_gpu(request, monkeypatch):
 
 
 def pytest_report_header(config):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from stitchops import _dispatch
+
+    if _dispatch.triton_interpreting():
         return "triton: CPU interpreter, one small tiling (each autotune tiling pinned in turn)"
-    autotune = os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
-    return f"triton: {'autotuned' if autotune else 'STITCHOPS_AUTOTUNE=0, one tiling'}"
+    tuned = _dispatch.triton_autotune_enabled()
+    return f"triton: {'autotuned' if tuned else 'STITCHOPS_AUTOTUNE=0, one fallback tiling'}"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -167,8 +167,7 @@ def test_autotune_switch_and_pinned_tiling(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels._tilings() == (kernels.INTERPRETED,)
 
-    fallbacks = [kernels._config(t, *kernels._BACKWARD_TILES) for t in (kernels.UNTUNED,
-                                                                        kernels.SMALL)]  # fmt: skip
+    fallbacks = [kernels._config(t) for t in (kernels.UNTUNED, kernels.SMALL)]
     args = {"dy_ptr": torch.empty(1), "M": 7}
     for shared_kb, picked in ((227, kernels.UNTUNED), (163, kernels.UNTUNED), (99, kernels.SMALL)):
         monkeypatch.setattr(kernels, "_max_shared_memory", lambda index, kb=shared_kb: kb * 1024)

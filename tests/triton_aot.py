@@ -118,8 +118,8 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
 
 def configs(name: str) -> list:
     """The whole autotune space (lora.TILINGS), whatever STITCHOPS_AUTOTUNE says."""
-    tiles = lora._FORWARD_TILES if name == "_lowrank_matmul_kernel" else lora._BACKWARD_TILES
-    return [lora._config(tiling, *tiles) for tiling in lora.TILINGS]
+    extra = lora._FORWARD_EXTRA if name == "_lowrank_matmul_kernel" else {}
+    return [lora._config(tiling, **extra) for tiling in lora.TILINGS]
 
 
 def main() -> None:
