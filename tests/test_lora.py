@@ -139,19 +139,21 @@ def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtyp
     compile time down).
     """
     from stitchops.kernels import lora as kernels
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     too_big = []
     with kernels.pinned_tiling(tiling):
         for case in TILING_CASES:
             try:
                 check_against_float64(case, dtype, "triton")
-            except OutOfResources as err:  # a GPU's shared memory; never the interpreter
-                too_big.append(f"{case.id}: {err}")  # the autotuner skips it the same way
+            # Too much shared memory or registers for this GPU (never the interpreter): the
+            # autotuner skips such a tiling the same way.
+            except (OutOfResources, PTXASError) as err:
+                too_big.append(f"{case.id}: {type(err).__name__}: {str(err)[:300]}")
     if too_big and tiling == kernels.fallback_tiling(torch.cuda.current_device()):
-        pytest.fail(f"this GPU's fallback tiling must fit every rank: {too_big}")
+        pytest.fail(f"this GPU's fallback tiling must compile and fit at every rank: {too_big}")
     if len(too_big) == len(TILING_CASES):
-        pytest.skip(f"this GPU's shared memory fits neither case: {too_big}")
+        pytest.skip(f"this tiling fits this GPU in neither case: {too_big}")
 
 
 def test_autotune_switch_and_pinned_tiling(monkeypatch):

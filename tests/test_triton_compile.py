@@ -21,15 +21,18 @@ from stitchops import _dispatch
 HERE = Path(__file__).resolve().parent
 # Largest dynamic shared memory one block may use (A100: 163 KB, H100/H200: 227 KB).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# sm_86 / sm_89 / sm_120 (RTX 30 / 40 / 50, L4, A10...): 99 KB.
-SMALL_SHARED_LIMIT = {86: 99 * 1024, 120: 99 * 1024}
+# The archs the fallback tilings are for (lora.UNTUNED, lora.SMALL), with their limits:
+# UNTUNED also on sm_100 (B200, 227 KB); SMALL on sm_86 / sm_89 / sm_120 (RTX 30 / 40 / 50,
+# L4, L40, A10...), 99 KB.
+UNTUNED_SHARED_LIMIT = {**SHARED_LIMIT, 100: 227 * 1024}
+SMALL_SHARED_LIMIT = {86: 99 * 1024, 89: 99 * 1024, 120: 99 * 1024}
 
 
 def _fallback_variant(tiling) -> str:  # as tests/triton_aot.py names its rows
     return f"fallback {tiling}, rank 128"
 
 
-FALLBACK_VARIANTS = {_fallback_variant(t) for t in ((128, 128, 32, 4, 3), (64, 64, 32, 4, 3))}
+FALLBACK_VARIANTS = {_fallback_variant(t) for t in ((128, 128, 32, 8, 3), (32, 64, 32, 4, 3))}
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +44,10 @@ def compiled() -> list[dict]:
             pytest.fail("CI must have triton")
         pytest.skip(_dispatch.triton_missing_reason())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(HERE / "triton_aot.py")], env=env,
+    # STITCHOPS_AOT_PYTHON: compile with another environment's Triton (e.g. 3.6, the one
+    # torch 2.11 ships with), as NOTES.md describes; by default this test's own.
+    python = os.environ.get("STITCHOPS_AOT_PYTHON", sys.executable)
+    result = subprocess.run([python, str(HERE / "triton_aot.py")], env=env,
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-6000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -67,11 +73,19 @@ def test_every_config_compiles_for_both_archs(grid):
         assert all(row["cubin_bytes"] > 0 for row in rows)
 
 
+def _expected_mma(arch: int, block_m: int) -> set[str]:
+    """Hopper's wgmma needs 64 rows per warpgroup; below that, as on Ampere, mma.sync.
+    Blackwell's tcgen05 where Triton picks it, mma.sync elsewhere (its backward, in 3.9)."""
+    if arch == 90:
+        return {"wgmma"} if block_m >= 64 else {"mma.sync"}
+    return {"tcgen05", "mma.sync"} if arch >= 100 else {"mma.sync"}
+
+
 def test_main_loops_use_tensor_cores_and_are_pipelined(compiled):
     for row in compiled:
-        expected = "wgmma" if row["arch"] == 90 else "mma.sync"
+        expected = _expected_mma(row["arch"], row["config"]["BLOCK_M"])
         where = f"{row['kernel']} sm_{row['arch']} {row['dtype']} {row['config']}"
-        assert row["mma"] == expected, where
+        assert row["mma"] in expected, where
         assert row["async_copies"] > 0, f"{where}: no asynchronous copies (loop not pipelined)"
 
 
@@ -100,14 +114,15 @@ def test_every_other_specialisation_compiles_and_fits(compiled):
 
 def test_fallback_tilings_fit_every_rank_and_dtype(compiled):
     """At rank 128 (the most shared memory), fp32 and bf16, forward and backward:
-    lora.UNTUNED fits sm_80 and sm_90, lora.SMALL the 99 KB GPUs.
+    lora.UNTUNED fits sm_80, sm_90 and sm_100, lora.SMALL the 99 KB GPUs (sm_86/89/120).
 
     Both are in the autotune space, so some tiling fits every call the op accepts on those
     GPUs; with STITCHOPS_AUTOTUNE=0 a launch runs the one its GPU calls for.
     """
     from stitchops.kernels import lora
 
-    for tiling, limits in ((lora.UNTUNED, SHARED_LIMIT), (lora.SMALL, SMALL_SHARED_LIMIT)):
+    fallbacks = ((lora.UNTUNED, UNTUNED_SHARED_LIMIT), (lora.SMALL, SMALL_SHARED_LIMIT))
+    for tiling, limits in fallbacks:
         assert _fallback_variant(tiling) in FALLBACK_VARIANTS, tiling
         rows = [r for r in compiled if r.get("variant") == _fallback_variant(tiling)]
         assert {(r["kernel"], r["arch"], r["dtype"]) for r in rows} == {

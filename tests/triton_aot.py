@@ -49,7 +49,10 @@ KERNELS = {
     ),
 }
 ARCHS = (80, 90)
-SMALL_SHARED_ARCHS = (86, 120)  # 99 KB of shared memory per block: GeForce / workstation
+# The fallback tilings are also compiled for the other archs they are meant for: UNTUNED for
+# sm_100 (Blackwell datacenter, 227 KB per block like sm_90), SMALL for the 99 KB archs.
+UNTUNED_ARCHS = (80, 90, 100)
+SMALL_SHARED_ARCHS = (86, 89, 120)  # 99 KB of shared memory per block: GeForce / workstation
 DTYPES = ("bf16", "fp32")
 
 # The other specialisations launches ask for, each compiled in bf16 with the first and the
@@ -77,6 +80,10 @@ VARIANTS = {
     ),
     "backward no dx": ("_lora_backward_kernel", dict(NEED_DX=False), None),
 }
+
+
+# Tensor-core instructions, as they appear in the PTX: Blackwell's, Hopper's, Ampere's.
+MMA_KINDS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
 
 
 def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) -> dict:
@@ -110,7 +117,7 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
         "dtype": dtype,
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
         "shared": kernel.metadata.shared,
-        "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "",
+        "mma": next((kind for kind, instruction in MMA_KINDS if instruction in ptx), ""),
         "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma"),
         "cubin_bytes": len(kernel.asm["cubin"]),
     }
@@ -140,8 +147,8 @@ def main() -> None:
                                   unit_strides or base_strides, "bf16", arch, config)  # fmt: skip
                 print(json.dumps({**row, "variant": variant}), flush=True)
     # The fallback tilings at the largest rank (the most shared memory), in both dtypes, on
-    # the archs each is for: UNTUNED on sm_80 / sm_90, SMALL on the 99 KB sm_86 / sm_120.
-    for tiling, archs in ((lora.UNTUNED, ARCHS), (lora.SMALL, SMALL_SHARED_ARCHS)):
+    # the archs each is for: UNTUNED on sm_80 / sm_90 / sm_100, SMALL on the 99 KB archs.
+    for tiling, archs in ((lora.UNTUNED, UNTUNED_ARCHS), (lora.SMALL, SMALL_SHARED_ARCHS)):
         for name, (flags, unit_strides) in KERNELS.items():
             config = configs(name)[lora.TILINGS.index(tiling)]
             for arch in archs:
