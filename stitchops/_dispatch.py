@@ -145,9 +145,10 @@ def capability_reason(capability: tuple[int, int], built: str = "unknown") -> st
     """Why stitchops._C cannot run on a GPU of this compute capability, or None.
 
     ``built`` is the module's machine code ("80;90a", from STITCHOPS_CUDA_ARCHS at build
-    time). Machine code for sm_XY runs on compute capability X.Z with Z >= Y; an
-    architecture-specific target (sm_90a) only on exactly that capability; nothing runs
-    across major versions (the build embeds no PTX to recompile).
+    time). Machine code for sm_XY, or for the family target sm_XYf, runs on compute
+    capability X.Z with Z >= Y; an architecture-specific target (sm_90a) only on exactly
+    that capability; nothing runs across major versions (the build embeds no PTX to
+    recompile).
     """
     major, minor = capability
     if capability < (8, 0):
@@ -156,10 +157,10 @@ def capability_reason(capability: tuple[int, int], built: str = "unknown") -> st
             "(bf16 tensor cores, cp.async); the triton backend may still run"
         )
     archs = [a.strip() for a in built.split(";") if a.strip()]
-    if not archs or not all(a.rstrip("a").isdigit() for a in archs):
+    if not archs or not all(a.rstrip("af").isdigit() for a in archs):
         return None  # an older or emulated build that does not say: let the launch tell
     for arch in archs:
-        code = int(arch.rstrip("a"))
+        code = int(arch.rstrip("af"))
         a_major, a_minor = divmod(code, 10)
         exact = arch.endswith("a")
         if a_major == major and (a_minor == minor if exact else a_minor <= minor):

@@ -2,8 +2,10 @@
 
 Every ``csrc/*.cu`` is compiled for sm_80 and sm_90a, and the torch binding is compiled,
 linked with those objects and imported, so a broken CUDA source or binding fails CI on a
-machine without a GPU. (The kernels run in tests/test_lora.py, backend cuda: on the GPU, or
-on the host emulator of tests/cuda_emulator without one.)
+machine without a GPU. The sources are also compiled for the archs a user may build for
+with STITCHOPS_CUDA_ARCHS (Blackwell's sm_100 and sm_120), down to machine code. (The
+kernels run in tests/test_lora.py, backend cuda: on the GPU, or on the host emulator of
+tests/cuda_emulator without one.)
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))
 ARCHS = ("80", "90a")
+OTHER_ARCHS = ("100", "120")  # B200 / RTX 50: not in the default build, but supported
 
 pytestmark = pytest.mark.slow
+
+
+def _compile(nvcc: str, src: Path, obj: Path, archs: tuple[str, ...]) -> None:
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # The flags torch's CUDAExtension adds in setup.py's real build (no implicit half /
+    # bf16 conversions or operators), so code that only builds without them fails here.
+    build.run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
+               *gencode, "-I", str(CSRC), str(src), "-o", str(obj)])  # fmt: skip
 
 
 def _nvcc() -> str:
@@ -55,11 +66,7 @@ def objects(tmp_path_factory) -> list[Path]:
     built = []
     for src in KERNEL_SOURCES:
         obj = out / (src.stem + ".o")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-        # The flags torch's CUDAExtension adds in setup.py's real build (no implicit half /
-        # bf16 conversions or operators), so code that only builds without them fails here.
-        build.run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
-                   *gencode, "-I", str(CSRC), str(src), "-o", str(obj)])  # fmt: skip
+        _compile(nvcc, src, obj, ARCHS)
         built.append(obj)
     return built
 
@@ -79,6 +86,13 @@ def test_kernel_sources_are_torch_free(source: str):
 def test_every_cu_compiles_for_sm80_and_sm90a(objects):
     assert [o.stem for o in objects] == [s.stem for s in KERNEL_SOURCES]
     assert all(o.stat().st_size > 0 for o in objects)
+
+
+@pytest.mark.parametrize("source", [p.name for p in KERNEL_SOURCES])
+def test_every_cu_compiles_for_blackwell(source: str, tmp_path):
+    obj = tmp_path / "kernel.o"
+    _compile(_nvcc(), CSRC / source, obj, OTHER_ARCHS)
+    assert obj.stat().st_size > 0
 
 
 def test_binding_links_and_imports(objects, tmp_path):

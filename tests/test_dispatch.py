@@ -135,6 +135,9 @@ def test_cuda_backend_refuses_gpus_older_than_sm80():
         ((9, 0), "80", False),  # nor across major versions
         ((10, 0), "80;90a", False),  # sm_90a runs on 9.0 only
         ((9, 0), "90", True),
+        ((10, 3), "80;90a;100f", True),  # a family target runs on 10.x, x >= 0
+        ((10, 0), "103f", False),
+        ((12, 0), "80;90a;100f", False),
         ((9, 0), "unknown", True),  # an older build that does not say
         ((9, 0), "emulated", True),
     ],
