@@ -62,11 +62,11 @@ INTERPRETED = (32, 32, 32, 4, 1)
 
 
 def _tilings() -> tuple[tuple[int, int, int, int, int], ...]:
-    if triton_interpreting():
-        return (INTERPRETED,)
-    return TILINGS if triton_autotune_enabled() else (UNTUNED, SMALL)
+    """The autotune space: TILINGS on a GPU, one small tiling under the interpreter."""
+    return (INTERPRETED,) if triton_interpreting() else TILINGS
 
 
+@functools.cache
 def _max_shared_memory(device_index: int) -> int:
     """Shared memory one block may opt into on this GPU: the limit Triton launches against."""
     from triton.runtime import driver
@@ -79,17 +79,6 @@ def fallback_tiling(device_index: int) -> tuple[int, int, int, int, int]:
     return UNTUNED if _max_shared_memory(device_index) >= UNTUNED_MIN_SHARED else SMALL
 
 
-def _one_tiling_for_this_gpu(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotuner prune with STITCHOPS_AUTOTUNE=0: of (UNTUNED, SMALL), the one that fits."""
-    if len(configs) != 2:
-        return configs
-    device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
-    return [configs[0] if fallback_tiling(device.index) == UNTUNED else configs[1]]
-
-
-_PRUNE = None if triton_interpreting() or triton_autotune_enabled() else _one_tiling_for_this_gpu
-
-
 def _config(tiling: tuple[int, ...], **extra: int) -> triton.Config:
     bm, bn, bk, warps, stages = tiling
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
@@ -97,6 +86,33 @@ def _config(tiling: tuple[int, ...], **extra: int) -> triton.Config:
 
 
 _FORWARD_EXTRA = {"GROUP_M": 8}  # the forward's meta-parameters beyond the tile sizes
+# STITCHOPS_AUTOTUNE=0 (read at import): every GPU launch runs its GPU's fallback tiling.
+_FALLBACK_ONLY = not triton_interpreting() and not triton_autotune_enabled()
+_pinned: tuple[int, int, int, int, int] | None = None  # set by pinned_tiling()
+
+
+def launch_tiling(device: torch.device) -> tuple[int, int, int, int, int] | None:
+    """The tiling a launch on ``device`` runs, or None where the autotuner picks it:
+    the pinned one (pinned_tiling), else with STITCHOPS_AUTOTUNE=0 the GPU's fallback."""
+    if _pinned is not None:
+        return _pinned
+    if _FALLBACK_ONLY and device.type == "cuda":
+        return fallback_tiling(device.index)
+    return None
+
+
+def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), autotuned or with the tiling launch_tiling() names.
+
+    A chosen tiling launches the kernel's JIT function directly, as the autotuner itself
+    does with one config: no search, no timing (Triton 3.6 would time even a lone config).
+    """
+    tiling = launch_tiling(device)
+    if tiling is None:
+        kernel[grid](*args, **kwargs)
+        return
+    extra = _FORWARD_EXTRA if kernel is _lowrank_matmul_kernel else {}
+    kernel.fn[grid](*args, **kwargs, **_config(tiling, **extra).all_kwargs())
 
 
 # Token ranges of the backward (and dW's split-K ranges) are aligned to this many rows: on a
@@ -109,7 +125,6 @@ ROW_ALIGN = 32 if triton_interpreting() else 128
 @triton.autotune(
     configs=[_config(t, **_FORWARD_EXTRA) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _PRUNE} if _PRUNE else None,
 )
 @triton.jit
 def _lowrank_matmul_kernel(
@@ -198,7 +213,6 @@ def _lowrank_matmul_kernel(
 @triton.autotune(
     configs=[_config(t) for t in _tilings()],
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
-    prune_configs_by={"early_config_prune": _PRUNE} if _PRUNE else None,
 )
 @triton.jit
 def _lora_backward_kernel(
@@ -314,18 +328,15 @@ def _lora_backward_kernel(
 def pinned_tiling(tiling: tuple[int, int, int, int, int]):
     """Run every kernel here with one tiling (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 
-    No autotuning inside the block; the autotune space and its cached choices come back on
-    exit. For tests (each tiling of TILINGS checked for exactness) and for tuning by hand.
+    No autotuning inside the block, and the autotuner's cached choices stay as they were.
+    For tests (each tiling of TILINGS checked for exactness) and for tuning by hand.
     """
-    kernels = ((_lowrank_matmul_kernel, _FORWARD_EXTRA), (_lora_backward_kernel, {}))
-    saved = [(kernel, kernel.configs, kernel.cache) for kernel, _ in kernels]
+    global _pinned
+    saved, _pinned = _pinned, tuple(tiling)
     try:
-        for kernel, extra in kernels:
-            kernel.configs, kernel.cache = [_config(tiling, **extra)], {}
         yield
     finally:
-        for kernel, configs, cache in saved:
-            kernel.configs, kernel.cache = configs, cache
+        _pinned = saved
 
 
 def _block_r(rank: int) -> int:
@@ -381,7 +392,8 @@ def lora_forward(
             1,
         )
 
-    _lowrank_matmul_kernel[grid](
+    _launch(
+        _lowrank_matmul_kernel, grid, x.device,
         x, weight, a, b,
         bias if bias is not None else _dummy(weight),
         extra_bias if extra_bias is not None else _dummy(weight),
@@ -415,7 +427,8 @@ def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> to
             splits,
         )
 
-    _lowrank_matmul_kernel[grid](
+    _launch(
+        _lowrank_matmul_kernel, grid, x.device,
         grad_y, x, x, x, x, x, partial, partial,
         out_features, in_features, tokens, 0, 1.0, k_per_split,
         grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1),
@@ -472,7 +485,8 @@ def lora_backward(
         def grid(meta):
             return (ranges, triton.cdiv(in_features, meta["BLOCK_N"]))
 
-        _lora_backward_kernel[grid](
+        _launch(
+            _lora_backward_kernel, grid, x.device,
             grad_y, weight, a, b, s_arg, x,
             dx_arg,
             da_part if need_a else _dummy(grad_y),

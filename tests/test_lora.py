@@ -157,32 +157,31 @@ def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtyp
 
 
 def test_autotune_switch_and_pinned_tiling(monkeypatch):
-    """STITCHOPS_AUTOTUNE=0: the fallback that fits this GPU; pinned_tiling restores on exit."""
+    """Which tiling a launch runs: pinned > STITCHOPS_AUTOTUNE=0's fallback > autotuner."""
     pytest.importorskip("triton")
     from stitchops.kernels import lora as kernels
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert kernels._tilings() == kernels.TILINGS
-    assert {kernels.UNTUNED, kernels.SMALL} <= set(kernels.TILINGS)
-    monkeypatch.setenv("STITCHOPS_AUTOTUNE", "0")
-    assert kernels._tilings() == (kernels.UNTUNED, kernels.SMALL)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels._tilings() == (kernels.INTERPRETED,)
-
-    fallbacks = [kernels._config(t) for t in (kernels.UNTUNED, kernels.SMALL)]
-    args = {"dy_ptr": torch.empty(1), "M": 7}
+    assert {kernels.UNTUNED, kernels.SMALL} <= set(kernels.TILINGS)  # autotune space
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(kernels, "_FALLBACK_ONLY", False)
+    assert kernels.launch_tiling(gpu) is None and kernels.launch_tiling(cpu) is None
+    monkeypatch.setattr(kernels, "_FALLBACK_ONLY", True)
+    assert kernels.launch_tiling(cpu) is None  # the interpreter: its one small tiling
     for shared_kb, picked in ((227, kernels.UNTUNED), (163, kernels.UNTUNED), (99, kernels.SMALL)):
         monkeypatch.setattr(kernels, "_max_shared_memory", lambda index, kb=shared_kb: kb * 1024)
-        (config,) = kernels._one_tiling_for_this_gpu(fallbacks, args)
-        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == picked[:2], shared_kb
+        assert kernels.launch_tiling(gpu) == picked, shared_kb
 
-    kernel = kernels._lora_backward_kernel
-    configs, cache = kernel.configs, kernel.cache
     with pytest.raises(RuntimeError), kernels.pinned_tiling((64, 64, 32, 4, 2)):
-        (config,) = kernel.configs
-        assert (config.kwargs["BLOCK_N"], config.num_stages) == (64, 2)
+        assert kernels.launch_tiling(gpu) == kernels.launch_tiling(cpu) == (64, 64, 32, 4, 2)
+        with kernels.pinned_tiling(kernels.SMALL):
+            assert kernels.launch_tiling(cpu) == kernels.SMALL
+        assert kernels.launch_tiling(cpu) == (64, 64, 32, 4, 2)
         raise RuntimeError("a failing call inside the block")
-    assert kernel.configs is configs and kernel.cache is cache
+    assert kernels.launch_tiling(cpu) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels._tilings() == (kernels.INTERPRETED,)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels._tilings() == kernels.TILINGS
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
