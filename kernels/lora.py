@@ -125,6 +125,7 @@ ROW_ALIGN = 32 if triton_interpreting() else 128
 @triton.autotune(
     configs=[_config(t, **_FORWARD_EXTRA) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
+    cache_results=True,  # the pick is kept in Triton's cache dir: later processes reuse it
 )
 @triton.jit
 def _lowrank_matmul_kernel(
@@ -213,6 +214,7 @@ def _lowrank_matmul_kernel(
 @triton.autotune(
     configs=[_config(t) for t in _tilings()],
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
+    cache_results=True,
 )
 @triton.jit
 def _lora_backward_kernel(

@@ -74,10 +74,36 @@ def triton_autotune_enabled() -> bool:
     return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
 
 
+# The oldest Triton the kernels are tested with (3.6, as torch 2.11 ships it; CI runs 3.9).
+MIN_TRITON = (3, 6)
+
+
 @functools.cache
 def triton_missing_reason() -> str | None:
+    """Why the triton backend cannot exist here (not installed, too old), or None."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
+        return "triton is not installed (pip install 'triton>=3.6')"
+    version = installed_triton_version()
+    if version is not None and version < MIN_TRITON:
+        return (
+            f"triton {'.'.join(map(str, version))} is older than "
+            f"{'.'.join(map(str, MIN_TRITON))}, the oldest version stitchops' kernels are "
+            "tested with: pip install 'triton>=3.6', or use a torch that ships it"
+        )
+    return None
+
+
+def installed_triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, read from its metadata without importing it;
+    None where no distribution says (a source build): then nothing is refused."""
+    import importlib.metadata
+
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            release = importlib.metadata.version(dist).split("+")[0].split(".")
+            return int(release[0]), int(release[1])
+        except (importlib.metadata.PackageNotFoundError, IndexError, ValueError):
+            continue
     return None
 
 

@@ -163,3 +163,27 @@ def test_triton_refuses_tensors_past_int32_offsets(monkeypatch):
     for backend, refused in (("triton", True), ("cuda", False)):
         reasons = lora_ops._kernel_reasons(backend, strided, [strided], 0, 64)
         assert any("int32" in r for r in reasons) == refused, (backend, reasons)
+
+
+@pytest.mark.parametrize(
+    ("installed", "refused"),
+    [("3.4.0", True), ("3.5.1", True), ("3.6.0", False), ("3.10.0+git1234", False)],
+)
+def test_triton_older_than_the_tested_minimum_is_a_reason(monkeypatch, installed, refused):
+    import importlib.metadata
+
+    if _dispatch.installed_triton_version() is None:
+        pytest.skip("triton is not installed from a distribution here")
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: installed)
+    _dispatch.triton_missing_reason.cache_clear()
+    try:
+        reason = _dispatch.triton_missing_reason()
+        assert _dispatch.installed_triton_version() == tuple(
+            int(p) for p in installed.split("+")[0].split(".")[:2]
+        )
+    finally:
+        _dispatch.triton_missing_reason.cache_clear()
+    if refused:
+        assert reason and installed[:3] in reason and "triton>=3.6" in reason
+    else:
+        assert reason is None
