@@ -44,8 +44,8 @@ def compiled() -> list[dict]:
             pytest.fail("CI must have triton")
         pytest.skip(_dispatch.triton_missing_reason())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # STITCHOPS_AOT_PYTHON: compile with another environment's Triton (e.g. 3.6, the one
-    # torch 2.11 ships with), as NOTES.md describes; by default this test's own.
+    # STITCHOPS_AOT_PYTHON: compile with another environment's Triton (e.g. 3.6, the GPU
+    # image's), as benchmarks/NOTES.md describes; by default this test's own.
     python = os.environ.get("STITCHOPS_AOT_PYTHON", sys.executable)
     result = subprocess.run([python, str(HERE / "triton_aot.py")], env=env,
                             capture_output=True, text=True)  # fmt: skip
@@ -75,7 +75,7 @@ def test_every_config_compiles_for_both_archs(grid):
 
 def _expected_mma(arch: int, block_m: int) -> set[str]:
     """Hopper's wgmma needs 64 rows per warpgroup; below that, as on Ampere, mma.sync.
-    Blackwell's tcgen05 where Triton picks it, mma.sync elsewhere (its backward, in 3.9)."""
+    On Blackwell, tcgen05 where Triton picks it, else mma.sync."""
     if arch == 90:
         return {"wgmma"} if block_m >= 64 else {"mma.sync"}
     return {"tcgen05", "mma.sync"} if arch >= 100 else {"mma.sync"}
