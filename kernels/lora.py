@@ -101,6 +101,12 @@ def launch_tiling(device: torch.device) -> tuple[int, int, int, int, int] | None
     return None
 
 
+def tiling_config(kernel, tiling: tuple[int, int, int, int, int]) -> triton.Config:
+    """``kernel``'s config (either autotuned kernel here) at ``tiling``: the tile sizes plus
+    its other meta-parameters (the forward's GROUP_M)."""
+    return _config(tiling, **(_FORWARD_EXTRA if kernel is _lowrank_matmul_kernel else {}))
+
+
 def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), autotuned or with the tiling launch_tiling() names.
 
@@ -111,8 +117,7 @@ def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
     if tiling is None:
         kernel[grid](*args, **kwargs)
         return
-    extra = _FORWARD_EXTRA if kernel is _lowrank_matmul_kernel else {}
-    kernel.fn[grid](*args, **kwargs, **_config(tiling, **extra).all_kwargs())
+    kernel.fn[grid](*args, **kwargs, **tiling_config(kernel, tiling).all_kwargs())
 
 
 # Token ranges of the backward (and dW's split-K ranges) are aligned to this many rows: on a

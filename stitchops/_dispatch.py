@@ -74,6 +74,13 @@ def triton_autotune_enabled() -> bool:
     return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
 
 
+def triton_tuning() -> str:
+    """How the Triton kernels pick their tiling on a GPU, in words (stitchops info, tests)."""
+    if triton_autotune_enabled():
+        return "autotuned per shape"
+    return "STITCHOPS_AUTOTUNE=0, one fallback tiling"
+
+
 # The oldest Triton the kernels are tested with (3.6, as torch 2.11 ships it; CI runs 3.9).
 MIN_TRITON = (3, 6)
 
@@ -161,10 +168,15 @@ def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
 @functools.cache
 def _device_mismatch(index: int) -> str | None:
     """capability_reason for CUDA device ``index`` and the built stitchops._C (once each)."""
+    return capability_reason(torch.cuda.get_device_capability(index), built_cuda_archs())
+
+
+def built_cuda_archs() -> str:
+    """The machine code stitchops._C holds, "80;90a" (STITCHOPS_CUDA_ARCHS at build time);
+    "unknown" for a build older than that record. Call only once _C imports."""
     from stitchops import _C
 
-    built = getattr(_C, "cuda_archs", lambda: "unknown")()
-    return capability_reason(torch.cuda.get_device_capability(index), built)
+    return getattr(_C, "cuda_archs", lambda: "unknown")()
 
 
 def capability_reason(capability: tuple[int, int], built: str = "unknown") -> str | None:

@@ -34,17 +34,13 @@ def info(_args) -> int:
     from stitchops import _dispatch
 
     if _dispatch.cuda_extension_missing_reason() is None:
-        from stitchops import _C
-
-        archs = getattr(_C, "cuda_archs", lambda: "unknown")().split(";")
+        archs = _dispatch.built_cuda_archs().split(";")
         print("stitchops._C: machine code for " + ", ".join(f"sm_{a}" for a in archs))
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         print(f"GPU: {torch.cuda.get_device_name()} (compute capability {major}.{minor})")
     if _dispatch.triton_missing_reason() is None:
-        tuned = _dispatch.triton_autotune_enabled()
-        print("triton kernels: " + ("autotuned per shape" if tuned else
-                                    "STITCHOPS_AUTOTUNE=0, one fallback tiling"))  # fmt: skip
+        print(f"triton kernels: {_dispatch.triton_tuning()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device}:")

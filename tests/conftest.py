@@ -82,8 +82,7 @@ def pytest_report_header(config):
 
     if _dispatch.triton_interpreting():
         return "triton: CPU interpreter, one small tiling (each autotune tiling pinned in turn)"
-    tuned = _dispatch.triton_autotune_enabled()
-    return f"triton: {'autotuned' if tuned else 'STITCHOPS_AUTOTUNE=0, one fallback tiling'}"
+    return f"triton: {_dispatch.triton_tuning()}"
 
 
 def pytest_terminal_summary(terminalreporter):

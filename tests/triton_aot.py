@@ -125,8 +125,7 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
 
 def configs(name: str) -> list:
     """The whole autotune space (lora.TILINGS), whatever STITCHOPS_AUTOTUNE says."""
-    extra = lora._FORWARD_EXTRA if name == "_lowrank_matmul_kernel" else {}
-    return [lora._config(tiling, **extra) for tiling in lora.TILINGS]
+    return [lora.tiling_config(getattr(lora, name), tiling) for tiling in lora.TILINGS]
 
 
 def main() -> None:
@@ -150,10 +149,11 @@ def main() -> None:
     # the archs each is for: UNTUNED on sm_80 / sm_90 / sm_100, SMALL on the 99 KB archs.
     for tiling, archs in ((lora.UNTUNED, UNTUNED_ARCHS), (lora.SMALL, SMALL_SHARED_ARCHS)):
         for name, (flags, unit_strides) in KERNELS.items():
-            config = configs(name)[lora.TILINGS.index(tiling)]
+            kernel = getattr(lora, name)
+            config = lora.tiling_config(kernel, tiling)
             for arch in archs:
                 for dtype in DTYPES:
-                    row = compile_one(getattr(lora, name).fn, {**flags, "BLOCK_R": lora.MAX_RANK},
+                    row = compile_one(kernel.fn, {**flags, "BLOCK_R": lora.MAX_RANK},
                                       unit_strides, dtype, arch, config)  # fmt: skip
                     print(json.dumps({**row, "variant": f"fallback {tiling}, rank 128"}),
                           flush=True)  # fmt: skip

@@ -99,8 +99,8 @@ def _lora_linear_op(
     save_s: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rank = lora_a.shape[0] if lora_a is not None else 0
-    tensors = _present(x, weight, bias, lora_a, lora_b, extra_bias)
-    backend = _choose(x, tensors, rank, weight.shape[0])
+    backend = _choose(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank,
+                      weight.shape[0])  # fmt: skip
     # Every kernel reads the [OUT] biases with unit stride (a no-op copy when contiguous).
     bias = bias.contiguous() if bias is not None else None
     extra_bias = extra_bias.contiguous() if extra_bias is not None else None
