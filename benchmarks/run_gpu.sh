@@ -47,7 +47,7 @@ for s in "${STEPS[@]}"; do
     sanitize) step sanitize "$PY" -m pytest -q -rs tests/test_cuda_sanitizer.py ;;
     bench)
       # least_squares first: it is quick and one of the acceptance targets, while bench_lora
-      # autotunes 32 shape keys × 7 tilings and may be cut short by a time limit (it saves
+      # autotunes 32 shape keys × 7-9 tilings and may be cut short by a time limit (it saves
       # its results after every case, the acceptance shape first).
       step bench_least_squares "$PY" benchmarks/bench_least_squares.py
       step bench_lora "$PY" benchmarks/bench_lora.py

@@ -8,11 +8,13 @@ Cost model (T tokens, IN → OUT, rank R; bf16 = 2 bytes):
             bytes ≥ 2·T·(OUT + IN) (dy in, dx out) + 2·T·IN (x, for dA) + 4·T·R (S)
 
 Design (after LoRAFusion, specialised for stitching layers whose IN is small):
-* ``_lowrank_matmul_kernel``: one [BLOCK_M, BLOCK_N] output tile per program. Each x tile
-  loaded for the main GEMM also feeds S = x·Aᵀ ([BLOCK_M, R], registers), so x is read once;
-  the low-rank term scale·S·Bᵀ is added to the fp32 accumulator in the epilogue, and no
-  [T, OUT] low-rank intermediate exists. Programs of the first column tile store S (fp32) for
-  the backward. With HAS_LORA=False and a split-K grid the same kernel computes dW = dyᵀ·x.
+* ``_lowrank_matmul_kernel``: a program computes COLUMN_TILES [BLOCK_M, BLOCK_N] output
+  tiles of one row tile in turn. The x tiles loaded for its first tile's main GEMM also feed
+  S = x·Aᵀ ([BLOCK_M, R], fp32 registers), so S costs no extra pass over x, and S is reused
+  for the group's other tiles; the low-rank term scale·S·Bᵀ is added to the fp32 accumulator
+  in each tile's epilogue, and no [T, OUT] low-rank intermediate exists. Programs of the
+  first column group store S for the backward. With HAS_LORA=False and a split-K grid the
+  same kernel computes dW = dyᵀ·x.
 * ``_lora_backward_kernel``: program (z, j) walks the row blocks of one token range z and one
   IN tile j. One pass over dy gives dx = dy·W + scale·(dy·B)·A and dS = dy·B; dA = scale·dSᵀ·x
   stays in registers across the range; the programs of tile j = 0 also fold dy into
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,15 +38,35 @@ from stitchops._memory import new_output
 MAX_RANK = 128
 
 
-# Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+class Tiling(NamedTuple):
+    """How a launch tiles its output: block sizes, warps, pipeline stages and, for the
+    forward only, how many BLOCK_N-wide column tiles one program covers in turn.
+
+    The forward's programs compute S = x·Aᵀ along with their first column tile and reuse it
+    for the others, so the rank-R product costs R/(BLOCK_N·column_tiles) of the main GEMM's
+    MMA work instead of R/BLOCK_N (12.5 % at r 16 with 128-wide tiles, 3.1 % over 4 tiles).
+    The backward ignores column_tiles: its wider reuse is a wider BLOCK_N.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    column_tiles: int = 1
+
+
+# The autotune space.
 TILINGS = (
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (128, 128, 32, 8, 3),
-    (32, 64, 32, 4, 3),
+    Tiling(128, 128, 64, 8, 3),
+    Tiling(128, 256, 64, 8, 3),
+    Tiling(64, 128, 64, 4, 4),
+    Tiling(128, 64, 64, 4, 4),
+    Tiling(64, 64, 64, 4, 4),
+    Tiling(128, 128, 32, 8, 3),
+    Tiling(32, 64, 32, 4, 3),
+    Tiling(128, 128, 64, 8, 3, column_tiles=4),
+    Tiling(128, 256, 64, 8, 3, column_tiles=2),
 )
 # Fallbacks, each checked by tests/test_triton_compile.py to compile and fit shared memory at
 # rank 128 (the most) in fp32 and bf16, forward and backward; the other tilings do not all
@@ -54,14 +77,15 @@ TILINGS = (
 # SMALL needed 104 KB there) and cannot allocate registers for a 4-warp UNTUNED forward at
 # rank 128 in bf16 on sm_100. With STITCHOPS_AUTOTUNE=0 a launch runs the one of the two its
 # GPU's shared memory calls for.
-UNTUNED = (128, 128, 32, 8, 3)
-SMALL = (32, 64, 32, 4, 3)
+UNTUNED = Tiling(128, 128, 32, 8, 3)
+SMALL = Tiling(32, 64, 32, 4, 3)
 UNTUNED_MIN_SHARED = 163 * 1024  # bytes per block (opt-in) that UNTUNED is checked against
-# Under the CPU interpreter: one small tiling (warps and stages mean nothing there).
-INTERPRETED = (32, 32, 32, 4, 1)
+# Under the CPU interpreter: one small tiling (warps and stages mean nothing there), whose
+# forward covers two column tiles per program so that every CPU test runs S's reuse.
+INTERPRETED = Tiling(32, 32, 32, 4, 1, column_tiles=2)
 
 
-def _tilings() -> tuple[tuple[int, int, int, int, int], ...]:
+def _tilings() -> tuple[Tiling, ...]:
     """The autotune space: TILINGS on a GPU, one small tiling under the interpreter."""
     return (INTERPRETED,) if triton_interpreting() else TILINGS
 
@@ -74,24 +98,30 @@ def _max_shared_memory(device_index: int) -> int:
     return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def fallback_tiling(device_index: int) -> tuple[int, int, int, int, int]:
+def fallback_tiling(device_index: int) -> Tiling:
     """The fallback tiling that fits every rank and dtype on this GPU: UNTUNED or SMALL."""
     return UNTUNED if _max_shared_memory(device_index) >= UNTUNED_MIN_SHARED else SMALL
 
 
-def _config(tiling: tuple[int, ...], **extra: int) -> triton.Config:
-    bm, bn, bk, warps, stages = tiling
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
-                         num_warps=warps, num_stages=stages)  # fmt: skip
+def _config(tiling: Tiling, forward: bool) -> triton.Config:
+    """The triton.Config of a tiling, for the forward kernel or the backward one."""
+    sizes = {"BLOCK_M": tiling.block_m, "BLOCK_N": tiling.block_n, "BLOCK_K": tiling.block_k}
+    if forward:  # its other meta-parameters
+        sizes.update(GROUP_M=8, COLUMN_TILES=tiling.column_tiles)
+    return triton.Config(sizes, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
 
 
-_FORWARD_EXTRA = {"GROUP_M": 8}  # the forward's meta-parameters beyond the tile sizes
+def _backward_tilings() -> tuple[Tiling, ...]:
+    """The backward's autotune space: _tilings() without column_tiles, each tiling once."""
+    return tuple(dict.fromkeys(t._replace(column_tiles=1) for t in _tilings()))
+
+
 # STITCHOPS_AUTOTUNE=0 (read at import): every GPU launch runs its GPU's fallback tiling.
 _FALLBACK_ONLY = not triton_interpreting() and not triton_autotune_enabled()
-_pinned: tuple[int, int, int, int, int] | None = None  # set by pinned_tiling()
+_pinned: Tiling | None = None  # set by pinned_tiling()
 
 
-def launch_tiling(device: torch.device) -> tuple[int, int, int, int, int] | None:
+def launch_tiling(device: torch.device) -> Tiling | None:
     """The tiling a launch on ``device`` runs, or None where the autotuner picks it:
     the pinned one (pinned_tiling), else with STITCHOPS_AUTOTUNE=0 the GPU's fallback."""
     if _pinned is not None:
@@ -101,10 +131,15 @@ def launch_tiling(device: torch.device) -> tuple[int, int, int, int, int] | None
     return None
 
 
-def tiling_config(kernel, tiling: tuple[int, int, int, int, int]) -> triton.Config:
+def tiling_config(kernel, tiling: Tiling) -> triton.Config:
     """``kernel``'s config (either autotuned kernel here) at ``tiling``: the tile sizes plus
-    its other meta-parameters (the forward's GROUP_M)."""
-    return _config(tiling, **(_FORWARD_EXTRA if kernel is _lowrank_matmul_kernel else {}))
+    its other meta-parameters (the forward's GROUP_M and COLUMN_TILES)."""
+    return _config(Tiling(*tiling), forward=kernel is _lowrank_matmul_kernel)
+
+
+def autotune_tilings(kernel) -> tuple[Tiling, ...]:
+    """The tilings ``kernel``'s autotuner tries (either autotuned kernel here)."""
+    return _tilings() if kernel is _lowrank_matmul_kernel else _backward_tilings()
 
 
 def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
@@ -128,7 +163,7 @@ ROW_ALIGN = 32 if triton_interpreting() else 128
 
 
 @triton.autotune(
-    configs=[_config(t, **_FORWARD_EXTRA) for t in _tilings()],
+    configs=[_config(t, forward=True) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
     cache_results=True,  # the pick is kept in Triton's cache dir: later processes reuse it
 )
@@ -143,18 +178,21 @@ def _lowrank_matmul_kernel(
     STORE_S: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    COLUMN_TILES: tl.constexpr,
 ):  # fmt: skip
     """out[z] = X[:, Kz]·Wt[Kz, :] + scale·(X·L1)·L2 + bias + bias2, K split into ranges Kz.
 
     X [M, K], Wt [K, N], L1 [K, R], L2 [R, N] are addressed through strides, so the forward
     passes Wt = Wᵀ, L1 = Aᵀ, L2 = Bᵀ as views and the dW pass X = dyᵀ, Wt = x.
-    S = X·L1 [M, R] (fp32) is stored by the programs of column tile 0 when STORE_S.
+    A program covers one row tile and COLUMN_TILES column tiles, one after the other; it
+    computes S = X·L1 [M, R] (fp32) in its first column tile's K loop and reuses it for the
+    rest. The programs of the first column group store S when STORE_S.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row tiles share each W column tile while it is in L2.
+    num_pid_n = tl.cdiv(tl.cdiv(N, BLOCK_N), COLUMN_TILES)  # column groups
+    # Grouped ordering: GROUP_M row tiles share each W column group while it is in L2.
     per_group = GROUP_M * num_pid_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -162,62 +200,69 @@ def _lowrank_matmul_kernel(
     pid_n = (pid % per_group) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
-    mask_n = offs_n < N
     mask_r = offs_r < R
     k_begin = split * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        if HAS_LORA:
-            l1 = tl.load(
-                l1_ptr + offs_k[:, None] * stride_l1k + offs_r[None, :] * stride_l1r,
-                mask=mask_k[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            s = tl.dot(x, l1, s, input_precision=DOT_PRECISION)
+    for t in tl.static_range(COLUMN_TILES):
+        n_begin = (pid_n * COLUMN_TILES + t) * BLOCK_N
+        if n_begin < N:  # the last group's later tiles may lie past N
+            offs_n = n_begin + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < k_end
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
+                w = tl.load(
+                    w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+                if HAS_LORA and t == 0:
+                    l1 = tl.load(
+                        l1_ptr + offs_k[:, None] * stride_l1k + offs_r[None, :] * stride_l1r,
+                        mask=mask_k[:, None] & mask_r[None, :],
+                        other=0.0,
+                    )
+                    s = tl.dot(x, l1, s, input_precision=DOT_PRECISION)
 
-    if HAS_LORA:
-        if STORE_S:
-            if pid_n == 0:
-                s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :]
-                tl.store(s_ptrs, s, mask=mask_m[:, None] & mask_r[None, :])
-        l2 = tl.load(
-            l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        low = tl.dot(s.to(l2.dtype), l2, input_precision=DOT_PRECISION)
-        acc += tl.cast(scale, tl.float32) * low
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS2:
-        acc += tl.load(bias2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = (
-        out_ptr + split * stride_oz + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    )
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            if HAS_LORA:
+                if STORE_S and t == 0:
+                    if pid_n == 0:
+                        s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :]
+                        tl.store(s_ptrs, s, mask=mask_m[:, None] & mask_r[None, :])
+                l2 = tl.load(
+                    l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n,
+                    mask=mask_r[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                low = tl.dot(s.to(l2.dtype), l2, input_precision=DOT_PRECISION)
+                acc += tl.cast(scale, tl.float32) * low
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS2:
+                acc += tl.load(bias2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            out_ptrs = (
+                out_ptr
+                + split * stride_oz
+                + offs_m[:, None] * stride_om
+                + offs_n[None, :] * stride_on
+            )
+            out_mask = mask_m[:, None] & mask_n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.autotune(
-    configs=[_config(t) for t in _tilings()],
+    configs=[_config(t, forward=False) for t in _backward_tilings()],
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
     cache_results=True,
 )
@@ -332,14 +377,15 @@ def _lora_backward_kernel(
 
 
 @contextlib.contextmanager
-def pinned_tiling(tiling: tuple[int, int, int, int, int]):
-    """Run every kernel here with one tiling (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+def pinned_tiling(tiling: Tiling | tuple[int, ...]):
+    """Run every kernel here with one tiling: a Tiling or a tuple of its fields
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, column_tiles]).
 
     No autotuning inside the block, and the autotuner's cached choices stay as they were.
     For tests (each tiling of TILINGS checked for exactness) and for tuning by hand.
     """
     global _pinned
-    saved, _pinned = _pinned, tuple(tiling)
+    saved, _pinned = _pinned, Tiling(*tiling)
     try:
         yield
     finally:
@@ -363,6 +409,11 @@ def _parallelism(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+def _column_groups(columns: int, meta: dict) -> int:
+    """Programs per row tile of the forward kernel: its column tiles in groups of COLUMN_TILES."""
+    return triton.cdiv(triton.cdiv(columns, meta["BLOCK_N"]), meta["COLUMN_TILES"])
 
 
 def _dummy(t: torch.Tensor) -> torch.Tensor:
@@ -394,10 +445,7 @@ def lora_forward(
     b = lora_b if has_lora else _dummy(weight)
 
     def grid(meta):
-        return (
-            triton.cdiv(tokens, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),
-            1,
-        )
+        return (triton.cdiv(tokens, meta["BLOCK_M"]) * _column_groups(out_features, meta), 1)
 
     _launch(
         _lowrank_matmul_kernel, grid, x.device,
@@ -429,10 +477,8 @@ def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> to
     partial = new_output(splits, out_features, in_features, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (
-            triton.cdiv(out_features, meta["BLOCK_M"]) * triton.cdiv(in_features, meta["BLOCK_N"]),
-            splits,
-        )
+        return (triton.cdiv(out_features, meta["BLOCK_M"]) * _column_groups(in_features, meta),
+                splits)  # fmt: skip
 
     _launch(
         _lowrank_matmul_kernel, grid, x.device,

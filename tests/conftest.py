@@ -11,7 +11,7 @@ Without a GPU:
 With a GPU:
 - The Triton kernels run the GPU's fallback tiling (``STITCHOPS_AUTOTUNE=0``, unless the
   shell sets it): autotuning every shape the suite uses would compile some 750 kernels (108
-  autotune keys on the CPU suite, × 7 tilings; tests/triton_aot.py takes ~1.3 s a compile
+  autotune keys on the CPU suite, × 7-9 tilings; tests/triton_aot.py takes ~1.3 s a compile
   on our CPU machine), over ten minutes of compiling. Each tiling of the autotune space is
   still run, pinned, by test_every_triton_tiling_matches_float64_reference.
 """

@@ -120,7 +120,8 @@ except ImportError:  # no triton: nothing to parametrise (the triton backend's r
     TILINGS = ()
 
 # Sizes that straddle every block size of the autotune space: two row blocks of 128, partial
-# column tiles of 128 and 256, several K steps of 32 and 64, and the widest rank block.
+# column tiles of 128 and 256, column groups with tiles past the last column (forward 300
+# and dW 150 columns), several K steps of 32 and 64, and the widest rank block.
 TILING_CASES = [
     Case((200,), 150, 300, 24, extra_bias=True, train_weight=True),
     Case((130,), 72, 40, 128),
@@ -130,7 +131,7 @@ TILING_CASES = [
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
-@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "{}x{}x{}-w{}-s{}".format(*t))
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "{}x{}x{}-w{}-s{}-c{}".format(*t))
 def test_every_triton_tiling_matches_float64_reference(tiling, dtype: torch.dtype):
     """Each tiling the autotuner may pick, pinned in turn, is exact at edge-straddling sizes.
 
@@ -171,17 +172,26 @@ def test_autotune_switch_and_pinned_tiling(monkeypatch):
         monkeypatch.setattr(kernels, "_max_shared_memory", lambda index, kb=shared_kb: kb * 1024)
         assert kernels.launch_tiling(gpu) == picked, shared_kb
 
-    with pytest.raises(RuntimeError), kernels.pinned_tiling((64, 64, 32, 4, 2)):
-        assert kernels.launch_tiling(gpu) == kernels.launch_tiling(cpu) == (64, 64, 32, 4, 2)
+    pinned = kernels.Tiling(64, 64, 32, 4, 2, column_tiles=1)
+    with pytest.raises(RuntimeError), kernels.pinned_tiling((64, 64, 32, 4, 2)):  # a plain tuple
+        assert kernels.launch_tiling(gpu) == kernels.launch_tiling(cpu) == pinned
         with kernels.pinned_tiling(kernels.SMALL):
             assert kernels.launch_tiling(cpu) == kernels.SMALL
-        assert kernels.launch_tiling(cpu) == (64, 64, 32, 4, 2)
+        assert kernels.launch_tiling(cpu) == pinned
         raise RuntimeError("a failing call inside the block")
     assert kernels.launch_tiling(cpu) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels._tilings() == (kernels.INTERPRETED,)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert kernels._tilings() == kernels.TILINGS
+    # column_tiles is the forward's alone: the backward tries each other tiling once.
+    backward = kernels._backward_tilings()
+    assert len(backward) == len({t[:5] for t in kernels.TILINGS}) < len(kernels.TILINGS)
+    assert all(t.column_tiles == 1 for t in backward)
+    wide = max(kernels.TILINGS, key=lambda t: t.column_tiles)
+    forward_config = kernels.tiling_config(kernels._lowrank_matmul_kernel, wide)
+    assert forward_config.kwargs["COLUMN_TILES"] == wide.column_tiles > 1
+    assert "COLUMN_TILES" not in kernels.tiling_config(kernels._lora_backward_kernel, wide).kwargs
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])

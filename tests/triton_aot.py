@@ -55,8 +55,9 @@ UNTUNED_ARCHS = (80, 90, 100)
 SMALL_SHARED_ARCHS = (86, 89, 120)  # 99 KB of shared memory per block: GeForce / workstation
 DTYPES = ("bf16", "fp32")
 
-# The other specialisations launches ask for, each compiled in bf16 with the first and the
-# largest autotune config (the full grid above covers configs × dtypes for the main ones):
+# The other specialisations launches ask for, each compiled in bf16 with the first, the
+# largest and the most column tiles' autotune config (the full grid above covers configs ×
+# dtypes for the main ones):
 # name -> (kernel, flag overrides, unit strides, or None to keep the kernel's).
 VARIANTS = {
     "forward no LoRA": ("_lowrank_matmul_kernel", dict(HAS_LORA=False, STORE_S=False), None),
@@ -124,8 +125,9 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
 
 
 def configs(name: str) -> list:
-    """The whole autotune space (lora.TILINGS), whatever STITCHOPS_AUTOTUNE says."""
-    return [lora.tiling_config(getattr(lora, name), tiling) for tiling in lora.TILINGS]
+    """The kernel's whole autotune space on a GPU, whatever STITCHOPS_AUTOTUNE says."""
+    kernel = getattr(lora, name)
+    return [lora.tiling_config(kernel, tiling) for tiling in lora.autotune_tilings(kernel)]
 
 
 def main() -> None:
@@ -140,7 +142,8 @@ def main() -> None:
         base_flags, base_strides = KERNELS[name]
         space = configs(name)
         largest = max(space, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        for config in dict.fromkeys([space[0], largest]):
+        widest = max(space, key=lambda c: c.kwargs.get("COLUMN_TILES", 1))  # forward: S reused
+        for config in dict.fromkeys([space[0], largest, widest]):
             for arch in ARCHS:
                 row = compile_one(getattr(lora, name).fn, {**base_flags, **overrides},
                                   unit_strides or base_strides, "bf16", arch, config)  # fmt: skip
@@ -155,7 +158,7 @@ def main() -> None:
                 for dtype in DTYPES:
                     row = compile_one(kernel.fn, {**flags, "BLOCK_R": lora.MAX_RANK},
                                       unit_strides, dtype, arch, config)  # fmt: skip
-                    print(json.dumps({**row, "variant": f"fallback {tiling}, rank 128"}),
+                    print(json.dumps({**row, "variant": f"fallback {tuple(tiling)}, rank 128"}),
                           flush=True)  # fmt: skip
 
 
