@@ -176,16 +176,17 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
   }
 }
 
-// Backward reductions over tokens done on each staged dy tile by the blocks of IN tile 0:
+// Backward reductions over tokens, done on each staged dy tile of K step k0 / BK by the
+// blocks of IN tile (k0 / BK) mod gridDim.y, so that the IN tiles share them evenly:
 // db_part[z][k][r] += Σ_m dy[m, k]·S[m, r] and dbias_part[z][k] += Σ_m dy[m, k], written to
 // the range's own slice (the first row block overwrites, so nothing needs zeroing).
 template <int RP>
 struct TokenReductionHook {
   const LoraBackwardArgs* a;
   int64_t m0, m_end;
-  bool first_block, owner;
+  bool first_block;
   __device__ void operator()(int64_t k0, const float (&xs)[BK][BM + 1]) const {
-    if (!owner) return;
+    if ((k0 / BK) % gridDim.y != blockIdx.y) return;
     const int tid = threadIdx.x;
     const int64_t z = blockIdx.x;
     if constexpr (RP > 0) {
@@ -235,7 +236,7 @@ __global__ void __launch_bounds__(THREADS, 1) lora_backward_kernel(LoraBackwardA
   for (int64_t m0 = row_begin; m0 < row_end; m0 += BM) {
     float acc[4][4] = {};
     float ds[RP > 0 ? RP / 4 : 1] = {};
-    TokenReductionHook<RP> hook{&a, m0, row_end, m0 == row_begin, blockIdx.y == 0};
+    TokenReductionHook<RP> hook{&a, m0, row_end, m0 == row_begin};
     main_loop<T, RP>(st, acc, ds, static_cast<const T*>(a.dy), a.stride_dym, a.stride_dyo,
                      static_cast<const T*>(a.w), a.stride_wo, a.stride_wi,
                      static_cast<const T*>(a.b), a.stride_bo, a.stride_br, m0, row_end, i0, a.IN, 0,

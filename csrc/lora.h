@@ -42,7 +42,8 @@ struct LowRankMatmulArgs {
 // Backward over token ranges: range z covers rows [z·rows_per_range, min(M, ...)) and one
 // block column j covers IN features. One pass over dy gives
 //   dx = dy·W + scale·dS·A,  dS = dy·B,  da_part[z] = dSᵀ·x  (unscaled),
-// and for j = 0 also db_part[z] = dyᵀ·S (unscaled) and dbias_part[z] = Σ_rows dy.
+// and db_part[z] = dyᵀ·S (unscaled) and dbias_part[z] = Σ_rows dy, whose OUT rows are dealt
+// out over the block columns by K step (each column's blocks write the steps they own).
 struct LoraBackwardArgs {
   const void* dy = nullptr;
   int64_t stride_dym = 0, stride_dyo = 0;

@@ -354,10 +354,12 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
   const int64_t z = blockIdx.x, i0 = int64_t(blockIdx.y) * BN;
   const int64_t row_begin = z * a.rows_per_range;
   const int64_t row_end = min(a.M, row_begin + a.rows_per_range);
-  const bool owner = blockIdx.y == 0;  // the IN tile whose blocks also reduce dy over tokens
+  // The reductions over tokens (dB, the bias gradient) of K step k0 / BK are done by the
+  // blocks of IN tile (k0 / BK) mod gridDim.y: the IN tiles share them evenly.
+  const int64_t k_steps = (a.OUT + BK - 1) / BK;
   const bool need_dx = a.dx != nullptr;
   const bool need_da = RP > 0 && a.da_part != nullptr;
-  const bool need_db = RP > 0 && owner && a.db_part != nullptr;
+  const bool need_db = RP > 0 && a.db_part != nullptr && blockIdx.y < k_steps;
   const T* x = static_cast<const T*>(a.x);
   // dA [RP, BN] of this IN tile over the range: warp w owns columns 16w .., all rank rows.
   Acc da[rank_frags(RP)];
@@ -374,9 +376,10 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
           s_rows[r * r_ld + c] = from_float<T>(v);
         }
     }
-    // On each staged dy tile, by the owner blocks: db_part[z][k0 + ·] += dyᵀ·T(S) ([BK, RP]
+    // On each staged dy tile of its K steps: db_part[z][k0 + ·] += dyᵀ·T(S) ([BK, RP]
     // in (BK/16)·(RP/16) fragments, spread over the warps) and dbias_part[z][k0 + ·] += Σ dy.
     auto reduce_tokens = [&](int64_t k0, const T* dy_tile) {
+      if ((k0 / BK) % gridDim.y != blockIdx.y) return;  // another IN tile's step
       if constexpr (RP > 0) {
         if (need_db)
           for (int f = warp; f < (BK / F) * (RP / F); f += WARPS) {
@@ -399,7 +402,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
             });
           }
       }
-      if (owner && a.dbias_part != nullptr && threadIdx.x < BK && k0 + threadIdx.x < a.OUT) {
+      if (a.dbias_part != nullptr && threadIdx.x < BK && k0 + threadIdx.x < a.OUT) {
         float col = 0.f;
         for (int m = 0; m < BM; ++m) col += to_float(dy_tile[m * Tiles::x_ld + threadIdx.x]);
         float* dst = &a.dbias_part[z * a.OUT + k0 + threadIdx.x];

@@ -17,9 +17,10 @@ Design (after LoRAFusion, specialised for stitching layers whose IN is small):
   same kernel computes dW = dyᵀ·x.
 * ``_lora_backward_kernel``: program (z, j) walks the row blocks of one token range z and one
   IN tile j. One pass over dy gives dx = dy·W + scale·(dy·B)·A and dS = dy·B; dA = scale·dSᵀ·x
-  stays in registers across the range; the programs of tile j = 0 also fold dy into
-  dB = scale·dyᵀ·S and the bias gradient Σ_t dy, written to a per-range fp32 slice (no
-  atomics: deterministic). The launcher sums the few per-range partials.
+  stays in registers across the range; the range's programs also fold dy into
+  dB = scale·dyᵀ·S and the bias gradient Σ_t dy, each the columns of every (IN/BLOCK_N)-th
+  K step, written to a per-range fp32 slice (no atomics: deterministic). The launcher sums
+  the few per-range partials.
 """
 
 from __future__ import annotations
@@ -280,8 +281,11 @@ def _lora_backward_kernel(
 ):  # fmt: skip
     """One pass over dy for the token range z = program_id(0), IN tile j = program_id(1).
 
-    Writes dx[rows, j], da_part[z, :, j] (unscaled dSᵀ·x); for j = 0 also db_part[z] =
-    dyᵀ·S [OUT, R] and dbias_part[z] = Σ_rows dy [OUT] (each range owns its slice).
+    Writes dx[rows, j] and da_part[z, :, j] (unscaled dSᵀ·x). The reductions over tokens,
+    db_part[z] = dyᵀ·S [OUT, R] and dbias_part[z] = Σ_rows dy [OUT] (each range owns its
+    slice), are dealt out over the IN tiles by K step: the program of IN tile j folds in the
+    dy columns of steps j, j + IN/BLOCK_N, ..., so every program of a range does an equal
+    share and the slowest does no more than the rest.
     """
     z = tl.program_id(0)
     j = tl.program_id(1)
@@ -291,10 +295,10 @@ def _lora_backward_kernel(
     mask_r = offs_r < R
     row_begin = z * rows_per_range
     row_end = tl.minimum(M, row_begin + rows_per_range)
-    owner = j == 0  # the IN tile whose programs also reduce dy over tokens
+    in_tiles = tl.cdiv(IN, BLOCK_N)
     # Masks are block comparisons against limits (a scalar bool in a mask breaks the
-    # interpreter): the owner reads S rows below row_end, the others none.
-    s_row_end = tl.where(owner, row_end, 0)
+    # interpreter): a program that owns some K step reads S rows below row_end, others none.
+    s_row_end = tl.where(j < tl.cdiv(OUT, BLOCK_K), row_end, 0)
 
     da = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(row_begin, row_end, BLOCK_M):
@@ -334,7 +338,7 @@ def _lora_backward_kernel(
                     other=0.0,
                 )
                 ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
-            if owner:
+            if (k0 // BLOCK_K) % in_tiles == j:  # this program's share of the reductions
                 # Read-modify-write of this range's own slice; as the first row block
                 # overwrites, a relaunch (autotuning) starts clean.
                 if HAS_LORA and NEED_DB:

@@ -214,9 +214,10 @@ bool run(const Problem& p) {
 int main() {
   bool ok = true;
   // Odd sizes and rank 3; 16-byte-aligned rows (cp.async), several K steps, rank 70 (one
-  // loop buffer in the backward), rank 24 (double-buffered everywhere, three token ranges).
-  for (const Problem& p :
-       {Problem{77, 50, 130, 3}, Problem{70, 40, 72, 70}, Problem{130, 48, 80, 24}}) {
+  // loop buffer in the backward), rank 24 (double-buffered everywhere, three token ranges);
+  // three IN tiles, which share the backward's reductions over tokens (dB, bias) by K step.
+  for (const Problem& p : {Problem{77, 50, 130, 3}, Problem{70, 40, 72, 70},
+                           Problem{130, 48, 80, 24}, Problem{96, 150, 100, 5}}) {
     ok &= run<float>(p);
     ok &= run<__half>(p);
     ok &= run<__nv_bfloat16>(p);
