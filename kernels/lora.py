@@ -45,7 +45,7 @@ class Tiling(NamedTuple):
 
     The forward's programs compute S = x·Aᵀ along with their first column tile and reuse it
     for the others, so the rank-R product costs R/(BLOCK_N·column_tiles) of the main GEMM's
-    MMA work instead of R/BLOCK_N (12.5 % at r 16 with 128-wide tiles, 3.1 % over 4 tiles).
+    MMA work instead of R/BLOCK_N (12.5% at r 16 with 128-wide tiles, 3.1% over 4 tiles).
     The backward ignores column_tiles: its wider reuse is a wider BLOCK_N.
     """
 
