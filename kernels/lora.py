@@ -20,7 +20,7 @@ Design (after LoRAFusion, specialised for stitching layers whose IN is small):
   stays in registers across the range; the range's programs also fold dy into
   dB = scale·dyᵀ·S and the bias gradient Σ_t dy, each the columns of every (IN/BLOCK_N)-th
   K step, written to a per-range fp32 slice (no atomics: deterministic). The launcher sums
-  the few per-range partials.
+  the few per-range partials in one launch (kernels/partials.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import triton.language as tl
 
 from stitchops._dispatch import triton_autotune_enabled, triton_interpreting
 from stitchops._memory import new_output
+
+from .partials import sum_ranges
 
 MAX_RANK = 128
 
@@ -494,7 +496,7 @@ def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> to
         HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True,
         BLOCK_R=16, DOT_PRECISION=_dot_precision(x.dtype),
     )  # fmt: skip
-    return partial.sum(0).to(dtype)
+    return sum_ranges([(partial, 1.0)], dtype)[0]
 
 
 def lora_backward(
@@ -558,9 +560,14 @@ def lora_backward(
             NEED_BIAS=need_bias,
             BLOCK_R=_block_r(rank), DOT_PRECISION=_dot_precision(x.dtype),
         )  # fmt: skip
-    da = (scale * da_part.sum(0)).to(x.dtype) if need_a else None
-    db = (scale * db_part.sum(0)).to(x.dtype) if need_b else None
-    dbias = dbias_part.sum(0).to(x.dtype) if need_bias else None
+    da, db, dbias = sum_ranges(
+        [
+            (da_part, scale) if need_a else None,
+            (db_part, scale) if need_b else None,
+            (dbias_part, 1.0) if need_bias else None,
+        ],
+        x.dtype,
+    )
     return dx, dw, da, db, dbias
 
 

@@ -24,9 +24,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import lora
+from kernels import lora, partials
 
-FP32_BUFFERS = {"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr"}
+FP32_BUFFERS = {"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr",
+                "part0_ptr", "part1_ptr", "part2_ptr"}  # fmt: skip
 
 # Per kernel: the launch's compile-time flags, and the strides that are 1 for contiguous
 # inputs (Triton specialises an integer argument equal to 1 into a constant).
@@ -49,6 +50,7 @@ KERNELS = {
     ),
 }
 ARCHS = (80, 90)
+SUM_RANGES = "sum_ranges"  # the variant name of kernels/partials.py's rows
 # The fallback tilings are also compiled for the other archs they are meant for: UNTUNED for
 # sm_100 (Blackwell datacenter, 227 KB per block like sm_90), SMALL for the 99 KB archs.
 UNTUNED_ARCHS = (80, 90, 100)
@@ -91,7 +93,7 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
     constants = {
         **flags,
         **config.kwargs,
-        "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+        **({"DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"} if flags else {}),
         **dict.fromkeys(unit_strides, 1),
     }
     signature, attrs = {}, {}
@@ -102,8 +104,8 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
         if name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
         else:
-            signature[name] = "fp32" if name == "scale" else "i32"
-        if name != "scale":
+            signature[name] = "fp32" if name.startswith("scale") else "i32"
+        if not name.startswith("scale"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
         ASTSource(fn, signature, constants, attrs),
@@ -160,6 +162,12 @@ def main() -> None:
                                       unit_strides, dtype, arch, config)  # fmt: skip
                     print(json.dumps({**row, "variant": f"fallback {tuple(tiling)}, rank 128"}),
                           flush=True)  # fmt: skip
+    # The backward's last step (kernels/partials.py): no dot, launched with fixed sizes.
+    config = triton.Config({"BLOCK_Z": partials.BLOCK_Z, "BLOCK_C": partials.BLOCK_C}, num_warps=4)
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            row = compile_one(partials._sum_ranges_kernel, {}, (), dtype, arch, config)
+            print(json.dumps({**row, "variant": SUM_RANGES}), flush=True)
 
 
 if __name__ == "__main__":
