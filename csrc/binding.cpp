@@ -135,6 +135,31 @@ std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weig
   return {y, s};
 }
 
+// scale_i · parts[i].sum(0) in x's dtype, for fp32 partials [ranges, ...] (undefined:
+// skipped, an empty result), in one launch of sum_ranges.cu.
+std::vector<at::Tensor> sum_ranges(const std::vector<std::pair<at::Tensor, double>>& parts,
+                                   const at::Tensor& x, int64_t stream) {
+  TORCH_CHECK(parts.size() <= stitchops::kMaxRangeSums, "sum_ranges: too many buffers");
+  stitchops::RangeSumArgs args;
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& [part, scale] = parts[i];
+    if (!part.defined()) {
+      outs.push_back(at::empty({0}, x.options()));
+      continue;
+    }
+    TORCH_CHECK(part.scalar_type() == at::kFloat && part.is_contiguous() && part.dim() >= 1,
+                "sum_ranges: partials must be contiguous float32 [ranges, ...]");
+    args.ranges = part.size(0);
+    auto out = new_output(part.sizes().slice(1), x.options());
+    args.sums[i] = {part.data_ptr<float>(), out.data_ptr(), out.numel(), float(scale)};
+    outs.push_back(out);
+  }
+  check_status(stitchops::sum_ranges(dtype_of(x), args, reinterpret_cast<void*>(stream)),
+               "lora partial sums");
+  return outs;
+}
+
 // dW = dyᵀ · x [OUT, IN], split over tokens so a small [OUT, IN] still fills the device.
 at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                        int64_t stream) {
@@ -165,7 +190,7 @@ at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   a.splits = static_cast<int>(splits);
   check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)),
                "lora weight grad");
-  return partial.sum(0).to(weight.scalar_type());
+  return sum_ranges({{partial, 1.0}}, x, stream)[0];  // weight has x's dtype (checked)
 }
 
 // Returns {dx, dW, dA, dB, dbias}; a gradient not asked for is an empty tensor.
@@ -247,11 +272,11 @@ std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor
   check_status(stitchops::lora_backward(dtype_of(x), a, reinterpret_cast<void*>(stream)),
                "lora backward");
 
-  const auto dtype = x.scalar_type();
-  at::Tensor da = need_a ? (da_part.sum(0) * scale).to(dtype) : empty;
-  at::Tensor db = need_b ? (db_part.sum(0) * scale).to(dtype) : empty;
-  at::Tensor dbias = need_bias ? dbias_part.sum(0).to(dtype) : empty;
-  return {dx, dw, da, db, dbias};
+  auto sums = sum_ranges({{need_a ? da_part : at::Tensor(), scale},
+                          {need_b ? db_part : at::Tensor(), scale},
+                          {need_bias ? dbias_part : at::Tensor(), 1.0}},
+                         x, stream);
+  return {dx, dw, sums[0], sums[1], sums[2]};
 }
 
 }  // namespace

@@ -72,8 +72,24 @@ struct LoraBackwardArgs {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 
+// The backward's last step (sum_ranges.cu), for up to three fp32 partial buffers at once:
+//   out_i[c] = scale_i · Σ_z part_i[z·n_i + c]   (z < ranges, c < n_i; out_i in dtype).
+// Unused buffers have n = 0. One launch; the sum over z runs in order (deterministic).
+struct RangeSum {
+  const float* part = nullptr;  // [ranges, n] contiguous
+  void* out = nullptr;          // [n] contiguous, of the call's dtype
+  int64_t n = 0;
+  float scale = 1.f;
+};
+constexpr int kMaxRangeSums = 3;
+struct RangeSumArgs {
+  RangeSum sums[kMaxRangeSums];
+  int64_t ranges = 0;
+};
+
 int lowrank_matmul(DType dtype, const LowRankMatmulArgs& args, void* stream);
 int lora_backward(DType dtype, const LoraBackwardArgs& args, void* stream);
+int sum_ranges(DType dtype, const RangeSumArgs& args, void* stream);
 int device_multiprocessors(int* count);
 const char* error_string(int code);
 
