@@ -2,9 +2,10 @@
 
 Used by test_triton_compile.py in a subprocess with TRITON_INTERPRET unset: the test process
 itself runs Triton through the interpreter, where ``triton.jit`` builds interpreted
-functions. Every autotune config of every kernel is compiled, down to a cubin by Triton's
-bundled ptxas, with the specialisation a launch on contiguous inputs at the benchmark's
-shapes gets (unit strides constant, pointers and sizes divisible by 16). Prints one JSON
+functions. Every autotune config of every kernel (and kernels/partials.py's one
+configuration) is compiled, down to a cubin by Triton's bundled ptxas, with the
+specialisation a launch on contiguous inputs at the benchmark's shapes gets (unit strides
+constant, pointers and sizes divisible by 16). Prints one JSON
 line per compiled kernel: Triton version, kernel, arch, dtype, config, shared memory,
 whether tensor-core MMAs (mma.sync / wgmma) and asynchronous copies (the software pipeline)
 are in the code.
