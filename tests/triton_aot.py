@@ -94,7 +94,11 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
     constants = {
         **flags,
         **config.kwargs,
-        **({"DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"} if flags else {}),
+        **(
+            {"DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+            if "DOT_PRECISION" in fn.arg_names  # the matmul kernels, not the partial sums
+            else {}
+        ),
         **dict.fromkeys(unit_strides, 1),
     }
     signature, attrs = {}, {}
