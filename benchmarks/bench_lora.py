@@ -8,6 +8,9 @@ then time forward and forward+backward (grad for x, A, B, bias; W frozen as in S
   floor     the bare frozen GEMM: x·Wᵀ forward, plus dY·W backward
   compiled  torch.compile of the unfused code (Inductor's own fusion), on a GPU at the
             acceptance shape only (compiling every shape would take minutes)
+  cuda_1tile  the cuda backend with one output tile per forward block, where it would
+            otherwise group several (csrc/lora.h: column_tiles), at 256×197 tokens,
+            384→1024 in bf16: what reusing S costs or saves against lost occupancy
 Reports median ms, TFLOP/s of the useful work, and the ratios vs unfused and vs the floor.
 
     python benchmarks/bench_lora.py            # full table on a GPU; a small CPU table here
@@ -82,6 +85,17 @@ def unfused(x, weight, bias, lora_a, lora_b, scale):
 def fused(backend):
     def run(**kw):
         with stitchops.use_backend(backend):
+            return stitchops.lora_linear(**kw)
+
+    return run
+
+
+def cuda_with_column_tiles(tiles: int):
+    """The cuda backend with every forward block covering ``tiles`` output tiles."""
+    from stitchops import _cuda
+
+    def run(**kw):
+        with _cuda.pinned_column_tiles(tiles), stitchops.use_backend("cuda"):
             return stitchops.lora_linear(**kw)
 
     return run
@@ -229,9 +243,11 @@ def main(argv=None) -> int:
     rows = []
     compiled = gpu if args.compiled is None else args.compiled
     for tokens, (in_f, out_f), rank, dtype in tqdm(grid, desc="lora_linear") if tqdm else grid:
-        extra = None
+        extra = {}
         if compiled and _is_acceptance_case(tokens, (in_f, out_f), rank, dtype):
-            extra = {"compiled": torch.compile(unfused, dynamic=False)}
+            extra["compiled"] = torch.compile(unfused, dynamic=False)
+        if _compares_column_tiles(tokens, (in_f, out_f), rank, dtype, backends_for(args.device)):
+            extra["cuda_1tile"] = cuda_with_column_tiles(1)
         rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget, ceilings, extra)
         if not args.no_save:  # after every case: a run cut short keeps what it measured
             path = write_results("lora_linear", args.device, rows)
@@ -239,6 +255,18 @@ def main(argv=None) -> int:
     if not args.no_save:
         print(f"wrote {path}")
     return 0
+
+
+def _compares_column_tiles(tokens, features, rank, dtype, backends) -> bool:
+    """Where to time the cuda forward ungrouped as well (both ranks of the acceptance row)."""
+    if "cuda" not in backends:
+        return False
+    from stitchops import _cuda
+
+    want = ACCEPTANCE_SHAPE
+    return (tokens, features, str(dtype).removeprefix("torch.")) == (
+        want["tokens"], (want["in"], want["out"]), want["dtype"]
+    ) and _cuda._C.forward_column_tiles(tokens, features[1], rank) > 1  # fmt: skip
 
 
 def _is_acceptance_case(tokens, features, rank, dtype) -> bool:

@@ -71,6 +71,26 @@ int64_t multiprocessors() {
   return count;
 }
 
+// Tests pin this to run every forward launch with that many column tiles per block (0: the
+// choice below).
+int64_t g_pinned_column_tiles = 0;
+
+// Output column tiles per forward block (lora.h: LowRankMatmulArgs::column_tiles). Each
+// extra tile saves a recompute of S, R / kBlockN of the tile's MMA work, but the grid
+// shrinks: take 4 or 2 while the grid keeps 8 blocks per multiprocessor (several waves, so
+// the last one's tail stays short), else 1. At 256×197 tokens, OUT 1024 on 132 SMs: 788 row
+// blocks × 4 groups of 4 tiles = 3,152 blocks.
+int64_t forward_column_tiles(int64_t tokens, int64_t out_f, int64_t rank) {
+  if (g_pinned_column_tiles > 0) return g_pinned_column_tiles;
+  if (rank == 0) return 1;
+  const int64_t row_blocks = (tokens + stitchops::kBlockM - 1) / stitchops::kBlockM;
+  const int64_t tiles = (out_f + stitchops::kBlockN - 1) / stitchops::kBlockN;
+  const int64_t wanted = 8 * multiprocessors();
+  for (int64_t c : {4, 2})
+    if (tiles >= c && row_blocks * ((tiles + c - 1) / c) >= wanted) return c;
+  return 1;
+}
+
 // out = x · Wᵀ + bias + extra_bias + scale · (x · Aᵀ) · Bᵀ for 2-D x; returns {y, S}.
 std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
                                      const OptTensor& bias, const OptTensor& lora_a,
@@ -130,6 +150,7 @@ std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weig
   a.R = rank;
   a.scale = static_cast<float>(scale);
   a.k_per_split = std::max<int64_t>(in_f, 1);
+  a.column_tiles = static_cast<int>(forward_column_tiles(tokens, out_f, rank));
   check_status(stitchops::lowrank_matmul(dtype_of(x), a, reinterpret_cast<void*>(stream)),
                "lora forward");
   return {y, s};
@@ -287,6 +308,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_version", [] { return std::string(STITCHOPS_CUDA_VERSION); });
   m.def("cuda_archs", [] { return std::string(STITCHOPS_CUDA_ARCHS); });
   m.def("set_poison_outputs", [](bool on) { g_poison_outputs = on; });
+  m.def(
+      "pin_column_tiles",
+      [](int64_t tiles) {
+        TORCH_CHECK_VALUE(tiles >= 0 && tiles <= 64, "column tiles must be in 0..64, got ", tiles);
+        g_pinned_column_tiles = tiles;
+      },
+      "run every forward with this many column tiles per block (0: choose per call)");
+  m.def("forward_column_tiles", &forward_column_tiles,
+        "column tiles per block a forward of [tokens, OUT] at this rank runs");
   m.def("lora_forward", &lora_forward, "fused LoRA stitching projection, forward");
   m.def("lora_backward", &lora_backward, "fused LoRA stitching projection, backward");
 }

@@ -40,10 +40,10 @@ __device__ __forceinline__ void load_tile(float* dst, const T* src, int64_t s_k,
   }
 }
 
-// The shared main loop: acc[i][j] += Σ_k X[row_i, k]·Wt[k, col_j] and, with RP > 0,
-// lr[q] += Σ_k X[srow, k]·L[k, scol + 4q]. Thread (ty, tx) = (tid / 16, tid % 16) owns rows
-// ty + 16i and columns tx + 16j; thread (srow, scol) = (tid / 4, tid % 4) owns rank entries
-// scol + 4q of row srow. Hook(k0, xs) runs on every staged X tile (backward reductions).
+// The shared main loop: acc[i][j] += Σ_k X[row_i, k]·Wt[k, col_j] (when want_w) and, with
+// RP > 0 and want_l, lr[q] += Σ_k X[srow, k]·L[k, scol + 4q]. Thread (ty, tx) = (tid / 16, tid %
+// 16) owns rows ty + 16i and columns tx + 16j; thread (srow, scol) = (tid / 4, tid % 4) owns rank
+// entries scol + 4q of row srow. Hook(k0, xs) runs on every staged X tile (backward reductions).
 template <typename T, int RP>
 struct Stage {
   float xs[BK][BM + 1];
@@ -58,12 +58,13 @@ __device__ __forceinline__ void main_loop(Stage<T, RP>& st, float (&acc)[4][4],
                                           int64_t s_wn, const T* L, int64_t s_lk, int64_t s_lr,
                                           int64_t m0, int64_t m_end, int64_t n0, int64_t n_end,
                                           int64_t k_begin, int64_t k_end, int64_t R, bool want_w,
-                                          Hook hook) {
+                                          bool want_l, Hook hook) {
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16, srow = tid / 4, scol = tid % 4;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     load_tile<T, BK, BM>(&st.xs[0][0], X, s_xk, s_xm, k0, k_end, m0, m_end);
     if (want_w) load_tile<T, BK, BN>(&st.ws[0][0], Wt, s_wk, s_wn, k0, k_end, n0, n_end);
-    if constexpr (RP > 0) load_tile<T, BK, RP>(&st.ls[0][0], L, s_lk, s_lr, k0, k_end, 0, R);
+    if constexpr (RP > 0)
+      if (want_l) load_tile<T, BK, RP>(&st.ls[0][0], L, s_lk, s_lr, k0, k_end, 0, R);
     __syncthreads();
 #pragma unroll 4
     for (int kk = 0; kk < BK; ++kk) {
@@ -79,9 +80,11 @@ __device__ __forceinline__ void main_loop(Stage<T, RP>& st, float (&acc)[4][4],
           for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
       }
       if constexpr (RP > 0) {
-        const float xv = st.xs[kk][srow];
+        if (want_l) {
+          const float xv = st.xs[kk][srow];
 #pragma unroll
-        for (int q = 0; q < RP / 4; ++q) lr[q] = fmaf(xv, st.ls[kk][scol + 4 * q], lr[q]);
+          for (int q = 0; q < RP / 4; ++q) lr[q] = fmaf(xv, st.ls[kk][scol + 4 * q], lr[q]);
+        }
       }
     }
     hook(k0, st.xs);
@@ -117,61 +120,71 @@ __device__ __forceinline__ void add_rank_chunk(float (&acc)[4][4], const float (
   }
 }
 
-template <typename T, int RP>
+// GROUPED: a block covers a.column_tiles output tiles of its row block in turn (lora.h):
+// S = X·L1 accumulates in registers during the first tile's K loop and serves the others.
+// Ungrouped, the loop over tiles compiles away (a separate instantiation: the grouped one
+// takes more registers, e.g. 106 → 184 at rank 128 on sm_90a).
+template <typename T, int RP, bool GROUPED>
 __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulArgs a) {
+  static_assert(!GROUPED || RP > 0, "column groups share S: no low-rank term, nothing to share");
   __shared__ Stage<T, RP> st;
   __shared__ float sm_s[BM][RC + 1];
   __shared__ float sm_l2[RC][BN + 1];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
   const int64_t k_begin = int64_t(blockIdx.z) * a.k_per_split;
   const int64_t k_end = min(a.K, k_begin + a.k_per_split);
-
-  float acc[4][4] = {};
-  float lr[RP > 0 ? RP / 4 : 1] = {};
-  main_loop<T, RP>(st, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
-                   static_cast<const T*>(a.w), a.stride_wk, a.stride_wn,
-                   static_cast<const T*>(a.l1), a.stride_l1k, a.stride_l1r, m0, a.M, n0, a.N,
-                   k_begin, k_end, a.R, true, NoHook{});
-
-  if constexpr (RP > 0) {
-    const int srow = tid / 4, scol = tid % 4;
-    if (a.s_out != nullptr && blockIdx.y == 0 && m0 + srow < a.M) {
-#pragma unroll
-      for (int q = 0; q < RP / 4; ++q)
-        if (scol + 4 * q < a.R) a.s_out[(m0 + srow) * a.stride_sm + scol + 4 * q] = lr[q];
-    }
-    // acc += scale · S · L2, one chunk of 16 rank entries at a time.
-    const T* l2 = static_cast<const T*>(a.l2);
-#pragma unroll
-    for (int c = 0; c < RP / RC; ++c) {
-      stage_rank_chunk<RP>(sm_s, lr, c);
-      load_tile<T, RC, BN>(&sm_l2[0][0], l2, a.stride_l2r, a.stride_l2n, c * RC, a.R, n0, a.N);
-      __syncthreads();
-      add_rank_chunk(acc, sm_s, sm_l2, a.scale);
-      __syncthreads();
-    }
-  }
-
+  const T* l2 = static_cast<const T*>(a.l2);
   const T* bias = static_cast<const T*>(a.bias);
   const T* bias2 = static_cast<const T*>(a.bias2);
+
+  float lr[RP > 0 ? RP / 4 : 1] = {};
+  const int column_tiles = GROUPED ? a.column_tiles : 1;
+  for (int c = 0; c < column_tiles; ++c) {
+    const int64_t n0 = (int64_t(blockIdx.y) * column_tiles + c) * BN;
+    if (n0 >= a.N) break;
+    float acc[4][4] = {};
+    main_loop<T, RP>(st, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
+                     static_cast<const T*>(a.w), a.stride_wk, a.stride_wn,
+                     static_cast<const T*>(a.l1), a.stride_l1k, a.stride_l1r, m0, a.M, n0, a.N,
+                     k_begin, k_end, a.R, true, c == 0, NoHook{});
+
+    if constexpr (RP > 0) {
+      const int srow = tid / 4, scol = tid % 4;
+      if (a.s_out != nullptr && blockIdx.y == 0 && c == 0 && m0 + srow < a.M) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int64_t n = n0 + tx + 16 * j;
-    if (n >= a.N) continue;
-    float add = 0.f;
-    if (bias != nullptr) add += to_float(bias[n]);
-    if (bias2 != nullptr) add += to_float(bias2[n]);
+        for (int q = 0; q < RP / 4; ++q)
+          if (scol + 4 * q < a.R) a.s_out[(m0 + srow) * a.stride_sm + scol + 4 * q] = lr[q];
+      }
+      // acc += scale · S · L2, one chunk of 16 rank entries at a time.
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t m = m0 + ty + 16 * i;
-      if (m >= a.M) continue;
-      const int64_t off = blockIdx.z * a.stride_oz + m * a.stride_om + n * a.stride_on;
-      const float v = acc[i][j] + add;
-      if (a.out_fp32)
-        static_cast<float*>(a.out)[off] = v;
-      else
-        static_cast<T*>(a.out)[off] = from_float<T>(v);
+      for (int rc = 0; rc < RP / RC; ++rc) {
+        stage_rank_chunk<RP>(sm_s, lr, rc);
+        load_tile<T, RC, BN>(&sm_l2[0][0], l2, a.stride_l2r, a.stride_l2n, rc * RC, a.R, n0, a.N);
+        __syncthreads();
+        add_rank_chunk(acc, sm_s, sm_l2, a.scale);
+        __syncthreads();
+      }
+    }
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + tx + 16 * j;
+      if (n >= a.N) continue;
+      float add = 0.f;
+      if (bias != nullptr) add += to_float(bias[n]);
+      if (bias2 != nullptr) add += to_float(bias2[n]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = m0 + ty + 16 * i;
+        if (m >= a.M) continue;
+        const int64_t off = blockIdx.z * a.stride_oz + m * a.stride_om + n * a.stride_on;
+        const float v = acc[i][j] + add;
+        if (a.out_fp32)
+          static_cast<float*>(a.out)[off] = v;
+        else
+          static_cast<T*>(a.out)[off] = from_float<T>(v);
+      }
     }
   }
 }
@@ -240,7 +253,7 @@ __global__ void __launch_bounds__(THREADS, 1) lora_backward_kernel(LoraBackwardA
     main_loop<T, RP>(st, acc, ds, static_cast<const T*>(a.dy), a.stride_dym, a.stride_dyo,
                      static_cast<const T*>(a.w), a.stride_wo, a.stride_wi,
                      static_cast<const T*>(a.b), a.stride_bo, a.stride_br, m0, row_end, i0, a.IN, 0,
-                     a.OUT, a.R, a.dx != nullptr, hook);
+                     a.OUT, a.R, a.dx != nullptr, true, hook);
     if constexpr (RP > 0) {
       if (need_da)
         load_tile<T, BM, BN>(&sm_x[0][0], static_cast<const T*>(a.x), a.stride_xm, a.stride_xi, m0,
@@ -292,16 +305,31 @@ __global__ void __launch_bounds__(THREADS, 1) lora_backward_kernel(LoraBackwardA
 
 int padded_rank(int64_t r) { return r == 0 ? 0 : r <= 16 ? 16 : r <= 64 ? 64 : 128; }
 
+template <typename T, bool GROUPED>
+void launch_matmul_ranked(int rp, dim3 grid, const LowRankMatmulArgs& a, cudaStream_t stream) {
+  switch (rp) {
+    case 16: lowrank_matmul_kernel<T, 16, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    case 64: lowrank_matmul_kernel<T, 64, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    default: lowrank_matmul_kernel<T, 128, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+  }
+}
+
+// Column groups only with a low-rank term (lora.h: column_tiles has no effect without one).
 template <typename T>
 int launch_matmul(const LowRankMatmulArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
-  const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned((a.N + BN - 1) / BN), unsigned(a.splits));
-  switch (padded_rank(a.l1 != nullptr ? a.R : 0)) {
-    case 0: lowrank_matmul_kernel<T, 0><<<grid, THREADS, 0, stream>>>(a); break;
-    case 16: lowrank_matmul_kernel<T, 16><<<grid, THREADS, 0, stream>>>(a); break;
-    case 64: lowrank_matmul_kernel<T, 64><<<grid, THREADS, 0, stream>>>(a); break;
-    default: lowrank_matmul_kernel<T, 128><<<grid, THREADS, 0, stream>>>(a); break;
-  }
+  if (a.column_tiles < 1) return cudaErrorInvalidValue;
+  const int rp = padded_rank(a.l1 != nullptr ? a.R : 0);
+  const int64_t tiles = (a.N + BN - 1) / BN;
+  const bool grouped = rp > 0 && a.column_tiles > 1;
+  const int64_t groups = grouped ? (tiles + a.column_tiles - 1) / a.column_tiles : tiles;
+  const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned(groups), unsigned(a.splits));
+  if (rp == 0)
+    lowrank_matmul_kernel<T, 0, false><<<grid, THREADS, 0, stream>>>(a);
+  else if (grouped)
+    launch_matmul_ranked<T, true>(rp, grid, a, stream);
+  else
+    launch_matmul_ranked<T, false>(rp, grid, a, stream);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,8 @@
 // Fused LoRA stitching projection on tensor cores: WMMA m16n16k16, fp16 / bf16 operands,
 // fp32 accumulation. Same arguments, results and fusion as the SIMT kernels in lora.cu.
 //
-// A block of 4 warps owns a 64 × 64 output tile; warp w = 2·wm + wn owns the 32 × 32 quarter
+// A block of 4 warps owns a 64 × 64 output tile at a time (the forward may take several in
+// turn, see lowrank_matmul_kernel); warp w = 2·wm + wn owns the 32 × 32 quarter
 // (wm, wn) as 2 × 2 accumulator fragments, and rows 16w .. 16w + 15 of the rank-R product
 // (S = x·Aᵀ in the forward, dS = dy·B in the backward) as R/16 more. K advances in steps of
 // 32, with the operand tiles staged in shared memory in their own dtype, double-buffered:
@@ -178,7 +179,7 @@ struct NoHook {
 };
 
 // acc[i][j] += Σ_k X[m0 + 32wm + 16i + ·, k]·Wt[k, n0 + 32wn + 16j + ·] (when want_w) and
-// lr[c] += Σ_k X[m0 + 16w + ·, k]·L[k, 16c + ·] over k in [k_begin, k_end).
+// lr[c] += Σ_k X[m0 + 16w + ·, k]·L[k, 16c + ·] (when want_l) over k in [k_begin, k_end).
 // hook(k0, x_tile) runs on every staged X tile (rows past m_end, columns past k_end zero).
 // With two stages the copies of step k0 + BK are in flight while step k0 computes.
 template <typename T, int RP, bool XT, bool KMAJOR, int STAGES, typename Hook>
@@ -188,7 +189,7 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, XT, KMAJOR, STA
                                           int64_t s_wn, const T* L, int64_t s_lk, int64_t s_lr,
                                           int64_t m0, int64_t m_end, int64_t n0, int64_t n_end,
                                           int64_t k_begin, int64_t k_end, int64_t R, bool want_w,
-                                          Hook hook) {
+                                          bool want_l, Hook hook) {
   static_assert(STAGES == 1 || STAGES == 2, "one buffer, or a double buffer");
   using Tiles = LoopTiles<T, RP, XT, KMAJOR, STAGES>;
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
@@ -204,10 +205,12 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, XT, KMAJOR, STA
         stage<T, BN, BK>(t.w(s), Tiles::w_ld, Wt, s_wn, s_wk, n0, n_end, k0, k_end);
     }
     if constexpr (RP > 0) {
-      if constexpr (KMAJOR)
-        stage<T, BK, RP>(t.l(s), Tiles::l_ld, L, s_lk, s_lr, k0, k_end, 0, R);
-      else
-        stage<T, RP, BK>(t.l(s), Tiles::l_ld, L, s_lr, s_lk, 0, R, k0, k_end);
+      if (want_l) {
+        if constexpr (KMAJOR)
+          stage<T, BK, RP>(t.l(s), Tiles::l_ld, L, s_lk, s_lr, k0, k_end, 0, R);
+        else
+          stage<T, RP, BK>(t.l(s), Tiles::l_ld, L, s_lr, s_lk, 0, R, k0, k_end);
+      }
     }
     __pipeline_commit();
   };
@@ -245,13 +248,15 @@ __device__ __forceinline__ void main_loop(const LoopTiles<T, RP, XT, KMAJOR, STA
           for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
       }
       if constexpr (RP > 0) {
-        typename Tiles::FragX a;
-        wmma::load_matrix_sync(a, t.x_at(s, kk, warp), Tiles::x_ld);
+        if (want_l) {
+          typename Tiles::FragX a;
+          wmma::load_matrix_sync(a, t.x_at(s, kk, warp), Tiles::x_ld);
 #pragma unroll
-        for (int c = 0; c < RP / F; ++c) {
-          typename Tiles::FragW b;
-          wmma::load_matrix_sync(b, t.l_at(s, kk, c), Tiles::l_ld);
-          wmma::mma_sync(lr[c], a, b, lr[c]);
+          for (int c = 0; c < RP / F; ++c) {
+            typename Tiles::FragW b;
+            wmma::load_matrix_sync(b, t.l_at(s, kk, c), Tiles::l_ld);
+            wmma::mma_sync(lr[c], a, b, lr[c]);
+          }
         }
       }
     }
@@ -267,66 +272,95 @@ __device__ __forceinline__ void zero(Acc (&frags)[N]) {
 }
 
 // TRANSPOSED: the dW pass's layout (X = dyᵀ and Wt = x, both contiguous along m resp. n).
-template <typename T, int RP, bool TRANSPOSED>
+// GROUPED: a block covers a.column_tiles output tiles of its row block in turn (lora.h). The
+// first computes S = X·L1 in its K loop; ranks up to 64 keep T(S) in shared memory for the
+// others (KEEP_S), rank 128 recomputes it per tile (keeping it would pass 48 KB of static
+// shared memory). Ungrouped, the loop over tiles compiles away: a separate instantiation, as
+// the grouped one takes more registers at some ranks (ptxas, sm_90a: fp16 ranks 16 and 32
+// 96 → 128, rank 64 128 → 168).
+template <typename T, int RP, bool TRANSPOSED, bool GROUPED>
 __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulArgs a) {
   static_assert(!TRANSPOSED || RP == 0, "the dW pass has no low-rank term");
+  static_assert(!GROUPED || RP > 0, "column groups share S: no low-rank term, nothing to share");
   using Tiles = LoopTiles<T, RP, TRANSPOSED, TRANSPOSED, 2>;
-  // After the K loop: T(S) [BM][s_ld], then the L2 tile n-major [BN][s_ld].
+  constexpr bool KEEP_S = GROUPED && RP <= 64;
+  // After each K loop the loop tiles' memory holds the L2 tile n-major [BN][s_ld], and
+  // (without KEEP_S) T(S) [BM][s_ld] after it; with KEEP_S, T(S) has its own region.
   constexpr int s_ld = pitch(RP);
   constexpr size_t s_bytes = align128(BM * s_ld * sizeof(T));
-  constexpr size_t tile_bytes = larger(Tiles::bytes, RP > 0 ? 2 * s_bytes : 0);
-  __shared__ __align__(128) unsigned char smem[tile_bytes + kScratchBytes];
+  constexpr size_t tile_bytes = larger(Tiles::bytes, RP > 0 ? (KEEP_S ? 1 : 2) * s_bytes : 0);
+  constexpr size_t kept_bytes = KEEP_S ? s_bytes : 0;
+  __shared__ __align__(128) unsigned char smem[tile_bytes + kept_bytes + kScratchBytes];
   const Tiles tiles{smem};
+  T* l2_t = reinterpret_cast<T*>(smem);
+  T* s_t = reinterpret_cast<T*>(smem + (KEEP_S ? tile_bytes : s_bytes));
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-  float* scratch = reinterpret_cast<float*>(smem + tile_bytes) + warp * F * SLD;
-  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  float* scratch = reinterpret_cast<float*>(smem + tile_bytes + kept_bytes) + warp * F * SLD;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
   const int64_t k_begin = int64_t(blockIdx.z) * a.k_per_split;
   const int64_t k_end = min(a.K, k_begin + a.k_per_split);
-
-  Acc acc[2][2], lr[rank_frags(RP)];
-  zero(acc[0]);
-  zero(acc[1]);
-  zero(lr);
-  main_loop(tiles, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
-            static_cast<const T*>(a.w), a.stride_wk, a.stride_wn, static_cast<const T*>(a.l1),
-            a.stride_l1k, a.stride_l1r, m0, a.M, n0, a.N, k_begin, k_end, a.R, true, NoHook{});
-
-  if constexpr (RP > 0) {
-    // S leaves exact (fp32) from column tile 0, and as T(S) into shared for acc += scale·S·L2.
-    T* s_t = reinterpret_cast<T*>(smem);
-    T* l2_t = reinterpret_cast<T*>(smem + s_bytes);
-    const bool store_s = a.s_out != nullptr && blockIdx.y == 0;
-#pragma unroll
-    for (int c = 0; c < RP / F; ++c)
-      for_each_element(scratch, lr[c], [&](int r, int cc, float v) {
-        const int row = F * warp + r, col = F * c + cc;
-        if (store_s && m0 + row < a.M && col < a.R) a.s_out[(m0 + row) * a.stride_sm + col] = v;
-        s_t[row * s_ld + col] = from_float<T>(v);
-      });
-    stage<T, BN, RP>(l2_t, s_ld, static_cast<const T*>(a.l2), a.stride_l2n, a.stride_l2r, n0, a.N,
-                     0, a.R);
-    land();
-    __syncthreads();
-    add_low_rank<T, RP, false>(acc, s_t, s_ld, l2_t, s_ld, a.scale);
-  }
-
   const T* bias = static_cast<const T*>(a.bias);
   const T* bias2 = static_cast<const T*>(a.bias2);
+
+  const int column_tiles = GROUPED ? a.column_tiles : 1;
+  for (int c = 0; c < column_tiles; ++c) {
+    const int64_t n0 = (int64_t(blockIdx.y) * column_tiles + c) * BN;
+    if (n0 >= a.N) break;
+    const bool fresh_s = RP > 0 && (c == 0 || !KEEP_S);
+    Acc acc[2][2], lr[rank_frags(RP)];
+    zero(acc[0]);
+    zero(acc[1]);
+    if (fresh_s) zero(lr);
+    // Two inlined copies of the loop, with and without the rank-R product, each compiled
+    // for its own case (one loop testing fresh_s inside needed up to 40 more registers).
+    auto loop = [&](bool want_l) {
+      main_loop(tiles, acc, lr, static_cast<const T*>(a.x), a.stride_xm, a.stride_xk,
+                static_cast<const T*>(a.w), a.stride_wk, a.stride_wn, static_cast<const T*>(a.l1),
+                a.stride_l1k, a.stride_l1r, m0, a.M, n0, a.N, k_begin, k_end, a.R, true, want_l,
+                NoHook{});
+    };
+    if (fresh_s)
+      loop(true);
+    else
+      loop(false);
+
+    if constexpr (RP > 0) {
+      // S leaves exact (fp32) from the grid's first column tile, and as T(S) into shared
+      // memory for acc += scale·S·L2.
+      if (fresh_s) {
+        const bool store_s = a.s_out != nullptr && blockIdx.y == 0 && c == 0;
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+        for (int rc = 0; rc < RP / F; ++rc)
+          for_each_element(scratch, lr[rc], [&](int r, int cc, float v) {
+            const int row = F * warp + r, col = F * rc + cc;
+            if (store_s && m0 + row < a.M && col < a.R) a.s_out[(m0 + row) * a.stride_sm + col] = v;
+            s_t[row * s_ld + col] = from_float<T>(v);
+          });
+      }
+      stage<T, BN, RP>(l2_t, s_ld, static_cast<const T*>(a.l2), a.stride_l2n, a.stride_l2r, n0, a.N,
+                       0, a.R);
+      land();
+      __syncthreads();
+      add_low_rank<T, RP, false>(acc, s_t, s_ld, l2_t, s_ld, a.scale);
+    }
+
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      for_each_element(scratch, acc[i][j], [&](int r, int c, float v) {
-        const int64_t m = m0 + 32 * wm + F * i + r, n = n0 + 32 * wn + F * j + c;
-        if (m >= a.M || n >= a.N) return;
-        if (bias != nullptr) v += to_float(bias[n]);
-        if (bias2 != nullptr) v += to_float(bias2[n]);
-        const int64_t off = blockIdx.z * a.stride_oz + m * a.stride_om + n * a.stride_on;
-        if (a.out_fp32)
-          static_cast<float*>(a.out)[off] = v;
-        else
-          static_cast<T*>(a.out)[off] = from_float<T>(v);
-      });
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        for_each_element(scratch, acc[i][j], [&](int r, int cc, float v) {
+          const int64_t m = m0 + 32 * wm + F * i + r, n = n0 + 32 * wn + F * j + cc;
+          if (m >= a.M || n >= a.N) return;
+          if (bias != nullptr) v += to_float(bias[n]);
+          if (bias2 != nullptr) v += to_float(bias2[n]);
+          const int64_t off = blockIdx.z * a.stride_oz + m * a.stride_om + n * a.stride_on;
+          if (a.out_fp32)
+            static_cast<float*>(a.out)[off] = v;
+          else
+            static_cast<T*>(a.out)[off] = from_float<T>(v);
+        });
+    __syncthreads();  // the next tile's K loop refills the L2 tile's (and T(S)'s) memory
+  }
 }
 
 template <typename T, int RP>
@@ -416,7 +450,7 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
     zero(ds);
     main_loop(tiles, acc, ds, static_cast<const T*>(a.dy), a.stride_dym, a.stride_dyo,
               static_cast<const T*>(a.w), a.stride_wo, a.stride_wi, static_cast<const T*>(a.b),
-              a.stride_bo, a.stride_br, m0, row_end, i0, a.IN, 0, a.OUT, a.R, need_dx,
+              a.stride_bo, a.stride_br, m0, row_end, i0, a.IN, 0, a.OUT, a.R, need_dx, true,
               reduce_tokens);
 
     if constexpr (RP > 0) {
@@ -477,22 +511,34 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
 // Rank padded to a fragment multiple the kernels are instantiated for.
 int rank_tile(int64_t r) { return r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
 
+template <typename T, bool GROUPED>
+void launch_matmul_ranked(int rp, dim3 grid, const LowRankMatmulArgs& a, cudaStream_t stream) {
+  switch (rp) {
+    case 16: lowrank_matmul_kernel<T, 16, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    case 32: lowrank_matmul_kernel<T, 32, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    case 64: lowrank_matmul_kernel<T, 64, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    default: lowrank_matmul_kernel<T, 128, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+  }
+}
+
+// Column groups only with a low-rank term (lora.h: column_tiles has no effect without one).
 template <typename T>
 int launch_matmul(const LowRankMatmulArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
-  const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned((a.N + BN - 1) / BN), unsigned(a.splits));
+  if (a.column_tiles < 1) return cudaErrorInvalidValue;
   const int rp = rank_tile(a.l1 != nullptr ? a.R : 0);
-  if (rp == 0 && a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1) {
-    lowrank_matmul_kernel<T, 0, true><<<grid, THREADS, 0, stream>>>(a);
-    return cudaGetLastError();
-  }
-  switch (rp) {
-    case 0: lowrank_matmul_kernel<T, 0, false><<<grid, THREADS, 0, stream>>>(a); break;
-    case 16: lowrank_matmul_kernel<T, 16, false><<<grid, THREADS, 0, stream>>>(a); break;
-    case 32: lowrank_matmul_kernel<T, 32, false><<<grid, THREADS, 0, stream>>>(a); break;
-    case 64: lowrank_matmul_kernel<T, 64, false><<<grid, THREADS, 0, stream>>>(a); break;
-    default: lowrank_matmul_kernel<T, 128, false><<<grid, THREADS, 0, stream>>>(a); break;
-  }
+  const int64_t tiles = (a.N + BN - 1) / BN;
+  const bool grouped = rp > 0 && a.column_tiles > 1;
+  const int64_t groups = grouped ? (tiles + a.column_tiles - 1) / a.column_tiles : tiles;
+  const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned(groups), unsigned(a.splits));
+  if (rp == 0 && a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1)
+    lowrank_matmul_kernel<T, 0, true, false><<<grid, THREADS, 0, stream>>>(a);
+  else if (rp == 0)
+    lowrank_matmul_kernel<T, 0, false, false><<<grid, THREADS, 0, stream>>>(a);
+  else if (grouped)
+    launch_matmul_ranked<T, true>(rp, grid, a, stream);
+  else
+    launch_matmul_ranked<T, false>(rp, grid, a, stream);
   return cudaGetLastError();
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from stitchops import _memory
@@ -39,3 +41,17 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weig
             need_x, need_weight, need_a, need_b, need_bias, _stream(x),
         )  # fmt: skip
     return tuple(g if want else None for g, want in zip(grads, needed, strict=True))
+
+
+@contextlib.contextmanager
+def pinned_column_tiles(tiles: int):
+    """Run every CUDA forward in the block with ``tiles`` output column tiles per block.
+
+    Outside it the binding chooses per call (csrc/binding.cpp, ``forward_column_tiles``);
+    tests pin it so that small shapes exercise the column groups too.
+    """
+    _C.pin_column_tiles(tiles)
+    try:
+        yield
+    finally:
+        _C.pin_column_tiles(0)

@@ -48,10 +48,13 @@ def test_emulated_kernels_compute_and_count_launches(emulated_cuda_extension):
 @pytest.mark.slow
 def test_cuda_suite_under_address_sanitizer(tmp_path):
     try:
-        libasan = subprocess.run([build.compiler(), "-print-file-name=libasan.so"],
-                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
+        libasan, libstdcxx = (
+            subprocess.run([build.compiler(), f"-print-file-name={lib}"],
+                           capture_output=True, text=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")
+        )  # fmt: skip
     except RuntimeError:
-        libasan = ""
+        libasan = libstdcxx = ""
     if not os.path.isabs(libasan):
         if os.environ.get("CI") == "true":
             pytest.fail("CI must have g++ with libasan")
@@ -60,7 +63,9 @@ def test_cuda_suite_under_address_sanitizer(tmp_path):
         **os.environ,
         "STITCHOPS_EMULATE_SANITIZE": "address",
         "STITCHOPS_EMULATOR_CACHE": str(tmp_path / "build"),
-        "LD_PRELOAD": libasan,
+        # libstdc++ too: python is no C++ program, and without it ASan's __cxa_throw
+        # interceptor finds no real one, so a C++ exception (TORCH_CHECK) would abort.
+        "LD_PRELOAD": f"{libasan} {libstdcxx}" if os.path.isabs(libstdcxx) else libasan,
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}",
     }
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",

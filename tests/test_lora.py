@@ -194,6 +194,62 @@ def test_autotune_switch_and_pinned_tiling(monkeypatch):
     assert "COLUMN_TILES" not in kernels.tiling_config(kernels._lora_backward_kernel, wide).kwargs
 
 
+# The CUDA forward's column groups (csrc/lora.h, column_tiles), pinned: OUT 200 is four
+# 64-wide tiles (the last partial), so 3 tiles per block leave a group of one; rank 24 and 64
+# keep T(S) in shared memory between tiles, rank 100 recomputes it; IN 72 takes three K steps.
+COLUMN_GROUP_CASES = [
+    Case((40,), 72, 200, 24, extra_bias=True, train_weight=True),
+    Case((40,), 40, 200, 64),
+    Case((40,), 40, 200, 100),
+]
+
+
+# fp32 runs lora.cu's SIMT kernel, fp16 lora_tc.cu's (bf16 is the same template).
+@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_cuda_column_groups_match_float64_reference(tiles: int, dtype: torch.dtype, backend):
+    """Exact, and bit for bit the output and gradients of one tile per block.
+
+    (S is computed in the same order either way. The bitwise check also sees errors in the
+    low-rank term, 2% of y here, that bf16's tolerance would let through.)
+    """
+    from stitchops import _cuda
+
+    for case in COLUMN_GROUP_CASES:
+        with _cuda.pinned_column_tiles(tiles):
+            check_against_float64(case, dtype, backend)
+        masters = make_params(case, dtype)
+        grad = torch.randn(*case.lead, case.out_f, dtype=dtype, device=DEVICE)
+        results = []
+        for pinned in (1, tiles):
+            with _cuda.pinned_column_tiles(pinned), stitchops.use_backend(backend):
+                results.append(run(stitchops.lora_linear, leaves(masters, dtype, case), 0.5, grad))
+        (y_one, grads_one), (y_grouped, grads_grouped) = results
+        assert torch.equal(y_grouped, y_one), case.id
+        for name, g in grads_one.items():
+            assert torch.equal(grads_grouped[name], g), (case.id, name)
+
+
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_cuda_column_tiles_choice(backend: str):
+    """Grouped where the grid stays large (8 blocks per SM: written for 132-148 SMs)."""
+    require_backend(backend, torch.zeros(1, device=DEVICE), 16)
+    from stitchops import _cuda
+
+    choose = _cuda._C.forward_column_tiles
+    assert choose(256 * 197, 1024, 16) == 4  # the acceptance shape: 3,152 blocks
+    assert choose(64 * 197, 1024, 16) == 2
+    assert choose(256 * 197, 1024, 0) == 1  # no low-rank term: nothing to reuse
+    assert choose(77, 130, 3) == 1 and choose(256 * 197, 64, 16) == 1
+    with _cuda.pinned_column_tiles(3):
+        assert choose(77, 130, 3) == choose(256 * 197, 1024, 0) == 3
+    assert choose(77, 130, 3) == 1
+    with pytest.raises(ValueError, match=r"column tiles must be in 0\.\.64, got -1"):
+        _cuda._C.pin_column_tiles(-1)
+    assert choose(256 * 197, 1024, 16) == 4
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]

@@ -20,6 +20,7 @@ namespace {
 
 struct Problem {
   int64_t tokens, in_f, out_f, rank;
+  int column_tiles;  // per forward block (lora.h)
 };
 
 // An element type with its conversions and the relative error its rounding allows
@@ -151,6 +152,7 @@ bool run(const Problem& p) {
   f.out = y.data(), f.stride_om = O, f.stride_on = 1;
   f.s_out = s.data(), f.stride_sm = R;
   f.M = T, f.N = O, f.K = I, f.R = R, f.scale = scale, f.k_per_split = I;
+  f.column_tiles = p.column_tiles;
   if (stitchops::lowrank_matmul(Dtype<E>::id, f, nullptr) != 0) return false;
 
   // Backward over two token ranges.
@@ -216,8 +218,10 @@ int main() {
   // Odd sizes and rank 3; 16-byte-aligned rows (cp.async), several K steps, rank 70 (one
   // loop buffer in the backward), rank 24 (double-buffered everywhere, three token ranges);
   // three IN tiles, which share the backward's reductions over tokens (dB, bias) by K step.
-  for (const Problem& p : {Problem{77, 50, 130, 3}, Problem{70, 40, 72, 70},
-                           Problem{130, 48, 80, 24}, Problem{96, 150, 100, 5}}) {
+  // Forward column groups: 3 tiles (the last partial) sharing the kept T(S), 2 tiles at
+  // rank 70 (S recomputed per tile), 2 tiles at rank 5.
+  for (const Problem& p : {Problem{77, 50, 130, 3, 3}, Problem{70, 40, 72, 70, 2},
+                           Problem{130, 48, 80, 24, 1}, Problem{96, 150, 100, 5, 2}}) {
     ok &= run<float>(p);
     ok &= run<__half>(p);
     ok &= run<__nv_bfloat16>(p);
