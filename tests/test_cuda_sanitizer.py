@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 # racecheck is slow (every shared access is tracked): a few shapes cover every kernel
-# instantiation kind (odd sizes, several K steps, the widest rank) in fp32 and bf16.
+# instantiation kind (odd sizes, several K steps, the widest rank) in fp32 and bf16, and the
+# forward's column groups (fp32 and fp16).
 TOOLS = {
     "memcheck": "cuda",
-    "synccheck": "cuda and (fp32 or bf16)",
-    "racecheck": "cuda and (T77-IN50 or IN96 or R70) and (fp32 or bf16)",
+    "synccheck": "cuda and (fp32 or bf16 or column_groups)",
+    "racecheck": "cuda and ((T77-IN50 or IN96 or R70) and (fp32 or bf16) or column_groups)",
 }
 
 
