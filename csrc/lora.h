@@ -41,7 +41,9 @@ struct LowRankMatmulArgs {
   // blockIdx.y·column_tiles .. + column_tiles − 1. The block computes S = X·L1 with its first
   // tile and reuses it for the others, so the rank-R work is R / (kBlockN·column_tiles) of
   // the main product's instead of R / kBlockN (25% → 6.25% at R 16 with 4 tiles).
-  int column_tiles = 1;  // no effect without a low-rank term (l1 == nullptr)
+  // No effect without a low-rank term, nor above rank 64 in fp16 / bf16 (no room to keep S
+  // in the tensor-core kernel's 48 KB of static shared memory).
+  int column_tiles = 1;
 };
 
 // Backward over token ranges: range z covers rows [z·rows_per_range, min(M, ...)) and one

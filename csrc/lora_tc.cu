@@ -273,27 +273,25 @@ __device__ __forceinline__ void zero(Acc (&frags)[N]) {
 
 // TRANSPOSED: the dW pass's layout (X = dyᵀ and Wt = x, both contiguous along m resp. n).
 // GROUPED: a block covers a.column_tiles output tiles of its row block in turn (lora.h). The
-// first computes S = X·L1 in its K loop; ranks up to 64 keep T(S) in shared memory for the
-// others (KEEP_S), rank 128 recomputes it per tile (keeping it would pass 48 KB of static
-// shared memory). Ungrouped, the loop over tiles compiles away: a separate instantiation, as
-// the grouped one takes more registers at some ranks (ptxas, sm_90a: fp16 ranks 16 and 32
-// 96 → 128, rank 64 128 → 168).
+// first computes S = X·L1 in its K loop and keeps T(S) in shared memory for the others: up
+// to rank 64, as at rank 128 that would pass 48 KB of static shared memory. Ungrouped, the
+// loop over tiles compiles away: a separate instantiation, as the grouped one takes more
+// registers at some ranks (ptxas, sm_90a: fp16 ranks 16 and 32 96 → 128, rank 64 128 → 168).
 template <typename T, int RP, bool TRANSPOSED, bool GROUPED>
 __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulArgs a) {
   static_assert(!TRANSPOSED || RP == 0, "the dW pass has no low-rank term");
-  static_assert(!GROUPED || RP > 0, "column groups share S: no low-rank term, nothing to share");
+  static_assert(!GROUPED || (RP > 0 && RP <= 64), "column groups keep S: ranks 1 to 64");
   using Tiles = LoopTiles<T, RP, TRANSPOSED, TRANSPOSED, 2>;
-  constexpr bool KEEP_S = GROUPED && RP <= 64;
   // After each K loop the loop tiles' memory holds the L2 tile n-major [BN][s_ld], and
-  // (without KEEP_S) T(S) [BM][s_ld] after it; with KEEP_S, T(S) has its own region.
+  // (ungrouped) T(S) [BM][s_ld] after it; grouped, T(S) has its own region.
   constexpr int s_ld = pitch(RP);
   constexpr size_t s_bytes = align128(BM * s_ld * sizeof(T));
-  constexpr size_t tile_bytes = larger(Tiles::bytes, RP > 0 ? (KEEP_S ? 1 : 2) * s_bytes : 0);
-  constexpr size_t kept_bytes = KEEP_S ? s_bytes : 0;
+  constexpr size_t tile_bytes = larger(Tiles::bytes, RP > 0 ? (GROUPED ? 1 : 2) * s_bytes : 0);
+  constexpr size_t kept_bytes = GROUPED ? s_bytes : 0;
   __shared__ __align__(128) unsigned char smem[tile_bytes + kept_bytes + kScratchBytes];
   const Tiles tiles{smem};
   T* l2_t = reinterpret_cast<T*>(smem);
-  T* s_t = reinterpret_cast<T*>(smem + (KEEP_S ? tile_bytes : s_bytes));
+  T* s_t = reinterpret_cast<T*>(smem + (GROUPED ? tile_bytes : s_bytes));
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
   float* scratch = reinterpret_cast<float*>(smem + tile_bytes + kept_bytes) + warp * F * SLD;
   const int64_t m0 = int64_t(blockIdx.x) * BM;
@@ -306,7 +304,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
   for (int c = 0; c < column_tiles; ++c) {
     const int64_t n0 = (int64_t(blockIdx.y) * column_tiles + c) * BN;
     if (n0 >= a.N) break;
-    const bool fresh_s = RP > 0 && (c == 0 || !KEEP_S);
+    const bool fresh_s = RP > 0 && c == 0;
     Acc acc[2][2], lr[rank_frags(RP)];
     zero(acc[0]);
     zero(acc[1]);
@@ -359,7 +357,7 @@ __global__ void __launch_bounds__(THREADS) lowrank_matmul_kernel(LowRankMatmulAr
           else
             static_cast<T*>(a.out)[off] = from_float<T>(v);
         });
-    __syncthreads();  // the next tile's K loop refills the L2 tile's (and T(S)'s) memory
+    __syncthreads();  // the next tile's K loop refills the L2 tile's memory
   }
 }
 
@@ -511,34 +509,36 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
 // Rank padded to a fragment multiple the kernels are instantiated for.
 int rank_tile(int64_t r) { return r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
 
-template <typename T, bool GROUPED>
-void launch_matmul_ranked(int rp, dim3 grid, const LowRankMatmulArgs& a, cudaStream_t stream) {
-  switch (rp) {
-    case 16: lowrank_matmul_kernel<T, 16, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
-    case 32: lowrank_matmul_kernel<T, 32, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
-    case 64: lowrank_matmul_kernel<T, 64, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
-    default: lowrank_matmul_kernel<T, 128, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
-  }
-}
-
-// Column groups only with a low-rank term (lora.h: column_tiles has no effect without one).
+// Column groups only where S can be kept (lora.h: column_tiles has no effect without a
+// low-rank term, nor above rank 64 on tensor cores).
 template <typename T>
 int launch_matmul(const LowRankMatmulArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
   if (a.column_tiles < 1) return cudaErrorInvalidValue;
   const int rp = rank_tile(a.l1 != nullptr ? a.R : 0);
   const int64_t tiles = (a.N + BN - 1) / BN;
-  const bool grouped = rp > 0 && a.column_tiles > 1;
+  const bool grouped = rp > 0 && rp <= 64 && a.column_tiles > 1;
   const int64_t groups = grouped ? (tiles + a.column_tiles - 1) / a.column_tiles : tiles;
   const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned(groups), unsigned(a.splits));
-  if (rp == 0 && a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1)
+  if (rp == 0 && a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1) {
     lowrank_matmul_kernel<T, 0, true, false><<<grid, THREADS, 0, stream>>>(a);
-  else if (rp == 0)
-    lowrank_matmul_kernel<T, 0, false, false><<<grid, THREADS, 0, stream>>>(a);
-  else if (grouped)
-    launch_matmul_ranked<T, true>(rp, grid, a, stream);
-  else
-    launch_matmul_ranked<T, false>(rp, grid, a, stream);
+    return cudaGetLastError();
+  }
+  if (grouped) {
+    switch (rp) {
+      case 16: lowrank_matmul_kernel<T, 16, false, true><<<grid, THREADS, 0, stream>>>(a); break;
+      case 32: lowrank_matmul_kernel<T, 32, false, true><<<grid, THREADS, 0, stream>>>(a); break;
+      default: lowrank_matmul_kernel<T, 64, false, true><<<grid, THREADS, 0, stream>>>(a); break;
+    }
+    return cudaGetLastError();
+  }
+  switch (rp) {
+    case 0: lowrank_matmul_kernel<T, 0, false, false><<<grid, THREADS, 0, stream>>>(a); break;
+    case 16: lowrank_matmul_kernel<T, 16, false, false><<<grid, THREADS, 0, stream>>>(a); break;
+    case 32: lowrank_matmul_kernel<T, 32, false, false><<<grid, THREADS, 0, stream>>>(a); break;
+    case 64: lowrank_matmul_kernel<T, 64, false, false><<<grid, THREADS, 0, stream>>>(a); break;
+    default: lowrank_matmul_kernel<T, 128, false, false><<<grid, THREADS, 0, stream>>>(a); break;
+  }
   return cudaGetLastError();
 }
 

@@ -195,8 +195,9 @@ def test_autotune_switch_and_pinned_tiling(monkeypatch):
 
 
 # The CUDA forward's column groups (csrc/lora.h, column_tiles), pinned: OUT 200 is four
-# 64-wide tiles (the last partial), so 3 tiles per block leave a group of one; rank 24 and 64
-# keep T(S) in shared memory between tiles, rank 100 recomputes it; IN 72 takes three K steps.
+# 64-wide tiles (the last partial), so 3 tiles per block leave a group of one; IN 72 takes
+# three K steps. Ranks 24 and 64 are grouped in both kernels; rank 100 only in fp32 (the
+# tensor-core kernel has no room to keep S there and ignores the pin).
 COLUMN_GROUP_CASES = [
     Case((40,), 72, 200, 24, extra_bias=True, train_weight=True),
     Case((40,), 40, 200, 64),

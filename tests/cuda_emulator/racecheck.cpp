@@ -218,8 +218,8 @@ int main() {
   // Odd sizes and rank 3; 16-byte-aligned rows (cp.async), several K steps, rank 70 (one
   // loop buffer in the backward), rank 24 (double-buffered everywhere, three token ranges);
   // three IN tiles, which share the backward's reductions over tokens (dB, bias) by K step.
-  // Forward column groups: 3 tiles (the last partial) sharing the kept T(S), 2 tiles at
-  // rank 70 (S recomputed per tile), 2 tiles at rank 5.
+  // Forward column groups: 3 tiles (the last partial) sharing S, 2 tiles at rank 70 (fp32
+  // only: the tensor-core kernel stays ungrouped above rank 64), 2 tiles at rank 5.
   for (const Problem& p : {Problem{77, 50, 130, 3, 3}, Problem{70, 40, 72, 70, 2},
                            Problem{130, 48, 80, 24, 1}, Problem{96, 150, 100, 5, 2}}) {
     ok &= run<float>(p);
