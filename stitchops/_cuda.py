@@ -45,10 +45,11 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weig
 
 @contextlib.contextmanager
 def pinned_column_tiles(tiles: int):
-    """Run every CUDA forward in the block with ``tiles`` output column tiles per block.
+    """Inside this ``with`` block, every CUDA forward covers ``tiles`` output column tiles
+    per thread block (csrc/lora.h, ``column_tiles``); on exit the choice is per call again.
 
-    Outside it the binding chooses per call (csrc/binding.cpp, ``forward_column_tiles``);
-    tests pin it so that small shapes exercise the column groups too.
+    Per call, the binding chooses (csrc/binding.cpp, ``forward_column_tiles``). Tests pin
+    it so that small shapes exercise the column groups too; benchmarks, to compare counts.
     """
     _C.pin_column_tiles(tiles)
     try:
