@@ -509,6 +509,19 @@ __global__ void __launch_bounds__(THREADS) lora_backward_kernel(LoraBackwardArgs
 // Rank padded to a fragment multiple the kernels are instantiated for.
 int rank_tile(int64_t r) { return r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
 
+// A ranked forward (rp 16..128). A grouped kernel keeps T(S) in its own shared memory, which
+// leaves no room at rank 128: GROUPED stops at 64 (launch_matmul never asks for more).
+template <typename T, bool GROUPED>
+void launch_matmul_ranked(int rp, dim3 grid, const LowRankMatmulArgs& a, cudaStream_t stream) {
+  constexpr int kWidest = GROUPED ? 64 : 128;
+  switch (rp) {
+    case 16: lowrank_matmul_kernel<T, 16, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    case 32: lowrank_matmul_kernel<T, 32, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    case 64: lowrank_matmul_kernel<T, 64, false, GROUPED><<<grid, THREADS, 0, stream>>>(a); break;
+    default: lowrank_matmul_kernel<T, kWidest, false, GROUPED><<<grid, THREADS, 0, stream>>>(a);
+  }
+}
+
 // Column groups only where S can be kept (lora.h: column_tiles has no effect without a
 // low-rank term, nor above rank 64 on tensor cores).
 template <typename T>
@@ -520,24 +533,16 @@ int launch_matmul(const LowRankMatmulArgs& a, cudaStream_t stream) {
   const bool grouped = rp > 0 && rp <= 64 && a.column_tiles > 1;
   const int64_t groups = grouped ? (tiles + a.column_tiles - 1) / a.column_tiles : tiles;
   const dim3 grid(unsigned((a.M + BM - 1) / BM), unsigned(groups), unsigned(a.splits));
-  if (rp == 0 && a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1) {
-    lowrank_matmul_kernel<T, 0, true, false><<<grid, THREADS, 0, stream>>>(a);
-    return cudaGetLastError();
-  }
-  if (grouped) {
-    switch (rp) {
-      case 16: lowrank_matmul_kernel<T, 16, false, true><<<grid, THREADS, 0, stream>>>(a); break;
-      case 32: lowrank_matmul_kernel<T, 32, false, true><<<grid, THREADS, 0, stream>>>(a); break;
-      default: lowrank_matmul_kernel<T, 64, false, true><<<grid, THREADS, 0, stream>>>(a); break;
-    }
-    return cudaGetLastError();
-  }
-  switch (rp) {
-    case 0: lowrank_matmul_kernel<T, 0, false, false><<<grid, THREADS, 0, stream>>>(a); break;
-    case 16: lowrank_matmul_kernel<T, 16, false, false><<<grid, THREADS, 0, stream>>>(a); break;
-    case 32: lowrank_matmul_kernel<T, 32, false, false><<<grid, THREADS, 0, stream>>>(a); break;
-    case 64: lowrank_matmul_kernel<T, 64, false, false><<<grid, THREADS, 0, stream>>>(a); break;
-    default: lowrank_matmul_kernel<T, 128, false, false><<<grid, THREADS, 0, stream>>>(a); break;
+  if (rp == 0) {
+    // SN-Net v1's dW pass reads x along tokens (X = dyᵀ, Wt = x): the transposed tiles.
+    if (a.stride_xm == 1 && a.stride_xk != 1 && a.stride_wn == 1)
+      lowrank_matmul_kernel<T, 0, true, false><<<grid, THREADS, 0, stream>>>(a);
+    else
+      lowrank_matmul_kernel<T, 0, false, false><<<grid, THREADS, 0, stream>>>(a);
+  } else if (grouped) {
+    launch_matmul_ranked<T, true>(rp, grid, a, stream);
+  } else {
+    launch_matmul_ranked<T, false>(rp, grid, a, stream);
   }
   return cudaGetLastError();
 }
