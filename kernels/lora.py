@@ -165,6 +165,17 @@ def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
 ROW_ALIGN = 32 if triton_interpreting() else 128
 
 
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
+    """The tile ptr[rows[:, None]·stride_row + cols[None, :]·stride_col], zero outside the
+    masks: every operand tile the kernels below read (inlined, so pipelining is unchanged)."""
+    return tl.load(
+        ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    )
+
+
 @triton.autotune(
     configs=[_config(t, forward=True) for t in _tilings()],
     key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
@@ -219,23 +230,11 @@ def _lowrank_matmul_kernel(
             for k0 in range(k_begin, k_end, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < k_end
-                x = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0,
-                )
-                w = tl.load(
-                    w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
+                x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+                w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n)
                 acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
                 if HAS_LORA and t == 0:
-                    l1 = tl.load(
-                        l1_ptr + offs_k[:, None] * stride_l1k + offs_r[None, :] * stride_l1r,
-                        mask=mask_k[:, None] & mask_r[None, :],
-                        other=0.0,
-                    )
+                    l1 = _load_tile(l1_ptr, offs_k, offs_r, stride_l1k, stride_l1r, mask_k, mask_r)
                     s = tl.dot(x, l1, s, input_precision=DOT_PRECISION)
 
             if HAS_LORA:
@@ -243,11 +242,7 @@ def _lowrank_matmul_kernel(
                     if pid_n == 0:
                         s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :]
                         tl.store(s_ptrs, s, mask=mask_m[:, None] & mask_r[None, :])
-                l2 = tl.load(
-                    l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n,
-                    mask=mask_r[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
+                l2 = _load_tile(l2_ptr, offs_r, offs_n, stride_l2r, stride_l2n, mask_r, mask_n)
                 low = tl.dot(s.to(l2.dtype), l2, input_precision=DOT_PRECISION)
                 acc += tl.cast(scale, tl.float32) * low
             if HAS_BIAS:
@@ -321,24 +316,12 @@ def _lora_backward_kernel(
         for k0 in range(0, OUT, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < OUT
-            dy = tl.load(
-                dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyo,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
+            dy = _load_tile(dy_ptr, offs_m, offs_k, stride_dym, stride_dyo, mask_m, mask_k)
             if NEED_DX:
-                w = tl.load(
-                    w_ptr + offs_k[:, None] * stride_wo + offs_i[None, :] * stride_wi,
-                    mask=mask_k[:, None] & mask_i[None, :],
-                    other=0.0,
-                )
+                w = _load_tile(w_ptr, offs_k, offs_i, stride_wo, stride_wi, mask_k, mask_i)
                 acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
             if HAS_LORA:
-                b = tl.load(
-                    b_ptr + offs_k[:, None] * stride_bo + offs_r[None, :] * stride_br,
-                    mask=mask_k[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
+                b = _load_tile(b_ptr, offs_k, offs_r, stride_bo, stride_br, mask_k, mask_r)
                 ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
             if (k0 // BLOCK_K) % in_tiles == j:  # this program's share of the reductions
                 # Read-modify-write of this range's own slice; as the first row block
@@ -356,11 +339,7 @@ def _lora_backward_kernel(
                     tl.store(ptrs, prev + col, mask=mask_k)
         if NEED_DX:
             if HAS_LORA:
-                a = tl.load(
-                    a_ptr + offs_r[:, None] * stride_ar + offs_i[None, :] * stride_ai,
-                    mask=mask_r[:, None] & mask_i[None, :],
-                    other=0.0,
-                )
+                a = _load_tile(a_ptr, offs_r, offs_i, stride_ar, stride_ai, mask_r, mask_i)
                 scaled = (ds * tl.cast(scale, tl.float32)).to(a.dtype)
                 acc = tl.dot(scaled, a, acc, input_precision=DOT_PRECISION)
             dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_i[None, :] * stride_dxi
@@ -368,11 +347,7 @@ def _lora_backward_kernel(
                 dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_i[None, :]
             )
         if HAS_LORA and NEED_DA:
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :] * stride_xi,
-                mask=mask_m[:, None] & mask_i[None, :],
-                other=0.0,
-            )
+            x = _load_tile(x_ptr, offs_m, offs_i, stride_xm, stride_xi, mask_m, mask_i)
             da = tl.dot(tl.trans(ds.to(x.dtype)), x, da, input_precision=DOT_PRECISION)
     if HAS_LORA and NEED_DA:
         da_ptrs = da_part_ptr + z * R * IN + offs_r[:, None] * IN + offs_i[None, :]
