@@ -312,9 +312,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "pin_column_tiles",
       [](int64_t tiles) {
         TORCH_CHECK_VALUE(tiles >= 0 && tiles <= 64, "column tiles must be in 0..64, got ", tiles);
+        const int64_t previous = g_pinned_column_tiles;
         g_pinned_column_tiles = tiles;
+        return previous;
       },
-      "run every forward with this many column tiles per block (0: choose per call)");
+      "run every forward with this many column tiles per block (0: choose per call); "
+      "returns the pin it replaces");
   m.def("forward_column_tiles", &forward_column_tiles,
         "column tiles per block a forward of [tokens, OUT] at this rank runs");
   m.def("lora_forward", &lora_forward, "fused LoRA stitching projection, forward");

@@ -46,13 +46,14 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weig
 @contextlib.contextmanager
 def pinned_column_tiles(tiles: int):
     """Inside this ``with`` block, every CUDA forward covers ``tiles`` output column tiles
-    per thread block (csrc/lora.h, ``column_tiles``); on exit the choice is per call again.
+    per thread block (csrc/lora.h, ``column_tiles``); on exit the pin it replaced is back
+    (blocks nest; outside every block the choice is per call).
 
     Per call, the binding chooses (csrc/binding.cpp, ``forward_column_tiles``). Tests pin
     it so that small shapes exercise the column groups too; benchmarks, to compare counts.
     """
-    _C.pin_column_tiles(tiles)
+    outer = _C.pin_column_tiles(tiles)
     try:
         yield
     finally:
-        _C.pin_column_tiles(0)
+        _C.pin_column_tiles(outer)

@@ -258,9 +258,13 @@ def test_cuda_column_tiles_choice(backend: str):
     assert choose(77, 130, 3) == 1 and choose(256 * 197, 64, 16) == 1
     with _cuda.pinned_column_tiles(3):
         assert choose(77, 130, 3) == choose(256 * 197, 1024, 0) == 3
+        with _cuda.pinned_column_tiles(2):  # pins nest: the inner block's exit restores 3
+            assert choose(77, 130, 3) == 2
+        assert choose(77, 130, 3) == 3
+        with pytest.raises(ValueError, match=r"column tiles must be in 0\.\.64, got -1"):
+            _cuda._C.pin_column_tiles(-1)
+        assert choose(77, 130, 3) == 3  # a rejected pin leaves the current one
     assert choose(77, 130, 3) == 1
-    with pytest.raises(ValueError, match=r"column tiles must be in 0\.\.64, got -1"):
-        _cuda._C.pin_column_tiles(-1)
     assert choose(256 * 197, 1024, 16) == 4
 
 
