@@ -100,17 +100,46 @@ def triton_missing_reason() -> str | None:
     return None
 
 
+@functools.cache
+def triton_interpreter_reason() -> str | None:
+    """Why Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels here, or None.
+
+    Triton 3.6's interpreter turns a loop bound computed from a program id (a 1-element
+    array) into an int with ``int(array)``, which NumPy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"); Triton 3.7 squeezes the array first. Both
+    lora kernels have such a loop. Checked: Triton 3.6 fails with NumPy 2.4.6 and runs with
+    2.2.6, 2.3.0 and 2.3.5; Triton 3.7.1, 3.8 and 3.9 squeeze.
+    """
+    triton_version, numpy_version = installed_triton_version(), _release("numpy")
+    if triton_version is None or numpy_version is None:
+        return None
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (
+            f"the CPU interpreter of triton {'.'.join(map(str, triton_version))} fails with "
+            f"numpy {'.'.join(map(str, numpy_version))} (numpy 2.4 refuses int() of a "
+            "1-element array): pip install 'numpy<2.4', or 'triton>=3.7'"
+        )
+    return None
+
+
+def _release(dist: str) -> tuple[int, int] | None:
+    """(major, minor) of an installed distribution, from its metadata; None if unknown."""
+    import importlib.metadata
+
+    try:
+        release = importlib.metadata.version(dist).split("+")[0].split(".")
+        return int(release[0]), int(release[1])
+    except (importlib.metadata.PackageNotFoundError, IndexError, ValueError):
+        return None
+
+
 def installed_triton_version() -> tuple[int, int] | None:
     """(major, minor) of the installed Triton, read from its metadata without importing it;
     None where no distribution says (a source build): then nothing is refused."""
-    import importlib.metadata
-
     for dist in ("triton", "pytorch-triton"):
-        try:
-            release = importlib.metadata.version(dist).split("+")[0].split(".")
-            return int(release[0]), int(release[1])
-        except (importlib.metadata.PackageNotFoundError, IndexError, ValueError):
-            continue
+        release = _release(dist)
+        if release is not None:
+            return release
     return None
 
 
@@ -145,7 +174,11 @@ def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
         missing = triton_missing_reason()
         if missing:
             reasons.append(missing)
-        if devices != {"cuda"} and not triton_interpreting():
+        if triton_interpreting():
+            interpreter = triton_interpreter_reason()
+            if interpreter:
+                reasons.append(interpreter)
+        elif devices != {"cuda"}:
             reasons.append(
                 f"tensors are on {sorted(devices)}; triton runs on CUDA tensors, or on CPU "
                 "tensors with TRITON_INTERPRET=1"

@@ -187,3 +187,40 @@ def test_triton_older_than_the_tested_minimum_is_a_reason(monkeypatch, installed
         assert reason and installed[:3] in reason and "triton>=3.6" in reason
     else:
         assert reason is None
+
+
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "refused"),
+    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False),
+     ("3.9.0", "3.0.0", False)],
+)  # fmt: skip
+def test_triton_interpreter_refuses_numpy_it_cannot_run_with(
+    monkeypatch, triton_version, numpy_version, refused
+):
+    """Triton 3.6's interpreter with NumPy >= 2.4 is a reason (checked by hand: it fails with
+    a TypeError inside every lora kernel), not an InterpreterError at the first launch."""
+    import importlib.metadata
+
+    versions = {"triton": triton_version, "numpy": numpy_version}
+
+    def version(dist: str) -> str:
+        if dist not in versions:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return versions[dist]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch.triton_interpreter_reason.cache_clear()
+    try:
+        reasons = _dispatch.device_reasons("triton", [torch.zeros(1)])
+        if refused:
+            with (
+                stitchops.use_backend("triton"),
+                pytest.raises(stitchops.BackendUnavailableError, match=r"numpy<2\.4"),
+            ):
+                stitchops.lora_linear(*_args())
+    finally:
+        _dispatch.triton_interpreter_reason.cache_clear()
+    assert any("numpy 2.4" in r for r in reasons) == refused, reasons
+    if refused:
+        assert f"triton 3.6 fails with numpy {numpy_version[:3]}" in reasons[0]
