@@ -21,6 +21,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_ms, write_results
 
 import stitchops
+from stitchops.ops.least_squares import _NormalEquations
+
+# Where the time goes, so that a first GPU run also says what to change if the target is
+# missed: the streamed float64 Gram sums (2·N·IN·(IN + OUT) FLOPs, cuBLAS DGEMM) against
+# the one [IN, IN] eigh, timed on the device and, with its copies both ways, on the CPU.
+# Small eigenproblems are latency-bound on a GPU (cuSOLVER's tridiagonalisation runs a
+# sequence of small kernels), so the CPU may solve this one faster.
+
+
+def phase_times(x: torch.Tensor, y: torch.Tensor, device: str, budget_ms: float) -> dict:
+    """Median ms of the accumulation, the solve on ``device`` and the solve on the CPU."""
+
+    def synced(fn):
+        def run():
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return run
+
+    def accumulate() -> _NormalEquations:
+        eq = _NormalEquations()
+        eq.add(x, y)
+        return eq
+
+    eq = accumulate()
+
+    def solve_on_cpu():
+        on_cpu = _NormalEquations()
+        on_cpu.n = eq.n
+        for name in ("shift_x", "shift_y", "sum_x", "sum_y", "xtx", "xty"):
+            setattr(on_cpu, name, getattr(eq, name).cpu())
+        weight, bias = on_cpu.solve(0.0, 1e-5)
+        return weight.to(device), bias.to(device)
+
+    times = {
+        "accumulate_ms": median_ms(synced(accumulate), "cpu", budget_ms)["ms"],
+        "solve_ms": median_ms(synced(lambda: eq.solve(0.0, 1e-5)), "cpu", budget_ms)["ms"],
+    }
+    if device != "cpu":
+        times["solve_on_cpu_ms"] = median_ms(synced(solve_on_cpu), "cpu", budget_ms)["ms"]
+    return times
 
 
 def make_data(n: int, in_f: int, out_f: int, device: str):
@@ -65,7 +108,8 @@ def run(n: int, in_f: int, out_f: int, device: str, budget_ms: float) -> dict:
     result = {"n": n, "in": in_f, "out": out_f, "device": device,
               "stitchops_ms": t_ours["ms"], "cpu_pinv_ms": t_pinv["ms"],
               "speedup": t_pinv["ms"] / t_ours["ms"],
-              "relative_residual": {"stitchops": res_ours, "pinv": res_pinv}}  # fmt: skip
+              "relative_residual": {"stitchops": res_ours, "pinv": res_pinv},
+              "phases": phase_times(x, y, device, budget_ms / 2)}  # fmt: skip
     return result
 
 
@@ -80,6 +124,7 @@ def main(argv=None) -> int:
           f"CPU pinv: {r['cpu_pinv_ms']:.1f} ms   speedup {r['speedup']:.1f}x   "
           f"relative residual {r['relative_residual']['stitchops']:.6f} "
           f"(pinv {r['relative_residual']['pinv']:.6f})")  # fmt: skip
+    print("  phases: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in r["phases"].items()))
     if not args.no_save:
         print(f"wrote {write_results('least_squares_init', args.device, r)}")
     return 0
