@@ -116,7 +116,7 @@ def triton_interpreter_reason() -> str | None:
     if triton_version < (3, 7) and numpy_version >= (2, 4):
         return (
             f"the CPU interpreter of triton {'.'.join(map(str, triton_version))} fails with "
-            f"numpy {'.'.join(map(str, numpy_version))} (numpy 2.4 refuses int() of a "
+            f"numpy {'.'.join(map(str, numpy_version))} (which refuses int() of a "
             "1-element array): pip install 'numpy<2.4', or 'triton>=3.7'"
         )
     return None

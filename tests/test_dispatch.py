@@ -221,6 +221,6 @@ def test_triton_interpreter_refuses_numpy_it_cannot_run_with(
                 stitchops.lora_linear(*_args())
     finally:
         _dispatch.triton_interpreter_reason.cache_clear()
-    assert any("numpy 2.4" in r for r in reasons) == refused, reasons
+    assert any("numpy<2.4" in r for r in reasons) == refused, reasons
     if refused:
         assert f"triton 3.6 fails with numpy {numpy_version[:3]}" in reasons[0]
