@@ -30,17 +30,20 @@ from stitchops.ops.least_squares import _NormalEquations
 # sequence of small kernels), so the CPU may solve this one faster.
 
 
+def synced(fn, device: str):
+    """fn, then a wait for the GPU: wall-clock timing then includes the device's work."""
+
+    def run():
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def phase_times(x: torch.Tensor, y: torch.Tensor, device: str, budget_ms: float) -> dict:
     """Median ms of the accumulation, the solve on ``device`` and the solve on the CPU."""
-
-    def synced(fn):
-        def run():
-            out = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        return run
 
     def accumulate() -> _NormalEquations:
         eq = _NormalEquations()
@@ -57,13 +60,11 @@ def phase_times(x: torch.Tensor, y: torch.Tensor, device: str, budget_ms: float)
         weight, bias = on_cpu.solve(0.0, 1e-5)
         return weight.to(device), bias.to(device)
 
-    times = {
-        "accumulate_ms": median_ms(synced(accumulate), "cpu", budget_ms)["ms"],
-        "solve_ms": median_ms(synced(lambda: eq.solve(0.0, 1e-5)), "cpu", budget_ms)["ms"],
-    }
+    phases = {"accumulate_ms": accumulate, "solve_ms": lambda: eq.solve(0.0, 1e-5)}
     if device != "cpu":
-        times["solve_on_cpu_ms"] = median_ms(synced(solve_on_cpu), "cpu", budget_ms)["ms"]
-    return times
+        phases["solve_on_cpu_ms"] = solve_on_cpu
+    return {name: median_ms(synced(fn, device), "cpu", budget_ms)["ms"]
+            for name, fn in phases.items()}  # fmt: skip
 
 
 def make_data(n: int, in_f: int, out_f: int, device: str):
@@ -97,12 +98,7 @@ def run(n: int, in_f: int, out_f: int, device: str, budget_ms: float) -> dict:
     if res_ours > res_pinv * (1 + 1e-3):
         raise AssertionError(f"residual {res_ours:.6f} worse than pinv's {res_pinv:.6f}")
 
-    def ours():
-        out = stitchops.least_squares_init(x, y)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
+    ours = synced(lambda: stitchops.least_squares_init(x, y), device)
     t_ours = median_ms(ours, "cpu", budget_ms)  # wall clock includes the host sync
     t_pinv = median_ms(lambda: pinv_solution(x_cpu, y_cpu), "cpu", budget_ms)
     result = {"n": n, "in": in_f, "out": out_f, "device": device,
