@@ -30,12 +30,13 @@ OTHER_ARCHS = ("100", "120")  # B200 / RTX 50: not in the default build, but sup
 pytestmark = pytest.mark.slow
 
 
-def _compile(nvcc: str, src: Path, obj: Path, archs: tuple[str, ...]) -> None:
+def _compile_command(nvcc: str, src: Path, obj: Path, archs: tuple[str, ...]) -> list[str]:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # The flags torch's CUDAExtension adds in setup.py's real build (no implicit half /
     # bf16 conversions or operators), so code that only builds without them fails here.
-    build.run([nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
-               *gencode, "-I", str(CSRC), str(src), "-o", str(obj)])  # fmt: skip
+    # --threads 0: the archs compile side by side, one per core.
+    return [nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
+            "--threads", "0", *gencode, "-I", str(CSRC), str(src), "-o", str(obj)]  # fmt: skip
 
 
 def _nvcc() -> str:
@@ -63,11 +64,9 @@ def _cuda_lib_dir(nvcc: str, scratch: Path) -> Path | None:
 def objects(tmp_path_factory) -> list[Path]:
     """Every kernel source compiled once (position-independent, both archs)."""
     nvcc, out = _nvcc(), tmp_path_factory.mktemp("cu")
-    built = []
-    for src in KERNEL_SOURCES:
-        obj = out / (src.stem + ".o")
-        _compile(nvcc, src, obj, ARCHS)
-        built.append(obj)
+    built = [out / (src.stem + ".o") for src in KERNEL_SOURCES]
+    build.run_all([_compile_command(nvcc, src, obj, ARCHS)
+                   for src, obj in zip(KERNEL_SOURCES, built, strict=True)])  # fmt: skip
     return built
 
 
@@ -91,7 +90,7 @@ def test_every_cu_compiles_for_sm80_and_sm90a(objects):
 @pytest.mark.parametrize("source", [p.name for p in KERNEL_SOURCES])
 def test_every_cu_compiles_for_blackwell(source: str, tmp_path):
     obj = tmp_path / "kernel.o"
-    _compile(_nvcc(), CSRC / source, obj, OTHER_ARCHS)
+    build.run(_compile_command(_nvcc(), CSRC / source, obj, OTHER_ARCHS))
     assert obj.stat().st_size > 0
 
 

@@ -11,6 +11,7 @@ __syncthreads is reported as a data race with its source line).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,14 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]
     assert result.returncode == 0 and "racecheck: all results match" in output, output[-3000:]
+    # The check itself can fail: a barrier left out, and two blocks on one element.
+    for race, kernel in (("missing-barrier", "missing_barrier"),
+                         ("blocks-collide", "blocks_collide")):  # fmt: skip
+        result = subprocess.run([str(exe), race], env=env, capture_output=True, text=True)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, (race, output[-3000:])
+        summary = rf"SUMMARY: ThreadSanitizer: data race \S*racecheck\.cpp:\d+ in {kernel}\b"
+        assert re.search(summary, output), (race, output[-3000:])
 
 
 def test_emulator_semantics_selftest(tmp_path):

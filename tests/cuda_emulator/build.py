@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -81,6 +82,23 @@ def run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}")
 
 
+def run_all(cmds: list[list[str]]) -> None:
+    """``run`` each command, as many at once as there are cores (one compile per core)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for _ in pool.map(run, cmds):  # re-raises the first failure
+            pass
+
+
+def _compile_kernels(out: Path, sanitize: str, *more_sources: Path) -> list[Path]:
+    """Every translated kernel source, the runtime and ``more_sources``, compiled at once to
+    objects under ``out``."""
+    sources = [*_translated_kernels(out), *more_sources]
+    objects = [out / (src.stem + ".o") for src in sources]
+    run_all([[compiler(), "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o", str(obj)]
+             for src, obj in zip(sources, objects, strict=True)])  # fmt: skip
+    return objects
+
+
 def _fingerprint(sanitize: str) -> str:
     h = hashlib.sha256()
     for path in sorted([*CSRC.iterdir(), *HERE.rglob("*.h"), *HERE.glob("*.cpp"), Path(__file__)]):
@@ -111,8 +129,8 @@ def build_racecheck(out: Path) -> Path:
     """racecheck.cpp + the kernels under ThreadSanitizer, as one torch-free executable."""
     out.mkdir(parents=True, exist_ok=True)
     exe = out / "racecheck"
-    run([compiler(), *_kernel_flags("thread"), *map(str, _translated_kernels(out)),
-          str(HERE / "racecheck.cpp"), "-o", str(exe)])  # fmt: skip
+    objects = _compile_kernels(out, "thread", _translated(HERE / "racecheck.cpp", out))
+    run([compiler(), *_kernel_flags("thread"), *map(str, objects), "-o", str(exe)])
     return exe
 
 
@@ -162,12 +180,12 @@ def build(cache_dir: Path) -> object:
         ext = load(module, MODULE_NAME)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        objects = [out / "binding.o"]
-        compile_binding(objects[0], MODULE_NAME, "emulated", "-DSTITCHOPS_HOST_EMULATION")
-        for src in _translated_kernels(out):
-            objects.append(src.with_suffix(".o"))
-            run([compiler(), "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o",
-                 str(objects[-1])])  # fmt: skip
+        binding = out / "binding.o"
+        with ThreadPoolExecutor(max_workers=1) as side:  # the binding beside the kernels
+            compiled = side.submit(compile_binding, binding, MODULE_NAME, "emulated",
+                                   "-DSTITCHOPS_HOST_EMULATION")  # fmt: skip
+            objects = [binding, *_compile_kernels(out, sanitize)]
+            compiled.result()
         san = [f"-fsanitize={sanitize}"] if sanitize else []
         ext = link_and_import(module, MODULE_NAME, objects, "-pthread", *san)
     if ext.cuda_version() != "emulated":

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "lora.h"
@@ -211,9 +212,36 @@ bool run(const Problem& p) {
   return ok;
 }
 
+// Negative controls: two races that the check must report (`racecheck missing-barrier`,
+// `racecheck blocks-collide`), so that a harness which stopped seeing races fails its test.
+__global__ void missing_barrier(float* out) {
+  __shared__ float cell[64];
+  cell[threadIdx.x] = float(threadIdx.x);
+  out[threadIdx.x] = cell[(threadIdx.x + 1) % 64];  // a __syncthreads() belongs before this
+}
+
+__global__ void blocks_collide(float* out) {
+  if (threadIdx.x == 0) out[0] = float(blockIdx.x);  // every block writes the same element
+}
+
+int race_on_purpose(const std::string& which) {
+  std::vector<float> out(64, 0.f);
+  if (which == "missing-barrier") {
+    missing_barrier<<<1, 64>>>(out.data());
+  } else if (which == "blocks-collide") {
+    blocks_collide<<<8, 32>>>(out.data());
+  } else {
+    std::fprintf(stderr, "unknown race %s (missing-barrier, blocks-collide)\n", which.c_str());
+    return 2;
+  }
+  std::printf("racecheck: %s ran\n", which.c_str());
+  return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1) return race_on_purpose(argv[1]);
   bool ok = true;
   // Odd sizes and rank 3; 16-byte-aligned rows (cp.async), several K steps, rank 70 (one
   // loop buffer in the backward), rank 24 (double-buffered everywhere, three token ranges);

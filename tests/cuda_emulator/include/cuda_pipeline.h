@@ -25,11 +25,18 @@ struct AsyncCopy {
 };
 
 struct Pipeline {
+  unsigned long block = 0;                    // Block::serial of the block it belongs to
   std::vector<AsyncCopy> open;                // issued since the last commit
   std::deque<std::vector<AsyncCopy>> groups;  // committed, not yet waited for
 };
 
-inline thread_local Pipeline pipeline;
+// The calling thread's queue, empty at the start of each block it runs (host threads are
+// reused from block to block, GPU threads are not).
+inline Pipeline& pipeline() {
+  static thread_local Pipeline queue;
+  if (queue.block != this_block->serial) queue = Pipeline{this_block->serial, {}, {}};
+  return queue;
+}
 
 }  // namespace emu
 
@@ -44,16 +51,17 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t size
                  zfill, dst, src);
     std::abort();
   }
-  emu::pipeline.open.push_back({dst, src, size_and_align, zfill});
+  emu::pipeline().open.push_back({dst, src, size_and_align, zfill});
 }
 
 inline void __pipeline_commit() {
-  emu::pipeline.groups.push_back(std::move(emu::pipeline.open));
-  emu::pipeline.open.clear();
+  emu::Pipeline& queue = emu::pipeline();
+  queue.groups.push_back(std::move(queue.open));
+  queue.open.clear();
 }
 
 inline void __pipeline_wait_prior(std::size_t prior) {
-  auto& groups = emu::pipeline.groups;
+  auto& groups = emu::pipeline().groups;
   while (groups.size() > prior) {
     for (const emu::AsyncCopy& c : groups.front()) {
       const std::size_t copied = c.bytes - c.zfill;  // reads only these source bytes

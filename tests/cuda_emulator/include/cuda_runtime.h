@@ -4,22 +4,25 @@
 // tests/cuda_emulator/build.py. A launch `kernel<<<grid, block, shmem, stream>>>(args)`,
 // rewritten by build.py to `emu::launch(kernel, emu::Config{grid, block, ...}, args)`, runs
 // the blocks in a shuffled order, one at a time or several at once, each as
-// block.x·block.y·block.z real host threads: __syncthreads() is a std::barrier, __shared__
-// variables are the running block's own (emu::block_shared), and threadIdx / blockIdx are
-// thread_local; each run of 32 consecutive threads is a warp with
-// its own std::barrier for __syncwarp(). What this checks: indexing, bounds, the tiling
-// logic and the arithmetic, with races between the threads of a block as real as the host
-// makes them. What it cannot: warp timing, memory-model subtleties, shared-memory limits,
-// performance. It is a test harness, not a CUDA implementation.
+// block.x·block.y·block.z real host threads (kept from launch to launch, see Workers):
+// __syncthreads() is a std::barrier, __shared__ variables are the running block's own
+// (emu::block_shared), and threadIdx / blockIdx are thread_local; each run of 32
+// consecutive threads is a warp with its own std::barrier for __syncwarp(). What this
+// checks: indexing, bounds, the tiling logic and the arithmetic, with races between the
+// threads of a block as real as the host makes them. What it cannot: warp timing,
+// memory-model subtleties, shared-memory limits, performance. It is a test harness, not a
+// CUDA implementation.
 #pragma once
 
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -78,6 +81,11 @@ inline cudaError_t& last_error() {
   return error;
 }
 
+inline unsigned long next_serial() {
+  static unsigned long serial = 0;
+  return __atomic_add_fetch(&serial, 1, __ATOMIC_RELAXED);
+}
+
 // The running block of the calling thread: its __syncthreads barrier, its warps' barriers
 // and its shared memory (blocks may run at the same time, see launch).
 struct AlignedDelete {
@@ -90,6 +98,9 @@ struct Block {
     for (unsigned w = 0; w * 32 < threads; ++w)
       warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
   }
+  // Which block this is, of all blocks of all launches so far: per-thread state such as
+  // cp.async's queue (cuda_pipeline.h) starts afresh when its host thread moves to another.
+  const unsigned long serial = next_serial();
   std::barrier<> barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::mutex shared_lock;
@@ -134,6 +145,66 @@ inline unsigned lane_id() {
   return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32u;
 }
 
+// The host threads that play the GPU's threads, created when first needed and kept for the
+// process: creating and joining 128 host threads per block cost more than the kernels'
+// arithmetic. run(n, task) calls task(i) for every i < n, each on its own thread, all at
+// the same time, and returns when all have returned. The hand-over is under one mutex, so
+// what a task does is ordered after run() starts and before it returns, as with threads
+// created and joined (ThreadSanitizer sees the same order).
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers workers;
+    return workers;
+  }
+
+  void run(std::size_t n, const std::function<void(std::size_t)>& task) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (threads_.size() < n) {
+      const std::size_t id = threads_.size();
+      threads_.emplace_back([this, id, seen = generation_] { serve(id, seen); });
+    }
+    task_ = &task;
+    count_ = pending_ = n;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+  ~Workers() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& thread : threads_) thread.join();
+  }
+
+ private:
+  void serve(std::size_t id, unsigned long seen) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (id >= count_) continue;  // not needed by this run
+      const auto* task = task_;
+      lock.unlock();
+      (*task)(id);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(std::size_t)>* task_ = nullptr;
+  std::size_t count_ = 0, pending_ = 0;
+  unsigned long generation_ = 0;
+  bool stop_ = false;
+};
+
 // The <<<grid, block, shmem, stream>>> of a launch (the last two optional, as in CUDA).
 struct Config {
   dim3 grid, block;
@@ -164,28 +235,22 @@ void launch(void (*kernel)(Params...), Config config, Args&&... args) {
   for (std::size_t first = 0; first < blocks.size(); first += wave) {
     const std::size_t count = std::min(wave, blocks.size() - first);
     std::vector<std::unique_ptr<Block>> running;
-    std::vector<std::thread> pool;
-    pool.reserve(count * threads);
-    for (std::size_t i = 0; i < count; ++i) {
-      running.push_back(std::make_unique<Block>(threads));
-      Block* blk = running.back().get();
-      const dim3 b = blocks[first + i];
-      for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, blk, b, t] {
-          threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-          blockIdx = b;
-          blockDim = block;
-          gridDim = grid;
-          this_block = blk;
-          warp_barrier = blk->warps[t / 32].get();
-          kernel(args...);
-          // An exited thread no longer holds the others back.
-          warp_barrier->arrive_and_drop();
-          blk->barrier.arrive_and_drop();
-        });
-      }
-    }
-    for (auto& th : pool) th.join();
+    for (std::size_t i = 0; i < count; ++i) running.push_back(std::make_unique<Block>(threads));
+    // Host thread i runs thread i % threads of the wave's block i / threads.
+    Workers::get().run(count * threads, [&](std::size_t i) {
+      const unsigned t = unsigned(i % threads);
+      Block* blk = running[i / threads].get();
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      blockIdx = blocks[first + i / threads];
+      blockDim = block;
+      gridDim = grid;
+      this_block = blk;
+      warp_barrier = blk->warps[t / 32].get();
+      kernel(args...);
+      // An exited thread no longer holds the others back.
+      warp_barrier->arrive_and_drop();
+      blk->barrier.arrive_and_drop();
+    });
   }
 }
 
