@@ -5,7 +5,8 @@
 //                       __syncthreads / __syncwarp order shared memory, shared memory
 //                       starts as NaN in every block (so reads of unwritten elements show),
 //                       WMMA computes d = a·b + c for every layout, cp.async copies land at
-//                       the wait and not before, zero-fill;
+//                       the wait and not before, zero-fill, and a block starts with no
+//                       copies queued by the block its host thread ran before;
 //   selftest misaligned-wmma | misaligned-cp-async
 //                       must abort with the emulator's message (alignment is enforced).
 // Kernels are written in CUDA syntax and translated by build.py like csrc/*.cu.
@@ -88,6 +89,14 @@ __global__ void async_copy(const __half* src, float* before, float* after, int z
   __pipeline_wait_prior(0);
   for (int i = 0; i < 8; ++i) after[i] = __half2float(tile[i]);
 }
+
+// Issues a copy and exits without waiting for it; the next block run by the same host
+// thread waits for all of its own copies, and must not perform this one.
+__global__ void abandon_copy(float* landing, const float* src) {
+  __pipeline_memcpy_async(landing, src, 16);
+  __pipeline_commit();
+}
+__global__ void wait_for_own_copies() { __pipeline_wait_prior(0); }
 
 // Reads shared memory no thread of this block wrote, then writes it for the next block.
 __global__ void read_unwritten(float* out) {
@@ -208,6 +217,12 @@ int main(int argc, char** argv) {
                   zfill);
     expect(untouched && landed, what);
   }
+
+  alignas(16) static float landing[4] = {-1.f, -1.f, -1.f, -1.f}, source[4] = {1, 2, 3, 4};
+  abandon_copy<<<1, 1>>>(landing, source);
+  wait_for_own_copies<<<1, 1>>>();
+  expect(landing[0] == -1.f && landing[3] == -1.f,
+         "each block starts with no cp.async copies queued (host threads are reused)");
 
   std::printf(failures == 0 ? "selftest: all passed\n" : "selftest: %d FAILED\n", failures);
   return failures == 0 ? 0 : 1;
