@@ -109,7 +109,10 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
 def test_emulator_semantics_selftest(tmp_path):
     """The harness itself: grid coverage, barriers, WMMA products, cp.async timing."""
     exe = build.build_selftest(tmp_path)
-    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    try:  # an emulator that deadlocks (a barrier, the thread pool) fails, not hangs
+        result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the emulator selftest hung for 120 s: a deadlock in the emulator")
     assert result.returncode == 0 and "selftest: all passed" in result.stdout, result.stdout
     for misuse, message in (("misaligned-wmma", "wmma: misaligned operand"),
                             ("misaligned-cp-async", "cp.async: bad copy")):  # fmt: skip

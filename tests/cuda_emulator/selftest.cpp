@@ -1,6 +1,7 @@
 // Self-test of the host emulator's own semantics (tests/test_cuda_emulated.py runs it), so
 // that a harness bug cannot make the kernels' tests pass vacuously:
-//   selftest            checks: launches cover the grid (in a new block order each time),
+//   selftest            checks: launches cover the grid (in a new block order each time,
+//                       also two launched from two host threads at once),
 //                       concurrent blocks have their own shared memory,
 //                       __syncthreads / __syncwarp order shared memory, shared memory
 //                       starts as NaN in every block (so reads of unwritten elements show),
@@ -21,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 using namespace nvcuda;
@@ -161,6 +163,14 @@ int main(int argc, char** argv) {
   bool all_once = true;
   for (int v : cells) all_once &= v == 1;
   expect(all_once, "a launch runs every thread of every block exactly once");
+
+  std::vector<int> left(4 * 64, 0), right(4 * 64, 0);
+  std::thread other([&] { cover<<<4, 64>>>(right.data()); });
+  cover<<<4, 64>>>(left.data());
+  other.join();
+  bool both_once = true;
+  for (int i = 0; i < 4 * 64; ++i) both_once &= left[i] == 1 && right[i] == 1;
+  expect(both_once, "launches from two host threads at once both run every thread once");
 
   std::vector<int> first(16), second(16);
   int next = 0;

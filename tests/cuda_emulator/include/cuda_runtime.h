@@ -159,6 +159,8 @@ class Workers {
   }
 
   void run(std::size_t n, const std::function<void(std::size_t)>& task) {
+    // Launches from several host threads take turns (a legal schedule of two streams).
+    std::lock_guard<std::mutex> one_run_at_a_time(run_);
     std::unique_lock<std::mutex> lock(mutex_);
     while (threads_.size() < n) {
       const std::size_t id = threads_.size();
@@ -196,7 +198,7 @@ class Workers {
     }
   }
 
-  std::mutex mutex_;
+  std::mutex run_, mutex_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> threads_;
   const std::function<void(std::size_t)>* task_ = nullptr;
