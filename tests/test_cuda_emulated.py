@@ -71,7 +71,7 @@ def test_cuda_suite_under_address_sanitizer(tmp_path):
     }
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
            str(ROOT / "tests" / "test_lora.py")]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     reports = "\n".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert not reports, reports[:6000]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
@@ -92,14 +92,15 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     # Every block of a launch at once: races between blocks are races between host threads.
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1",
            "STITCHOPS_EMULATE_CONCURRENT_BLOCKS": "1024"}  # fmt: skip
-    result = subprocess.run([str(exe)], env=env, capture_output=True, text=True)
+    result = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]
     assert result.returncode == 0 and "racecheck: all results match" in output, output[-3000:]
     # The check itself can fail: a barrier left out, and two blocks on one element.
     for race, kernel in (("missing-barrier", "missing_barrier"),
                          ("blocks-collide", "blocks_collide")):  # fmt: skip
-        result = subprocess.run([str(exe), race], env=env, capture_output=True, text=True)
+        result = subprocess.run([str(exe), race], env=env, capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
         output = result.stdout + result.stderr
         assert result.returncode != 0, (race, output[-3000:])
         summary = rf"SUMMARY: ThreadSanitizer: data race \S*racecheck\.cpp:\d+ in {kernel}\b"
