@@ -47,7 +47,7 @@ def test_emulated_kernels_compute_and_count_launches(emulated_cuda_extension):
 
 
 @pytest.mark.slow
-def test_cuda_suite_under_address_sanitizer(tmp_path):
+def test_cuda_suite_under_address_sanitizer(tmp_path, emulated_cuda_extension):
     try:
         libasan, libstdcxx = (
             subprocess.run([build.compiler(), f"-print-file-name={lib}"],
@@ -63,7 +63,8 @@ def test_cuda_suite_under_address_sanitizer(tmp_path):
     env = {
         **os.environ,
         "STITCHOPS_EMULATE_SANITIZE": "address",
-        "STITCHOPS_EMULATOR_CACHE": str(tmp_path / "build"),
+        # The session's build directory: the ASan build reuses its compiled binding.
+        "STITCHOPS_EMULATOR_CACHE": str(emulated_cuda_extension.cache_dir),
         # libstdc++ too: python is no C++ program, and without it ASan's __cxa_throw
         # interceptor finds no real one, so a C++ exception (TORCH_CHECK) would abort.
         "LD_PRELOAD": f"{libasan} {libstdcxx}" if os.path.isabs(libstdcxx) else libasan,

@@ -171,6 +171,13 @@ def load(module: Path, name: str):
     return ext
 
 
+def _compile_binding_once(obj: Path) -> None:
+    if not obj.exists():
+        partial = obj.with_suffix(f".{os.getpid()}.partial")
+        compile_binding(partial, MODULE_NAME, "emulated", "-DSTITCHOPS_HOST_EMULATION")
+        partial.rename(obj)  # whole or absent, for another process on the same cache
+
+
 def build(cache_dir: Path) -> object:
     """Compile (or reuse from ``cache_dir``) and import the emulated extension module."""
     sanitize = os.environ.get("STITCHOPS_EMULATE_SANITIZE", "")
@@ -180,16 +187,18 @@ def build(cache_dir: Path) -> object:
         ext = load(module, MODULE_NAME)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        binding = out / "binding.o"
+        # The binding is built without the sanitizer, so the plain and the ASan build of one
+        # cache directory share it (it is the longest compile: torch's headers).
+        binding = Path(cache_dir) / f"binding-{_fingerprint('')}.o"
         with ThreadPoolExecutor(max_workers=1) as side:  # the binding beside the kernels
-            compiled = side.submit(compile_binding, binding, MODULE_NAME, "emulated",
-                                   "-DSTITCHOPS_HOST_EMULATION")  # fmt: skip
+            compiled = side.submit(_compile_binding_once, binding)
             objects = [binding, *_compile_kernels(out, sanitize)]
             compiled.result()
         san = [f"-fsanitize={sanitize}"] if sanitize else []
         ext = link_and_import(module, MODULE_NAME, objects, "-pthread", *san)
     if ext.cuda_version() != "emulated":
         raise RuntimeError(f"{module} is not the emulated build")
+    ext.cache_dir = Path(cache_dir)
     counter = ctypes.c_long.in_dll(ctypes.CDLL(str(module)), "stitchops_emulated_launches")
     ext.emulated_launches = lambda: counter.value
     return ext

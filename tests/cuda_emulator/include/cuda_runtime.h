@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -28,6 +27,7 @@
 #include <mutex>
 #include <new>
 #include <random>
+#include <semaphore>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -148,9 +148,11 @@ inline unsigned lane_id() {
 // The host threads that play the GPU's threads, created when first needed and kept for the
 // process: creating and joining 128 host threads per block cost more than the kernels'
 // arithmetic. run(n, task) calls task(i) for every i < n, each on its own thread, all at
-// the same time, and returns when all have returned. The hand-over is under one mutex, so
-// what a task does is ordered after run() starts and before it returns, as with threads
-// created and joined (ThreadSanitizer sees the same order).
+// the same time, and returns when all have returned. Each worker has its own pair of
+// semaphores, so what a task does is ordered after run() starts and before it returns, as
+// with threads created and joined, and the tasks of one run are not ordered with one
+// another through the pool: ThreadSanitizer sees their races even when one task happens to
+// finish before another starts (a shared lock would order them, hiding the race).
 class Workers {
  public:
   static Workers& get() {
@@ -161,49 +163,41 @@ class Workers {
   void run(std::size_t n, const std::function<void(std::size_t)>& task) {
     // Launches from several host threads take turns (a legal schedule of two streams).
     std::lock_guard<std::mutex> one_run_at_a_time(run_);
-    std::unique_lock<std::mutex> lock(mutex_);
-    while (threads_.size() < n) {
-      const std::size_t id = threads_.size();
-      threads_.emplace_back([this, id, seen = generation_] { serve(id, seen); });
+    while (workers_.size() < n) {
+      auto worker = std::make_unique<Worker>();
+      Worker* w = worker.get();
+      w->thread = std::thread([this, w, id = workers_.size()] { serve(*w, id); });
+      workers_.push_back(std::move(worker));
     }
-    task_ = &task;
-    count_ = pending_ = n;
-    ++generation_;
-    wake_.notify_all();
-    done_.wait(lock, [&] { return pending_ == 0; });
+    task_ = &task;  // read by each worker after its start semaphore
+    for (std::size_t i = 0; i < n; ++i) workers_[i]->start.release();
+    for (std::size_t i = 0; i < n; ++i) workers_[i]->done.acquire();
   }
 
   ~Workers() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& thread : threads_) thread.join();
+    stop_ = true;
+    for (auto& w : workers_) w->start.release();
+    for (auto& w : workers_) w->thread.join();
   }
 
  private:
-  void serve(std::size_t id, unsigned long seen) {
-    std::unique_lock<std::mutex> lock(mutex_);
+  struct Worker {
+    std::binary_semaphore start{0}, done{0};
+    std::thread thread;
+  };
+
+  void serve(Worker& w, std::size_t id) {
     for (;;) {
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      w.start.acquire();
       if (stop_) return;
-      seen = generation_;
-      if (id >= count_) continue;  // not needed by this run
-      const auto* task = task_;
-      lock.unlock();
-      (*task)(id);
-      lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      (*task_)(id);
+      w.done.release();
     }
   }
 
-  std::mutex run_, mutex_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> threads_;
+  std::mutex run_;
+  std::vector<std::unique_ptr<Worker>> workers_;
   const std::function<void(std::size_t)>* task_ = nullptr;
-  std::size_t count_ = 0, pending_ = 0;
-  unsigned long generation_ = 0;
   bool stop_ = false;
 };
 
