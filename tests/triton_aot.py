@@ -6,14 +6,15 @@ functions. Every autotune config of every kernel (and kernels/partials.py's one
 configuration) is compiled, down to a cubin by Triton's bundled ptxas, with the
 specialisation a launch on contiguous inputs at the benchmark's shapes gets (unit strides
 constant, pointers and sizes divisible by 16). Prints one JSON
-line per compiled kernel: Triton version, kernel, arch, dtype, config, shared memory,
-whether tensor-core MMAs (mma.sync / wgmma) and asynchronous copies (the software pipeline)
-are in the code.
+line per compiled kernel, always in the same order (the compiles run in a process per
+core): Triton version, kernel, arch, dtype, config, shared memory, whether tensor-core MMAs
+(mma.sync / wgmma) and asynchronous copies (the software pipeline) are in the code.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -137,14 +138,16 @@ def configs(name: str) -> list:
     return [lora.tiling_config(kernel, tiling) for tiling in lora.autotune_tilings(kernel)]
 
 
-def main() -> None:
+def jobs() -> list[tuple]:
+    """What main() compiles, in its output order: (kernel, flags, unit strides, dtype, arch,
+    config, variant or None), the kernel named by its attribute of kernels.lora, or
+    SUM_RANGES for kernels/partials.py's."""
+    out = []
     for name, (flags, unit_strides) in KERNELS.items():
-        fn = getattr(lora, name).fn
         for config in configs(name):
             for arch in ARCHS:
                 for dtype in DTYPES:
-                    row = compile_one(fn, flags, unit_strides, dtype, arch, config)
-                    print(json.dumps(row), flush=True)
+                    out.append((name, flags, unit_strides, dtype, arch, config, None))
     for variant, (name, overrides, unit_strides) in VARIANTS.items():
         base_flags, base_strides = KERNELS[name]
         space = configs(name)
@@ -152,27 +155,37 @@ def main() -> None:
         widest = max(space, key=lambda c: c.kwargs.get("COLUMN_TILES", 1))  # forward: S reused
         for config in dict.fromkeys([space[0], largest, widest]):
             for arch in ARCHS:
-                row = compile_one(getattr(lora, name).fn, {**base_flags, **overrides},
-                                  unit_strides or base_strides, "bf16", arch, config)  # fmt: skip
-                print(json.dumps({**row, "variant": variant}), flush=True)
+                out.append((name, {**base_flags, **overrides}, unit_strides or base_strides,
+                            "bf16", arch, config, variant))  # fmt: skip
     # The fallback tilings at the largest rank (the most shared memory), in both dtypes, on
     # the archs each is for: UNTUNED on sm_80 / sm_90 / sm_100, SMALL on the 99 KB archs.
     for tiling, archs in ((lora.UNTUNED, UNTUNED_ARCHS), (lora.SMALL, SMALL_SHARED_ARCHS)):
         for name, (flags, unit_strides) in KERNELS.items():
-            kernel = getattr(lora, name)
-            config = lora.tiling_config(kernel, tiling)
+            config = lora.tiling_config(getattr(lora, name), tiling)
             for arch in archs:
                 for dtype in DTYPES:
-                    row = compile_one(kernel.fn, {**flags, "BLOCK_R": lora.MAX_RANK},
-                                      unit_strides, dtype, arch, config)  # fmt: skip
-                    print(json.dumps({**row, "variant": f"fallback {tuple(tiling)}, rank 128"}),
-                          flush=True)  # fmt: skip
+                    out.append((name, {**flags, "BLOCK_R": lora.MAX_RANK}, unit_strides, dtype,
+                                arch, config, f"fallback {tuple(tiling)}, rank 128"))  # fmt: skip
     # The backward's last step (kernels/partials.py): no dot, launched with fixed sizes.
     config = triton.Config({"BLOCK_Z": partials.BLOCK_Z, "BLOCK_C": partials.BLOCK_C}, num_warps=4)
     for arch in ARCHS:
         for dtype in DTYPES:
-            row = compile_one(partials._sum_ranges_kernel, {}, (), dtype, arch, config)
-            print(json.dumps({**row, "variant": SUM_RANGES}), flush=True)
+            out.append((SUM_RANGES, {}, (), dtype, arch, config, SUM_RANGES))
+    return out
+
+
+def run_job(job: tuple) -> str:
+    name, flags, unit_strides, dtype, arch, config, variant = job
+    fn = partials._sum_ranges_kernel if name == SUM_RANGES else getattr(lora, name).fn
+    row = compile_one(fn, flags, unit_strides, dtype, arch, config)
+    return json.dumps(row if variant is None else {**row, "variant": variant})
+
+
+def main() -> None:
+    """One JSON line per job, in jobs()' order, compiled in a process per core."""
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        for line in pool.imap(run_job, jobs()):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
