@@ -93,8 +93,8 @@ def triton_missing_reason() -> str | None:
     version = installed_triton_version()
     if version is not None and version < MIN_TRITON:
         return (
-            f"triton {'.'.join(map(str, version))} is older than "
-            f"{'.'.join(map(str, MIN_TRITON))}, the oldest version stitchops' kernels are "
+            f"triton {_dotted(version)} is older than "
+            f"{_dotted(MIN_TRITON)}, the oldest version stitchops' kernels are "
             "tested with: pip install 'triton>=3.6', or use a torch that ships it"
         )
     return None
@@ -115,11 +115,15 @@ def triton_interpreter_reason() -> str | None:
         return None
     if triton_version < (3, 7) and numpy_version >= (2, 4):
         return (
-            f"the CPU interpreter of triton {'.'.join(map(str, triton_version))} fails with "
-            f"numpy {'.'.join(map(str, numpy_version))} (which refuses int() of a "
+            f"the CPU interpreter of triton {_dotted(triton_version)} fails with "
+            f"numpy {_dotted(numpy_version)} (which refuses int() of a "
             "1-element array): pip install 'numpy<2.4', or 'triton>=3.7'"
         )
     return None
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
 
 
 def _release(dist: str) -> tuple[int, int] | None:

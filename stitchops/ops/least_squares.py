@@ -26,6 +26,9 @@ import torch
 
 from stitchops.ops import _checks
 
+# Relative cut-off on the centred x_src's singular values (least_squares_init's rtol).
+DEFAULT_RTOL = 1e-5
+
 
 class _NormalEquations:
     """Running float64 sums of one least-squares problem (shifted by the first batch mean)."""
@@ -77,7 +80,7 @@ def least_squares_init(
     x_src: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
     x_dst: torch.Tensor | None = None,
     ridge: float = 0.0,
-    rtol: float = 1e-5,
+    rtol: float = DEFAULT_RTOL,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares stitching layer: (weight [OUT, IN], bias [OUT]) with x_src·Wᵀ + b ≈ x_dst.
