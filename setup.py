@@ -12,14 +12,14 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
+# Every package under stitchops/, and the Triton kernels of kernels/ as stitchops.kernels
+# (so there is no top-level import name "kernels" to clash with other distributions).
 PACKAGES = [
-    "stitchops",
-    "stitchops.ops",
-    "stitchops.reference",
-    "stitchops.nn",
+    *find_packages(include=["stitchops", "stitchops.*"]),
     "stitchops.kernels",
+    *(f"stitchops.kernels.{name}" for name in find_packages("kernels")),
 ]
 PACKAGE_DIR = {"stitchops": "stitchops", "stitchops.kernels": "kernels"}
 
@@ -77,6 +77,7 @@ def _cuda_extension():
     ext = CUDAExtension(
         name="stitchops._C",
         sources=["csrc/binding.cpp", *sorted(glob.glob("csrc/*.cu"))],
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/*.cuh")),
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={
             "cxx": ["-O3", *version_macros],

@@ -92,10 +92,10 @@ def fused(backend):
 
 def cuda_with_column_tiles(tiles: int):
     """The cuda backend with every forward block covering ``tiles`` output tiles."""
-    from stitchops import _cuda
+    from stitchops.ops.lora import pinned_column_tiles
 
     def run(**kw):
-        with _cuda.pinned_column_tiles(tiles), stitchops.use_backend("cuda"):
+        with pinned_column_tiles(tiles), stitchops.use_backend("cuda"):
             return stitchops.lora_linear(**kw)
 
     return run

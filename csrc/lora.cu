@@ -362,13 +362,4 @@ int lora_backward(DType dtype, const LoraBackwardArgs& args, void* stream) {
   return launch_backward<float>(args, static_cast<cudaStream_t>(stream));
 }
 
-int device_multiprocessors(int* count) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-}
-
-const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
-
 }  // namespace stitchops

@@ -2,15 +2,15 @@
 //
 //   y = x · Wᵀ + b + b_s + scale · (x · Aᵀ) · Bᵀ        (SN-Netv2 LoRA SL, ESTA stitch bias)
 //
-// No torch and no CUDA header here: tensors are raw pointers with element strides, the
-// stream is a void* (a cudaStream_t), errors come back as cudaError_t codes (0 = success).
+// No torch and no CUDA header here: raw pointers, element strides, a void* stream and
+// cudaError_t codes, as common.h describes.
 #pragma once
 
 #include <cstdint>
 
-namespace stitchops {
+#include "common.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace stitchops {
 
 constexpr int kMaxRank = 128;
 
@@ -79,25 +79,7 @@ struct LoraBackwardArgs {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 
-// The backward's last step (sum_ranges.cu), for up to three fp32 partial buffers at once:
-//   out_i[c] = scale_i · Σ_z part_i[z·n_i + c]   (z < ranges, c < n_i; out_i in dtype).
-// Unused buffers have n = 0. One launch; the sum over z runs in order (deterministic).
-struct RangeSum {
-  const float* part = nullptr;  // [ranges, n] contiguous
-  void* out = nullptr;          // [n] contiguous, of the call's dtype
-  int64_t n = 0;
-  float scale = 1.f;
-};
-constexpr int kMaxRangeSums = 3;
-struct RangeSumArgs {
-  RangeSum sums[kMaxRangeSums];
-  int64_t ranges = 0;
-};
-
 int lowrank_matmul(DType dtype, const LowRankMatmulArgs& args, void* stream);
 int lora_backward(DType dtype, const LoraBackwardArgs& args, void* stream);
-int sum_ranges(DType dtype, const RangeSumArgs& args, void* stream);
-int device_multiprocessors(int* count);
-const char* error_string(int code);
 
 }  // namespace stitchops

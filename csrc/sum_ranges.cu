@@ -1,6 +1,7 @@
-// The backward's last step: per-range fp32 partials (dA, dB, the bias gradient, dW) summed
-// over ranges, scaled and rounded to the output dtype, for up to three buffers in one
-// launch (in PyTorch: a sum, a multiply and a cast per gradient). See lora.h.
+// A deterministic reduction's last step: per-range fp32 partials (LoRA's dA, dB, bias
+// gradient and dW) summed over ranges, scaled and rounded to the output dtype, for up to
+// three buffers in one launch (in PyTorch: a sum, a multiply and a cast per gradient). See
+// common.h.
 //
 // One thread per output element; blocks take the elements of buffer 0 first, then 1, then
 // 2. A thread reads its column of partials top to bottom, coalesced across the warp, with
@@ -11,8 +12,8 @@
 
 #include <cstdint>
 
+#include "common.h"
 #include "convert.cuh"
-#include "lora.h"
 
 namespace stitchops {
 namespace {

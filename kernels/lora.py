@@ -25,41 +25,24 @@ Design (after LoRAFusion, specialised for stitching layers whose IN is small):
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from stitchops._dispatch import triton_autotune_enabled, triton_interpreting
-from stitchops._memory import new_output
+from stitchops._runtime import new_output, triton_interpreting
 
 from .partials import sum_ranges
+from .tuning import Tiling, TilingSpace, TunedKernel, dot_precision, programs_to_fill
 
 MAX_RANK = 128
 
-
-class Tiling(NamedTuple):
-    """How a launch tiles its output: block sizes, warps, pipeline stages and, for the
-    forward only, how many BLOCK_N-wide column tiles one program covers in turn.
-
-    The forward's programs compute S = x·Aᵀ along with their first column tile and reuse it
-    for the others, so the rank-R product costs R/(BLOCK_N·column_tiles) of the main GEMM's
-    MMA work instead of R/BLOCK_N (12.5% at r 16 with 128-wide tiles, 3.1% over 4 tiles).
-    The backward ignores column_tiles: its wider reuse is a wider BLOCK_N.
-    """
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    column_tiles: int = 1
-
-
-# The autotune space.
+# The autotune space of both kernels. A forward tiling with column_tiles > 1 has a program
+# cover that many BLOCK_N-wide output tiles of its row tile in turn: it computes S = x·Aᵀ
+# with the first and reuses it, so the rank-R product costs R/(BLOCK_N·column_tiles) of the
+# main GEMM's MMA work instead of R/BLOCK_N (12.5% at r 16 with 128-wide tiles, 3.1% over 4
+# tiles). The backward ignores column_tiles: its wider reuse is a wider BLOCK_N.
 TILINGS = (
     Tiling(128, 128, 64, 8, 3),
     Tiling(128, 256, 64, 8, 3),
@@ -77,9 +60,8 @@ TILINGS = (
 # 106-180 KB on the 99 KB GPUs). UNTUNED fits the 163 KB of sm_80 and the 227 KB of sm_90
 # and sm_100; SMALL the 99 KB of sm_86, sm_89 and sm_120 (GeForce and workstation cards).
 # Both also hold on Triton 3.6, which takes up to 30% more shared memory in fp32 (a 64-row
-# SMALL needed 104 KB there) and cannot allocate registers for a 4-warp UNTUNED forward at
-# rank 128 in bf16 on sm_100. With STITCHOPS_AUTOTUNE=0 a launch runs the one of the two its
-# GPU's shared memory calls for.
+# SMALL needs 104 KB there) and cannot allocate registers for a 4-warp UNTUNED forward at
+# rank 128 in bf16 on sm_100.
 UNTUNED = Tiling(128, 128, 32, 8, 3)
 SMALL = Tiling(32, 64, 32, 4, 3)
 UNTUNED_MIN_SHARED = 163 * 1024  # bytes per block (opt-in) that UNTUNED is checked against
@@ -87,75 +69,22 @@ UNTUNED_MIN_SHARED = 163 * 1024  # bytes per block (opt-in) that UNTUNED is chec
 # forward covers two column tiles per program so that every CPU test runs S's reuse.
 INTERPRETED = Tiling(32, 32, 32, 4, 1, column_tiles=2)
 
-
-def _tilings() -> tuple[Tiling, ...]:
-    """The autotune space: TILINGS on a GPU, one small tiling under the interpreter."""
-    return (INTERPRETED,) if triton_interpreting() else TILINGS
-
-
-@functools.cache
-def _max_shared_memory(device_index: int) -> int:
-    """Shared memory one block may opt into on this GPU: the limit Triton launches against."""
-    from triton.runtime import driver
-
-    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+SPACE = TilingSpace(
+    name="lora",
+    tilings=TILINGS,
+    interpreted=INTERPRETED,
+    fallbacks=((UNTUNED_MIN_SHARED, UNTUNED), (0, SMALL)),
+)
+pinned_tiling = SPACE.pinned
 
 
-def fallback_tiling(device_index: int) -> Tiling:
-    """The fallback tiling that fits every rank and dtype on this GPU: UNTUNED or SMALL."""
-    return UNTUNED if _max_shared_memory(device_index) >= UNTUNED_MIN_SHARED else SMALL
+def _forward_meta(tiling: Tiling) -> dict:
+    return {"BLOCK_M": tiling.block_m, "BLOCK_N": tiling.block_n, "BLOCK_K": tiling.block_k,
+            "GROUP_M": 8, "COLUMN_TILES": tiling.column_tiles}  # fmt: skip
 
 
-def _config(tiling: Tiling, forward: bool) -> triton.Config:
-    """The triton.Config of a tiling, for the forward kernel or the backward one."""
-    sizes = {"BLOCK_M": tiling.block_m, "BLOCK_N": tiling.block_n, "BLOCK_K": tiling.block_k}
-    if forward:  # its other meta-parameters
-        sizes.update(GROUP_M=8, COLUMN_TILES=tiling.column_tiles)
-    return triton.Config(sizes, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
-
-
-def _backward_tilings() -> tuple[Tiling, ...]:
-    """The backward's autotune space: _tilings() without column_tiles, each tiling once."""
-    return tuple(dict.fromkeys(t._replace(column_tiles=1) for t in _tilings()))
-
-
-# STITCHOPS_AUTOTUNE=0 (read at import): every GPU launch runs its GPU's fallback tiling.
-_FALLBACK_ONLY = not triton_interpreting() and not triton_autotune_enabled()
-_pinned: Tiling | None = None  # set by pinned_tiling()
-
-
-def launch_tiling(device: torch.device) -> Tiling | None:
-    """The tiling a launch on ``device`` runs, or None where the autotuner picks it:
-    the pinned one (pinned_tiling), else with STITCHOPS_AUTOTUNE=0 the GPU's fallback."""
-    if _pinned is not None:
-        return _pinned
-    if _FALLBACK_ONLY and device.type == "cuda":
-        return fallback_tiling(device.index)
-    return None
-
-
-def tiling_config(kernel, tiling: Tiling) -> triton.Config:
-    """``kernel``'s config (either autotuned kernel here) at ``tiling``: the tile sizes plus
-    its other meta-parameters (the forward's GROUP_M and COLUMN_TILES)."""
-    return _config(Tiling(*tiling), forward=kernel is _lowrank_matmul_kernel)
-
-
-def autotune_tilings(kernel) -> tuple[Tiling, ...]:
-    """The tilings ``kernel``'s autotuner tries (either autotuned kernel here)."""
-    return _tilings() if kernel is _lowrank_matmul_kernel else _backward_tilings()
-
-
-def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs), autotuned or with the tiling launch_tiling() names.
-
-    A chosen tiling launches the kernel's JIT function directly, as the autotuner itself
-    does with one config: no search, no timing (Triton 3.6 would time even a lone config).
-    """
-    tiling = launch_tiling(device)
-    if tiling is None:
-        kernel[grid](*args, **kwargs)
-        return
-    kernel.fn[grid](*args, **kwargs, **tiling_config(kernel, tiling).all_kwargs())
+def _backward_meta(tiling: Tiling) -> dict:
+    return {"BLOCK_M": tiling.block_m, "BLOCK_N": tiling.block_n, "BLOCK_K": tiling.block_k}
 
 
 # Token ranges of the backward (and dW's split-K ranges) are aligned to this many rows: on a
@@ -176,11 +105,6 @@ def _load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
     )
 
 
-@triton.autotune(
-    configs=[_config(t, forward=True) for t in _tilings()],
-    key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
-    cache_results=True,  # the pick is kept in Triton's cache dir: later processes reuse it
-)
 @triton.jit
 def _lowrank_matmul_kernel(
     x_ptr, w_ptr, l1_ptr, l2_ptr, bias_ptr, bias2_ptr, out_ptr, s_ptr,
@@ -259,11 +183,6 @@ def _lowrank_matmul_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(
-    configs=[_config(t, forward=False) for t in _backward_tilings()],
-    key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
-    cache_results=True,
-)
 @triton.jit
 def _lora_backward_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, s_ptr, x_ptr,
@@ -354,42 +273,23 @@ def _lora_backward_kernel(
         tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_i[None, :])
 
 
+LOWRANK_MATMUL = TunedKernel(
+    _lowrank_matmul_kernel, SPACE, key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
+    meta=_forward_meta,
+)  # fmt: skip
+LORA_BACKWARD = TunedKernel(
+    _lora_backward_kernel, SPACE,
+    key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
+    meta=_backward_meta,
+)  # fmt: skip
+KERNELS = (LOWRANK_MATMUL, LORA_BACKWARD)
+
+
 # ----------------------------------------------------------------------------- launchers
-
-
-@contextlib.contextmanager
-def pinned_tiling(tiling: Tiling | tuple[int, ...]):
-    """Run every kernel here with one tiling: a Tiling or a tuple of its fields
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, column_tiles]).
-
-    No autotuning inside the block, and the autotuner's cached choices stay as they were.
-    For tests (each tiling of TILINGS checked for exactness) and for tuning by hand.
-    """
-    global _pinned
-    saved, _pinned = _pinned, Tiling(*tiling)
-    try:
-        yield
-    finally:
-        _pinned = saved
 
 
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(rank, 1)))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """Follow PyTorch's own fp32 matmul setting, so fp32 results match torch's."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-@functools.cache
-def _parallelism(device: torch.device) -> int:
-    """How many programs fill the device (2 per SM on a GPU; a few under the interpreter)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 def _column_groups(columns: int, meta: dict) -> int:
@@ -428,8 +328,8 @@ def lora_forward(
     def grid(meta):
         return (triton.cdiv(tokens, meta["BLOCK_M"]) * _column_groups(out_features, meta), 1)
 
-    _launch(
-        _lowrank_matmul_kernel, grid, x.device,
+    LOWRANK_MATMUL.launch(
+        grid, x.device,
         x, weight, a, b,
         bias if bias is not None else _dummy(weight),
         extra_bias if extra_bias is not None else _dummy(weight),
@@ -440,7 +340,7 @@ def lora_forward(
         0, y.stride(0), y.stride(1), max(rank, 1),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_BIAS2=extra_bias is not None,
         STORE_S=bool(s.numel()), SPLIT_K=False, BLOCK_R=_block_r(rank),
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype),
     )  # fmt: skip
     return y, s
 
@@ -452,7 +352,7 @@ def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> to
     if tokens == 0:
         return torch.zeros(out_features, in_features, device=x.device, dtype=dtype)
     tiles = triton.cdiv(out_features, 128) * triton.cdiv(in_features, 128)
-    splits = max(1, min(_parallelism(x.device) // tiles, triton.cdiv(tokens, 512)))
+    splits = max(1, min(programs_to_fill(x.device) // tiles, triton.cdiv(tokens, 512)))
     k_per_split = triton.cdiv(triton.cdiv(tokens, splits), ROW_ALIGN) * ROW_ALIGN
     splits = triton.cdiv(tokens, k_per_split)
     partial = new_output(splits, out_features, in_features, device=x.device, dtype=torch.float32)
@@ -461,15 +361,15 @@ def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> to
         return (triton.cdiv(out_features, meta["BLOCK_M"]) * _column_groups(in_features, meta),
                 splits)  # fmt: skip
 
-    _launch(
-        _lowrank_matmul_kernel, grid, x.device,
+    LOWRANK_MATMUL.launch(
+        grid, x.device,
         grad_y, x, x, x, x, x, partial, partial,
         out_features, in_features, tokens, 0, 1.0, k_per_split,
         grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1),
         0, 0, 0, 0,
         partial.stride(0), partial.stride(1), partial.stride(2), 1,
         HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True,
-        BLOCK_R=16, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_R=16, DOT_PRECISION=dot_precision(x.dtype),
     )  # fmt: skip
     return sum_ranges([(partial, 1.0)], dtype)[0]
 
@@ -482,16 +382,14 @@ def lora_backward(
     lora_b: torch.Tensor | None,
     s: torch.Tensor,
     scale: float,
-    need_x: bool,
-    need_weight: bool,
-    need_a: bool,
-    need_b: bool,
-    need_bias: bool,
+    needs: Sequence[bool],
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients (dx, dW, dA, dB, dbias) for 2-D tensors; None where not asked for.
+    """Gradients (dx, dW, dA, dB, dbias) for 2-D tensors, each where its flag in ``needs``
+    (same order) is set; None where not asked for.
 
-    ``s`` (the forward's S, fp32 [T, R]) is read only when ``need_b``.
+    ``s`` (the forward's S, fp32 [T, R]) is read only for dB.
     """
+    need_x, need_weight, need_a, need_b, need_bias = needs
     tokens, in_features = x.shape
     out_features = weight.shape[0]
     has_lora = lora_a is not None
@@ -519,8 +417,8 @@ def lora_backward(
         def grid(meta):
             return (ranges, triton.cdiv(in_features, meta["BLOCK_N"]))
 
-        _launch(
-            _lora_backward_kernel, grid, x.device,
+        LORA_BACKWARD.launch(
+            grid, x.device,
             grad_y, weight, a, b, s_arg, x,
             dx_arg,
             da_part if need_a else _dummy(grad_y),
@@ -533,7 +431,7 @@ def lora_backward(
             dx_arg.stride(0), dx_arg.stride(1),
             HAS_LORA=has_lora, NEED_DX=need_x, NEED_DA=need_a, NEED_DB=need_b,
             NEED_BIAS=need_bias,
-            BLOCK_R=_block_r(rank), DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_R=_block_r(rank), DOT_PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
     da, db, dbias = sum_ranges(
         [
@@ -549,4 +447,4 @@ def lora_backward(
 def _ranges_wanted(device: torch.device, in_features: int) -> int:
     """Token ranges for the backward: enough programs to fill the device, few partials."""
     in_tiles = triton.cdiv(in_features, 128)
-    return max(1, _parallelism(device) // max(in_tiles, 1))
+    return max(1, programs_to_fill(device) // max(in_tiles, 1))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stitchops._memory import new_output
+from stitchops._runtime import new_output
 
 BLOCK_Z = 16  # ranges summed per load (tl.sum over a [BLOCK_Z, BLOCK_C] tile)
 BLOCK_C = 256  # columns per program

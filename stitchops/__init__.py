@@ -9,18 +9,30 @@ Public API (this release):
   pi_resize_patch_embed(weight, patch_size)                         FlexiViT PI-resize
   eval_stitches(model, loader)                                      every stitch, Pareto front
 
-Nothing here imports triton or the compiled extension at import time: a missing backend is a
-reason reported by ``available_backends()``, never an import error.
+Importing ``stitchops`` registers the ops (``torch.ops.stitchops.*``) and loads nothing
+above them: ``nn``, ``models``, ``train`` and the names taken from them load at first use
+(module ``__getattr__``). Nothing imports triton or the compiled extension at import time
+either: a missing backend is a reason reported by ``available_backends()``.
 """
 
-from stitchops import models, nn
+from __future__ import annotations
+
+import importlib
+
 from stitchops._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
-from stitchops.models.flexi import pi_resize_patch_embed
 from stitchops.ops.least_squares import least_squares_init
 from stitchops.ops.lora import lora_linear
-from stitchops.train.evaluate import eval_stitches
 
 __version__ = "0.1.0"
+
+# Names of the upper layers, loaded on first access: name -> (module, attribute or None).
+_LAZY = {
+    "nn": ("stitchops.nn", None),
+    "models": ("stitchops.models", None),
+    "train": ("stitchops.train", None),
+    "pi_resize_patch_embed": ("stitchops.models.flexi", "pi_resize_patch_embed"),
+    "eval_stitches": ("stitchops.train.evaluate", "eval_stitches"),
+}
 
 __all__ = [
     "BACKENDS",
@@ -32,5 +44,20 @@ __all__ = [
     "models",
     "nn",
     "pi_resize_patch_embed",
+    "train",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'stitchops' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,16 +1,24 @@
-"""Thin Python side of the CUDA backend (``stitchops._C``), imported only when chosen."""
+"""The one call path into the CUDA backend (``stitchops._C``), imported only when chosen.
+
+Every op's cuda entry point is a function of ``stitchops._C`` taking the call's tensors
+and, last, the current CUDA stream as an integer; ``entry(name)`` wraps it with what every
+call needs: the NaN-poisoning switch of ``stitchops._runtime``, a device guard on the first
+tensor's device, and that device's current stream.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
-from stitchops import _memory
+from stitchops import _runtime
 
 try:
     from stitchops import _C
-except ImportError:  # the dispatcher reports why (cuda_extension_missing_reason)
+except ImportError:  # the dispatcher reports why (_backends.cuda_extension_missing_reason)
     _C = None
 
 
@@ -22,38 +30,31 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s):
-    _C.set_poison_outputs(_memory.poisoning())
-    with _device_guard(x):
-        y, s = _C.lora_forward(
-            x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s, _stream(x)
-        )
-    return y, s
+def _first_tensor(args: tuple) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
 
 
-def lora_backward(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weight, need_a,
-                  need_b, need_bias):  # fmt: skip
-    _C.set_poison_outputs(_memory.poisoning())
-    needed = (need_x, need_weight, need_a, need_b, need_bias)
-    with _device_guard(x):
-        grads = _C.lora_backward(
-            grad_y, x, weight, lora_a, lora_b, s, scale,
-            need_x, need_weight, need_a, need_b, need_bias, _stream(x),
-        )  # fmt: skip
-    return tuple(g if want else None for g, want in zip(grads, needed, strict=True))
+@functools.cache
+def entry(name: str) -> Callable:
+    """``stitchops._C.<name>`` called on the device of its first tensor argument."""
+
+    def call(*args):
+        _C.set_poison_outputs(_runtime.poisoning())
+        device_tensor = _first_tensor(args)
+        with _device_guard(device_tensor):
+            return getattr(_C, name)(*args, _stream(device_tensor))
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 @contextlib.contextmanager
-def pinned_column_tiles(tiles: int):
-    """Inside this ``with`` block, every CUDA forward covers ``tiles`` output column tiles
-    per thread block (csrc/lora.h, ``column_tiles``); on exit the pin it replaced is back
-    (blocks nest; outside every block the choice is per call).
-
-    Per call, the binding chooses (csrc/binding.cpp, ``forward_column_tiles``). Tests pin
-    it so that small shapes exercise the column groups too; benchmarks, to compare counts.
-    """
-    outer = _C.pin_column_tiles(tiles)
+def pinned(setter: str, value: int) -> Iterator[None]:
+    """Inside the block, the extension's tuning knob ``setter`` (a function of ``_C`` that
+    sets it and returns the value it replaces) holds ``value``; on exit the replaced value
+    is back, so blocks nest."""
+    outer = getattr(_C, setter)(value)
     try:
         yield
     finally:
-        _C.pin_column_tiles(outer)
+        getattr(_C, setter)(outer)

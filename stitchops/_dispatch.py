@@ -1,9 +1,15 @@
-"""Backend selection shared by every op.
+"""Backend selection shared by every op, from one declaration per op.
 
-An op describes each backend by a *reason function*: given the call's tensors it returns the
-reasons that backend cannot run the call (an empty list means it can). Dispatch walks the
-op's priority list and takes the first backend with no reasons. A forced backend
-(``use_backend(name)`` or ``STITCHOPS_BACKEND=name``) that has reasons raises
+An op declares itself once (``Op``): its name, where the entry points of its torch and
+triton backends live (the cuda backend's are the functions of ``stitchops._C`` of the same
+names), and the dtypes its kernels take. Per call it adds the few facts only it knows: the
+elements its Triton kernels index beyond the inputs, and its own limits (LoRA: rank <= 128).
+Everything generic is derived here: where the tensors live, whether Triton or the extension
+exists and fits this GPU, the dtype, Triton's int32 offsets, bfloat16 under Triton's CPU
+interpreter.
+
+Dispatch walks the op's priority list and takes the first backend with no reasons. A forced
+backend (``use_backend(name)`` or ``STITCHOPS_BACKEND=name``) that has reasons raises
 ``BackendUnavailableError`` listing every backend's reasons: never a silent fallback.
 """
 
@@ -12,14 +18,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib.util
+import importlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from stitchops import _backends
+from stitchops._runtime import triton_interpreting
+
 BACKENDS = ("torch", "triton", "cuda")
+
+# Triton kernels form element offsets in int32 (row index × row stride): every tensor they
+# index must span fewer elements than this. The CUDA kernels use int64 offsets.
+TRITON_MAX_SPAN = 2**31
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "stitchops_backend", default=None
@@ -64,187 +78,98 @@ def forced_backend() -> str | None:
         raise ValueError(f"STITCHOPS_BACKEND: {err}") from None
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def span(t: torch.Tensor) -> int:
+    """1 + the largest element offset of ``t`` (its numel when contiguous; 0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    extents = zip(t.shape, t.stride(), strict=True)
+    return 1 + sum((size - 1) * abs(stride) for size, stride in extents)
 
 
-def triton_autotune_enabled() -> bool:
-    """False with STITCHOPS_AUTOTUNE=0: one fallback tiling per GPU, no search (read at import
-    of the Triton kernels)."""
-    return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def triton_tuning() -> str:
-    """How the Triton kernels pick their tiling on a GPU, in words (stitchops info, tests)."""
-    if triton_autotune_enabled():
-        return "autotuned per shape"
-    return "STITCHOPS_AUTOTUNE=0, one fallback tiling"
+@dataclass(frozen=True)
+class Op:
+    """One op's declaration: what the shared dispatch needs to choose and call a backend.
 
-
-# The oldest Triton the kernels are tested with (3.6, as torch 2.11 ships it; CI runs 3.9).
-MIN_TRITON = (3, 6)
-
-
-@functools.cache
-def triton_missing_reason() -> str | None:
-    """Why the triton backend cannot exist here (not installed, too old), or None."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'triton>=3.6')"
-    version = installed_triton_version()
-    if version is not None and version < MIN_TRITON:
-        return (
-            f"triton {_dotted(version)} is older than "
-            f"{_dotted(MIN_TRITON)}, the oldest version stitchops' kernels are "
-            "tested with: pip install 'triton>=3.6', or use a torch that ships it"
-        )
-    return None
-
-
-@functools.cache
-def triton_interpreter_reason() -> str | None:
-    """Why Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels here, or None.
-
-    Triton 3.6's interpreter turns a loop bound computed from a program id (a 1-element
-    array) into an int with ``int(array)``, which NumPy 2.4 refuses ("only 0-dimensional
-    arrays can be converted to Python scalars"); Triton 3.7 squeezes the array first. Both
-    lora kernels have such a loop. Checked: Triton 3.6 fails with NumPy 2.4.6 and runs with
-    2.2.6, 2.3.0 and 2.3.5; Triton 3.7.1, 3.8 and 3.9 squeeze.
+    Every backend module provides the same entry points (``entries``) with the same
+    arguments: ``reference`` (pure PyTorch), ``triton`` (launchers in ``stitchops.kernels``)
+    and ``stitchops._C`` (the binding, called through ``stitchops._cuda``, which adds the
+    device guard, the stream and poisoned outputs).
     """
-    triton_version, numpy_version = installed_triton_version(), _release("numpy")
-    if triton_version is None or numpy_version is None:
-        return None
-    if triton_version < (3, 7) and numpy_version >= (2, 4):
-        return (
-            f"the CPU interpreter of triton {_dotted(triton_version)} fails with "
-            f"numpy {_dotted(numpy_version)} (which refuses int() of a "
-            "1-element array): pip install 'numpy<2.4', or 'triton>=3.7'"
-        )
-    return None
+
+    name: str  # stitchops.<name>, stitchops::<name>
+    entries: tuple[str, ...]  # e.g. ("lora_forward", "lora_backward")
+    reference: str  # module of the torch backend
+    triton: str  # module of the triton backend
+    kernel_dtypes: tuple[torch.dtype, ...]  # what the triton and cuda kernels take
+    gpu_priority: tuple[str, ...] = ("triton", "cuda", "torch")  # for CUDA tensors
+
+    def reasons(
+        self,
+        backend: str,
+        tensors: Sequence[torch.Tensor],
+        *,
+        written: int = 0,
+        limits: Sequence[str] = (),
+    ) -> list[str]:
+        """Why ``backend`` cannot run a call on ``tensors`` (the inputs present; the first
+        gives the dtype). ``written``: the most elements a Triton kernel indexes in an output
+        or scratch tensor. ``limits``: the op's own reasons against its kernels."""
+        if backend == "torch":
+            return []  # the reference takes every call the op's checks let through
+        reasons = _backends.device_reasons(backend, tensors)
+        if backend == "triton":
+            widest = max(written, *map(span, tensors))
+            if widest >= TRITON_MAX_SPAN:
+                reasons.append(
+                    f"a tensor spans {widest} elements, past the Triton kernels' int32 offsets "
+                    "(< 2^31); the cuda backend (int64 offsets) takes it"
+                )
+        dtype = tensors[0].dtype
+        if dtype not in self.kernel_dtypes:
+            reasons.append(f"dtype {dtype} is not supported ({_dtype_names(self.kernel_dtypes)})")
+        if backend == "triton" and dtype == torch.bfloat16 and triton_interpreting():
+            reasons.append("the Triton CPU interpreter computes bfloat16 wrongly; use float16/32")
+        return reasons + list(limits)
+
+    def choose(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        written: int = 0,
+        limits: Sequence[str] = (),
+    ) -> str:
+        """The backend for one call (arguments as for ``reasons``)."""
+        reasons = {
+            name: functools.partial(self.reasons, name, tensors, written=written, limits=limits)
+            for name in BACKENDS
+        }
+        priority = self.gpu_priority if tensors[0].is_cuda else ("torch",)
+        return choose(self.name, reasons, priority)
+
+    def entry(self, backend: str, function: str) -> Callable:
+        """Entry point ``function`` of ``backend``, imported at the first call that needs it."""
+        if function not in self.entries:
+            raise ValueError(f"{self.name} declares no entry point {function!r}")
+        if backend == "cuda":
+            from stitchops import _cuda
+
+            return _cuda.entry(function)
+        module = importlib.import_module(self.reference if backend == "torch" else self.triton)
+        return getattr(module, function)
 
 
-def _dotted(version: tuple[int, ...]) -> str:
-    return ".".join(map(str, version))
+OPS: dict[str, Op] = {}
 
 
-def _release(dist: str) -> tuple[int, int] | None:
-    """(major, minor) of an installed distribution, from its metadata; None if unknown."""
-    import importlib.metadata
-
-    try:
-        release = importlib.metadata.version(dist).split("+")[0].split(".")
-        return int(release[0]), int(release[1])
-    except (importlib.metadata.PackageNotFoundError, IndexError, ValueError):
-        return None
-
-
-def installed_triton_version() -> tuple[int, int] | None:
-    """(major, minor) of the installed Triton, read from its metadata without importing it;
-    None where no distribution says (a source build): then nothing is refused."""
-    for dist in ("triton", "pytorch-triton"):
-        release = _release(dist)
-        if release is not None:
-            return release
-    return None
-
-
-@functools.cache
-def cuda_extension_missing_reason() -> str | None:
-    """Why ``stitchops._C`` cannot be used, or None. Imports it lazily, once."""
-    if importlib.util.find_spec("stitchops._C") is None:
-        return (
-            "stitchops._C is not built (installed without CUDA; rebuild with a CUDA build of "
-            "torch: pip install --no-build-isolation .)"
-        )
-    try:
-        from stitchops import _C
-    except ImportError as err:
-        return f"stitchops._C failed to import: {err}"
-    built_torch, built_cuda = _C.torch_version(), _C.cuda_version()
-    if built_torch.split("+")[0] != torch.__version__.split("+")[0] or built_cuda != str(
-        torch.version.cuda
-    ):
-        return (
-            f"stitchops._C was built for torch {built_torch} / CUDA {built_cuda} but torch "
-            f"{torch.__version__} / CUDA {torch.version.cuda} is running; reinstall stitchops"
-        )
-    return None
-
-
-def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
-    """Reasons common to every op: where the tensors live and whether the backend exists."""
-    devices = {t.device.type for t in tensors}
-    reasons: list[str] = []
-    if backend == "triton":
-        missing = triton_missing_reason()
-        if missing:
-            reasons.append(missing)
-        if triton_interpreting():
-            interpreter = triton_interpreter_reason()
-            if interpreter:
-                reasons.append(interpreter)
-        elif devices != {"cuda"}:
-            reasons.append(
-                f"tensors are on {sorted(devices)}; triton runs on CUDA tensors, or on CPU "
-                "tensors with TRITON_INTERPRET=1"
-            )
-    elif backend == "cuda":
-        if devices != {"cuda"}:
-            reasons.append(f"tensors are on {sorted(devices)}, not cuda")
-        else:
-            missing = cuda_extension_missing_reason()
-            if missing:
-                reasons.append(missing)
-            else:
-                index = tensors[0].device.index
-                mismatch = _device_mismatch(torch.cuda.current_device() if index is None else index)
-                if mismatch:
-                    reasons.append(mismatch)
-    return reasons
-
-
-@functools.cache
-def _device_mismatch(index: int) -> str | None:
-    """capability_reason for CUDA device ``index`` and the built stitchops._C (once each)."""
-    return capability_reason(torch.cuda.get_device_capability(index), built_cuda_archs())
-
-
-def built_cuda_archs() -> str:
-    """The machine code stitchops._C holds, "80;90a" (STITCHOPS_CUDA_ARCHS at build time);
-    "unknown" for a build older than that record. Call only once _C imports."""
-    from stitchops import _C
-
-    return getattr(_C, "cuda_archs", lambda: "unknown")()
-
-
-def capability_reason(capability: tuple[int, int], built: str = "unknown") -> str | None:
-    """Why stitchops._C cannot run on a GPU of this compute capability, or None.
-
-    ``built`` is the module's machine code ("80;90a", from STITCHOPS_CUDA_ARCHS at build
-    time). Machine code for sm_XY, or for the family target sm_XYf, runs on compute
-    capability X.Z with Z >= Y; an architecture-specific target (sm_90a) only on exactly
-    that capability; nothing runs across major versions (the build embeds no PTX to
-    recompile).
-    """
-    major, minor = capability
-    if capability < (8, 0):
-        return (
-            f"the GPU has compute capability {major}.{minor}; stitchops._C needs 8.0 or newer "
-            "(bf16 tensor cores, cp.async); the triton backend may still run"
-        )
-    archs = [a.strip() for a in built.split(";") if a.strip()]
-    if not archs or not all(a.rstrip("af").isdigit() for a in archs):
-        return None  # an older or emulated build that does not say: let the launch tell
-    for arch in archs:
-        code = int(arch.rstrip("af"))
-        a_major, a_minor = divmod(code, 10)
-        exact = arch.endswith("a")
-        if a_major == major and (a_minor == minor if exact else a_minor <= minor):
-            return None
-    return (
-        f"stitchops._C holds machine code for sm_{', sm_'.join(archs)}, none of which runs on "
-        f"this GPU (compute capability {major}.{minor}); rebuild with "
-        f'STITCHOPS_CUDA_ARCHS="{major}{minor}" pip install --no-build-isolation .'
-    )
+def register(op: Op) -> Op:
+    """Declare ``op`` (once per name): stitchops info and the tests list what is declared."""
+    if OPS.setdefault(op.name, op) is not op:
+        raise ValueError(f"op {op.name!r} is declared twice")
+    return op
 
 
 ReasonFn = Callable[[], list[str]]
@@ -258,8 +183,7 @@ def choose(op: str, reasons: dict[str, ReasonFn], priority: Sequence[str]) -> st
     """
     forced = forced_backend()
     if forced is not None:
-        why = reasons[forced]()
-        if why:
+        if reasons[forced]():
             raise BackendUnavailableError(_report(op, forced, reasons))
         return forced
     for name in priority:
@@ -274,7 +198,7 @@ def choose(op: str, reasons: dict[str, ReasonFn], priority: Sequence[str]) -> st
 def _warn_slow_path(op: str, report: str) -> None:
     warnings.warn(
         f"stitchops.{op} is running on the unfused PyTorch reference on CUDA tensors.\n{report}",
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -302,6 +226,6 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, st
     probe = [torch.empty(0, device=device)]
     out: dict[str, str | None] = {}
     for name in BACKENDS:
-        why = device_reasons(name, probe)
+        why = _backends.device_reasons(name, probe)
         out[name] = "; ".join(why) if why else None
     return out

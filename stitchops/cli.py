@@ -31,16 +31,19 @@ def info(_args) -> int:
     print(
         f"stitchops {stitchops.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     )
-    from stitchops import _dispatch
+    from stitchops import _backends, _dispatch, _runtime
 
-    if _dispatch.cuda_extension_missing_reason() is None:
-        archs = _dispatch.built_cuda_archs().split(";")
+    if _backends.cuda_extension_missing_reason() is None:
+        archs = _backends.built_cuda_archs().split(";")
         print("stitchops._C: machine code for " + ", ".join(f"sm_{a}" for a in archs))
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         print(f"GPU: {torch.cuda.get_device_name()} (compute capability {major}.{minor})")
-    if _dispatch.triton_missing_reason() is None:
-        print(f"triton kernels: {_dispatch.triton_tuning()}")
+    if _backends.triton_missing_reason() is None:
+        print(f"triton kernels: {_runtime.triton_tuning()}")
+    for op in _dispatch.OPS.values():
+        dtypes = ", ".join(str(d).removeprefix("torch.") for d in op.kernel_dtypes)
+        print(f"op {op.name}: torch reference, triton and cuda kernels ({dtypes})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device}:")

@@ -78,11 +78,11 @@ def _emulate_cuda_without_gpu(request, monkeypatch):
 
 
 def pytest_report_header(config):
-    from stitchops import _dispatch
+    from stitchops import _runtime
 
-    if _dispatch.triton_interpreting():
+    if _runtime.triton_interpreting():
         return "triton: CPU interpreter, one small tiling (each autotune tiling pinned in turn)"
-    return f"triton: {_dispatch.triton_tuning()}"
+    return f"triton: {_runtime.triton_tuning()}"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEVICE, require_backend
+from harness import DEVICE, require_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_lora
 
+from stitchops.ops.lora import LORA
+
 
 @pytest.mark.parametrize("backend", ["cuda"])
 def test_cuda_column_tile_variants_are_checked_then_timed(backend: str):
-    require_backend(backend, torch.zeros(1, device=DEVICE), 16)
+    require_backend(LORA, backend, torch.zeros(1, device=DEVICE))
     acceptance = (256 * 197, (384, 1024), 16, torch.bfloat16)
     assert bench_lora._compares_column_tiles(*acceptance, ["triton", "cuda"])
     assert not bench_lora._compares_column_tiles(*acceptance, ["triton"])

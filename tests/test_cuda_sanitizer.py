@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import require_backend
+from harness import require_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ TOOLS = {
 def test_cuda_kernels_under_compute_sanitizer(tool: str, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no GPU: test_cuda_emulated.py checks the kernels on the host emulator")
-    require_backend("cuda", torch.zeros(1, 1, device="cuda"), 16)
+    require_backend(None, "cuda", torch.zeros(1, 1, device="cuda"))
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH (it ships with the CUDA toolkit)")

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 import stitchops
-from stitchops import _dispatch
+from stitchops import _backends, _dispatch, _runtime
 from stitchops.ops import lora as lora_ops
+
+LORA = lora_ops.LORA
+
+
+def _reasons(backend, x, tensors, rank, out_features):
+    """lora_linear's reasons against ``backend`` for x [T, IN] and weight's OUT."""
+    written = x.shape[0] * max(out_features, x.shape[-1])
+    return LORA.reasons(backend, tensors, written=written, limits=lora_ops.kernel_limits(rank))
 
 
 def _args(dtype=torch.float32, rank=2):
@@ -35,7 +43,7 @@ def test_cpu_default_is_torch(monkeypatch):
 
 def test_forced_triton_really_runs_the_triton_kernels(monkeypatch):
     """Guards the CI claim: under TRITON_INTERPRET=1 the Triton launchers are executed."""
-    if _dispatch.triton_missing_reason() or not (_dispatch.triton_interpreting()
+    if _backends.triton_missing_reason() or not (_runtime.triton_interpreting()
                                                  or torch.cuda.is_available()):  # fmt: skip
         pytest.skip("triton cannot run here")
     from stitchops.kernels import lora as triton_lora
@@ -55,7 +63,7 @@ def test_forced_triton_really_runs_the_triton_kernels(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises triton")
 def test_ci_runs_triton():
-    assert not lora_ops._kernel_reasons("triton", torch.empty(1), [torch.empty(1)], 1, 1)
+    assert not _reasons("triton", torch.empty(1), [torch.empty(1)], 1, 1)
 
 
 def test_forcing_an_unavailable_backend_lists_every_reason():
@@ -118,10 +126,10 @@ def test_use_backend_nests_and_restores_after_errors():
 
 
 def test_cuda_backend_refuses_gpus_older_than_sm80():
-    reason = _dispatch.capability_reason((7, 5))
+    reason = _backends.capability_reason((7, 5))
     assert reason is not None and "7.5" in reason and "8.0" in reason
-    assert _dispatch.capability_reason((8, 0)) is None
-    assert _dispatch.capability_reason((9, 0)) is None
+    assert _backends.capability_reason((8, 0)) is None
+    assert _backends.capability_reason((9, 0)) is None
 
 
 @pytest.mark.parametrize(
@@ -143,7 +151,7 @@ def test_cuda_backend_refuses_gpus_older_than_sm80():
     ],
 )
 def test_cuda_backend_checks_the_built_machine_code(capability, built, runs):
-    reason = _dispatch.capability_reason(capability, built)
+    reason = _backends.capability_reason(capability, built)
     assert (reason is None) == runs, reason
     if not runs:
         assert "STITCHOPS_CUDA_ARCHS" in reason and f"{capability[0]}.{capability[1]}" in reason
@@ -154,14 +162,14 @@ def test_triton_refuses_tensors_past_int32_offsets(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     w = torch.zeros(64, 8)
     at_limit = torch.zeros(1, 8).expand(2**31 // 64, 8)  # y [T, 64] spans exactly 2^31
-    reasons = lora_ops._kernel_reasons("triton", at_limit, [at_limit, w], 0, 64)
+    reasons = _reasons("triton", at_limit, [at_limit, w], 0, 64)
     assert any("int32" in r for r in reasons), reasons
     below = at_limit[1:]
-    assert not lora_ops._kernel_reasons("triton", below, [below, w], 0, 64)
+    assert not _reasons("triton", below, [below, w], 0, 64)
     # An input's own span counts too: two rows 2^31 - 7 elements apart (meta: no memory).
     strided = torch.empty_strided((2, 8), (2**31 - 7, 1), device="meta")
     for backend, refused in (("triton", True), ("cuda", False)):
-        reasons = lora_ops._kernel_reasons(backend, strided, [strided], 0, 64)
+        reasons = _reasons(backend, strided, [strided], 0, 64)
         assert any("int32" in r for r in reasons) == refused, (backend, reasons)
 
 
@@ -172,17 +180,17 @@ def test_triton_refuses_tensors_past_int32_offsets(monkeypatch):
 def test_triton_older_than_the_tested_minimum_is_a_reason(monkeypatch, installed, refused):
     import importlib.metadata
 
-    if _dispatch.installed_triton_version() is None:
+    if _backends.installed_triton_version() is None:
         pytest.skip("triton is not installed from a distribution here")
     monkeypatch.setattr(importlib.metadata, "version", lambda dist: installed)
-    _dispatch.triton_missing_reason.cache_clear()
+    _backends.triton_missing_reason.cache_clear()
     try:
-        reason = _dispatch.triton_missing_reason()
-        assert _dispatch.installed_triton_version() == tuple(
+        reason = _backends.triton_missing_reason()
+        assert _backends.installed_triton_version() == tuple(
             int(p) for p in installed.split("+")[0].split(".")[:2]
         )
     finally:
-        _dispatch.triton_missing_reason.cache_clear()
+        _backends.triton_missing_reason.cache_clear()
     if refused:
         assert reason and installed[:3] in reason and "triton>=3.6" in reason
     else:
@@ -210,9 +218,9 @@ def test_triton_interpreter_refuses_numpy_it_cannot_run_with(
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _dispatch.triton_interpreter_reason.cache_clear()
+    _backends.triton_interpreter_reason.cache_clear()
     try:
-        reasons = _dispatch.device_reasons("triton", [torch.zeros(1)])
+        reasons = _backends.device_reasons("triton", [torch.zeros(1)])
         if refused:
             with (
                 stitchops.use_backend("triton"),
@@ -220,7 +228,29 @@ def test_triton_interpreter_refuses_numpy_it_cannot_run_with(
             ):
                 stitchops.lora_linear(*_args())
     finally:
-        _dispatch.triton_interpreter_reason.cache_clear()
+        _backends.triton_interpreter_reason.cache_clear()
     assert any("numpy<2.4" in r for r in reasons) == refused, reasons
     if refused:
         assert f"triton 3.6 fails with numpy {numpy_version[:3]}" in reasons[0]
+
+
+def test_op_declaration_derives_the_generic_reasons(monkeypatch):
+    """An op's declaration alone gives the dtype and interpreter reasons, its limits are
+    appended, and its entry points resolve per backend."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op = _dispatch.Op(name="probe", entries=("probe_forward",), reference="math",
+                      triton="math", kernel_dtypes=(torch.float16,))  # fmt: skip
+    half, double = torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float64)
+    assert op.reasons("torch", [double], limits=["too wide"]) == []
+    assert "float64 is not supported (float16)" in " ".join(op.reasons("triton", [double]))
+    assert op.reasons("triton", [half], limits=["too wide"])[-1] == "too wide"
+    assert any("not cuda" in r for r in op.reasons("cuda", [half]))
+    with pytest.raises(ValueError, match="declares no entry point 'sqrt'"):
+        op.entry("torch", "sqrt")
+    _dispatch.register(op)
+    try:
+        assert _dispatch.OPS["probe"] is op and "lora_linear" in _dispatch.OPS
+        with pytest.raises(ValueError, match="declared twice"):
+            _dispatch.register(_dispatch.Op("probe", (), "math", "math", ()))
+    finally:
+        del _dispatch.OPS["probe"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, rel_err
+from harness import DEVICE, rel_err
 
 import stitchops
 from stitchops.reference import least_squares as reference

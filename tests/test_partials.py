@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, require_backend
+from harness import DEVICE, require_backend
 
 
 def _sum_ranges():
     """The launcher, where the triton backend can run (here: under TRITON_INTERPRET=1)."""
-    require_backend("triton", torch.empty(1, 1, device=DEVICE))
+    require_backend(None, "triton", torch.empty(1, 1, device=DEVICE))
     from stitchops.kernels.partials import sum_ranges
 
     return sum_ranges

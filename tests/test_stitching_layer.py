@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, rel_err
+from harness import DEVICE, rel_err
 
 from stitchops.nn import StitchingLayer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stitchops import _dispatch
+from stitchops import _backends
 
 HERE = Path(__file__).resolve().parent
 # Largest dynamic shared memory one block may use (A100: 163 KB, H100/H200: 227 KB).
@@ -40,10 +40,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    if _dispatch.triton_missing_reason():
+    if _backends.triton_missing_reason():
         if os.environ.get("CI") == "true":
             pytest.fail("CI must have triton")
-        pytest.skip(_dispatch.triton_missing_reason())
+        pytest.skip(_backends.triton_missing_reason())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # STITCHOPS_AOT_PYTHON: compile with another environment's Triton (e.g. 3.6, the GPU
     # image's), as benchmarks/NOTES.md describes; by default this test's own.

@@ -7,6 +7,9 @@ Registered as ``stitchops::lora_linear`` (forward, returning y and the saved S =
 tied together with ``torch.library.register_autograd``. The math and the gradient formulas
 are in ``stitchops.reference.lora``.
 
+Declared to the shared dispatch as ``LORA`` (entry points ``lora_forward`` and
+``lora_backward`` in every backend; kernel dtypes; the rank limit of the kernels).
+
 Backend choice for CUDA tensors: triton, then cuda, then torch. The Triton kernel runs its
 GEMMs on tensor cores (tl.dot), software-pipelined and autotuned per shape; the CUDA kernel
 implements the same fusion independently of Triton, with WMMA tensor-core tiles for
@@ -27,64 +30,42 @@ from stitchops.ops import _checks
 from stitchops.reference import lora as reference
 
 MAX_KERNEL_RANK = 128
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The Triton kernels form element offsets in int32 (row index × row stride): every tensor
-# they index must span fewer elements than this. The CUDA kernels use int64 offsets.
-TRITON_MAX_SPAN = 2**31
+
+LORA = _dispatch.register(
+    _dispatch.Op(
+        name="lora_linear",
+        entries=("lora_forward", "lora_backward"),
+        reference="stitchops.reference.lora",
+        triton="stitchops.kernels.lora",
+        kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    )
+)
 
 
-def _span(t: torch.Tensor) -> int:
-    """1 + the largest element offset of ``t`` (its numel when contiguous; 0 when empty)."""
-    if t.numel() == 0:
-        return 0
-    extents = zip(t.shape, t.stride(), strict=True)
-    return 1 + sum((size - 1) * abs(stride) for size, stride in extents)
+def pinned_column_tiles(tiles: int):
+    """Inside this ``with`` block, every CUDA forward covers ``tiles`` output column tiles per
+    thread block (csrc/lora.h, ``column_tiles``); blocks nest. Outside every block the binding
+    chooses per call (csrc/binding/bind_lora.h, ``forward_column_tiles``). Tests pin it so that
+    small shapes exercise the column groups too; benchmarks, to compare counts."""
+    from stitchops import _cuda  # imports stitchops._C: only when asked for
+
+    return _cuda.pinned("pin_column_tiles", tiles)
 
 
-def _kernel_reasons(
-    backend: str, x: torch.Tensor, tensors: list[torch.Tensor], rank: int, out_features: int
-) -> list[str]:
-    reasons = _dispatch.device_reasons(backend, tensors)
-    if backend == "triton":
-        # The inputs, and what the kernels write: y [T, OUT] (dy is its shape), dx [T, IN].
-        tokens = math.prod(x.shape[:-1])
-        span = max(tokens * max(out_features, x.shape[-1]), *map(_span, tensors))
-        if span >= TRITON_MAX_SPAN:
-            reasons.append(
-                f"a tensor spans {span} elements, past the Triton kernels' int32 offsets "
-                "(< 2^31); the cuda backend (int64 offsets) takes it"
-            )
-    if x.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-    if backend == "triton" and x.dtype == torch.bfloat16 and _dispatch.triton_interpreting():
-        reasons.append("the Triton CPU interpreter computes bfloat16 wrongly; use float16/32")
-    if rank > MAX_KERNEL_RANK:
-        reasons.append(f"rank {rank} > {MAX_KERNEL_RANK}")
-    return reasons
+def kernel_limits(rank: int) -> list[str]:
+    """Why the triton and cuda kernels refuse a call at this rank (none up to 128)."""
+    return [f"rank {rank} > {MAX_KERNEL_RANK}"] if rank > MAX_KERNEL_RANK else []
 
 
-def _choose(x: torch.Tensor, tensors: list[torch.Tensor], rank: int, out_features: int) -> str:
-    reasons = {
-        "torch": lambda: [],
-        "triton": lambda: _kernel_reasons("triton", x, tensors, rank, out_features),
-        "cuda": lambda: _kernel_reasons("cuda", x, tensors, rank, out_features),
-    }
-    priority = ("triton", "cuda", "torch") if x.is_cuda else ("torch",)
-    return _dispatch.choose("lora_linear", reasons, priority)
+def _backend(x: torch.Tensor, tensors: list[torch.Tensor], rank: int, out_features: int) -> str:
+    """The backend for a call on 2-D ``x`` [T, IN]; ``tensors``: every tensor argument given."""
+    # What the Triton kernels write besides the inputs: y [T, OUT] (dy has its shape), dx [T, IN].
+    written = math.prod(x.shape[:-1]) * max(out_features, x.shape[-1])
+    return LORA.choose(tensors, written=written, limits=kernel_limits(rank))
 
 
 def _present(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
-
-
-def _backend_module(name: str):
-    if name == "triton":
-        from stitchops.kernels import lora as module
-    elif name == "cuda":
-        from stitchops import _cuda as module
-    else:
-        module = reference
-    return module
 
 
 @torch.library.custom_op("stitchops::lora_linear", mutates_args=())
@@ -99,12 +80,12 @@ def _lora_linear_op(
     save_s: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rank = lora_a.shape[0] if lora_a is not None else 0
-    backend = _choose(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank,
-                      weight.shape[0])  # fmt: skip
+    backend = _backend(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank,
+                       weight.shape[0])  # fmt: skip
     # Every kernel reads the [OUT] biases with unit stride (a no-op copy when contiguous).
     bias = bias.contiguous() if bias is not None else None
     extra_bias = extra_bias.contiguous() if extra_bias is not None else None
-    forward = _backend_module(backend).lora_forward
+    forward = LORA.entry(backend, "lora_forward")
     return forward(x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s)
 
 
@@ -128,24 +109,24 @@ def _lora_linear_backward_op(
     lora_b: torch.Tensor | None,
     s: torch.Tensor,
     scale: float,
-    need_x: bool,
-    need_weight: bool,
-    need_a: bool,
-    need_b: bool,
-    need_bias: bool,
+    needs: list[bool],
 ) -> list[torch.Tensor]:
-    """Returns [dx, dW, dA, dB, dbias]; a gradient not asked for is an empty tensor."""
+    """The gradients of ``reference.GRADIENTS`` (dx, dW, dA, dB, dbias), each where its flag in
+    ``needs`` (same order) is set; a gradient not asked for is an empty tensor."""
     rank = lora_a.shape[0] if lora_a is not None else 0
-    backend = _choose(x, _present(grad_y, x, weight, lora_a, lora_b), rank, weight.shape[0])
-    grads = _backend_module(backend).lora_backward(
-        grad_y.contiguous(), x, weight, lora_a, lora_b, s, scale,
-        need_x, need_weight, need_a, need_b, need_bias,
-    )  # fmt: skip
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    backend = _backend(x, _present(grad_y, x, weight, lora_a, lora_b), rank, weight.shape[0])
+    backward = LORA.entry(backend, "lora_backward")
+    grads = backward(grad_y.contiguous(), x, weight, lora_a, lora_b, s, scale, needs)
+    return [
+        g if g is not None and want else x.new_empty(0)
+        for g, want in zip(grads, needs, strict=True)
+    ]
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weight, need_a, need_b, need_bias):
+def _(grad_y, x, weight, lora_a, lora_b, s, scale, needs):
+    need_x, need_weight, need_a, need_b, need_bias = needs
+
     def maybe(needed: bool, *shape: int) -> torch.Tensor:
         return x.new_empty(*shape) if needed else x.new_empty(0)
 
@@ -161,6 +142,10 @@ def _(grad_y, x, weight, lora_a, lora_b, s, scale, need_x, need_weight, need_a, 
     ]
 
 
+# The forward op's arguments, in order (ctx.needs_input_grad follows them).
+_INPUTS = ("x", "weight", "bias", "lora_a", "lora_b", "scale", "extra_bias", "save_s")
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, _bias, lora_a, lora_b, scale, _extra_bias, _save_s = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
@@ -170,20 +155,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_s):
     x, weight, lora_a, lora_b, s = ctx.saved_tensors
-    need = ctx.needs_input_grad  # x, weight, bias, lora_a, lora_b, scale, extra_bias, save_s
-    dx, dw, da, db, dbias = torch.ops.stitchops.lora_linear_backward(
-        grad_y, x, weight, lora_a, lora_b, s, ctx.scale,
-        need[0], need[1], need[3], need[4], need[2] or need[6],
-    )  # fmt: skip
-    return (
-        dx if need[0] else None,
-        dw if need[1] else None,
-        dbias if need[2] else None,
-        da if need[3] else None,
-        db if need[4] else None,
-        None,
-        dbias if need[6] else None,
-        None,
+    wanted = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
+    wanted["bias"] = wanted["bias"] or wanted["extra_bias"]  # both receive Σ_t dy
+    needs = [wanted[name] for name in reference.GRADIENTS]
+    grads = dict(zip(reference.GRADIENTS, torch.ops.stitchops.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, s, ctx.scale, needs,
+    ), strict=True))  # fmt: skip
+    grads["extra_bias"] = grads["bias"]
+    return tuple(
+        grads[name] if name in grads and ctx.needs_input_grad[i] else None
+        for i, name in enumerate(_INPUTS)
     )
 
 
@@ -205,9 +186,9 @@ def _lora_linear_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape, *arg
 
 @register_flop_formula(torch.ops.stitchops.lora_linear_backward)
 def _lora_linear_backward_flops(
-    grad_shape, x_shape, weight_shape, a_shape, b_shape, s_shape, scale,
-    need_x, need_weight, need_a, need_b, need_bias, **kwargs,
-):  # fmt: skip
+    grad_shape, x_shape, weight_shape, a_shape, b_shape, s_shape, scale, needs, **kwargs
+):
+    need_x, need_weight, need_a, need_b, _need_bias = needs
     m, (out_f, in_f) = _tokens(x_shape), weight_shape
     rank = a_shape[0] if a_shape is not None and b_shape is not None else 0
     low_rank = 2 * m * rank * out_f if rank and (need_x or need_a) else 0  # dS = dY·B

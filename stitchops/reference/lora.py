@@ -15,8 +15,14 @@ With S = x · Aᵀ [T, R] and G = dL/dy [T, OUT], the gradients are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+
+# The gradients the backward computes, in the order of its ``needs`` flags and its results.
+# The bias gradient serves both b and b_s (they receive the same Σ_t G[t]).
+GRADIENTS = ("x", "weight", "lora_a", "lora_b", "bias")
 
 
 def lora_linear(
@@ -76,16 +82,14 @@ def lora_backward(
     lora_b: torch.Tensor | None,
     s: torch.Tensor,
     scale: float,
-    need_x: bool,
-    need_weight: bool,
-    need_a: bool,
-    need_b: bool,
-    need_bias: bool,
+    needs: Sequence[bool],
 ) -> tuple[torch.Tensor | None, ...]:
-    """Explicit gradients (module docstring) for 2-D tensors; None where not needed.
+    """Explicit gradients (module docstring) for 2-D tensors, in the order of GRADIENTS;
+    ``needs`` says which (same order), None where not needed.
 
-    ``s`` (the forward's S) is read only when ``need_b``.
+    ``s`` (the forward's S) is read only when B needs its gradient.
     """
+    need_x, need_weight, need_a, need_b, need_bias = needs
     dx = dw = da = db = dbias = None
     has_lora = lora_a is not None
     ds = grad_y @ lora_b if has_lora and (need_x or need_a) else None

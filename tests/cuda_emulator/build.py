@@ -101,7 +101,7 @@ def _compile_kernels(out: Path, sanitize: str, *more_sources: Path) -> list[Path
 
 def _fingerprint(sanitize: str) -> str:
     h = hashlib.sha256()
-    for path in sorted([*CSRC.iterdir(), *HERE.rglob("*.h"), *HERE.glob("*.cpp"), Path(__file__)]):
+    for path in sorted([*CSRC.rglob("*"), *HERE.rglob("*.h"), *HERE.glob("*.cpp"), Path(__file__)]):
         if path.is_file():
             h.update(path.name.encode() + path.read_bytes())
     h.update(f"{torch.__version__}|{sanitize}|{sysconfig.get_config_var('EXT_SUFFIX')}".encode())
@@ -206,9 +206,9 @@ def build(cache_dir: Path) -> object:
 
 def install(ext: object, monkeypatch) -> None:
     """Route the ``cuda`` backend to ``ext`` for CPU tensors (undone with ``monkeypatch``)."""
-    from stitchops import _cuda, _dispatch
+    from stitchops import _backends, _cuda
 
-    real_reasons = _dispatch.device_reasons
+    real_reasons = _backends.device_reasons
 
     def device_reasons(backend, tensors):
         if backend != "cuda":
@@ -216,7 +216,7 @@ def install(ext: object, monkeypatch) -> None:
         devices = {t.device.type for t in tensors}
         return [] if devices == {"cpu"} else [f"emulated cuda takes CPU tensors, got {devices}"]
 
-    monkeypatch.setattr(_dispatch, "device_reasons", device_reasons)
+    monkeypatch.setattr(_backends, "device_reasons", device_reasons)
     monkeypatch.setattr(_cuda, "_C", ext)
     monkeypatch.setattr(_cuda, "_stream", lambda t: 0)
     monkeypatch.setattr(_cuda, "_device_guard", lambda t: contextlib.nullcontext())

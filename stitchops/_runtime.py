@@ -1,0 +1,65 @@
+"""The bottom layer every backend shares: environment switches and output allocation.
+
+``kernels/`` (Triton), ``stitchops._cuda`` (the compiled extension) and ``stitchops.ops``
+import this module and nothing above it, so the switches the kernels read and the NaN
+poisoning the tests rely on have one home.
+
+Switches (environment variables):
+  TRITON_INTERPRET=1      Triton kernels run through Triton's CPU interpreter, on CPU tensors
+  STITCHOPS_AUTOTUNE=0    no autotuning on a GPU: each kernel runs its GPU's fallback tiling
+
+Inside ``poison_outputs()`` every buffer a kernel must fully overwrite is filled with NaN
+instead of left uninitialised, so an element a kernel forgot to write fails the test instead
+of passing by luck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs its kernels on CPU tensors, through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_autotune_enabled() -> bool:
+    """False with STITCHOPS_AUTOTUNE=0: one fallback tiling per GPU, no search (read at import
+    of the Triton kernels)."""
+    return os.environ.get("STITCHOPS_AUTOTUNE", "1") != "0"
+
+
+def triton_tuning() -> str:
+    """How the Triton kernels pick their tiling on a GPU, in words (stitchops info, tests)."""
+    if triton_autotune_enabled():
+        return "autotuned per shape"
+    return "STITCHOPS_AUTOTUNE=0, one fallback tiling"
+
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, kernel outputs start as NaN (for tests: unwritten elements show)."""
+    global _poison
+    previous, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def poisoning() -> bool:
+    return _poison
+
+
+def new_output(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer the kernel will fully overwrite (NaN-filled while poisoning)."""
+    if _poison:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
