@@ -1,10 +1,11 @@
 """The host emulator of the CUDA backend (tests/cuda_emulator) and what it runs.
 
 Without a GPU, conftest.py runs every ``backend="cuda"`` test on csrc/*.cu compiled for host
-threads. Here: the emulator's own contract; the cuda tests once more with the kernels built
-under AddressSanitizer (the host counterpart of compute-sanitizer's memcheck: an
-out-of-bounds read or write of any tensor or shared array aborts with its source line); and
-a torch-free driver under ThreadSanitizer (the counterpart of racecheck: a missing
+threads. Here: the emulator's own contract and the CUDA it supports; every op's cuda tests
+(tests/op_tables.py) once more with the kernels built under AddressSanitizer (the host
+counterpart of compute-sanitizer's memcheck: an out-of-bounds read or write of any tensor or
+shared array aborts with its source line); and a torch-free driver with every op's
+racecheck_<op>.cpp under ThreadSanitizer (the counterpart of racecheck: a missing
 __syncthreads is reported as a data race with its source line).
 """
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cuda_emulator import build
+from cuda_emulator import build, supported
+from op_tables import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +35,19 @@ def test_translate_rewrites_only_launches():
         "::emu::launch(k<T, 16>, ::emu::Config{grid, THREADS, 0, stream}, a);\nint x = a << 2;\n"
         "::emu::launch(f, ::emu::Config{g, b}, p, q);\n::emu::launch(h, ::emu::Config{1, 32});"
     )
+
+
+def test_kernels_use_only_what_the_emulator_supports():
+    """Every CUDA identifier in csrc/ is one the emulator's headers define (supported.py)."""
+    used = supported.used_in(sorted((ROOT / "csrc").glob("*.cu*")))
+    missing = {name: sorted(files) for name, files in used.items()
+               if name not in supported.all_supported()}  # fmt: skip
+    assert not missing, f"not emulated (extend tests/cuda_emulator, then supported.py): {missing}"
+    include = ROOT / "tests" / "cuda_emulator" / "include"
+    for header, names in supported.SUPPORTED.items():
+        text = (include / header).read_text()
+        absent = [n for n in names if n.removeprefix("wmma::") not in text]
+        assert not absent, f"{header} lists {absent} but does not define them"
 
 
 def test_emulated_kernels_compute_and_count_launches(emulated_cuda_extension):
@@ -71,7 +86,7 @@ def test_cuda_suite_under_address_sanitizer(tmp_path, emulated_cuda_extension):
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}",
     }
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-           str(ROOT / "tests" / "test_lora.py")]  # fmt: skip
+           *(str(ROOT / "tests" / op.test_file) for op in OPS)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     reports = "\n".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert not reports, reports[:6000]
@@ -97,6 +112,8 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]
     assert result.returncode == 0 and "racecheck: all results match" in output, output[-3000:]
+    for op in OPS:  # each op's driver ran
+        assert f"racecheck: {op.name}" in output, output[-3000:]
     # The check itself can fail: a barrier left out, and two blocks on one element.
     for race, kernel in (("missing-barrier", "missing_barrier"),
                          ("blocks-collide", "blocks_collide")):  # fmt: skip

@@ -1,6 +1,6 @@
 """compute-sanitizer over the real CUDA kernels, on a machine with a GPU.
 
-Re-runs the cuda-backend tests of test_lora.py in a subprocess under compute-sanitizer's
+Re-runs every op's cuda-backend tests (tests/op_tables.py) in a subprocess under compute-sanitizer's
 memcheck (out-of-bounds and misaligned accesses), racecheck (shared-memory hazards between
 the threads of a block) and synccheck (barriers). Without a GPU the same questions are
 asked of the host emulator (test_cuda_emulated.py: AddressSanitizer, ThreadSanitizer).
@@ -17,23 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 from harness import require_backend
+from op_tables import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-# racecheck is slow (every shared access is tracked): a few shapes cover every kernel
-# instantiation kind (odd sizes, several K steps, the widest rank) in fp32 and bf16, and the
-# forward's column groups (fp32 and fp16).
-TOOLS = {
-    "memcheck": "cuda",
-    "synccheck": "cuda and (fp32 or bf16 or column_groups)",
-    "racecheck": "cuda and ((T77-IN50 or IN96 or R70) and (fp32 or bf16) or column_groups)",
-}
+TOOLS = ("memcheck", "synccheck", "racecheck")
 
 
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 @pytest.mark.parametrize("tool", TOOLS)
-def test_cuda_kernels_under_compute_sanitizer(tool: str, tmp_path):
+def test_cuda_kernels_under_compute_sanitizer(tool: str, op, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no GPU: test_cuda_emulated.py checks the kernels on the host emulator")
     require_backend(None, "cuda", torch.zeros(1, 1, device="cuda"))
@@ -41,8 +36,8 @@ def test_cuda_kernels_under_compute_sanitizer(tool: str, tmp_path):
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH (it ships with the CUDA toolkit)")
     cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=97", "--target-processes=all",
-           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", TOOLS[tool],
-           str(ROOT / "tests" / "test_lora.py")]  # fmt: skip
+           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+           op.sanitizer_select[tool], str(ROOT / "tests" / op.test_file)]  # fmt: skip
     # Without the caching allocator every tensor is its own allocation, so memcheck sees an
     # access past a tensor's end instead of landing in a neighbour inside the same pool.
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}

@@ -1,9 +1,9 @@
 """The Triton kernels compile for real GPUs here, with no GPU: tensor cores and a pipeline.
 
-Under the CPU interpreter (test_lora.py) the kernels' semantics are tested, but not that
+Under the CPU interpreter (each op's tests) the kernels' semantics are tested, but not that
 Triton can compile them for sm_80 / sm_90, nor how. tests/triton_aot.py compiles every
-autotune config of every kernel down to a cubin (Triton's bundled ptxas) for both archs and
-both element widths; here we check what it reports.
+autotune config of every kernel that tests/op_tables.py declares, down to a cubin (Triton's
+bundled ptxas), for both archs and both element widths; here we check what it reports.
 """
 
 from __future__ import annotations
@@ -15,25 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from op_tables import OPS, SHARED_MEMORY, SUM_RANGES, fallback_archs, fallback_variant
 
 from stitchops import _backends
 
 HERE = Path(__file__).resolve().parent
 # Largest dynamic shared memory one block may use (A100: 163 KB, H100/H200: 227 KB).
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# The archs the fallback tilings are for (lora.UNTUNED, lora.SMALL), with their limits:
-# UNTUNED also on sm_100 (B200, 227 KB); SMALL on sm_86 / sm_89 / sm_120 (RTX 30 / 40 / 50,
-# L4, L40, A10...), 99 KB.
-UNTUNED_SHARED_LIMIT = {**SHARED_LIMIT, 100: 227 * 1024}
-SMALL_SHARED_LIMIT = {86: 99 * 1024, 89: 99 * 1024, 120: 99 * 1024}
+SHARED_LIMIT = {arch: SHARED_MEMORY[arch] for arch in (80, 90)}
 
 
-def _fallback_variant(tiling) -> str:  # as tests/triton_aot.py names its rows
-    return f"fallback {tuple(tiling)}, rank 128"
+def _kernels_module(op):
+    import importlib
 
+    return importlib.import_module(f"stitchops.kernels.{op.kernels}")
 
-FALLBACK_VARIANTS = {_fallback_variant(t) for t in ((128, 128, 32, 8, 3, 1), (32, 64, 32, 4, 3, 1))}
-SUM_RANGES = "sum_ranges"  # tests/triton_aot.py's rows of kernels/partials.py (no dot)
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +57,9 @@ def grid(compiled) -> list[dict]:
 
 def test_every_config_compiles_for_both_archs(grid):
     kernels = {row["kernel"] for row in grid}
-    assert kernels == {"_lowrank_matmul_kernel", "_lora_backward_kernel"}
+    declared = {getattr(_kernels_module(op), k.attr).fn.__name__
+                for op in OPS for k in op.aot_kernels}  # fmt: skip
+    assert kernels == declared
     for kernel in kernels:
         rows = [row for row in grid if row["kernel"] == kernel]
         assert {(row["arch"], row["dtype"]) for row in rows} == {
@@ -106,8 +103,8 @@ def test_some_config_fits_each_arch(grid):
 
 def test_every_other_specialisation_compiles_and_fits(compiled):
     """No LoRA, ranks 64 / 128, the split-K dW pass, subsets of the backward's outputs."""
-    variants = {r["variant"] for r in compiled if "variant" in r} - FALLBACK_VARIANTS - {SUM_RANGES}
-    assert len(variants) == 8, variants
+    variants = {r["variant"] for r in compiled if r.get("variant") in _declared_variants()}
+    assert variants == _declared_variants()
     for variant in variants:
         for arch, limit in SHARED_LIMIT.items():
             rows = [r for r in compiled if r.get("variant") == variant and r["arch"] == arch]
@@ -115,29 +112,39 @@ def test_every_other_specialisation_compiles_and_fits(compiled):
             assert any(r["shared"] <= limit for r in rows), f"{variant} sm_{arch}: none fits"
 
 
-def test_fallback_tilings_fit_every_rank_and_dtype(compiled):
-    """At rank 128 (the most shared memory), fp32 and bf16, forward and backward:
-    lora.UNTUNED fits sm_80, sm_90 and sm_100, lora.SMALL the 99 KB GPUs (sm_86/89/120).
+def _declared_variants() -> set[str]:
+    return {v.name for op in OPS for v in op.aot_variants}
 
-    Both are in the autotune space, so some tiling fits every call the op accepts on those
-    GPUs; with STITCHOPS_AUTOTUNE=0 a launch runs the one its GPU calls for.
+
+def test_fallback_tilings_fit_every_rank_and_dtype(compiled):
+    """At each op's most demanding flags (LoRA: rank 128), fp32 and bf16, every kernel of the
+    op: each fallback tiling fits every arch its family falls back to it on (LoRA: UNTUNED
+    on sm_80, sm_90 and sm_100, SMALL on the 99 KB GPUs, sm_86/89/120).
+
+    The fallbacks are in the autotune space, so some tiling fits every call the op accepts on
+    those GPUs; with STITCHOPS_AUTOTUNE=0 a launch runs the one its GPU calls for.
     """
+    for op in OPS:
+        module = _kernels_module(op)
+        for kernel in op.aot_kernels:
+            tuned = getattr(module, kernel.attr)
+            for _, tiling in tuned.space.fallbacks:
+                archs = fallback_archs(tuned.space, tiling)
+                assert archs, (op.name, tiling)
+                rows = [r for r in compiled if r["op"] == op.name
+                        and r["kernel"] == tuned.fn.__name__
+                        and r.get("variant") == fallback_variant(tiling)]  # fmt: skip
+                assert {(r["arch"], r["dtype"]) for r in rows} == {
+                    (arch, dtype) for arch in archs for dtype in ("bf16", "fp32")
+                }, (op.name, kernel.attr, tiling)
+                for row in rows:
+                    limit = SHARED_MEMORY[row["arch"]]
+                    where = f"{tiling} {row['kernel']} sm_{row['arch']} {row['dtype']}"
+                    assert row["shared"] <= limit, f"{where}: {row['shared']} B > {limit} B"
     from stitchops.kernels import lora
 
-    fallbacks = ((lora.UNTUNED, UNTUNED_SHARED_LIMIT), (lora.SMALL, SMALL_SHARED_LIMIT))
-    for tiling, limits in fallbacks:
-        assert _fallback_variant(tiling) in FALLBACK_VARIANTS, tiling
-        rows = [r for r in compiled if r.get("variant") == _fallback_variant(tiling)]
-        assert {(r["kernel"], r["arch"], r["dtype"]) for r in rows} == {
-            (kernel, arch, dtype)
-            for kernel in ("_lowrank_matmul_kernel", "_lora_backward_kernel")
-            for arch in limits
-            for dtype in ("bf16", "fp32")
-        }, tiling
-        for row in rows:
-            limit = limits[row["arch"]]
-            where = f"{tiling} {row['kernel']} sm_{row['arch']} {row['dtype']}"
-            assert row["shared"] <= limit, f"{where}: {row['shared']} B > {limit} B"
+    assert fallback_archs(lora.SPACE, lora.UNTUNED) == [80, 90, 100]
+    assert fallback_archs(lora.SPACE, lora.SMALL) == [86, 89, 120]
     assert min(SHARED_LIMIT.values()) == lora.UNTUNED_MIN_SHARED
 
 

@@ -1,18 +1,22 @@
-"""Compile stitchops' Triton kernels for sm_80 and sm_90 without a GPU (run as a script).
+"""Compile stitchops' Triton kernels for real GPUs without a GPU (run as a script).
 
 Used by test_triton_compile.py in a subprocess with TRITON_INTERPRET unset: the test process
 itself runs Triton through the interpreter, where ``triton.jit`` builds interpreted
-functions. Every autotune config of every kernel (and kernels/partials.py's one
-configuration) is compiled, down to a cubin by Triton's bundled ptxas, with the
-specialisation a launch on contiguous inputs at the benchmark's shapes gets (unit strides
-constant, pointers and sizes divisible by 16). Prints one JSON
-line per compiled kernel, always in the same order (the compiles run in a process per
-core): Triton version, kernel, arch, dtype, config, shared memory, whether tensor-core MMAs
-(mma.sync / wgmma) and asynchronous copies (the software pipeline) are in the code.
+functions. For every op of tests/op_tables.py: every autotune config of each of its main
+specialisations for sm_80 and sm_90 in bf16 and fp32, its other specialisations in bf16
+with the first, the largest and the most column tiles' configs, and its family's fallback
+tilings, at the flags the op names, on every arch each fallback is for; then the shared
+partial-sum kernel (kernels/partials.py). Each down to a cubin by Triton's bundled ptxas,
+with the specialisation a launch on contiguous inputs at the benchmark's shapes gets (unit
+strides constant, pointers and sizes divisible by 16). Prints one JSON line per compiled
+kernel, always in the same order (the compiles run in a process per core): op, Triton
+version, kernel, arch, dtype, config, shared memory, whether tensor-core MMAs (mma.sync /
+wgmma) and asynchronous copies (the software pipeline) are in the code.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import os
@@ -20,78 +24,28 @@ import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # op_tables
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/ as package "kernels"
 
 import triton
+from op_tables import OPS, SUM_RANGES, fallback_archs, fallback_variant
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import lora, partials
+from kernels import partials
 
-FP32_BUFFERS = {"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr",
-                "part0_ptr", "part1_ptr", "part2_ptr"}  # fmt: skip
-
-# Per kernel: the launch's compile-time flags, and the strides that are 1 for contiguous
-# inputs (Triton specialises an integer argument equal to 1 into a constant).
-KERNELS = {
-    "_lowrank_matmul_kernel": (
-        dict(
-            HAS_LORA=True,
-            HAS_BIAS=True,
-            HAS_BIAS2=True,
-            STORE_S=True,
-            SPLIT_K=False,
-            BLOCK_R=16,
-            GROUP_M=8,
-        ),
-        ("stride_xk", "stride_wk", "stride_l1k", "stride_l2r", "stride_on"),
-    ),
-    "_lora_backward_kernel": (
-        dict(HAS_LORA=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_BIAS=True, BLOCK_R=16),
-        ("stride_dyo", "stride_wi", "stride_ai", "stride_br", "stride_xi", "stride_dxi"),
-    ),
-}
 ARCHS = (80, 90)
-SUM_RANGES = "sum_ranges"  # the variant name of kernels/partials.py's rows
-# The fallback tilings are also compiled for the other archs they are meant for: UNTUNED for
-# sm_100 (Blackwell datacenter, 227 KB per block like sm_90), SMALL for the 99 KB archs.
-UNTUNED_ARCHS = (80, 90, 100)
-SMALL_SHARED_ARCHS = (86, 89, 120)  # 99 KB of shared memory per block: GeForce / workstation
 DTYPES = ("bf16", "fp32")
-
-# The other specialisations launches ask for, each compiled in bf16 with the first, the
-# largest and the most column tiles' autotune config (the full grid above covers configs ×
-# dtypes for the main ones):
-# name -> (kernel, flag overrides, unit strides, or None to keep the kernel's).
-VARIANTS = {
-    "forward no LoRA": ("_lowrank_matmul_kernel", dict(HAS_LORA=False, STORE_S=False), None),
-    "forward rank 64": ("_lowrank_matmul_kernel", dict(BLOCK_R=64), None),
-    "forward rank 128": ("_lowrank_matmul_kernel", dict(BLOCK_R=128), None),
-    "dW split-K": (
-        "_lowrank_matmul_kernel",
-        dict(HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True),
-        ("stride_xm", "stride_wn", "stride_on"),
-    ),
-    "backward no LoRA": (
-        "_lora_backward_kernel",
-        dict(HAS_LORA=False, NEED_DA=False, NEED_DB=False),
-        None,
-    ),
-    "backward rank 128": ("_lora_backward_kernel", dict(BLOCK_R=128), None),
-    "backward dx only": (
-        "_lora_backward_kernel",
-        dict(NEED_DA=False, NEED_DB=False, NEED_BIAS=False),
-        None,
-    ),
-    "backward no dx": ("_lora_backward_kernel", dict(NEED_DX=False), None),
-}
+PARTIAL_POINTERS = frozenset({"part0_ptr", "part1_ptr", "part2_ptr"})
 
 
 # Tensor-core instructions, as they appear in the PTX: Blackwell's, Hopper's, Ampere's.
 MMA_KINDS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
 
 
-def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) -> dict:
+def compile_one(
+    fn, flags: dict, unit_strides, dtype: str, arch: int, config, fp32: frozenset
+) -> dict:
     constants = {
         **flags,
         **config.kwargs,
@@ -108,7 +62,7 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
+            signature[name] = "*fp32" if name in fp32 else f"*{dtype}"
         else:
             signature[name] = "fp32" if name.startswith("scale") else "i32"
         if not name.startswith("scale"):
@@ -132,52 +86,56 @@ def compile_one(fn, flags: dict, unit_strides, dtype: str, arch: int, config) ->
     }
 
 
-def configs(name: str) -> list:
-    """The kernel's whole autotune space on a GPU, whatever STITCHOPS_AUTOTUNE says."""
-    kernel = getattr(lora, name)
-    return [lora.tiling_config(kernel, tiling) for tiling in lora.autotune_tilings(kernel)]
-
-
 def jobs() -> list[tuple]:
-    """What main() compiles, in its output order: (kernel, flags, unit strides, dtype, arch,
-    config, variant or None), the kernel named by its attribute of kernels.lora, or
-    SUM_RANGES for kernels/partials.py's."""
+    """What main() compiles, in its output order: (op, kernel attr, flags, unit strides,
+    dtype, arch, config, variant or None)."""
     out = []
-    for name, (flags, unit_strides) in KERNELS.items():
-        for config in configs(name):
-            for arch in ARCHS:
-                for dtype in DTYPES:
-                    out.append((name, flags, unit_strides, dtype, arch, config, None))
-    for variant, (name, overrides, unit_strides) in VARIANTS.items():
-        base_flags, base_strides = KERNELS[name]
-        space = configs(name)
-        largest = max(space, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        widest = max(space, key=lambda c: c.kwargs.get("COLUMN_TILES", 1))  # forward: S reused
-        for config in dict.fromkeys([space[0], largest, widest]):
-            for arch in ARCHS:
-                out.append((name, {**base_flags, **overrides}, unit_strides or base_strides,
-                            "bf16", arch, config, variant))  # fmt: skip
-    # The fallback tilings at the largest rank (the most shared memory), in both dtypes, on
-    # the archs each is for: UNTUNED on sm_80 / sm_90 / sm_100, SMALL on the 99 KB archs.
-    for tiling, archs in ((lora.UNTUNED, UNTUNED_ARCHS), (lora.SMALL, SMALL_SHARED_ARCHS)):
-        for name, (flags, unit_strides) in KERNELS.items():
-            config = lora.tiling_config(getattr(lora, name), tiling)
-            for arch in archs:
-                for dtype in DTYPES:
-                    out.append((name, {**flags, "BLOCK_R": lora.MAX_RANK}, unit_strides, dtype,
-                                arch, config, f"fallback {tuple(tiling)}, rank 128"))  # fmt: skip
-    # The backward's last step (kernels/partials.py): no dot, launched with fixed sizes.
+    for op in OPS:
+        module = importlib.import_module(f"kernels.{op.kernels}")
+        main = {k.attr: k for k in op.aot_kernels}
+        for kernel in op.aot_kernels:
+            tuned = getattr(module, kernel.attr)
+            for config in [tuned.config(t) for t in tuned.tilings(tuned.space.tilings)]:
+                for arch in ARCHS:
+                    for dtype in DTYPES:
+                        out.append((op.name, kernel.attr, kernel.flags, kernel.unit_strides,
+                                    dtype, arch, config, None))  # fmt: skip
+        for variant in op.aot_variants:
+            base = main[variant.kernel]
+            tuned = getattr(module, variant.kernel)
+            space = [tuned.config(t) for t in tuned.tilings(tuned.space.tilings)]
+            largest = max(space, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+            widest = max(space, key=lambda c: c.kwargs.get("COLUMN_TILES", 1))
+            for config in dict.fromkeys([space[0], largest, widest]):
+                for arch in ARCHS:
+                    out.append((op.name, variant.kernel, {**base.flags, **variant.overrides},
+                                variant.unit_strides or base.unit_strides, "bf16", arch, config,
+                                variant.name))  # fmt: skip
+        for kernel in op.aot_kernels:
+            tuned = getattr(module, kernel.attr)
+            for _, tiling in tuned.space.fallbacks:
+                for arch in fallback_archs(tuned.space, tiling):
+                    for dtype in DTYPES:
+                        out.append((op.name, kernel.attr, {**kernel.flags, **op.aot_fallback_flags},
+                                    kernel.unit_strides, dtype, arch, tuned.config(tiling),
+                                    fallback_variant(tiling)))  # fmt: skip
+    # The shared last step of deterministic reductions: no dot, launched with fixed sizes.
     config = triton.Config({"BLOCK_Z": partials.BLOCK_Z, "BLOCK_C": partials.BLOCK_C}, num_warps=4)
     for arch in ARCHS:
         for dtype in DTYPES:
-            out.append((SUM_RANGES, {}, (), dtype, arch, config, SUM_RANGES))
+            out.append((SUM_RANGES, SUM_RANGES, {}, (), dtype, arch, config, SUM_RANGES))
     return out
 
 
 def run_job(job: tuple) -> str:
-    name, flags, unit_strides, dtype, arch, config, variant = job
-    fn = partials._sum_ranges_kernel if name == SUM_RANGES else getattr(lora, name).fn
-    row = compile_one(fn, flags, unit_strides, dtype, arch, config)
+    op_name, attr, flags, unit_strides, dtype, arch, config, variant = job
+    if op_name == SUM_RANGES:
+        fn, fp32 = partials._sum_ranges_kernel, PARTIAL_POINTERS
+    else:
+        op = next(o for o in OPS if o.name == op_name)
+        fn = getattr(importlib.import_module(f"kernels.{op.kernels}"), attr).fn
+        fp32 = op.fp32_pointers
+    row = {"op": op_name, **compile_one(fn, flags, unit_strides, dtype, arch, config, fp32)}
     return json.dumps(row if variant is None else {**row, "variant": variant})
 
 

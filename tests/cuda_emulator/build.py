@@ -11,7 +11,8 @@ test_cuda_build.py uses ``compile_binding`` / ``link_and_import`` for the nvcc-b
 ``STITCHOPS_EMULATE_SANITIZE=address`` builds the kernels with AddressSanitizer (run Python
 with ``LD_PRELOAD`` of libasan, as test_cuda_emulated.py does): the host counterpart of
 compute-sanitizer's memcheck for out-of-bounds reads and writes. ``build_racecheck()`` links
-the kernels under ThreadSanitizer into racecheck.cpp's torch-free driver: the counterpart of
+the kernels under ThreadSanitizer into racecheck.cpp's torch-free driver (with each op's
+racecheck_<op>.cpp): the counterpart of
 compute-sanitizer's racecheck (a missing ``__syncthreads`` is a host data race; with
 ``STITCHOPS_EMULATE_CONCURRENT_BLOCKS`` > 1 blocks run at once, so two blocks writing the same
 element are one too).
@@ -122,14 +123,16 @@ def _translated_kernels(out: Path) -> list[Path]:
 def _kernel_flags(sanitize: str) -> list[str]:
     san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
     return ["-std=c++20", "-O1", "-g", "-pthread", *san, "-Wno-unknown-pragmas",
-            f"-I{HERE / 'include'}", f"-I{CSRC}"]  # fmt: skip
+            f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]  # fmt: skip
 
 
 def build_racecheck(out: Path) -> Path:
-    """racecheck.cpp + the kernels under ThreadSanitizer, as one torch-free executable."""
+    """racecheck.cpp, every op's racecheck_<op>.cpp and the kernels under ThreadSanitizer, as
+    one torch-free executable."""
     out.mkdir(parents=True, exist_ok=True)
     exe = out / "racecheck"
-    objects = _compile_kernels(out, "thread", _translated(HERE / "racecheck.cpp", out))
+    drivers = [_translated(src, out) for src in sorted(HERE.glob("racecheck*.cpp"))]
+    objects = _compile_kernels(out, "thread", *drivers)
     run([compiler(), *_kernel_flags("thread"), *map(str, objects), "-o", str(exe)])
     return exe
 

@@ -1,0 +1,114 @@
+"""Each op's rows in the test machinery every op shares.
+
+An op declares here what the shared runs take from it, and nothing of it is written into
+those runs:
+- ``test_file``: its tests. Those parametrised with ``backend="cuda"`` run on the host
+  emulator without a GPU (conftest.py), once more under AddressSanitizer
+  (test_cuda_emulated.py), and under compute-sanitizer on a GPU (test_cuda_sanitizer.py,
+  with ``sanitizer_select``: a pytest ``-k`` expression per tool, racecheck being slow).
+- ``kernels``: its module in kernels/; ``aot``: the specialisations tests/triton_aot.py
+  compiles for real GPUs (every autotune config of each main one, the variants with a few).
+- Its ThreadSanitizer driver is ``tests/cuda_emulator/racecheck_<name>.cpp`` (found by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """One TunedKernel of an op's kernels module, compiled at one specialisation."""
+
+    attr: str  # its name in the module (a TunedKernel)
+    flags: dict  # the launch's compile-time flags
+    unit_strides: tuple[str, ...]  # strides that are 1 for contiguous inputs
+
+
+@dataclass(frozen=True)
+class AotVariant:
+    """Another specialisation launches ask for, compiled in bf16 with a few configs."""
+
+    name: str
+    kernel: str  # an AotKernel's attr
+    overrides: dict
+    unit_strides: tuple[str, ...] | None = None  # None: the kernel's own
+
+
+@dataclass(frozen=True)
+class OpTests:
+    name: str
+    test_file: str
+    kernels: str  # module of kernels/
+    sanitizer_select: dict[str, str]
+    aot_kernels: tuple[AotKernel, ...] = ()
+    aot_variants: tuple[AotVariant, ...] = ()
+    # Flags at which the family's fallback tilings must fit every GPU they are for.
+    aot_fallback_flags: dict = field(default_factory=dict)
+    fp32_pointers: frozenset[str] = frozenset()  # pointer arguments that are always fp32
+
+
+LORA = OpTests(
+    name="lora_linear",
+    test_file="test_lora.py",
+    kernels="lora",
+    # A few shapes cover every kernel instantiation kind (odd sizes, several K steps, the
+    # widest rank) in fp32 and bf16, and the forward's column groups (fp32 and fp16).
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and (fp32 or bf16 or column_groups)",
+        "racecheck": "cuda and ((T77-IN50 or IN96 or R70) and (fp32 or bf16) or column_groups)",
+    },
+    aot_kernels=(
+        AotKernel(
+            "LOWRANK_MATMUL",
+            dict(HAS_LORA=True, HAS_BIAS=True, HAS_BIAS2=True, STORE_S=True, SPLIT_K=False,
+                 BLOCK_R=16),
+            ("stride_xk", "stride_wk", "stride_l1k", "stride_l2r", "stride_on"),
+        ),
+        AotKernel(
+            "LORA_BACKWARD",
+            dict(HAS_LORA=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_BIAS=True,
+                 BLOCK_R=16),
+            ("stride_dyo", "stride_wi", "stride_ai", "stride_br", "stride_xi", "stride_dxi"),
+        ),
+    ),
+    aot_variants=(
+        AotVariant("forward no LoRA", "LOWRANK_MATMUL", dict(HAS_LORA=False, STORE_S=False)),
+        AotVariant("forward rank 64", "LOWRANK_MATMUL", dict(BLOCK_R=64)),
+        AotVariant("forward rank 128", "LOWRANK_MATMUL", dict(BLOCK_R=128)),
+        AotVariant(
+            "dW split-K", "LOWRANK_MATMUL",
+            dict(HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True),
+            ("stride_xm", "stride_wn", "stride_on"),
+        ),
+        AotVariant("backward no LoRA", "LORA_BACKWARD",
+                   dict(HAS_LORA=False, NEED_DA=False, NEED_DB=False)),
+        AotVariant("backward rank 128", "LORA_BACKWARD", dict(BLOCK_R=128)),
+        AotVariant("backward dx only", "LORA_BACKWARD",
+                   dict(NEED_DA=False, NEED_DB=False, NEED_BIAS=False)),
+        AotVariant("backward no dx", "LORA_BACKWARD", dict(NEED_DX=False)),
+    ),
+    aot_fallback_flags={"BLOCK_R": 128},  # the most shared memory: rank 128
+    fp32_pointers=frozenset({"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr"}),
+)  # fmt: skip
+
+OPS = (LORA,)
+
+# Shared memory one block may use per arch (opt-in): A100 163 KB; RTX 30 / 40 / 50, L4, L40,
+# A10 99 KB; H100 / H200 and B200 227 KB. tests/triton_aot.py compiles a family's fallback
+# tiling for every arch whose shared memory makes it the one the family falls back to.
+SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                 100: 227 * 1024, 120: 99 * 1024}  # fmt: skip
+SUM_RANGES = "sum_ranges"  # tests/triton_aot.py's rows of the shared kernels/partials.py
+
+
+def fallback_variant(tiling) -> str:
+    """tests/triton_aot.py's variant name for a fallback tiling's rows."""
+    return f"fallback {tuple(tiling)}"
+
+
+def fallback_archs(space, tiling) -> list[int]:
+    """The archs on which a TilingSpace falls back to ``tiling``."""
+    return [arch for arch, shared in SHARED_MEMORY.items()
+            if next(t for needed, t in space.fallbacks if shared >= needed) == tiling]  # fmt: skip
