@@ -4,7 +4,8 @@ SN-Net's official code solves each stitching layer with torch.linalg.pinv on the
 ~19,700 tokens × 385 features (384 + a bias column). Here: the same data (fp32 activations
 with the mean offsets and outliers ViT activations have), stitchops on the chosen device
 (streamed float64 normal equations + eigh) vs pinv([X, 1]) @ Y on the CPU, after checking
-that both give the same residual.
+that stitchops' residual is no worse (benchmarks/runner.py). The roofline counts the float64
+normal equations at the device's float64 matmul rate.
 
     python benchmarks/bench_least_squares.py
 """
@@ -19,28 +20,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_ms, write_results
+import runner
+from runner import Case, Impl, Target
 
 import stitchops
 from stitchops.ops.least_squares import DEFAULT_RTOL, _NormalEquations
+
+# SN-Net's stitching-layer solve on 19,700 tokens of 384 features (100 ImageNet images of
+# DeiT-S), on the GPU, against its official CPU pinv.
+TARGETS = (
+    Target(
+        op="least_squares_init",
+        where={"n": 19_700, "in": 384, "out": 384, "device": "cuda"},
+        implementations=("stitchops",),
+        bounds=(("vs_baseline", "min", 10.0),),
+        what="least_squares_init on the GPU >= 10x CPU torch.linalg.pinv",
+    ),
+)
 
 # Where the time goes, so that a first GPU run also says what to change if the target is
 # missed: the streamed float64 Gram sums (2·N·IN·(IN + OUT) FLOPs, cuBLAS DGEMM) against
 # the one [IN, IN] eigh, timed on the device and, with its copies both ways, on the CPU.
 # Small eigenproblems are latency-bound on a GPU (cuSOLVER's tridiagonalisation runs a
 # sequence of small kernels), so the CPU may solve this one faster.
-
-
-def synced(fn, device: str):
-    """fn, then a wait for the GPU: wall-clock timing then includes the device's work."""
-
-    def run():
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def phase_times(x: torch.Tensor, y: torch.Tensor, device: str, budget_ms: float) -> dict:
@@ -62,7 +64,7 @@ def phase_times(x: torch.Tensor, y: torch.Tensor, device: str, budget_ms: float)
     phases = {"accumulate_ms": accumulate, "solve_ms": lambda: eq.solve(0.0, DEFAULT_RTOL)}
     if device != "cpu":
         phases["solve_on_cpu_ms"] = solve_on_cpu
-    return {name: median_ms(synced(fn, device), "cpu", budget_ms)["ms"]
+    return {name: runner.time_impl(Impl(fn, clock="wall"), device, budget_ms)["ms"]
             for name, fn in phases.items()}  # fmt: skip
 
 
@@ -88,24 +90,41 @@ def residual(x, y, w, b) -> float:
     ).item()
 
 
-def run(n: int, in_f: int, out_f: int, device: str, budget_ms: float) -> dict:
+def cases(n: int, in_f: int, out_f: int, device: str, budget_ms: float) -> list[Case]:
+    """stitchops on ``device`` against SN-Net's pinv on the CPU, on the same data, after
+    checking that stitchops' residual is no worse than pinv's."""
     x, y = make_data(n, in_f, out_f, device)
     x_cpu, y_cpu = x.cpu(), y.cpu()
-    w, b = stitchops.least_squares_init(x, y)
-    w_p, b_p = pinv_solution(x_cpu, y_cpu)
-    res_ours, res_pinv = residual(x_cpu, y_cpu, w.cpu(), b.cpu()), residual(x_cpu, y_cpu, w_p, b_p)
-    if res_ours > res_pinv * (1 + 1e-3):
-        raise AssertionError(f"residual {res_ours:.6f} worse than pinv's {res_pinv:.6f}")
+    residuals = {}
 
-    ours = synced(lambda: stitchops.least_squares_init(x, y), device)
-    t_ours = median_ms(ours, "cpu", budget_ms)  # wall clock includes the host sync
-    t_pinv = median_ms(lambda: pinv_solution(x_cpu, y_cpu), "cpu", budget_ms)
-    result = {"n": n, "in": in_f, "out": out_f, "device": device,
-              "stitchops_ms": t_ours["ms"], "cpu_pinv_ms": t_pinv["ms"],
-              "speedup": t_pinv["ms"] / t_ours["ms"],
-              "relative_residual": {"stitchops": res_ours, "pinv": res_pinv},
-              "phases": phase_times(x, y, device, budget_ms / 2)}  # fmt: skip
-    return result
+    def check_pinv() -> float:
+        residuals["pinv"] = residual(x_cpu, y_cpu, *pinv_solution(x_cpu, y_cpu))
+        return residuals["pinv"]
+
+    def check_stitchops() -> float:
+        w, b = stitchops.least_squares_init(x, y)
+        residuals["stitchops"] = residual(x_cpu, y_cpu, w.cpu(), b.cpu())
+        if residuals["stitchops"] > residuals["pinv"] * (1 + 1e-3):
+            raise AssertionError(f"residual {residuals['stitchops']:.6f} worse than pinv's "
+                                 f"{residuals['pinv']:.6f}: refusing to time")  # fmt: skip
+        return residuals["stitchops"]
+
+    # Both on the wall clock: pinv runs on the CPU, stitchops' eigh may too.
+    impls = {
+        "cpu_pinv": Impl(lambda: pinv_solution(x_cpu, y_cpu), check_pinv, clock="wall"),
+        "stitchops": Impl(lambda: stitchops.least_squares_init(x, y), check_stitchops,
+                          clock="wall"),
+    }  # fmt: skip
+    flops = 2 * n * in_f * (in_f + out_f)  # the float64 normal equations
+    min_bytes = 4 * n * (in_f + out_f)  # x and y read once (fp32)
+
+    def details() -> dict:
+        residual_of = {f"residual_{k}": v for k, v in residuals.items()}
+        return {**phase_times(x, y, device, budget_ms / 2), **residual_of}
+
+    return [Case({"n": n, "in": in_f, "out": out_f, "device": device}, impls,
+                 baseline="cpu_pinv", flops=flops, min_bytes=min_bytes, dtype="float64",
+                 details=details)]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -114,14 +133,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=19_700)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
-    r = run(args.tokens, 384, 384, args.device, budget_ms=2000)
-    print(f"least_squares_init on {r['device']}: {r['stitchops_ms']:.1f} ms   "
-          f"CPU pinv: {r['cpu_pinv_ms']:.1f} ms   speedup {r['speedup']:.1f}x   "
-          f"relative residual {r['relative_residual']['stitchops']:.6f} "
-          f"(pinv {r['relative_residual']['pinv']:.6f})")  # fmt: skip
-    print("  phases: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in r["phases"].items()))
-    if not args.no_save:
-        print(f"wrote {write_results('least_squares_init', args.device, r)}")
+    budget = 2000.0
+    runner.run("least_squares_init", [lambda: cases(args.tokens, 384, 384, args.device, budget)],
+               args.device, budget, save=not args.no_save,
+               ceilings_for=(torch.float64,))  # fmt: skip
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Benchmark of stitchops.lora_linear at stitching-layer shapes (issue: fused LoRA SL).
+"""Benchmark of stitchops.lora_linear at stitching-layer shapes (benchmarks/runner.py).
 
 For each shape, dtype and backend: check correctness against an fp32 reference in this run,
 then time forward and forward+backward (grad for x, A, B, bias; W frozen as in SN-Netv2):
-  unfused   y = F.linear(x, W, b) + scale·lora_B(lora_A(x)), as peft does it
+  unfused   y = F.linear(x, W, b) + scale·lora_B(lora_A(x)), as peft and the official
+            SN-Netv2 code do it (the baseline)
   triton    stitchops.lora_linear with the triton backend
   cuda      stitchops.lora_linear with the cuda backend
   floor     the bare frozen GEMM: x·Wᵀ forward, plus dY·W backward
@@ -11,7 +12,8 @@ then time forward and forward+backward (grad for x, A, B, bias; W frozen as in S
   cuda_1tile  the cuda backend with one output tile per forward block, where it would
             otherwise group several (csrc/lora.h: column_tiles), at 256×197 tokens,
             384→1024 in bf16: what reusing S costs or saves against lost occupancy
-Reports median ms, TFLOP/s of the useful work, and the ratios vs unfused and vs the floor.
+Reports median ms, TFLOP/s of the useful work, the speed-up over unfused, the time against
+the floor and the fraction of the roofline.
 
     python benchmarks/bench_lora.py            # full table on a GPU; a small CPU table here
     pytest benchmarks/ --benchmark-only        # the same cases through pytest-benchmark
@@ -20,6 +22,7 @@ Reports median ms, TFLOP/s of the useful work, and the ratios vs unfused and vs 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -28,10 +31,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import measured_ceilings, median_ms, write_results
-from acceptance import SHAPE as ACCEPTANCE_SHAPE
+import runner
+from runner import Case, Impl, Target
 
 import stitchops
+
+# SN-Netv2's stitching layer between DeiT3-S and DeiT3-L (384 → 1024, LoRA rank 16) on a
+# batch of 256 images of 197 tokens, in bf16, forward + backward with W frozen.
+ACCEPTANCE_SHAPE = {"tokens": 256 * 197, "in": 384, "out": 1024, "rank": 16,
+                    "dtype": "bfloat16", "pass": "fwd+bwd"}  # fmt: skip
+TARGETS = (
+    Target(
+        op="lora_linear",
+        where=ACCEPTANCE_SHAPE,
+        implementations=("triton", "cuda"),
+        bounds=(("vs_baseline", "min", 1.8), ("vs_floor", "max", 1.10)),
+        what="fused fwd+bwd: >= 1.8x the unfused code and <= 1.10x the bare frozen GEMM",
+    ),
+)
 
 GPU_TOKENS = (64 * 197, 256 * 197)
 GPU_FEATURES = ((192, 384), (384, 768), (384, 1024), (768, 1024))
@@ -124,18 +141,13 @@ def floor_step(case, grad, backward: bool):
     return run
 
 
-def check(fn, case, grad, ref, tol) -> float:
-    """Relative error of output and every gradient vs the fp32 reference; raises if too big."""
+GRADIENTS = ("x", "bias", "lora_a", "lora_b")
+
+
+def outputs(fn, case, grad) -> tuple[torch.Tensor, ...]:
+    """y and the gradients of x, bias, A and B: what every implementation is checked on."""
     y = fn(**case)
-    names = ("x", "bias", "lora_a", "lora_b")
-    grads = torch.autograd.grad(y, [case[k] for k in names], grad)
-    worst = 0.0
-    for got, want in zip((y, *grads), ref, strict=True):
-        err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-        worst = max(worst, err)
-    if not worst <= tol:
-        raise AssertionError(f"relative error {worst:.2e} > {tol:.0e}: refusing to time")
-    return worst
+    return (y, *torch.autograd.grad(y, [case[k] for k in GRADIENTS], grad))
 
 
 def backends_for(device: str) -> list[str]:
@@ -145,71 +157,37 @@ def backends_for(device: str) -> list[str]:
     return [b for b in ("triton", "cuda") if avail[b] is None]
 
 
-def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings, extra=None):
-    """Rows (fwd, fwd+bwd) for one shape; ``extra``: more implementations by name."""
+def shape_cases(tokens, in_f, out_f, rank, dtype, device, extra=None) -> list[Case]:
+    """The cases (fwd, fwd+bwd) of one shape, every implementation checked first: output and
+    every gradient against the fp32 unfused code. ``extra``: more implementations by name."""
     case = make_case(tokens, in_f, out_f, rank, dtype, device)
     grad = torch.randn(tokens, out_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ref32 = {k: v.float().detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
              for k, v in case.items()}  # fmt: skip
-    y32 = unfused(**ref32)
-    ref = (y32, *torch.autograd.grad(y32, [ref32[k] for k in ("x", "bias", "lora_a", "lora_b")],
-                                     grad.float()))  # fmt: skip
+    ref = outputs(unfused, ref32, grad.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    rows = []
+    fns = {"unfused": unfused, **{b: fused(b) for b in backends_for(device)}, **(extra or {})}
+    errors = {name: runner.relative_error(outputs(fn, case, grad), ref, tol)
+              for name, fn in fns.items()}  # fmt: skip
+    cases = []
     for backward in (False, True):
-        row = {
-            "tokens": tokens,
-            "in": in_f,
-            "out": out_f,
-            "rank": rank,
-            "dtype": str(dtype).removeprefix("torch."),
-            "pass": "fwd+bwd" if backward else "fwd",
-            "gflop": flops(tokens, in_f, out_f, rank, backward) / 1e9,
-            "mbytes": min_bytes(tokens, in_f, out_f, rank, dtype.itemsize, backward) / 1e6,
-        }
-        # The roofline of this row's work on this device, from ceilings measured in this run.
-        rate = ceilings["matmul_TFLOPs"][row["dtype"]]
-        row["roofline_ms"] = max(row["gflop"] / rate, row["mbytes"] / ceilings["bandwidth_GBps"])
-        timings = {"unfused": step(unfused, case, grad, backward),
-                   "floor": floor_step(case, grad, backward)}  # fmt: skip
-        errors = {"unfused": check(unfused, case, grad, ref, tol)}
-        impls = {backend: fused(backend) for backend in backends_for(device)}
-        for name, fn in {**impls, **(extra or {})}.items():
-            errors[name] = check(fn, case, grad, ref, tol)
-            timings[name] = step(fn, case, grad, backward)
-        for name, fn in timings.items():
-            t = median_ms(fn, device, budget_ms)
-            row[name] = {**t, "tflops": row["gflop"] / t["ms"]}
-            if name in errors:
-                row[name]["max_rel_err"] = errors[name]
-        for name in timings:
-            row[name]["vs_unfused"] = row["unfused"]["ms"] / row[name]["ms"]
-            row[name]["vs_floor"] = row[name]["ms"] / row["floor"]["ms"]
-            row[name]["of_roofline"] = row["roofline_ms"] / row[name]["ms"]
-        rows.append(row)
-    return rows
+        impls = {name: Impl(step(fn, case, grad, backward), check=lambda n=name: errors[n])
+                 for name, fn in fns.items()}  # fmt: skip
+        impls["floor"] = Impl(floor_step(case, grad, backward))
+        params = {"tokens": tokens, "in": in_f, "out": out_f, "rank": rank,
+                  "dtype": str(dtype).removeprefix("torch."),
+                  "pass": "fwd+bwd" if backward else "fwd"}  # fmt: skip
+        cases.append(Case(params, impls, baseline="unfused", floor="floor",
+                          flops=flops(tokens, in_f, out_f, rank, backward),
+                          min_bytes=min_bytes(tokens, in_f, out_f, rank, dtype.itemsize, backward),
+                          dtype=params["dtype"]))  # fmt: skip
+    return cases
 
 
-def implementations(rows) -> list[str]:
-    """Every implementation timed in any row, in first-seen order (some rows lack some)."""
-    return list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict)))
-
-
-def print_table(rows) -> None:
-    impls = implementations(rows)
-    head = f"{'tokens':>7} {'in→out':>10} {'r':>3} {'dtype':>8} {'pass':>8} " + " ".join(
-        f"{name + ' ms':>12}" for name in impls
-    )
-    print(head + "   speedup vs unfused / time vs floor / fraction of the roofline")
-    for r in rows:
-        cells = " ".join(f"{r[n]['ms']:12.3f}" if n in r else f"{'-':>12}" for n in impls)
-        ratios = ", ".join(
-            f"{n}: {r[n]['vs_unfused']:.2f}x / {r[n]['vs_floor']:.2f}x / {r[n]['of_roofline']:.0%}"
-            for n in impls
-            if n not in ("unfused", "floor") and n in r
-        )
-        print(f"{r['tokens']:>7} {r['in']:>4}→{r['out']:<5} {r['rank']:>3} {r['dtype']:>8} "
-              f"{r['pass']:>8} {cells}   {ratios}")  # fmt: skip
+def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings, extra=None):
+    """The measured rows (fwd, fwd+bwd) of one shape."""
+    return [runner.measure(c, device, budget_ms, ceilings)
+            for c in shape_cases(tokens, in_f, out_f, rank, dtype, device, extra)]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -229,31 +207,21 @@ def main(argv=None) -> int:
         GPU_TOKENS if gpu else CPU_TOKENS, GPU_FEATURES if gpu else CPU_FEATURES,
         GPU_RANKS if gpu else CPU_RANKS, GPU_DTYPES if gpu else CPU_DTYPES,
     ))  # fmt: skip
-    budget = args.budget_ms or (200.0 if gpu else 300.0)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    grid.sort(key=lambda case: not _is_acceptance_case(*case))  # the issue's shape first
-    ceilings = measured_ceilings(args.device, tuple(dict.fromkeys(g[3] for g in grid)))
-    print(f"measured ceilings: {ceilings['bandwidth_GBps']:.0f} GB/s, matmul TFLOP/s "
-          f"{ceilings['matmul_TFLOPs']}")  # fmt: skip
-    if not args.no_save:
-        write_results("ceilings", args.device, ceilings)
-    rows = []
+    grid.sort(key=lambda case: not _is_acceptance_case(*case))  # the headline shape first
     compiled = gpu if args.compiled is None else args.compiled
-    for tokens, (in_f, out_f), rank, dtype in tqdm(grid, desc="lora_linear") if tqdm else grid:
+    backends = backends_for(args.device)
+
+    def cases(tokens, features, rank, dtype):
         extra = {}
-        if compiled and _is_acceptance_case(tokens, (in_f, out_f), rank, dtype):
+        if compiled and _is_acceptance_case(tokens, features, rank, dtype):
             extra["compiled"] = torch.compile(unfused, dynamic=False)
-        if _compares_column_tiles(tokens, (in_f, out_f), rank, dtype, backends_for(args.device)):
+        if _compares_column_tiles(tokens, features, rank, dtype, backends):
             extra["cuda_1tile"] = cuda_with_column_tiles(1)
-        rows += run_case(tokens, in_f, out_f, rank, dtype, args.device, budget, ceilings, extra)
-        if not args.no_save:  # after every case: a run cut short keeps what it measured
-            path = write_results("lora_linear", args.device, rows)
-    print_table(rows)
-    if not args.no_save:
-        print(f"wrote {path}")
+        return shape_cases(tokens, *features, rank, dtype, args.device, extra)
+
+    runner.run("lora_linear", [functools.partial(cases, *shape) for shape in grid], args.device,
+               args.budget_ms or (200.0 if gpu else 300.0), save=not args.no_save,
+               ceilings_for=tuple(dict.fromkeys(g[3] for g in grid)))  # fmt: skip
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Overhead of StitchedViT on a pure anchor route against the plain anchor (issue target
-≤ 1.05×): one training step (forward, backward, AdamW step) and one inference forward.
+"""Overhead of StitchedViT on a pure anchor route against the plain anchor (target: at most
+1.05× its time): one training step (forward, backward, AdamW step) and one inference forward.
 
 Both run the same anchor module, so the only extra work is the route bookkeeping and an
 optimizer that holds every anchor's parameters (those off the route have no gradient and are
@@ -18,9 +18,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_ms, write_results
+import runner
+from runner import Case, Impl, Target
 
 from stitchops.models import StitchedViT, create_model
+
+# The stitched route may cost at most 5% over the plain anchor, on a GPU, both passes.
+TARGETS = tuple(
+    Target(
+        op="stitched_overhead",
+        where={"device": "cuda", "pass": name},
+        implementations=("stitched",),
+        bounds=(("vs_baseline", "min", 1 / 1.05),),
+        what=f"StitchedViT anchor route, {name}: at most 1.05x the plain anchor's time",
+    )
+    for name in ("train step", "forward")
+)
 
 
 def setup(device: str):
@@ -49,33 +62,50 @@ def step_fn(module, params, x, y, amp, **kwargs):
     return step
 
 
-def run(device: str, budget_ms: float) -> dict:
+def cases(device: str) -> list[Case]:
+    """A training step and an inference forward, anchor alone against its stitched route,
+    after checking that the route's logits equal the anchor's."""
     model, x, y, info = setup(device)
     anchor_id = len(model.anchors) - 1
     anchor = model.anchors[anchor_id]
     model.select(anchor_id)
-    model.eval()
-    with torch.no_grad():
-        if not torch.equal(model(x), anchor(x)):
-            raise AssertionError("stitched anchor route differs from the plain anchor")
-    model.train()
+
+    def check() -> float:
+        model.eval()
+        with torch.no_grad():
+            if not torch.equal(model(x), anchor(x)):
+                raise AssertionError("stitched anchor route differs from the plain anchor")
+        return 0.0
+
+    def inference(module):
+        def forward():
+            module.eval()
+            with torch.no_grad():
+                return module(x)
+
+        return forward
+
     amp = device == "cuda"
-    rows = {}
     plain = step_fn(anchor, list(anchor.parameters()), x, y, amp)
     stitched = step_fn(model, list(model.parameters()), x, y, amp)
-    rows["train_step"] = {
-        "anchor_ms": median_ms(plain, device, budget_ms)["ms"],
-        "stitched_ms": median_ms(stitched, device, budget_ms)["ms"],
-    }
-    model.eval()
-    with torch.no_grad():
-        rows["forward"] = {
-            "anchor_ms": median_ms(lambda: anchor(x), device, budget_ms)["ms"],
-            "stitched_ms": median_ms(lambda: model(x), device, budget_ms)["ms"],
-        }
-    for row in rows.values():
-        row["ratio"] = row["stitched_ms"] / row["anchor_ms"]
-    return {**info, "device": device, **rows}
+
+    def training(step):
+        def run():
+            model.train()
+            step()
+
+        return run
+
+    params = {"anchors": "/".join(info["anchors"]), "img_size": info["img_size"],
+              "batch": info["batch"], "device": device}  # fmt: skip
+    return [
+        Case({**params, "pass": "train step"},
+             {"anchor": Impl(training(plain)), "stitched": Impl(training(stitched), check)},
+             baseline="anchor"),
+        Case({**params, "pass": "forward"},
+             {"anchor": Impl(inference(anchor)), "stitched": Impl(inference(model), check)},
+             baseline="anchor"),
+    ]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -83,15 +113,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
-    r = run(args.device, budget_ms=3000 if args.device == "cpu" else 400)
-    for name in ("train_step", "forward"):
-        row = r[name]
-        print(
-            f"{name:10s} anchor {row['anchor_ms']:8.2f} ms   stitched (anchor route) "
-            f"{row['stitched_ms']:8.2f} ms   ratio {row['ratio']:.3f}"
-        )
-    if not args.no_save:
-        print(f"wrote {write_results('stitched_overhead', args.device, r)}")
+    budget = 3000.0 if args.device == "cpu" else 400.0
+    runner.run("stitched_overhead", [lambda: cases(args.device)], args.device, budget,
+               save=not args.no_save)  # fmt: skip
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def _benchmarks_dir() -> Path | None:
     for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / "benchmarks" / "_common.py").exists():
+        if (root / "benchmarks" / "runner.py").exists():
             return root / "benchmarks"
     return None
 

@@ -26,10 +26,11 @@ def test_cpp_sources_are_clang_formatted():
     version = subprocess.run([clang_format, "--version"], capture_output=True, text=True).stdout
     if " 19." not in version:
         pytest.skip(f"the style is pinned to clang-format 19 ([test] extra), found: {version}")
+    emulator = ROOT / "tests" / "cuda_emulator"
     sources = [
-        *sorted((ROOT / "csrc").iterdir()),
-        *sorted((ROOT / "tests" / "cuda_emulator").glob("*.cpp")),
-        *sorted((ROOT / "tests" / "cuda_emulator" / "include").glob("*.h")),
+        *sorted(p for p in (ROOT / "csrc").rglob("*") if p.is_file()),
+        *sorted(emulator.glob("*.cpp")),
+        *sorted(emulator.rglob("*.h")),
     ]
     assert sources
     result = subprocess.run([clang_format, "--dry-run", "-Werror", *map(str, sources)],
