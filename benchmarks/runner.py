@@ -9,8 +9,9 @@ events via triton.testing.do_bench on a GPU, the wall clock otherwise) and repor
 implementation, its speed-up over the baseline, its time against the floor, and the
 fraction of the row's roofline max(FLOPs / matmul rate, bytes / bandwidth) it reaches, with
 the rate and bandwidth measured on this device in the same run (``measured_ceilings``).
-``run`` measures a list of cases with a progress bar, saves the rows after each case to
-``results/<device>.json`` (with the device, versions and commit) and prints the table;
+``run`` measures a list of cases with a progress bar, saves the rows (and the ceilings they
+were measured against) after each case under the op's name in ``results/<device>.json``
+(with the device, versions and commit) and prints the table;
 benchmarks/report.py renders any op's rows into the README.
 """
 
@@ -263,8 +264,6 @@ def run(
         ceilings = measured_ceilings(device, tuple(ceilings_for))
         print(f"measured ceilings: {ceilings['bandwidth_GBps']:.0f} GB/s, matmul TFLOP/s "
               f"{ceilings['matmul_TFLOPs']}")  # fmt: skip
-        if save:
-            write_results("ceilings", device, ceilings)
     try:
         from tqdm import tqdm
     except ImportError:
@@ -273,7 +272,8 @@ def run(
     for make in tqdm(cases, desc=name) if tqdm else cases:
         rows += [measure(case, device, budget_ms, ceilings) for case in make()]
         if save:  # after every case: a run cut short keeps what it measured
-            path = write_results(name, device, {"rows": rows})
+            result = {"rows": rows, **({"ceilings": ceilings} if ceilings else {})}
+            path = write_results(name, device, result)
     print_table(rows)
     if save and rows:
         print(f"wrote {path}")
