@@ -253,3 +253,18 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["stitches_between_anchors_in_flops"] == 12
     assert (tmp_path / "stitches.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_demo_without_its_extra_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    """A plain ``pip install .`` lacks the [train] extra: the demo says which, before training."""
+    import importlib.util
+
+    from stitchops import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))  # fmt: skip
+    assert cli.main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scikit-learn" in err[0] and "stitchops[train]" in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing trained

@@ -9,15 +9,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from stitchops.train.data import load_digits
+from stitchops.train.data import DataError, load_digits
 from stitchops.train.evaluate import eval_stitches, plot_stitches
 from stitchops.train.loop import TrainConfig, load_trained, train
+
+# What the demo needs beyond the package's own dependencies: the [train] extra.
+EXTRAS = {"sklearn": "scikit-learn (the digits)", "matplotlib": "matplotlib (the plot)"}
 
 SMALL = "vit_small_test:embed_dim=16,depth=4,num_heads=2"
 LARGE = "vit_small_test:embed_dim=64,depth=8,num_heads=4"
@@ -25,6 +29,12 @@ LARGE = "vit_small_test:embed_dim=64,depth=8,num_heads=4"
 
 def run_demo(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True, seed=0) -> dict:
     """Run the demo; returns the summary it prints (also saved as ``summary.json``)."""
+    missing = [what for module, what in EXTRAS.items() if importlib.util.find_spec(module) is None]
+    if missing:  # before any training, not after it
+        raise DataError(
+            f"the demo needs {' and '.join(missing)}: pip install 'stitchops[train]' "
+            "(in a clone: pip install '.[train]')"
+        )
     out = Path(out)
     start = time.time()
     common = dict(data="digits", batch_size=64, progress=progress, seed=seed, warmup_steps=20)
