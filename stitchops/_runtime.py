@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -63,3 +64,34 @@ def new_output(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.T
     if _poison:
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def constant_shapes() -> Iterator[None]:
+    """Read sizes as Python values inside the block without torch.jit.trace's warning.
+
+    A trace (fvcore's FLOP counter traces models) is specialised to its inputs' shapes anyway:
+    argument checks, the token grid and the patch stride are constants of it.
+    """
+    if not torch.jit.is_tracing():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Inside the block, torch.jit.trace records nothing: for constants computed once and
+    cached (FlexiViT's PI-resize matrix), which a trace must see as constants, not as the ops
+    of their first computation (its re-run check would find the graphs differ)."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)

@@ -200,3 +200,21 @@ def test_bad_anchors_raise_clear_errors():
             [vit_small_test(embed_dim=16, depth=4), vit_small_test(embed_dim=32, depth=2)],
             two_way=True,
         )
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_every_stitched_route_traces(rank):
+    """torch.jit.trace of each route reproduces it (fvcore's FlopCountAnalysis traces)."""
+    import warnings
+
+    small = vit_small_test(embed_dim=16, depth=2, num_heads=2)
+    large = vit_small_test(embed_dim=32, depth=4, num_heads=2)
+    model = StitchedViT([small, large], rank=rank, two_way=True).eval()
+    x = torch.randn(2, 1, 8, 8)
+    for stitch in model.stitches:
+        model.select(stitch.id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, x)
+        with torch.no_grad():
+            assert torch.equal(traced(x), model(x)), stitch.id

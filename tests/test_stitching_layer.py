@@ -50,6 +50,20 @@ def test_merge_unmerge(dtype, tol):
     assert rel_err(layer.weight, weight) < tol and rel_err(layer(x), before) < tol
 
 
+def test_merge_in_float64_is_exact_to_float64():
+    """B·A is formed in the layer's dtype when it is wider than float32: merging a float64
+    layer matches W + scale·B·A to float64 precision (peft's merge), not to float32's."""
+    layer = StitchingLayer(40, 24, rank=8, alpha=3.0).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = layer.weight.detach() + layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
+    weight = layer.weight.detach().clone()
+    layer.merge()
+    assert rel_err(layer.weight, want) < 1e-15
+    layer.unmerge()
+    assert rel_err(layer.weight, weight) < 1e-15
+
+
 def test_state_dict_round_trip_keeps_merged_state():
     layer = StitchingLayer(8, 10, rank=2, num_stitch_biases=3)
     with torch.no_grad():

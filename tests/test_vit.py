@@ -230,3 +230,28 @@ def test_matches_timm_itself(name):
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), rtol=1e-9, atol=1e-9)
+
+
+def _assert_traces(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch.jit.trace (as fvcore's FLOP counter runs it) works without a tracer warning, passes
+    its own re-run check, and the trace reproduces the eager output."""
+    import warnings
+
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+
+
+@pytest.mark.slow
+def test_deit_small_traces():
+    torch.manual_seed(0)
+    _assert_traces(create_model("deit_small_patch16_224"), torch.randn(1, 3, 224, 224))
+
+
+def test_flexi_vit_traces_at_its_patch_size():
+    model = vit_small_test(img_size=24, patch_size=6, in_chans=3, embed_dim=16, depth=2,
+                           flexi=True)  # fmt: skip
+    _assert_traces(model, torch.randn(2, 3, 24, 24))

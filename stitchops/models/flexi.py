@@ -1,7 +1,9 @@
 """FlexiViT's resizing of patch-embedding weights and position embeddings.
 
 PI-resize (FlexiViT Eq. 4). A patch x of p×p pixels is resized to x̂ = B·x with B the
-[p'², p²] matrix of bilinear resizing. The new kernel ŵ minimises E_x[(<x, w> − <B·x, ŵ>)²];
+[p'², p²] matrix of bilinear resizing, built as big_vision's ``resample_patchemb`` builds
+it: each basis image resized by ``tf.image.resize(..., method="bilinear")`` (half-pixel
+centres, no antialiasing, also when shrinking). The new kernel ŵ minimises E_x[(<x, w> − <B·x, ŵ>)²];
 for x ~ N(0, I) the solution is ŵ = (Bᵀ)⁺·w, so for upsampling (p' ≥ p, B of full column
 rank) <x, w> = <B·x, ŵ> holds exactly for every x. For downsampling it is the least-squares
 best kernel.
@@ -18,6 +20,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from stitchops._runtime import constant_shapes, untraced
+
 
 def _pair(size) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
@@ -31,23 +35,35 @@ def _pair(size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of [..., h, w] to [..., *size] (half-pixel centres, antialiased when
-    shrinking, as ``jax.image.resize`` which FlexiViT uses)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def bilinear_resize(
+    x: torch.Tensor, size: tuple[int, int], antialias_when_shrinking: bool = True
+) -> torch.Tensor:
+    """Bilinear resize of [..., h, w] to [..., *size] with half-pixel centres.
+
+    ``antialias_when_shrinking=True`` is ``jax.image.resize(..., "bilinear")``, which FlexiViT
+    uses for the position grid; False is ``tf.image.resize(..., method="bilinear")`` (its
+    default ``antialias=False``), which big_vision uses for the PI-resize matrix. Both are
+    the same when enlarging.
+    """
+    with constant_shapes():
+        old = (int(x.shape[-2]), int(x.shape[-1]))
+    if old == tuple(size):
         return x
     lead = x.shape[:-2]
-    flat = x.reshape(-1, 1, *x.shape[-2:])
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    flat = x.reshape(-1, 1, *old)
+    shrink = size[0] < old[0] or size[1] < old[1]
+    antialias = shrink and antialias_when_shrinking
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return out.reshape(*lead, *size)
 
 
 @functools.lru_cache(maxsize=64)
 def _pi_matrix_f64(old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """(Bᵀ)⁺ as a [new_h·new_w, old_h·old_w] float64 CPU matrix."""
+    """(Bᵀ)⁺ as a [new_h·new_w, old_h·old_w] float64 CPU matrix (big_vision's resize matrix:
+    no antialiasing)."""
     basis = torch.eye(old[0] * old[1], dtype=torch.float64).reshape(-1, *old)
-    resize = bilinear_resize(basis, new).reshape(old[0] * old[1], -1)  # Bᵀ: [old², new²]
+    resize = bilinear_resize(basis, new, antialias_when_shrinking=False)
+    resize = resize.reshape(old[0] * old[1], -1)  # Bᵀ: [old², new²]
     return torch.linalg.pinv(resize)  # [new², old²]
 
 
@@ -65,11 +81,13 @@ def pi_resize_patch_embed(weight: torch.Tensor, new_patch_size) -> torch.Tensor:
         raise ValueError("weight must be a [D, C, p_h, p_w] patch-embedding kernel")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    old, new = tuple(weight.shape[-2:]), _pair(new_patch_size)
+    with constant_shapes():
+        old, new = (int(weight.shape[-2]), int(weight.shape[-1])), _pair(new_patch_size)
     if old == new:
         return weight
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    matrix = _pi_matrix(old, new, weight.device, dtype)
+    with untraced():  # a constant of the trace, cached across calls
+        matrix = _pi_matrix(old, new, weight.device, dtype)
     flat = weight.reshape(-1, old[0] * old[1]).to(dtype)
     return (flat @ matrix.t()).reshape(*weight.shape[:2], *new).to(weight.dtype)
 

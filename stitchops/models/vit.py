@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitchops._runtime import constant_shapes
 from stitchops.models.flexi import _pair, pi_resize_patch_embed, resize_pos_embed
 
 
@@ -108,6 +109,18 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def static_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """``x.shape`` as Python ints, also under ``torch.jit.trace``, where sizes are traced
+    tensors: a trace is specialised to its input's size (``_runtime.constant_shapes``)."""
+    with constant_shapes():
+        return tuple(int(size) for size in x.shape)
+
+
+def image_size(x: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of images [B, C, H, W] as Python ints (see ``static_shape``)."""
+    return static_shape(x)[-2:]
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p×p patches → D channels (a strided conv, kernel ``proj``)."""
 
@@ -187,12 +200,12 @@ class VisionTransformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward_embed(self, x: torch.Tensor, patch_size=None) -> torch.Tensor:
         """Images [B, C, H, W] → tokens [B, 1 + gh·gw, D] (class token first, positions added)."""
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans:
+        if x.dim() != 4 or static_shape(x)[1] != self.cfg.in_chans:
             raise ValueError(
                 f"x must be images [B, {self.cfg.in_chans}, H, W], got {tuple(x.shape)}"
             )
         patch = self.resolve_patch_size(patch_size)
-        grid = self.grid_size(tuple(x.shape[-2:]), patch)
+        grid = self.grid_size(image_size(x), patch)
         tokens = self.patch_embed(x, patch)
         prefix = 0 if self.no_embed_class else 1
         pos = resize_pos_embed(self.pos_embed, self.pos_grid, grid, prefix)
@@ -209,7 +222,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor, out_indices=None, patch_size=None):
         """Normed tokens [B, N, D]; with ``out_indices`` (block ids, negative from the end)
         the list of those blocks' patch-token maps [B, D, H/p, W/p] for dense prediction."""
-        grid = self.grid_size(tuple(x.shape[-2:]), patch_size)
+        grid = self.grid_size(image_size(x), patch_size)
         x = self.forward_embed(x, patch_size)
         if out_indices is None:
             return self.norm(self.blocks(x))

@@ -145,13 +145,17 @@ class StitchingLayer(nn.Module):
             self.merged = False
         return self
 
+    def _lora_delta(self) -> torch.Tensor:
+        """scale·B·A in W's dtype, formed in float32 at least (float64 for float64 layers)."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = self.scale * (self.lora_B.to(wide) @ self.lora_A.to(wide))
+        return delta.to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> StitchingLayer:
         """Fold scale·B·A into W for deployment (one GEMM per call afterwards)."""
         if self.rank > 0 and not self.merged:
-            self.weight += (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(
-                self.weight.dtype
-            )
+            self.weight += self._lora_delta()
             self.merged = True
         return self
 
@@ -159,9 +163,7 @@ class StitchingLayer(nn.Module):
     def unmerge(self) -> StitchingLayer:
         """Undo ``merge`` (exact up to the rounding of W's dtype)."""
         if self.merged:
-            self.weight -= (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(
-                self.weight.dtype
-            )
+            self.weight -= self._lora_delta()
             self.merged = False
         return self
 

@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from stitchops import _dispatch
+from stitchops._runtime import constant_shapes
 from stitchops.ops import _checks
 from stitchops.reference import lora as reference
 
@@ -259,10 +260,14 @@ def lora_linear(
         [..., OUT] in the dtype of x. float16/bfloat16/float32 kernels accumulate in fp32.
         Differentiable in x, weight, bias, lora_a, lora_b and extra_bias.
     """
-    scale = _check(x, weight, bias, lora_a, lora_b, scale, extra_bias)
+    with constant_shapes():
+        scale = _check(x, weight, bias, lora_a, lora_b, scale, extra_bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    save_s = lora_b is not None and torch.is_grad_enabled() and lora_b.requires_grad
+    # S is kept for dB when B trains. A trace keeps it whatever the grad mode, so that its
+    # graph does not depend on it (torch.jit.trace re-runs the model under no_grad to check).
+    grad_mode = torch.is_grad_enabled() or torch.jit.is_tracing()
+    save_s = lora_b is not None and lora_b.requires_grad and grad_mode
     y, _ = torch.ops.stitchops.lora_linear(
         x2, weight, bias, lora_a, lora_b, scale, extra_bias, save_s
     )
