@@ -3,10 +3,10 @@
 PI-resize (FlexiViT Eq. 4). A patch x of p×p pixels is resized to x̂ = B·x with B the
 [p'², p²] matrix of bilinear resizing, built as big_vision's ``resample_patchemb`` builds
 it: each basis image resized by ``tf.image.resize(..., method="bilinear")`` (half-pixel
-centres, no antialiasing, also when shrinking). The new kernel ŵ minimises E_x[(<x, w> − <B·x, ŵ>)²];
-for x ~ N(0, I) the solution is ŵ = (Bᵀ)⁺·w, so for upsampling (p' ≥ p, B of full column
-rank) <x, w> = <B·x, ŵ> holds exactly for every x. For downsampling it is the least-squares
-best kernel.
+centres, no antialiasing, also when shrinking). The new kernel ŵ minimises
+E_x[(<x, w> − <B·x, ŵ>)²]; for x ~ N(0, I) the solution is ŵ = (Bᵀ)⁺·w, so for upsampling
+(p' ≥ p, B of full column rank) <x, w> = <B·x, ŵ> holds exactly for every x. For
+downsampling it is the least-squares best kernel.
 
 The [p'², p²] matrix (Bᵀ)⁺ depends only on (p, p'): it is computed once per size pair in
 float64 and cached (per device and dtype as well), so a forward pass at a new patch size
