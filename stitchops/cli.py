@@ -158,6 +158,12 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--sampler", choices=["uniform", "ros", "esta"])
     p.add_argument("--two-way", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--stitch-biases", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--partial-windows",
+        action="store_true",
+        default=None,
+        help="SN-Net: also stitch the partial windows at the end (official code)",
+    )
     p.add_argument("--all-pairs", action="store_true", help="stitch every anchor pair, not "
                    "only neighbours (SN-Net's nearest stitching off)")  # fmt: skip
     p.add_argument("--patch-sizes", type=_ints, help="FlexiViT: a random patch size per step")

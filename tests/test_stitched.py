@@ -218,3 +218,23 @@ def test_every_stitched_route_traces(rank):
             traced = torch.jit.trace(model, x)
         with torch.no_grad():
             assert torch.equal(traced(x), model(x)), stitch.id
+
+
+def test_partial_last_windows_as_the_official_code():
+    """k 3, s 2 over 12 blocks: full windows give 41 points (block 11 never stitched), the
+    official code's partial window [10, 11] adds (10, 11), (11, 10), (11, 11) and a layer."""
+    full = paired_points(12, 3, 2)
+    partial = paired_points(12, 3, 2, partial_windows=True)
+    assert len(full) == 41 and len(partial) == 44
+    assert partial[:41] == full
+    assert [p[:2] for p in partial[41:]] == [(10, 11), (11, 10), (11, 11)]
+    assert {p[2] for p in partial[41:]} == {max(p[2] for p in full) + 1}
+    assert not any(11 in p[:2] for p in full) and any(p[0] == 11 for p in partial)
+    # k 2, s 1: the last partial window holds no new pair, both readings agree
+    assert paired_points(12, 2, 1) == paired_points(12, 2, 1, partial_windows=True)
+    small = vit_small_test(embed_dim=16, depth=12, num_heads=2)
+    large = vit_small_test(embed_dim=32, depth=12, num_heads=2)
+    for flag, count in ((False, 41), (True, 44)):
+        model = StitchedViT([small, large], kernel_size=3, stride=2, partial_windows=flag)
+        assert len(model.stitches) == 2 + count
+        assert model.options["partial_windows"] is flag

@@ -7,6 +7,7 @@ from e on. The least-squares target of that layer is b's input to block e.
 * SN-Net, paired depths: a window of ``kernel_size`` block ids slides with ``stride``; every
   ordered pair (f, e) inside a full window not seen before is a stitch point, and the new
   points of one window share one stitching layer (depth 12, k 2, s 1: 34 points, 11 layers).
+  The official code also takes the partial windows at the end (``partial_windows``).
 * SN-Net, unpaired depths: the deeper anchor's block ids are mapped onto the shallower one's
   by nearest interpolation, m(i) = ⌊i·d_s/d_l⌋; a shallower front stitches (f, i) into every
   deeper block i with m(i) = f (except (0, 0)), a deeper front stitches (j, m(j)) from every
@@ -70,15 +71,26 @@ def nearest_map(deep: int, shallow: int) -> list[int]:
     return [i * shallow // deep for i in range(deep)]
 
 
-def paired_points(depth: int, kernel_size: int, stride: int) -> list[tuple[int, int, int]]:
-    """(front, end, layer) of SN-Net's sliding-window stitching over equal depths."""
+def paired_points(
+    depth: int, kernel_size: int, stride: int, partial_windows: bool = False
+) -> list[tuple[int, int, int]]:
+    """(front, end, layer) of SN-Net's sliding-window stitching over equal depths.
+
+    By default only full windows slide (starts 0, s, 2s, ... up to depth − k), the paper's
+    reading. ``partial_windows=True`` is the official code's: windows start at every multiple
+    of s below the depth and are cut at the last block, so their new pairs stitch too. With
+    k 2, s 1 both give the same 34 points at depth 12 (the last partial window holds no new
+    pair); with k 3, s 2 the official reading adds the window [10, 11]'s (10, 11), (11, 10)
+    and (11, 11) and a layer for them (44 points instead of 41; block 11 is stitched).
+    """
     if kernel_size < 1 or stride < 1:
         raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
     if kernel_size > depth:
         raise ValueError(f"kernel_size {kernel_size} is larger than the anchors' depth {depth}")
     seen, points, layer = set(), [], 0
-    for start in range(0, depth - kernel_size + 1, stride):
-        ids = range(start, start + kernel_size)
+    last_start = depth - 1 if partial_windows else depth - kernel_size
+    for start in range(0, last_start + 1, stride):
+        ids = range(start, min(start + kernel_size, depth))
         new = [(f, e) for f in ids for e in ids if (f, e) not in seen]
         for f, e in new:
             seen.add((f, e))
@@ -96,16 +108,18 @@ def unpaired_points(front_depth: int, end_depth: int) -> list[tuple[int, int, in
     return [(j, e, e) for j, e in enumerate(mapping) if j > 0]
 
 
-def snnet_space(depths: list[int], kernel_size=2, stride=1, nearest=True) -> list[RawStitch]:
+def snnet_space(
+    depths: list[int], kernel_size=2, stride=1, nearest=True, partial_windows=False
+) -> list[RawStitch]:
     """Anchors, then for each anchor pair (Fast-to-Slow, neighbours only with ``nearest``)
-    its one-point stitches in window order."""
+    its one-point stitches in window order (``partial_windows``: see ``paired_points``)."""
     stitches = [RawStitch("anchor", (a,), ()) for a in range(len(depths))]
     pairs = [(a, b) for a in range(len(depths)) for b in range(a + 1, len(depths))]
     if nearest:
         pairs = [(a, b) for a, b in pairs if b == a + 1]
     for a, b in pairs:
         if depths[a] == depths[b]:
-            points = paired_points(depths[a], kernel_size, stride)
+            points = paired_points(depths[a], kernel_size, stride, partial_windows)
         else:
             points = unpaired_points(depths[a], depths[b])
         key = layer_key(a, b)

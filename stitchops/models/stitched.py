@@ -105,6 +105,9 @@ class StitchedViT(nn.Module):
         anchors: ``VisionTransformer``s from cheapest to most expensive, same image size,
             patch size, input channels and classes.
         kernel_size, stride: SN-Net's sliding window over block ids (paired depths).
+        partial_windows: also stitch the pairs of the partial windows at the end, as SN-Net's
+            official code does (``space.paired_points``; different only when the window
+            does not end on the last block, e.g. k 3, s 2: 44 points instead of 41).
         nearest: only neighbouring anchors stitch (SN-Net's nearest stitching).
         two_way: SN-Netv2's FS / SF / FSF / SFS space instead of SN-Net's.
         rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
@@ -121,6 +124,7 @@ class StitchedViT(nn.Module):
         rank: int = 0,
         alpha: float = 1.0,
         stitch_biases: bool = False,
+        partial_windows: bool = False,
     ) -> None:
         super().__init__()
         anchors = _check_anchors(anchors)
@@ -133,12 +137,13 @@ class StitchedViT(nn.Module):
             rank=rank,
             alpha=alpha,
             stitch_biases=stitch_biases,
+            partial_windows=partial_windows,
         )
         depths = [len(a.blocks) for a in anchors]
         if two_way:
             raw = two_way_space(depths, nearest=nearest)
         else:
-            raw = snnet_space(depths, kernel_size, stride, nearest)
+            raw = snnet_space(depths, kernel_size, stride, nearest, partial_windows)
         self._raw: list[RawStitch] = raw
         param = next(anchors[0].parameters())
         factory = {"device": param.device, "dtype": param.dtype}

@@ -63,6 +63,7 @@ class TrainConfig:
     esta_warmup: int = 0
     kernel_size: int = 2
     stride: int = 1
+    partial_windows: bool = False
     nearest: bool = True
     two_way: bool | None = None
     rank: int | None = None
@@ -166,6 +167,7 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
         anchors,
         kernel_size=cfg.kernel_size,
         stride=cfg.stride,
+        partial_windows=cfg.partial_windows,
         nearest=cfg.nearest,
         two_way=cfg.two_way,
         rank=rank,
