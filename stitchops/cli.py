@@ -93,7 +93,8 @@ def train_cmd(args) -> int:
     values["nearest"] = not args.all_pairs
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in fields})
     path = train(cfg, resume=args.resume)
-    print(f"checkpoint: {path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+        print(f"checkpoint: {path}")
     return 0
 
 
@@ -102,16 +103,24 @@ def eval_cmd(args) -> int:
 
     from stitchops.train.data import load_dataset
     from stitchops.train.evaluate import eval_stitches, plot_stitches
-    from stitchops.train.loop import load_trained
+    from stitchops.train.loop import check_data_fits, load_trained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_trained(args.checkpoint, device)
     if not hasattr(model, "stitches"):
         raise ValueError(f"{args.checkpoint} holds a single anchor, not a stitched model")
     first = model.anchors[0].cfg
     data = load_dataset(args.data or cfg.data, "val", first.img_size, first.in_chans)
+    check_data_fits(data, first, args.data or cfg.data)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
-    table = eval_stitches(model, loader, patch_size=args.patch_size, device=device)
+    if args.ids is not None:
+        unknown = [i for i in args.ids if not 0 <= i < len(model.stitches)]
+        if unknown:
+            raise ValueError(f"--ids {unknown}: {args.checkpoint} has stitches 0 to "
+                             f"{len(model.stitches) - 1}")  # fmt: skip
+    table = eval_stitches(model, loader, ids=args.ids, patch_size=args.patch_size,
+                          device=device, progress=not args.no_progress,
+                          latency_repeats=args.latency_repeats)  # fmt: skip
     print(table.format())
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +130,24 @@ def eval_cmd(args) -> int:
     return 0
 
 
+def _device(name: str):
+    """``name`` as a torch.device this machine has, else ValueError saying what it has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU (torch "
+                             f"{torch.__version__}); use --device cpu")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")  # fmt: skip
+    return device
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v]
@@ -128,80 +155,147 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help where X says something (not None or
+    False) and the help does not already name its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+# train's numeric options: (flag, type, what it sets); the default shown is TrainConfig's.
+_TRAIN_NUMBERS = (
+    ("epochs", int, "passes over the training data"),
+    ("max-steps", int, "stop after this many optimizer steps (the schedule keeps its epochs)"),
+    ("batch-size", int, "images per step and process"),
+    ("lr", float, "peak learning rate of AdamW"),
+    ("min-lr", float, "learning rate at the end of the cosine schedule"),
+    ("weight-decay", float, "AdamW weight decay"),
+    ("warmup-steps", int, "linear warm-up steps before the cosine schedule"),
+    ("clip-grad", float, "gradient norm clipping (0: off)"),
+    ("seed", int, "seed of the weights, the data order and the stitch sampler"),
+    ("ros-step", float, "ROS: width of a FLOPs interval in GFLOPs (none: from the space)"),
+    ("esta-intervals", int, "ESTA: FLOPs intervals the sampler draws from"),
+    ("esta-momentum", float, "ESTA: momentum of the stitch importance average"),
+    ("esta-warmup", int, "ESTA: steps of uniform sampling before importance sampling"),
+    ("kernel-size", int, "SN-Net: sliding-window size over block ids"),
+    ("stride", int, "SN-Net: sliding-window stride"),
+    ("rank", int, "LoRA rank of the stitching layers (0: fully trainable; -1: ESTA's d/4)"),
+    ("alpha", float, "LoRA scale numerator (scale = alpha / rank)"),
+    ("pst-rank", int, "ESTA: LoRA rank on the anchors' attention projections"),
+    ("init-images", int, "images for the least-squares init of the stitching layers"),
+    ("save-every", int, "also save a checkpoint every N steps (0: at the end of each epoch)"),
+    ("log-every", int, "write log.jsonl every N steps"),
+    ("workers", int, "data-loading processes"),
+)  # fmt: skip
+
+
+def _default(name: str) -> str:
+    from stitchops.train.loop import MODE_DEFAULTS, TrainConfig
+
+    key = name.replace("-", "_")
+    value = TrainConfig.__dataclass_fields__[key].default
+    per_mode = {mode: d[key] for mode, d in MODE_DEFAULTS.items() if key in d}
+    if per_mode and value is None:
+        return "by mode: " + ", ".join(f"{mode} {v}" for mode, v in per_mode.items())
+    return "none" if value is None else str(value)
+
+
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="pretrain an anchor, or train SN-Net / SN-Netv2 / ESTA")
-    p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta"], default="snnetv2")
-    p.add_argument(
-        "--anchors",
-        nargs="+",
-        metavar="SPEC",
-        help="model specs, cheapest first: deit_small_patch16_224[:key=value,...]",
+    from stitchops.train.build import SPEC_HELP
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain an anchor, or train SN-Net / SN-Netv2 / ESTA",
+        description="Pretrain an anchor or train a stitched ViT (torchrun for several "
+        "processes). Defaults in brackets; 'by mode' ones follow --mode.",
+        epilog=SPEC_HELP,
     )
+    p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta"], default="snnetv2",
+                   help="what to train [snnetv2]")  # fmt: skip
+    p.add_argument("--anchors", nargs="+", metavar="SPEC",
+                   help="model specs, cheapest first, e.g. deit_small_patch16_224 or "
+                   "vit_small_test:embed_dim=64 (keys below)")  # fmt: skip
+    p.add_argument("--anchor-weights", nargs="+", metavar="FILE",
+                   help="one .safetensors/.pth per anchor (timm or stitchops "
+                   "checkpoints)")  # fmt: skip
     p.add_argument(
-        "--anchor-weights",
-        nargs="+",
-        metavar="FILE",
-        help="one .safetensors/.pth per anchor (timm or stitchops checkpoints)",
+        "--data", help=f"'digits' (bundled) or an ImageFolder folder [{_default('data')}]"
     )
-    p.add_argument("--data", help="'digits' (bundled) or an ImageFolder-layout folder")
-    p.add_argument("--out", help="output folder (checkpoint, log.jsonl, config.json)")
-    p.add_argument("--resume", help="checkpoint to resume from (exactly)")
-    for name, kind in (("epochs", int), ("max-steps", int), ("batch-size", int),
-                       ("lr", float), ("min-lr", float), ("weight-decay", float),
-                       ("warmup-steps", int), ("clip-grad", float), ("seed", int),
-                       ("ros-step", float), ("esta-intervals", int), ("esta-momentum", float),
-                       ("esta-warmup", int), ("kernel-size", int), ("stride", int),
-                       ("rank", int), ("alpha", float), ("pst-rank", int),
-                       ("init-images", int), ("save-every", int), ("log-every", int),
-                       ("workers", int)):  # fmt: skip
-        p.add_argument(f"--{name}", type=kind)
-    p.add_argument("--sampler", choices=["uniform", "ros", "esta"])
-    p.add_argument("--two-way", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--stitch-biases", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--partial-windows",
-        action="store_true",
-        default=None,
-        help="SN-Net: also stitch the partial windows at the end (official code)",
-    )
+    p.add_argument("--out", help=f"output folder: checkpoint, log.jsonl [{_default('out')}]")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from it")
+    for name, kind, what in _TRAIN_NUMBERS:
+        p.add_argument(f"--{name}", type=kind, help=f"{what} [{_default(name)}]")
+    p.add_argument("--sampler", choices=["uniform", "ros", "esta"],
+                   help=f"stitch sampling [{_default('sampler')}]")  # fmt: skip
+    p.add_argument("--two-way", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"SN-Netv2's FS/SF/FSF/SFS space [{_default('two_way')}]")  # fmt: skip
+    p.add_argument("--stitch-biases", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"ESTA's per-stitch biases [{_default('stitch_biases')}]")  # fmt: skip
+    p.add_argument("--partial-windows", action="store_true", default=None,
+                   help="SN-Net: also stitch the partial windows at the end (the "
+                   "official code's reading)")  # fmt: skip
     p.add_argument("--all-pairs", action="store_true", help="stitch every anchor pair, not "
                    "only neighbours (SN-Net's nearest stitching off)")  # fmt: skip
-    p.add_argument("--patch-sizes", type=_ints, help="FlexiViT: a random patch size per step")
-    p.add_argument("--distill", help="'inplace' (from the largest anchor) or teacher weights")
-    p.add_argument("--teacher", help="model spec of the external teacher for --distill FILE")
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--patch-sizes", type=_ints, metavar="P,P,...",
+                   help="FlexiViT: a random patch size per step from these")  # fmt: skip
+    p.add_argument("--distill", help="'inplace' (from the largest anchor) or a teacher's weights "
+                   f"file [{_default('distill')}]")  # fmt: skip
+    p.add_argument("--teacher", metavar="SPEC", help="model spec of the teacher for --distill FILE")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=train_cmd)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: demo, train, eval, info, bench."""
     parser = argparse.ArgumentParser(
         prog="stitchops", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="SN-Netv2 on the bundled digits: train, evaluate, plot")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--anchor-epochs", type=int, default=30)
-    p.add_argument("--stitch-epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    defaults = _ShowDefaults
+    p = sub.add_parser("demo", help="SN-Netv2 on the bundled digits: train, evaluate, plot",
+                       formatter_class=defaults)  # fmt: skip
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--anchor-epochs", type=int, default=30, help="epochs of each anchor")
+    p.add_argument("--stitch-epochs", type=int, default=10, help="epochs of the stitched model")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)
     _add_train_parser(sub)
-    p = sub.add_parser("eval", help="evaluate every stitch of a checkpoint; table and plot")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="default: the data the model was trained on")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--out", help="folder for stitches.json and stitches.png")
+    p = sub.add_parser("eval", help="evaluate every stitch of a checkpoint; table and plot",
+                       formatter_class=defaults)  # fmt: skip
+    p.add_argument("checkpoint", help="a stitched model's checkpoint (.safetensors)")
+    p.add_argument("--data", help="'digits' or an ImageFolder folder (default: the data the "
+                   "model was trained on)")  # fmt: skip
+    p.add_argument("--ids", type=_ints, metavar="ID,ID,...", help="evaluate only these stitches "
+                   "(default: every one)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--patch-size", type=int, help="FlexiViT patch size (default: the model's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--latency-repeats", type=int, default=5,
+                   help="timed forwards per stitch (median, after a warm-up)")  # fmt: skip
+    p.add_argument("--out", help="folder for stitches.json and stitches.png (default: the "
+                   "checkpoint's)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=eval_cmd)
     sub.add_parser("info", help="versions and which backends can run here").set_defaults(fn=info)
-    p = sub.add_parser("bench", help="run every benchmark (correctness first), save, report")
-    p.add_argument("--only", help="run only the benchmarks whose name contains this")
+    p = sub.add_parser("bench", help="run every benchmark (correctness first), save, report",
+                       formatter_class=defaults)  # fmt: skip
+    p.add_argument("--only", help="run only the benchmarks whose name contains this "
+                   "(default: all)")  # fmt: skip
     p.add_argument("--no-save", action="store_true", help="print only; leave results/ alone")
     p.set_defaults(fn=bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:

@@ -238,3 +238,26 @@ def test_partial_last_windows_as_the_official_code():
         model = StitchedViT([small, large], kernel_size=3, stride=2, partial_windows=flag)
         assert len(model.stitches) == 2 + count
         assert model.options["partial_windows"] is flag
+
+
+def test_other_image_sizes_resize_the_position_grid():
+    """Built for 8×8, given 16×16: every route runs on a bilinearly resized position grid (the
+    documented choice, as FlexiViT), the same as an anchor whose grid was resized by hand."""
+    from stitchops.models import resize_pos_embed
+
+    small = vit_small_test(embed_dim=16, depth=2, num_heads=2)
+    large = vit_small_test(embed_dim=32, depth=4, num_heads=2)
+    model = StitchedViT([small, large], two_way=True).eval()
+    x = torch.randn(2, 1, 16, 16)
+    for stitch in model.stitches:
+        model.select(stitch.id)
+        assert model(x).shape == (2, 10)
+    model.select(1)  # the large anchor alone
+    by_hand = vit_small_test(img_size=16, embed_dim=32, depth=4, num_heads=2).eval()
+    state = dict(large.state_dict())
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], 4, 8, num_prefix=1)
+    by_hand.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(model(x), by_hand(x), atol=1e-6)
+    with pytest.raises(ValueError, match="does not divide"):
+        model(torch.randn(2, 1, 9, 9))

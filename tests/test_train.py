@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,25 @@ def test_eval_stitches_table_frontier_and_plot(tmp_path):
     assert json.loads((tmp_path / "eval" / "stitches.json").read_text())["rows"]
 
 
+def test_latency_is_a_warm_median(monkeypatch):
+    """A stitch's first forward (allocations, lazy set-up) is not timed, and the figure is
+    the median of repeats: one slow call among them does not move it."""
+    from stitchops.train import evaluate
+
+    calls = []
+
+    def forward(images, patch_size=None):
+        calls.append(1)
+        if len(calls) in (1, 3):  # the warm-up call, and one outlier among the repeats
+            time.sleep(0.3)
+        return images
+
+    ms = evaluate.median_latency_ms(forward, torch.zeros(2, 1, 8, 8), repeats=5)
+    assert len(calls) == 6 and ms < 150
+    with pytest.raises(ValueError, match="latency_repeats must be >= 1"):
+        eval_stitches(object(), [], latency_repeats=0, device="cpu")
+
+
 def test_pareto_frontier():
     points = [(0, 1.0, 0.5), (1, 2.0, 0.4), (2, 2.0, 0.7), (3, 3.0, 0.6), (4, 4.0, 0.9)]
     assert pareto_frontier(points) == [0, 2, 4]
@@ -180,6 +200,18 @@ def test_cli_errors_are_clear(tmp_path, capsys, args, message):
     assert main(base + args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_eval_chosen_ids_quietly(tmp_path, capsys):
+    path = train(TrainConfig(mode="snnet", out=str(tmp_path), max_steps=1, **TINY))
+    out = tmp_path / "eval"
+    assert main(["eval", str(path), "--ids", "0,2", "--no-progress", "--latency-repeats", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads((out / "stitches.json").read_text())["rows"]
+    assert [r["id"] for r in rows] == [0, 2]
+    assert "evaluating stitches" not in capsys.readouterr().err
+    assert main(["eval", str(path), "--ids", "999"]) == 2
+    assert "--ids [999]" in capsys.readouterr().err
 
 
 def test_cli_eval_unknown_stitch_budget(tmp_path, capsys):
@@ -268,3 +300,92 @@ def test_demo_without_its_extra_is_one_line_with_exit_code_2(tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scikit-learn" in err[0] and "stitchops[train]" in err[0], err
     assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    """name -> (command-line arguments, words the one-line error must hold)."""
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"model.x": {')
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a checkpoint")
+    from safetensors.torch import save_file
+
+    from stitchops.models import vit_small_test
+
+    small = vit_small_test(embed_dim=16, depth=2, num_heads=2)
+    weights = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(weights))
+    three = tmp_path / "three"
+    write_images(three, classes=("a", "b", "c"), size=32)
+    broken = tmp_path / "broken"
+    write_images(broken, size=12)
+    (broken / "dog" / "9.png").write_bytes(b"not a png")
+    out = ["--out", str(tmp_path / "run"), "--no-progress"]
+    anchor = ["train", "--mode", "anchor", "--max-steps", "1", *out]
+    return {
+        "resume-corrupt": (["train", "--resume", str(corrupt), *out],
+                           [str(corrupt), "truncated, corrupt"]),
+        "resume-not-checkpoint": (["train", "--resume", str(text), *out], [str(text)]),
+        "eval-corrupt": (["eval", str(corrupt)], [str(corrupt), "truncated, corrupt"]),
+        "weights-shapes": ([*anchor, "--anchors", "vit_small_test:embed_dim=32,num_heads=2",
+                            "--anchor-weights", str(weights)],
+                           [str(weights), "blocks.0", "(16", "(32", "differ"]),
+        "spec-value": ([*anchor, "--anchors", "vit_small_test:embed_dim=abc"],
+                       ["embed_dim='abc'", "must be int"]),
+        "spec-key": ([*anchor, "--anchors", "vit_small_test:embdim=3"],
+                     ["unknown model option 'embdim'", "embed_dim"]),
+        "classes": ([*anchor, "--anchors", "vit_small_test:img_size=32,in_chans=3",
+                     "--data", str(three)], ["3 classes", "10 outputs", "num_classes=3"]),
+        "unreadable-image": ([*anchor, "--anchors", "vit_small_test:num_classes=2",
+                              "--data", str(broken)], ["9.png", "cannot read image"]),
+        "eval-device": (["eval", str(corrupt), "--device", "cuda"], ["no CUDA GPU"]),
+        "eval-bad-device": (["eval", str(corrupt), "--device", "gpu"], ["not a device"]),
+    }  # fmt: skip
+
+
+BAD_CLI_CASES = ("resume-corrupt", "resume-not-checkpoint", "eval-corrupt", "weights-shapes",
+                 "spec-value", "spec-key", "classes", "unreadable-image", "eval-device",
+                 "eval-bad-device")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CLI_CASES)
+def test_cli_user_mistakes_are_one_line_with_exit_code_2(case, tmp_path, capsys):
+    """Each mistake: exit code 2, one line `stitchops <cmd>: error: ...` that names what is
+    wrong, no traceback, and nothing written into the output folder."""
+    if case == "eval-device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args, words = _bad_inputs(tmp_path)[case]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stitchops {args[0]}: error: "), err
+    for word in words:
+        assert word in err[0], (word, err[0])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_prints_the_resize_policy_and_trains_a_folder(tmp_path, capsys):
+    """A folder of 32x32 RGB images into an 8x8 one-channel model: said before training."""
+    write_images(tmp_path / "data", classes=("a", "b", "c"), size=32, count=6)
+    spec = "vit_small_test:num_classes=3,embed_dim=16,depth=1,num_heads=2"
+    data = str(tmp_path / "data")
+    assert main(["train", "--mode", "anchor", "--anchors", spec, "--data", data, "--out",
+                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "data: 18 images, 3 classes; images of 32x32" in out
+    assert "resized to 8x8 grayscale" in out
+
+
+def test_help_describes_every_option():
+    """train, eval, demo and bench: every option has a description; train lists the spec keys."""
+    from stitchops import cli
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    for name in ("train", "eval", "demo", "bench"):
+        for action in commands[name]._actions:
+            assert action.help, (name, action.option_strings)
+        assert "(default:" in commands[name].format_help() or name == "train"
+    text = " ".join(commands["train"].format_help().split())
+    for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth"):
+        assert f"{key} (int)" in text
+    assert "[by mode: snnet 0, snnetv2 16, esta -1]" in text
+    assert "--no-progress" in commands["eval"].format_help()

@@ -199,7 +199,13 @@ class VisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward_embed(self, x: torch.Tensor, patch_size=None) -> torch.Tensor:
-        """Images [B, C, H, W] → tokens [B, 1 + gh·gw, D] (class token first, positions added)."""
+        """Images [B, C, H, W] → tokens [B, 1 + gh·gw, D] (class token first, positions added).
+
+        Any image size whose sides the patch size divides is taken: the position grid is
+        resized bilinearly to the image's token grid, as FlexiViT (and timm's
+        ``dynamic_img_size``) do; at ``img_size`` it is used as it is. So a model built for
+        8×8 images runs 16×16 ones on a 2× position grid (and every StitchedViT route too).
+        """
         if x.dim() != 4 or static_shape(x)[1] != self.cfg.in_chans:
             raise ValueError(
                 f"x must be images [B, {self.cfg.in_chans}, H, W], got {tuple(x.shape)}"

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from stitchops.models.vit import MODELS, VisionTransformer, create_model
+from stitchops.models.vit import MODELS, VisionTransformer, ViTConfig, create_model
+
+# The keys a model spec may set, with what each takes (ViTConfig's fields).
+SPEC_KEYS = {f.name: f.type for f in dataclasses.fields(ViTConfig)}
+SPEC_HELP = (
+    "model spec: NAME[:key=value,...], NAME one of " + ", ".join(sorted(MODELS)) + "; keys: "
+    + ", ".join(f"{name} ({kind})" for name, kind in SPEC_KEYS.items())
+)  # fmt: skip
+
+
+def _check_spec_value(key: str, value, spec: str):
+    """``value`` (parsed as JSON) has the type ViTConfig's ``key`` takes, else ValueError."""
+    kind = SPEC_KEYS[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "float | None": value is None or (isinstance(value, (int, float))
+                                          and not isinstance(value, bool)),
+    }.get(kind, True)  # fmt: skip
+    if not ok:
+        raise ValueError(f"model option {key}={value!r} in {spec!r} must be {kind}")
+    return value
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -18,12 +41,18 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise ValueError(f"model option {item!r} in {spec!r} is not key=value")
+        if key not in SPEC_KEYS:
+            raise ValueError(
+                f"unknown model option {key!r} in {spec!r}; the keys are {', '.join(SPEC_KEYS)}"
+            )
         try:
-            overrides[key.strip()] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key.strip()] = value
+            parsed = value
+        overrides[key] = _check_spec_value(key, parsed, spec)
     return name, overrides
 
 
@@ -44,6 +73,15 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
         state = state.get("model", state)
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    for key, value in state.items():  # the first shape that does not fit, named
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            mismatched = sum(k in own and own[k].shape != v.shape for k, v in state.items())
+            raise ValueError(
+                f"weights in {file} do not fit the model: {key} is {tuple(value.shape)} in the "
+                f"file but {tuple(own[key].shape)} in the model ({mismatched} tensors differ); "
+                "check the model spec against the weights"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 
 
+class _NotACheckpoint(ValueError):
+    """A readable safetensors file without stitchops' metadata."""
+
+
 def save_checkpoint(path, model, optimizer, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -42,17 +46,29 @@ def read_checkpoint(path) -> tuple[dict, dict, dict]:
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     model, optim = {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("stitchops")
-        if raw is None:
-            raise ValueError(f"{path} is not a stitchops training checkpoint")
-        meta = json.loads(raw)
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            kind, _, rest = key.partition(".")
-            if kind == "model":
-                model[rest] = f.get_tensor(key)
-            else:
-                index, _, name = rest.partition(".")
-                optim.setdefault(int(index), {})[name] = f.get_tensor(key)
-    optimizer = {"state": optim, "param_groups": meta.pop("param_groups")}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("stitchops")
+            if raw is None:
+                raise _NotACheckpoint(
+                    f"{path} is a safetensors file but not a stitchops training checkpoint "
+                    "(anchor weights go to train --anchor-weights)"
+                )
+            meta = json.loads(raw)
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                kind, _, rest = key.partition(".")
+                if kind == "model":
+                    model[rest] = f.get_tensor(key)
+                else:
+                    index, _, name = rest.partition(".")
+                    optim.setdefault(int(index), {})[name] = f.get_tensor(key)
+        optimizer = {"state": optim, "param_groups": meta.pop("param_groups")}
+    except _NotACheckpoint:
+        raise
+    except Exception as exc:  # safetensors' own error types differ between its versions
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is truncated, corrupt or not a stitchops "
+            f"checkpoint ({type(exc).__name__}: {str(exc)[:120]}); use the checkpoint.safetensors "
+            "that stitchops train wrote"
+        ) from exc
     return model, optimizer, meta

@@ -89,6 +89,27 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def scan(self) -> str:
+        """Open every image's header (fast: no pixels decoded); DataError naming the first
+        unreadable one. Returns the resize policy in words: sizes found → the model's input."""
+        from PIL import Image, UnidentifiedImageError
+
+        sizes, modes = set(), set()
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as img:
+                    sizes.add(img.size)
+                    modes.add(img.mode)
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"cannot read image {path}: {exc}; remove or replace it") from exc
+        found = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (
+            f" and {len(sizes) - 3} more sizes" if len(sizes) > 3 else ""
+        )
+        target = "RGB" if self.in_chans == 3 else "grayscale"
+        return (f"images of {found} ({'/'.join(sorted(modes))}) are resized to "
+                f"{self.img_size}x{self.img_size} {target}, the model's img_size and "
+                "in_chans")  # fmt: skip
+
     def __getitem__(self, i):
         from PIL import Image, UnidentifiedImageError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -67,15 +68,38 @@ def pareto_frontier(points: list[tuple[int, float, float]]) -> list[int]:
     return frontier
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_latency_ms(model, images, patch_size=None, repeats: int = 5) -> float:
+    """Median wall time of ``model(images)`` in ms over ``repeats`` calls, after one untimed
+    warm-up call (the first call of a stitch pays for allocations and lazy set-up)."""
+    model(images, patch_size=patch_size)
+    times = []
+    for _ in range(repeats):
+        _synchronize(images.device)
+        start = time.perf_counter()
+        model(images, patch_size=patch_size)
+        _synchronize(images.device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 @torch.no_grad()
 def eval_stitches(
-    model, loader, ids=None, patch_size=None, device=None, progress=True
+    model, loader, ids=None, patch_size=None, device=None, progress=True, latency_repeats=5
 ) -> StitchTable:
-    """Top-1 accuracy, FLOPs, params and median batch latency of every stitch (or ``ids``).
+    """Top-1 accuracy, FLOPs, params and batch latency of every stitch (or ``ids``).
 
-    ``loader`` yields (images, labels); ``device`` defaults to the model's. The selected
-    stitch is restored afterwards.
+    ``loader`` yields (images, labels); ``device`` defaults to the model's. Latency: the
+    median of ``latency_repeats`` timed forwards of the first batch, after the accuracy pass
+    and one more untimed call have warmed the stitch up. The selected stitch is restored
+    afterwards.
     """
+    if latency_repeats < 1:
+        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids = list(range(len(model.stitches))) if ids is None else list(ids)
     previous, was_training = model.active, model.training
@@ -85,34 +109,20 @@ def eval_stitches(
     for sid in bar:
         stitch = model.select(sid)
         correct = total = 0
-        times = []
+        first = None
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            first = images if first is None else first
             logits = model(images, patch_size=patch_size)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
             correct += int((logits.argmax(-1) == labels).sum())
             total += labels.numel()
         if total == 0:
             raise ValueError("eval_stitches got an empty loader")
-        img_size = tuple(images.shape[-2:])  # FLOPs at the size evaluated
+        img_size = tuple(first.shape[-2:])  # FLOPs at the size evaluated
         flops = model.flops(sid, img_size=img_size, patch_size=patch_size)
-        times.sort()
-        rows.append(
-            StitchResult(
-                sid,
-                stitch.kind,
-                stitch.describe(),
-                flops,
-                stitch.params,
-                correct / total,
-                1e3 * times[len(times) // 2],
-            )
-        )
+        latency = median_latency_ms(model, first, patch_size, latency_repeats)
+        rows.append(StitchResult(sid, stitch.kind, stitch.describe(), flops, stitch.params,
+                                 correct / total, latency))  # fmt: skip
     model.select(previous)
     model.train(was_training)
     frontier = pareto_frontier([(r.id, r.flops, r.accuracy) for r in rows])

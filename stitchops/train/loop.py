@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from stitchops.models.stitched import StitchedViT
 from stitchops.train import build
 from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
-from stitchops.train.data import load_dataset
+from stitchops.train.data import DataError, load_dataset
 from stitchops.train.samplers import SAMPLERS, ESTASampler, ROSSampler, snip_score
 
 MODES = ("anchor", "snnet", "snnetv2", "esta")
@@ -189,6 +189,21 @@ def make_sampler(cfg: TrainConfig, model, seed: int):
     return SAMPLERS[cfg.sampler](flops, seed=seed)
 
 
+def check_data_fits(dataset, model_cfg, data: str) -> str:
+    """The data's classes must be the model head's, and every image readable (checked now, not
+    after an epoch); returns how images become the model's input, in words."""
+    classes = len(dataset.classes)
+    if classes != model_cfg.num_classes:
+        raise DataError(
+            f"the data ({data}) has {classes} classes but the model's head has "
+            f"{model_cfg.num_classes} outputs: add num_classes={classes} to the model spec"
+        )
+    scan = getattr(dataset, "scan", None)
+    if scan is None:  # a tensor dataset: already the model's input
+        return f"{len(dataset)} images, {classes} classes"
+    return f"{len(dataset)} images, {classes} classes; {scan()}"
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Run (or resume) training; returns the path of the final checkpoint."""
     rank, world, local_rank = _dist_info()
@@ -212,6 +227,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     stitched = isinstance(model, StitchedViT)
     in_cfg = (model.anchors[0] if stitched else model).cfg
     train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
+    policy = check_data_fits(train_set, in_cfg, cfg.data)  # before anything is written
+    if rank == 0 and cfg.progress:
+        print(f"data: {policy}", flush=True)
     if stitched and meta is None and cfg.init_images > 0:
         count = min(cfg.init_images, len(train_set))
         images = torch.stack([train_set[i][0] for i in range(count)]).to(device)
@@ -234,7 +252,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module,
             device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=True,
+            # a sampled route leaves the other anchors' blocks without gradients; an anchor
+            # trains every parameter
+            find_unused_parameters=stitched,
         )
     teacher = None
     if cfg.distill not in ("none", "inplace"):
