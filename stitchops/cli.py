@@ -114,7 +114,7 @@ def eval_cmd(args) -> int:
     check_data_fits(data, first, args.data or cfg.data)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
     if args.ids is not None:
-        unknown = [i for i in args.ids if not 0 <= i < len(model.stitches)]
+        unknown = [i for i in args.ids if i not in {s.id for s in model.stitches}]
         if unknown:
             raise ValueError(f"--ids {unknown}: {args.checkpoint} has stitches 0 to "
                              f"{len(model.stitches) - 1}")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from stitchops.models.flexi import pi_resize_patch_embed, resize_pos_embed
 from stitchops.models.flops import vit_flops
+from stitchops.models.official import OfficialLoad, load_official_checkpoint
 from stitchops.models.stitched import Stitch, StitchedViT
 from stitchops.models.vit import (
     MODELS,
@@ -20,6 +21,7 @@ from stitchops.models.vit import (
 
 __all__ = [
     "MODELS",
+    "OfficialLoad",
     "Stitch",
     "StitchedViT",
     "ViTConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "deit_base_patch16_224",
     "deit_small_patch16_224",
     "deit_tiny_patch16_224",
+    "load_official_checkpoint",
     "pi_resize_patch_embed",
     "resize_pos_embed",
     "vit_flops",

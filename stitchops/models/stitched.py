@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from stitchops.models import flops as _flops
+from stitchops.models.official import official_ids
 from stitchops.models.space import (
     RawStitch,
     Segment,
@@ -108,6 +109,13 @@ class StitchedViT(nn.Module):
         partial_windows: also stitch the pairs of the partial windows at the end, as SN-Net's
             official code does (``space.paired_points``; different only when the window
             does not end on the last block, e.g. k 3, s 2: 44 points instead of 41).
+        stitch_ids: ``"ours"`` (0 .. len(stitches) − 1 in the order of ``stitches``) or
+            ``"official"``: the official code's ids (``stitchops.models.official``), which
+            ``select``, ``flops``, ``route_parameters``, ``Stitch.id`` and ``eval_stitches``
+            then use; ``official_id`` / ``our_id`` map between the two either way.
+        final_norm_on_stitches: the anchors' final LayerNorm on stitched routes too (the
+            papers; SN-Netv2's code). SN-Net's code skips it on stitched routes, and its
+            released weights were trained so: False reproduces that.
         nearest: only neighbouring anchors stitch (SN-Net's nearest stitching).
         two_way: SN-Netv2's FS / SF / FSF / SFS space instead of SN-Net's.
         rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
@@ -125,6 +133,8 @@ class StitchedViT(nn.Module):
         alpha: float = 1.0,
         stitch_biases: bool = False,
         partial_windows: bool = False,
+        stitch_ids: str = "ours",
+        final_norm_on_stitches: bool = True,
     ) -> None:
         super().__init__()
         anchors = _check_anchors(anchors)
@@ -139,6 +149,10 @@ class StitchedViT(nn.Module):
             stitch_biases=stitch_biases,
             partial_windows=partial_windows,
         )
+        if stitch_ids not in ("ours", "official"):
+            raise ValueError(f"stitch_ids must be 'ours' or 'official', got {stitch_ids!r}")
+        self.stitch_ids = stitch_ids
+        self.final_norm_on_stitches = final_norm_on_stitches
         depths = [len(a.blocks) for a in anchors]
         if two_way:
             raw = two_way_space(depths, nearest=nearest)
@@ -161,9 +175,12 @@ class StitchedViT(nn.Module):
                 )
                 for _ in range(count)
             )
+        self._official = (
+            official_ids(raw, depths, self.options) if stitch_ids == "official" else None
+        )
         self.stitches: list[Stitch] = [self._make_stitch(i) for i in range(len(raw))]
-        self.active = len(anchors) - 1
-        self.select(self.active)
+        self.active = len(anchors) - 1  # a position in ``stitches``: the largest anchor
+        self.select(self.stitches[self.active].id)
 
     # ---------------------------------------------------------------- description
     def _make_stitch(self, i: int) -> Stitch:
@@ -171,14 +188,34 @@ class StitchedViT(nn.Module):
         depths = [len(a.blocks) for a in self.anchors]
         route = raw.route(depths)
         return Stitch(
-            i,
+            self._official[i] if self._official else i,
             raw.kind,
             raw.anchors,
             route,
             raw.points,
-            self.flops(i),
+            self._flops(i),
             self._params(route, raw.points),
         )
+
+    def official_id(self, position: int) -> int:
+        """The official code's id of ``stitches[position]`` (``stitchops.models.official``)."""
+        ids = self._official or official_ids(
+            self._raw, [len(a.blocks) for a in self.anchors], self.options
+        )
+        return ids[self._position(position, "ours")]
+
+    def our_id(self, official: int) -> int:
+        """The position in ``stitches`` of the official code's stitch ``official``."""
+        ids = self._official or official_ids(
+            self._raw, [len(a.blocks) for a in self.anchors], self.options
+        )
+        if official not in ids:
+            raise ValueError(
+                f"official stitch {official} is not in this space: the official code builds it "
+                "but never samples it (SN-Netv2's FS after the small anchor's last block), or "
+                "the space's options differ from the checkpoint's"
+            )
+        return ids.index(official)
 
     def _params(self, route, points) -> int:
         first, last = self.anchors[route[0].anchor], self.anchors[route[-1].anchor]
@@ -193,7 +230,10 @@ class StitchedViT(nn.Module):
 
     def flops(self, stitch_id: int, img_size=None, patch_size=None) -> int:
         """fvcore-style FLOPs of one image through a stitch, at any image and patch size."""
-        raw = self._raw[self._check_id(stitch_id)]
+        return self._flops(self._check_id(stitch_id), img_size, patch_size)
+
+    def _flops(self, position: int, img_size=None, patch_size=None) -> int:
+        raw = self._raw[position]
         route = raw.route([len(a.blocks) for a in self.anchors])
         cfgs = [a.cfg for a in self.anchors]
         args = (img_size, patch_size)
@@ -224,8 +264,19 @@ class StitchedViT(nn.Module):
 
     # ---------------------------------------------------------------- selection
     def _check_id(self, stitch_id) -> int:
+        """The position in ``stitches`` of ``stitch_id`` in the model's numbering."""
+        return self._position(stitch_id, self.stitch_ids)
+
+    def _position(self, stitch_id, numbering: str) -> int:
         if isinstance(stitch_id, bool) or not isinstance(stitch_id, int):
             raise TypeError(f"stitch_id must be an int, got {type(stitch_id).__name__}")
+        if numbering == "official":
+            if stitch_id not in self._official:
+                raise ValueError(
+                    f"unknown stitch id {stitch_id} (official numbering): this model's ids are "
+                    f"{[s.id for s in self.stitches][:6]}... (see model.stitches)"
+                )
+            return self._official.index(stitch_id)
         if not 0 <= stitch_id < len(self._raw):
             raise ValueError(
                 f"unknown stitch id {stitch_id}: this model has {len(self._raw)} stitches, ids "
@@ -271,6 +322,8 @@ class StitchedViT(nn.Module):
                 point = stitch.points[k]
                 tokens = self.stitch_layers[point.key][point.index](tokens)
         last = self.anchors[stitch.route[-1].anchor]
+        if stitch.points and not self.final_norm_on_stitches:
+            return last.forward_head(tokens)  # SN-Net's official stitched forward
         return last.forward_head(last.norm(tokens))
 
     # ---------------------------------------------------------------- least squares

@@ -101,8 +101,8 @@ def eval_stitches(
     if latency_repeats < 1:
         raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    ids = list(range(len(model.stitches))) if ids is None else list(ids)
-    previous, was_training = model.active, model.training
+    ids = [s.id for s in model.stitches] if ids is None else list(ids)
+    previous, was_training = model.stitches[model.active].id, model.training
     model.eval()
     rows = []
     bar = tqdm(ids, desc="evaluating stitches", disable=not progress, leave=False)
