@@ -225,7 +225,7 @@ def test_cli_eval_unknown_stitch_budget(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def torchrun(tmp_path, out, steps, resume=None):
+def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2"):
     cmd = [
         sys.executable,
         "-m",
@@ -237,10 +237,9 @@ def torchrun(tmp_path, out, steps, resume=None):
         "stitchops",
         "train",
         "--mode",
-        "snnetv2",
+        mode,
         "--anchors",
-        SMALL,
-        LARGE,
+        *((SMALL,) if mode == "anchor" else (SMALL, LARGE)),
         "--rank",
         "2",
         "--batch-size",
@@ -262,6 +261,9 @@ def torchrun(tmp_path, out, steps, resume=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("checkpoint: ") == 1, proc.stdout  # rank 0 alone says where
+    # DDP warns when told of unused parameters that are not: only routes leave some unused
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr[-3000:]
     return out / "checkpoint.safetensors"
 
 
@@ -274,6 +276,11 @@ def test_torchrun_two_processes_and_exact_resume(tmp_path):
     assert meta_a["samplers"][0] != meta_a["samplers"][1]  # each rank its own stream
     assert_same_tensors(a, b)
     assert meta_a["samplers"] == meta_b["samplers"]
+
+
+def test_torchrun_anchor_pretraining(tmp_path):
+    path = torchrun(tmp_path, tmp_path / "anchor", 2, mode="anchor")
+    assert tensors(path)[1]["step"] == 2
 
 
 def test_demo_runs_end_to_end(tmp_path):
