@@ -16,6 +16,7 @@ A stitch's route is a list of segments (anchor, blocks [start, stop)); the forwa
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -32,11 +33,17 @@ from stitchops.models.space import (
     snnet_space,
     two_way_space,
 )
-from stitchops.models.vit import VisionTransformer
+from stitchops.models.vit import VisionTransformer, image_size
 from stitchops.nn.stitching import StitchingLayer
 from stitchops.ops.least_squares import _NormalEquations
 
 _NOT_DEPLOYED = ("lora_A", "lora_B", "stitch_bias")
+
+
+def _token_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [B, prefix + gh·gw, D] → map [B, D, gh, gw]."""
+    patches = tokens[:, prefix:]
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,9 @@ class StitchedViT(nn.Module):
         final_norm_on_stitches: the anchors' final LayerNorm on stitched routes too (the
             papers; SN-Netv2's code). SN-Net's code skips it on stitched routes, and its
             released weights were trained so: False reproduces that.
+        dense: build what ``forward_features(x, out_indices)`` needs for dense prediction
+            (SN-Netv2's two-way space of two anchors): the FS stitching layer after the small
+            anchor's last block too, which projects its last level to the large width.
         nearest: only neighbouring anchors stitch (SN-Net's nearest stitching).
         two_way: SN-Netv2's FS / SF / FSF / SFS space instead of SN-Net's.
         rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
@@ -135,6 +145,7 @@ class StitchedViT(nn.Module):
         partial_windows: bool = False,
         stitch_ids: str = "ours",
         final_norm_on_stitches: bool = True,
+        dense: bool = False,
     ) -> None:
         super().__init__()
         anchors = _check_anchors(anchors)
@@ -154,6 +165,12 @@ class StitchedViT(nn.Module):
         self.stitch_ids = stitch_ids
         self.final_norm_on_stitches = final_norm_on_stitches
         depths = [len(a.blocks) for a in anchors]
+        if dense and not (two_way and len(anchors) == 2):
+            raise ValueError(
+                "dense=True needs SN-Netv2's two-way space of two anchors (two_way=True): its "
+                "levels on the small anchor are projected by the FS stitching layers"
+            )
+        self.options["dense"] = dense
         if two_way:
             raw = two_way_space(depths, nearest=nearest)
         else:
@@ -162,7 +179,10 @@ class StitchedViT(nn.Module):
         param = next(anchors[0].parameters())
         factory = {"device": param.device, "dtype": param.dtype}
         self.stitch_layers = nn.ModuleDict()
-        for key, count in layer_counts(raw).items():
+        counts = layer_counts(raw)
+        if dense:  # the FS layer after the small anchor's last block (no stitch uses it)
+            counts["0to1"] = depths[0]
+        for key, count in counts.items():
             a, b = (int(s) for s in key.split("to"))
             self.stitch_layers[key] = nn.ModuleList(
                 StitchingLayer(
@@ -311,6 +331,57 @@ class StitchedViT(nn.Module):
         return self.select(max(fits, key=key).id)
 
     # ---------------------------------------------------------------- forward
+    def default_out_indices(self) -> tuple[int, ...]:
+        """Four blocks of the largest anchor ending at its last: (9, 14, 19, 23) at depth 24,
+        SN-Netv2's choice, the same fractions (5/12, 5/8, 5/6, 1) of any other depth."""
+        depth = len(self.anchors[-1].blocks)
+        return tuple(math.ceil(depth * f) - 1 for f in (5 / 12, 5 / 8, 5 / 6, 1))
+
+    def out_indices_of(self, out_indices=None) -> list[tuple[int, ...]]:
+        """Each anchor's levels: the largest anchor's ``out_indices`` (default
+        ``default_out_indices``), mapped onto the others' block ids by nearest interpolation
+        (⌊i·d_a/d_l⌋, as SN-Netv2's code maps them)."""
+        depth = len(self.anchors[-1].blocks)
+        wanted = self.default_out_indices() if out_indices is None else tuple(out_indices)
+        if not wanted or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth for i in wanted
+        ):
+            raise ValueError(
+                f"out_indices must be block ids of the largest anchor, 0..{depth - 1}, got "
+                f"{out_indices!r}"
+            )
+        return [tuple(i * len(a.blocks) // depth for i in wanted) for a in self.anchors]
+
+    def forward_features(self, x: torch.Tensor, out_indices=None, patch_size=None):
+        """Token maps [B, D, H/p, W/p] of the active stitch for dense prediction (SN-Netv2).
+
+        The route's blocks run in order; each segment contributes its anchor's levels
+        (``out_indices_of``) among the blocks it runs, in route order. A level produced on
+        the small anchor is projected to the large anchor's width D by the FS stitching layer
+        at that block, so every level has width D. Needs ``dense=True``.
+        """
+        if not self.options.get("dense"):
+            raise ValueError("forward_features needs a StitchedViT built with dense=True")
+        levels = self.out_indices_of(out_indices)
+        stitch = self.stitches[self.active]
+        first = self.anchors[stitch.route[0].anchor]
+        grid = first.grid_size(image_size(x), patch_size)
+        tokens = first.forward_embed(x, patch_size)
+        maps = []
+        for k, seg in enumerate(stitch.route):
+            anchor = self.anchors[seg.anchor]
+            for b in range(seg.start, seg.stop):
+                tokens = anchor.blocks[b](tokens)
+                for _ in range(levels[seg.anchor].count(b)):
+                    level = tokens
+                    if seg.anchor != len(self.anchors) - 1:
+                        level = self.stitch_layers["0to1"][b](level)
+                    maps.append(_token_map(level, anchor.num_prefix_tokens, grid))
+            if k < len(stitch.points):
+                point = stitch.points[k]
+                tokens = self.stitch_layers[point.key][point.index](tokens)
+        return maps
+
     def forward(self, x: torch.Tensor, patch_size=None) -> torch.Tensor:
         """Logits [B, classes] of the active stitch for images [B, C, H, W]."""
         stitch = self.stitches[self.active]
@@ -366,6 +437,9 @@ class StitchedViT(nn.Module):
             pairs = zip(raw.anchors, raw.anchors[1:], strict=False)
             for (src, dst), p in zip(pairs, raw.points, strict=True):
                 points[(p.key, p.index)].add((src, dst, p.front, p.end))
+        if self.options.get("dense"):  # small's last block → large's last block output
+            last = len(self.anchors[0].blocks) - 1
+            points[("0to1", last)].add((0, 1, last, len(self.anchors[1].blocks)))
         return points
 
     @staticmethod
