@@ -3,6 +3,7 @@
 from stitchops.models.flexi import pi_resize_patch_embed, resize_pos_embed
 from stitchops.models.flops import vit_flops
 from stitchops.models.official import OfficialLoad, load_official_checkpoint
+from stitchops.models.segmentation import FPNDecoder, MultiScaleNeck, Segmenter
 from stitchops.models.stitched import Stitch, StitchedViT
 from stitchops.models.vit import (
     MODELS,
@@ -21,7 +22,10 @@ from stitchops.models.vit import (
 
 __all__ = [
     "MODELS",
+    "FPNDecoder",
+    "MultiScaleNeck",
     "OfficialLoad",
+    "Segmenter",
     "Stitch",
     "StitchedViT",
     "ViTConfig",
