@@ -1,0 +1,242 @@
+"""Segmentation data: folder readers, joint image-mask augmentation, a generated set.
+
+* ``SegmentationFolder``: the ADE20K layout (``images/{training,validation}/*.jpg`` with
+  ``annotations/{training,validation}/*.png`` of class ids, paired by file stem;
+  ``reduce_zero_label`` as ADE20K needs: 0 "other" becomes the ignore index 255 and every
+  other id drops by one, as mmseg does) or a plain one (``images/`` + ``masks/``).
+* ``SegAugment``: random resize within a ratio range, random crop padded with the ignore
+  label, horizontal flip, photometric jitter; the image and its mask move together.
+* ``GeneratedShapes``: a segmentation set made on the fly, deterministic by seed, with no
+  files: five object classes of distinct shapes and textures (disc, square, triangle, ring,
+  cross) in random colours, sizes and positions, drawn over a textured background (class 0)
+  so that later objects occlude earlier ones.
+
+Images are float [3, H, W] in [0, 1] (normalised by ``normalize``); masks int64 [H, W].
+Errors about the data are ``DataError``s naming the file and what is expected.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stitchops.train.data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, DataError
+
+IGNORE_INDEX = 255
+ADE20K_SPLITS = {"train": "training", "val": "validation"}
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] in [0, 1] → ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    return (image - mean) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder} does not exist or is not a folder")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """Image-mask pairs of a folder (module docstring); ``split`` "train" or "val".
+
+    ``num_classes``: every mask id must be below it or the ignore index (checked per item,
+    and for the whole set by ``scan``).
+    """
+
+    def __init__(self, root, split: str = "train", layout: str = "ade20k",
+                 reduce_zero_label: bool | None = None, num_classes: int | None = None,
+                 transform=None) -> None:  # fmt: skip
+        root = Path(root)
+        if layout == "ade20k":
+            if split not in ADE20K_SPLITS:
+                raise DataError(f"split must be 'train' or 'val', got {split!r}")
+            images = _files(root / "images" / ADE20K_SPLITS[split])
+            masks = _files(root / "annotations" / ADE20K_SPLITS[split])
+            reduce_zero_label = True if reduce_zero_label is None else reduce_zero_label
+        elif layout == "plain":
+            images, masks = _files(root / "images"), _files(root / "masks")
+            reduce_zero_label = bool(reduce_zero_label)
+        else:
+            raise DataError(f"layout must be 'ade20k' or 'plain', got {layout!r}")
+        lonely = sorted(set(images) ^ set(masks))
+        if lonely or not images:
+            which = [f"{images.get(n) or masks.get(n)}" for n in lonely[:3]]
+            raise DataError(
+                f"{root}: every image needs a mask of the same name and the reverse; "
+                + (f"unpaired: {', '.join(which)}" if lonely else "no images found")
+            )
+        self.pairs = [(images[n], masks[n]) for n in sorted(images)]
+        self.reduce_zero_label, self.num_classes = reduce_zero_label, num_classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image, UnidentifiedImageError
+
+        image_path, mask_path = self.pairs[i]
+        try:
+            with Image.open(image_path) as img:
+                rgb = np.asarray(img.convert("RGB"))
+            with Image.open(mask_path) as m:
+                if m.mode not in ("L", "P", "I", "I;16"):
+                    raise DataError(f"mask {mask_path} is {m.mode}, not a map of class ids")
+                ids = np.asarray(m, dtype=np.int64)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read {image_path} or {mask_path}: {exc}") from exc
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+        mask = torch.from_numpy(ids.copy())
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise DataError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{image_path} is {image.shape[2]}x{image.shape[1]}"
+            )
+        if self.reduce_zero_label:
+            mask = torch.where(mask == 0, IGNORE_INDEX + 1, mask) - 1
+        self._check_labels(mask, mask_path)
+        return image, mask
+
+    def _check_labels(self, mask: torch.Tensor, path) -> None:
+        if self.num_classes is None:
+            return
+        bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            raise DataError(
+                f"mask {path} holds class id {int(mask[bad][0])}: ids must be below "
+                f"num_classes {self.num_classes} or the ignore index {IGNORE_INDEX}"
+            )
+
+    def scan(self) -> None:
+        """Read every pair once (before training): DataError naming the first bad file."""
+        for i in range(len(self)):
+            self._read(i)
+
+    def __getitem__(self, i):
+        image, mask = self._read(i)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return normalize(image), mask
+
+
+class SegAugment:
+    """Random resize (ratio in ``ratio_range`` of ``scale``, aspect kept), random crop of
+    ``crop`` × ``crop`` padded with 0 / the ignore label, horizontal flip, photometric jitter
+    (brightness, contrast, saturation). Called as ``(image, mask) → (image, mask)``."""
+
+    def __init__(self, crop: int, scale: int | None = None, ratio_range=(0.5, 2.0),
+                 flip: float = 0.5, jitter: float = 0.2, generator=None) -> None:  # fmt: skip
+        if crop < 1:
+            raise ValueError(f"crop must be >= 1, got {crop}")
+        self.crop, self.scale, self.ratio_range = crop, scale or crop, ratio_range
+        self.flip, self.jitter = flip, jitter
+        self.generator = generator or torch.Generator().manual_seed(0)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=self.generator).item()
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor):
+        h, w = image.shape[-2:]
+        factor = self._uniform(*self.ratio_range) * self.scale / max(h, w)
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        pad_h, pad_w = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+        mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        top = int(self._uniform(0, image.shape[1] - self.crop + 1 - 1e-9))
+        left = int(self._uniform(0, image.shape[2] - self.crop + 1 - 1e-9))
+        image = image[:, top : top + self.crop, left : left + self.crop]
+        mask = mask[top : top + self.crop, left : left + self.crop]
+        if self._uniform(0, 1) < self.flip:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if self.jitter:
+            j = self.jitter
+            image = image * self._uniform(1 - j, 1 + j)  # brightness
+            mean = image.mean()
+            image = (image - mean) * self._uniform(1 - j, 1 + j) + mean  # contrast
+            gray = image.mean(0, keepdim=True)
+            image = (image - gray) * self._uniform(1 - j, 1 + j) + gray  # saturation
+            image = image.clamp(0, 1)
+        return image, mask
+
+
+SHAPE_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross")
+
+
+class GeneratedShapes(torch.utils.data.Dataset):
+    """``length`` generated images of ``size`` × ``size`` (module docstring); item i is the
+    same for every run with the same ``seed``. Six classes: background and five shapes."""
+
+    classes = SHAPE_CLASSES
+
+    def __init__(self, length: int = 256, size: int = 64, seed: int = 0, max_objects: int = 4,
+                 transform=None) -> None:  # fmt: skip
+        if length < 1 or size < 8:
+            raise ValueError(f"length must be >= 1 and size >= 8, got {length}, {size}")
+        self.length, self.size, self.seed, self.max_objects = length, size, seed, max_objects
+        self.transform = transform
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        self.ys, self.xs = ys.float() + 0.5, xs.float() + 0.5
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _shape(self, kind: int, cy: float, cx: float, r: float, angle: float) -> torch.Tensor:
+        dy, dx = self.ys - cy, self.xs - cx
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy  # rotated coordinates
+        dist = torch.sqrt(dx**2 + dy**2)
+        if kind == 1:  # disc
+            return dist <= r
+        if kind == 2:  # square
+            return (u.abs() <= r * 0.8) & (v.abs() <= r * 0.8)
+        if kind == 3:  # triangle
+            return (v <= r * 0.5) & (v >= -r + 2 * u.abs() * 0.9)
+        if kind == 4:  # ring
+            return (dist <= r) & (dist >= r * 0.55)
+        return ((u.abs() <= r * 0.3) & (v.abs() <= r)) | ((v.abs() <= r * 0.3) & (u.abs() <= r))
+
+    def _texture(self, kind: int, g: torch.Generator) -> torch.Tensor:
+        """A [size, size] pattern in [0, 1], one family per class: stripes, checks, dots..."""
+        f = 2 * math.pi / (3 + 4 * torch.rand((), generator=g).item())
+        y, x = self.ys, self.xs
+        patterns = {
+            0: 0.5 + 0.15 * torch.sin(f * 0.5 * (x + y)),  # background: slow waves
+            1: 0.5 + 0.5 * torch.sin(f * x),  # disc: vertical stripes
+            2: ((torch.floor(x * f) + torch.floor(y * f)) % 2).float(),  # square: checks
+            3: 0.5 + 0.5 * torch.sin(f * (x - y)),  # triangle: diagonal stripes
+            4: (torch.sin(f * x) * torch.sin(f * y) > 0.3).float(),  # ring: dots
+            5: torch.ones_like(x),  # cross: flat
+        }
+        return patterns[kind]
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} images")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        rand = lambda: torch.rand((), generator=g).item()  # noqa: E731
+        base = torch.rand(3, 1, 1, generator=g) * 0.5 + 0.25
+        image = base * (0.7 + 0.3 * self._texture(0, g)) + 0.05 * torch.randn(
+            3, self.size, self.size, generator=g
+        )
+        mask = torch.zeros(self.size, self.size, dtype=torch.int64)
+        for _ in range(1 + int(rand() * self.max_objects)):
+            kind = 1 + int(rand() * 5)
+            r = self.size * (0.1 + 0.18 * rand())
+            region = self._shape(kind, rand() * self.size, rand() * self.size, r, rand() * math.pi)
+            colour = torch.rand(3, 1, 1, generator=g)
+            pattern = self._texture(kind, g)
+            fill = colour * (0.45 + 0.55 * pattern) + (1 - colour) * 0.1 * (1 - pattern)
+            image = torch.where(region, fill, image)
+            mask[region] = kind
+        image = image.clamp(0, 1)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return normalize(image), mask
