@@ -101,33 +101,67 @@ def train_cmd(args) -> int:
 def eval_cmd(args) -> int:
     import torch
 
-    from stitchops.train.data import load_dataset
-    from stitchops.train.evaluate import eval_stitches, plot_stitches
-    from stitchops.train.loop import check_data_fits, load_trained
+    from stitchops.train.loop import load_trained
 
     device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_trained(args.checkpoint, device)
+    if args.task is not None and args.task != cfg.task:
+        raise ValueError(f"{args.checkpoint} is a {cfg.task} model, not {args.task}")
+    table = (_eval_seg if cfg.task == "seg" else _eval_cls)(model, cfg, args, device)
+    print(table.format())
+    out = Path(args.out or Path(args.checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stitches.json").write_text(table.to_json())
+    from stitchops.train.evaluate import plot_stitches
+
+    plot_stitches(table, out / "stitches.png", title=f"{cfg.mode}: every stitch")
+    print(f"wrote {out / 'stitches.json'} and {out / 'stitches.png'}")
+    return 0
+
+
+def _check_ids(ids, known: set[int], checkpoint) -> None:
+    unknown = [i for i in ids or () if i not in known]
+    if unknown:
+        raise ValueError(f"--ids {unknown}: {checkpoint} has stitches {sorted(known)[:3]} to "
+                         f"{max(known)}")  # fmt: skip
+
+
+def _eval_cls(model, cfg, args, device):
+    import torch
+
+    from stitchops.train.data import load_dataset
+    from stitchops.train.evaluate import eval_stitches
+    from stitchops.train.loop import check_data_fits
+
     if not hasattr(model, "stitches"):
         raise ValueError(f"{args.checkpoint} holds a single anchor, not a stitched model")
     first = model.anchors[0].cfg
     data = load_dataset(args.data or cfg.data, "val", first.img_size, first.in_chans)
     check_data_fits(data, first, args.data or cfg.data)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
-    if args.ids is not None:
-        unknown = [i for i in args.ids if i not in {s.id for s in model.stitches}]
-        if unknown:
-            raise ValueError(f"--ids {unknown}: {args.checkpoint} has stitches 0 to "
-                             f"{len(model.stitches) - 1}")  # fmt: skip
-    table = eval_stitches(model, loader, ids=args.ids, patch_size=args.patch_size,
-                          device=device, progress=not args.no_progress,
-                          latency_repeats=args.latency_repeats)  # fmt: skip
-    print(table.format())
-    out = Path(args.out or Path(args.checkpoint).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stitches.json").write_text(table.to_json())
-    plot_stitches(table, out / "stitches.png", title=f"{cfg.mode}: every stitch")
-    print(f"wrote {out / 'stitches.json'} and {out / 'stitches.png'}")
-    return 0
+    _check_ids(args.ids, {s.id for s in model.stitches}, args.checkpoint)
+    return eval_stitches(model, loader, ids=args.ids, patch_size=args.patch_size, device=device,
+                         progress=not args.no_progress,
+                         latency_repeats=args.latency_repeats)  # fmt: skip
+
+
+def _eval_seg(model, cfg, args, device):
+    import torch
+
+    from stitchops.train.evaluate import eval_seg_stitches
+    from stitchops.train.segdata import load_seg_dataset
+
+    backbone = model.backbone
+    first = (backbone.anchors[0] if hasattr(backbone, "anchors") else backbone).cfg
+    data = load_seg_dataset(args.data or cfg.data, "val", first, model.num_classes, cfg.seed)
+    # folder images differ in size: one at a time; generated ones stack
+    batch = args.batch_size if (args.data or cfg.data) == "shapes" else 1
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=args.workers)
+    if hasattr(backbone, "stitches"):
+        _check_ids(args.ids, {s.id for s in backbone.stitches}, args.checkpoint)
+    return eval_seg_stitches(model, loader, ids=args.ids, device=device,
+                             progress=not args.no_progress,
+                             latency_repeats=args.latency_repeats)  # fmt: skip
 
 
 def _device(name: str):
@@ -217,15 +251,21 @@ def _add_train_parser(sub) -> None:
     )
     p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta"], default="snnetv2",
                    help="what to train [snnetv2]")  # fmt: skip
+    p.add_argument("--task", choices=["cls", "seg"], help="classification, or semantic "
+                   "segmentation with a Segmenter head (modes anchor, snnetv2) [cls]")  # fmt: skip
+    p.add_argument("--decoder", choices=["linear", "mask", "setr"], help="segmentation head: "
+                   "Segmenter's linear or mask transformer, SETR's naive [linear]")  # fmt: skip
+    p.add_argument("--schedule", choices=["cosine", "poly"],
+                   help="learning-rate decay [cosine for cls, poly for seg]")  # fmt: skip
     p.add_argument("--anchors", nargs="+", metavar="SPEC",
                    help="model specs, cheapest first, e.g. deit_small_patch16_224 or "
                    "vit_small_test:embed_dim=64 (keys below)")  # fmt: skip
     p.add_argument("--anchor-weights", nargs="+", metavar="FILE",
                    help="one .safetensors/.pth per anchor (timm or stitchops "
                    "checkpoints)")  # fmt: skip
-    p.add_argument(
-        "--data", help=f"'digits' (bundled) or an ImageFolder folder [{_default('data')}]"
-    )
+    p.add_argument("--data", help="'digits' (bundled) or an ImageFolder folder; with --task seg "
+                   "'shapes' (generated) or an ADE20K-layout or images/ + masks/ folder "
+                   "[digits; shapes for seg]")  # fmt: skip
     p.add_argument("--out", help=f"output folder: checkpoint, log.jsonl [{_default('out')}]")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from it")
     for name, kind, what in _TRAIN_NUMBERS:
@@ -270,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate every stitch of a checkpoint; table and plot",
                        formatter_class=defaults)  # fmt: skip
     p.add_argument("checkpoint", help="a stitched model's checkpoint (.safetensors)")
+    p.add_argument("--task", choices=["cls", "seg"], help="what the checkpoint must be "
+                   "(default: whatever it is: accuracy for cls, mIoU for seg)")  # fmt: skip
     p.add_argument("--data", help="'digits' or an ImageFolder folder (default: the data the "
                    "model was trained on)")  # fmt: skip
     p.add_argument("--ids", type=_ints, metavar="ID,ID,...", help="evaluate only these stitches "

@@ -225,7 +225,16 @@ def test_cli_eval_unknown_stitch_budget(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2"):
+SEG_SMALL = "vit_small_test:img_size=16,patch_size=4,in_chans=3,num_classes=6,embed_dim=16,depth=2,num_heads=2"  # noqa: E501
+SEG_LARGE = "vit_small_test:img_size=16,patch_size=4,in_chans=3,num_classes=6,embed_dim=32,depth=4,num_heads=2"  # noqa: E501
+
+
+def _specs(mode: str, task: str) -> tuple[str, ...]:
+    specs = (SEG_SMALL, SEG_LARGE) if task == "seg" else (SMALL, LARGE)
+    return specs[-1:] if mode == "anchor" else specs
+
+
+def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls"):
     cmd = [
         sys.executable,
         "-m",
@@ -238,8 +247,10 @@ def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2"):
         "train",
         "--mode",
         mode,
+        "--task",
+        task,
         "--anchors",
-        *((SMALL,) if mode == "anchor" else (SMALL, LARGE)),
+        *_specs(mode, task),
         "--rank",
         "2",
         "--batch-size",
@@ -276,6 +287,52 @@ def test_torchrun_two_processes_and_exact_resume(tmp_path):
     assert meta_a["samplers"][0] != meta_a["samplers"][1]  # each rank its own stream
     assert_same_tensors(a, b)
     assert meta_a["samplers"] == meta_b["samplers"]
+
+
+def test_torchrun_segmentation_three_steps_and_exact_resume(tmp_path):
+    """--task seg on two processes: SN-Netv2's dense stitching with one shared head."""
+    full = torchrun(tmp_path, tmp_path / "full", 3, task="seg")
+    part = torchrun(tmp_path, tmp_path / "part", 2, task="seg")
+    resumed = torchrun(tmp_path, tmp_path / "part", 3, resume=part, task="seg")
+    (a, meta_a), (b, meta_b) = tensors(full), tensors(resumed)
+    assert meta_a["step"] == 3 and meta_a["config"]["task"] == "seg"
+    assert any(k.startswith("model.decoder.") for k in a)
+    assert_same_tensors(a, b)
+    assert meta_a["samplers"] == meta_b["samplers"]
+
+
+def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "seg"
+    assert main(["train", "--mode", "anchor", "--task", "seg", "--decoder", "mask",
+                 "--anchors", SEG_LARGE, "--max-steps", "2", "--batch-size", "4",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert main(["eval", str(out / "checkpoint.safetensors"), "--task", "seg",
+                 "--no-progress", "--latency-repeats", "1"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "mIoU %" in text
+    rows = json.loads((out / "stitches.json").read_text())
+    assert rows["metric"] == "mIoU" and 0 <= rows["rows"][0]["accuracy"] <= 1
+    assert rows["rows"][0]["flops"] > 0
+    for args, words in (
+        (["--mode", "snnet", "--anchors", SEG_SMALL, SEG_LARGE], "--task seg trains"),
+        (["--mode", "anchor", "--anchors", SEG_LARGE.replace("num_classes=6", "num_classes=5")],
+         "shapes data has 6 classes"),
+        (["--mode", "anchor", "--anchors", SEG_LARGE.replace("in_chans=3", "in_chans=1")],
+         "in_chans=3"),
+    ):  # fmt: skip
+        assert main(["train", "--task", "seg", "--max-steps", "1", "--out", str(tmp_path / "x"),
+                     *args]) == 2  # fmt: skip
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_poly_schedule():
+    from stitchops.train.loop import _lr
+
+    cfg = TrainConfig(anchors=[SMALL], mode="anchor", task="seg", lr=1.0, min_lr=0.0).resolved()
+    assert cfg.schedule == "poly" and cfg.data == "shapes"
+    assert _lr(cfg, 0, 10) == 1.0 and _lr(cfg, 5, 10) == pytest.approx(0.5**0.9)
+    assert TrainConfig(anchors=[SMALL], mode="anchor").resolved().schedule == "cosine"
 
 
 def test_torchrun_anchor_pretraining(tmp_path):

@@ -1,4 +1,5 @@
-"""Measure every stitch: accuracy, FLOPs, parameters and latency; Pareto frontier; plot."""
+"""Measure every stitch: accuracy (classifiers) or mIoU (segmentation), FLOPs, parameters
+and latency; Pareto frontier; plot."""
 
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ class StitchTable:
     rows: list[StitchResult]
     device: str
     frontier: list[int] = field(default_factory=list)
+    metric: str = "top-1 accuracy"  # what ``StitchResult.accuracy`` holds ("mIoU", ...)
 
     def accuracy(self) -> dict[int, float]:
         return {r.id: r.accuracy for r in self.rows}
 
     def format(self) -> str:
         lines = [
-            f"{'id':>4} {'kind':6} {'MFLOPs':>10} {'params(M)':>9} {'acc %':>6} "
+            f"{'id':>4} {'kind':6} {'MFLOPs':>10} {'params(M)':>9} "
+            f"{'mIoU %' if self.metric == 'mIoU' else 'acc %':>6} "
             f"{'ms/batch':>8} {'pareto':6} route"
         ]
         for r in sorted(self.rows, key=lambda r: r.flops):
@@ -51,6 +54,7 @@ class StitchTable:
         return json.dumps(
             {
                 "device": self.device,
+                "metric": self.metric,
                 "frontier": self.frontier,
                 "rows": [asdict(r) for r in self.rows],
             },
@@ -131,6 +135,53 @@ def eval_stitches(
     return StitchTable(rows, str(device), frontier)
 
 
+@torch.no_grad()
+def eval_seg_stitches(
+    model, loader, ids=None, device=None, progress=True, latency_repeats=5
+) -> StitchTable:
+    """mIoU, FLOPs (backbone route + head), params and batch latency of every stitch (or
+    ``ids``) of a ``Segmenter`` whose backbone is a dense ``StitchedViT``, or of the one model
+    when it is not stitched (id 0). ``loader`` yields (images, masks); whole-image inference.
+    """
+    from stitchops.models.segflops import segmenter_flops, segmenter_params
+    from stitchops.train.segmetrics import ConfusionMatrix
+
+    if latency_repeats < 1:
+        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    stitched = getattr(model.backbone, "stitches", None)
+    all_ids = [s.id for s in stitched] if stitched is not None else [0]
+    ids = all_ids if ids is None else list(ids)
+    previous = model.backbone.stitches[model.backbone.active].id if stitched else None
+    was_training = model.training
+    model.eval()
+    rows = []
+    for sid in tqdm(ids, desc="evaluating stitches", disable=not progress, leave=False):
+        stitch = model.backbone.select(sid) if stitched is not None else None
+        matrix = ConfusionMatrix(model.num_classes, device=device)
+        first = None
+        for images, masks in loader:
+            images, masks = images.to(device), masks.to(device)
+            first = images if first is None else first
+            matrix.update(model.predict(images).argmax(1), masks)
+        if first is None:
+            raise ValueError("eval_seg_stitches got an empty loader")
+        matrix.all_reduce()
+        img_size = tuple(first.shape[-2:])
+        rows.append(StitchResult(
+            sid, stitch.kind if stitch else "anchor", stitch.describe() if stitch else "model",
+            segmenter_flops(model, img_size), segmenter_params(model), matrix.scores()["mIoU"],
+            median_latency_ms(model, first, None, latency_repeats),
+        ))  # fmt: skip
+    if stitched is not None:
+        model.backbone.select(previous)
+    model.train(was_training)
+    frontier = pareto_frontier([(r.id, r.flops, r.accuracy) for r in rows])
+    for r in rows:
+        r.on_frontier = r.id in frontier
+    return StitchTable(rows, str(device), frontier, metric="mIoU")
+
+
 def plot_stitches(table: StitchTable, path, title: str = "stitches") -> None:
     """PNG of accuracy vs GFLOPs: every stitch, the Pareto frontier, the anchors as stars."""
     try:
@@ -172,7 +223,7 @@ def plot_stitches(table: StitchTable, path, title: str = "stitches") -> None:
         label="anchors",
     )
     ax.set_xlabel(f"{unit}FLOPs per image")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(f"{table.metric} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

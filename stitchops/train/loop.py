@@ -1,11 +1,14 @@
-"""Training: anchors (pretraining), SN-Net, SN-Netv2 and ESTA, one loop.
+"""Training: anchors (pretraining), SN-Net, SN-Netv2 and ESTA, one loop, for classification
+(``task="cls"``) or semantic segmentation (``task="seg"``: a ``Segmenter`` head on the anchor
+or on a dense SN-Netv2 ``StitchedViT``, per-pixel cross-entropy with ignore index 255).
 
-Plain PyTorch: AdamW, linear warm-up then cosine decay (set per step, so a resumed run has
-exactly the same schedule), AMP (bf16 autocast) on CUDA, gradient clipping, tqdm progress,
-a JSON-lines log (step, epoch, stitch, patch size, loss, lr) and safetensors checkpoints that
-resume exactly. Multi-process through ``torchrun`` (DDP: gloo on CPU, nccl on GPU): every
-process samples its own stitch from its own stream (seed + rank), as SN-Net does; parameters
-outside the sampled routes get zero gradients through ``find_unused_parameters``.
+Plain PyTorch: AdamW, linear warm-up then cosine decay or mmseg's poly decay (set per step,
+so a resumed run has exactly the same schedule), AMP (bf16 autocast) on CUDA, gradient
+clipping, tqdm progress, a JSON-lines log (step, epoch, stitch, patch size, loss, lr) and
+safetensors checkpoints that resume exactly. Multi-process through ``torchrun`` (DDP: gloo
+on CPU, nccl on GPU): every process samples its own stitch from its own stream (seed +
+rank), as SN-Net does; parameters outside the sampled routes get zero gradients through
+``find_unused_parameters``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stitchops.models.segmentation import DECODERS, Segmenter
 from stitchops.models.stitched import StitchedViT
 from stitchops.train import build
 from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
 from stitchops.train.data import DataError, load_dataset
 from stitchops.train.samplers import SAMPLERS, ESTASampler, ROSSampler, snip_score
+from stitchops.train.segdata import IGNORE_INDEX, load_seg_dataset
 
 MODES = ("anchor", "snnet", "snnetv2", "esta")
+TASKS = ("cls", "seg")
+SCHEDULES = ("cosine", "poly")
 MODE_DEFAULTS = {
     "snnet": dict(two_way=False, rank=0, sampler="uniform"),
     "snnetv2": dict(two_way=True, rank=16, sampler="ros"),
@@ -42,6 +49,9 @@ class TrainConfig:
     """Everything a run needs; saved in every checkpoint. ``rank = -1``: ESTA's d_out / 4."""
 
     mode: str = "snnetv2"
+    task: str = "cls"  # "cls" (classification) or "seg" (semantic segmentation)
+    decoder: str = "linear"  # seg: Segmenter's "linear" or "mask", or SETR's "setr"
+    schedule: str | None = None  # "cosine" or "poly" (default: cosine for cls, poly for seg)
     anchors: list[str] = field(default_factory=list)
     anchor_weights: list[str] | None = None
     data: str = "digits"
@@ -96,6 +106,21 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "seg":
+            if self.mode not in ("anchor", "snnetv2"):
+                raise ValueError(
+                    f"--task seg trains --mode anchor or snnetv2 (SN-Netv2's dense stitching), "
+                    f"got {self.mode!r}"
+                )
+            if self.decoder not in DECODERS:
+                raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+            if self.data == "digits":
+                self.data = "shapes"
+        self.schedule = self.schedule or ("poly" if self.task == "seg" else "cosine")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         return self
 
 
@@ -103,6 +128,12 @@ def _dist_info() -> tuple[int, int, int]:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     return 0, 1, 0
+
+
+def stitched_part(model):
+    """The StitchedViT of a model (itself, or a Segmenter's backbone), or None."""
+    backbone = model.backbone if isinstance(model, Segmenter) else model
+    return backbone if isinstance(backbone, StitchedViT) else None
 
 
 class _Step(torch.nn.Module):
@@ -113,13 +144,14 @@ class _Step(torch.nn.Module):
         self.model = model
 
     def forward(self, x, stitch_id, teacher_id, patch_size):
-        if not isinstance(self.model, StitchedViT):
+        stitched = stitched_part(self.model)
+        if stitched is None:
             return self.model(x, patch_size=patch_size), None
         teacher = None
         if teacher_id is not None:
-            self.model.select(teacher_id)
+            stitched.select(teacher_id)
             teacher = self.model(x, patch_size=patch_size)
-        self.model.select(stitch_id)
+        stitched.select(stitch_id)
         return self.model(x, patch_size=patch_size), teacher
 
 
@@ -147,10 +179,13 @@ class _Batches(torch.utils.data.Sampler):
 
 
 def _lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up, then cosine or poly (mmseg's: (1 − progress)^0.9) decay to min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, total - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "poly":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - progress) ** 0.9
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -158,7 +193,10 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
     """The model a config describes (weights of anchors loaded when ``with_weights``)."""
     weights = cfg.anchor_weights if with_weights else None
     if cfg.mode == "anchor":
-        return build.build_anchor(cfg.anchors[0], weights[0] if weights else None)
+        anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None)
+        if cfg.task == "seg":
+            return Segmenter(anchor, anchor.cfg.num_classes, cfg.decoder)
+        return anchor
     anchors = build.build_anchors(cfg.anchors, weights)
     rank = cfg.rank
     if rank == -1:  # ESTA: d_out / 4 for every stitching layer (one rank for the model)
@@ -173,9 +211,12 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
         rank=rank,
         alpha=cfg.alpha,
         stitch_biases=cfg.stitch_biases,
+        dense=cfg.task == "seg",
     )
     if cfg.mode == "esta":
         model.enable_pst(cfg.pst_rank, cfg.alpha)
+    if cfg.task == "seg":  # one head on the large anchor's width, shared by every stitch
+        return Segmenter(model, anchors[-1].cfg.num_classes, cfg.decoder)
     return model
 
 
@@ -224,19 +265,25 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, with_weights=meta is None).to(device)
-    stitched = isinstance(model, StitchedViT)
-    in_cfg = (model.anchors[0] if stitched else model).cfg
-    train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
-    policy = check_data_fits(train_set, in_cfg, cfg.data)  # before anything is written
+    stitched = stitched_part(model)  # the StitchedViT that routes run through, or None
+    backbone = model.backbone if isinstance(model, Segmenter) else model
+    in_cfg = (backbone.anchors[0] if stitched is not None else backbone).cfg
+    seg = cfg.task == "seg"
+    if seg:
+        train_set = load_seg_dataset(cfg.data, "train", in_cfg, in_cfg.num_classes, cfg.seed)
+        policy = f"{len(train_set)} images; {train_set.describe()}"
+    else:
+        train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
+        policy = check_data_fits(train_set, in_cfg, cfg.data)  # before anything is written
     if rank == 0 and cfg.progress:
         print(f"data: {policy}", flush=True)
-    if stitched and meta is None and cfg.init_images > 0:
+    if stitched is not None and meta is None and cfg.init_images > 0:
         count = min(cfg.init_images, len(train_set))
         images = torch.stack([train_set[i][0] for i in range(count)]).to(device)
-        model.init_stitching_layers(images.split(cfg.batch_size))
+        stitched.init_stitching_layers(images.split(cfg.batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = make_sampler(cfg, model, cfg.seed + rank) if stitched else None
+    sampler = make_sampler(cfg, stitched, cfg.seed + rank) if stitched is not None else None
     patch_rng = random.Random(cfg.seed + 1000 + rank)
     start = 0
     if meta is not None:
@@ -252,9 +299,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module,
             device_ids=[device] if device.type == "cuda" else None,
-            # a sampled route leaves the other anchors' blocks without gradients; an anchor
+            # a sampled route leaves the other anchors' blocks without gradients (and a
+            # segmentation backbone its classifier's norm and head); an anchor classifier
             # trains every parameter
-            find_unused_parameters=stitched,
+            find_unused_parameters=stitched is not None or seg,
         )
     teacher = None
     if cfg.distill not in ("none", "inplace"):
@@ -277,7 +325,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = (out / "log.jsonl").open("a") if rank == 0 else None
     amp = cfg.amp and device.type == "cuda"
-    teacher_id = len(model.anchors) - 1 if stitched and cfg.distill == "inplace" else None
+    inplace = stitched is not None and cfg.distill == "inplace"
+    teacher_id = len(stitched.anchors) - 1 if inplace else None
     model.train()
     bar = tqdm(
         total=stop, initial=start, desc=f"train {cfg.mode}", disable=not cfg.progress or rank != 0
@@ -302,15 +351,15 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         patch = patch_rng.choice(cfg.patch_sizes) if cfg.patch_sizes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, teacher_logits = step_module(images, sid, teacher_id, patch)
-            loss = F.cross_entropy(logits.float(), labels)
+            # labels [B] or masks [B, H, W] (pixels of 255 ignored); argmax(1) is over classes
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
             if teacher_logits is not None:
-                hard = teacher_logits.detach().argmax(-1)
-                loss = F.cross_entropy(teacher_logits.float(), labels) + F.cross_entropy(
-                    logits.float(), hard
-                )
+                hard = teacher_logits.detach().argmax(1)
+                loss = F.cross_entropy(teacher_logits.float(), labels, ignore_index=IGNORE_INDEX)
+                loss = loss + F.cross_entropy(logits.float(), hard)
             elif teacher is not None:
                 with torch.no_grad():
-                    hard = teacher(images, patch_size=patch).argmax(-1)
+                    hard = teacher(images, patch_size=patch).argmax(1)
                 loss = 0.5 * loss + 0.5 * F.cross_entropy(logits.float(), hard)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -322,7 +371,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         if isinstance(sampler, ESTASampler):
-            score = snip_score(model.get_parameter(n) for n in model.route_parameters(sid))
+            route = stitched.route_parameters(sid)
+            score = snip_score(stitched.get_parameter(n) for n in route)
             for s, q in _gather((sid, score)) if world > 1 else [(sid, score)]:
                 sampler.update(s, q)
         optimizer.step()

@@ -118,6 +118,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
         for i in range(len(self)):
             self._read(i)
 
+    def describe(self) -> str:
+        aug = "random resize, crop, flip and jitter" if self.transform else "as they are"
+        return (f"image-mask pairs of {self.pairs[0][0].parent.parent}, {aug}"
+                + (", zero label ignored" if self.reduce_zero_label else ""))  # fmt: skip
+
     def __getitem__(self, i):
         image, mask = self._read(i)
         if self.transform is not None:
@@ -188,6 +193,10 @@ class GeneratedShapes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def describe(self) -> str:
+        return (f"generated shapes, {self.size}x{self.size}, {len(self.classes)} classes, "
+                f"seed {self.seed}")  # fmt: skip
+
     def _shape(self, kind: int, cy: float, cx: float, r: float, angle: float) -> torch.Tensor:
         dy, dx = self.ys - cy, self.xs - cx
         c, s = math.cos(angle), math.sin(angle)
@@ -240,3 +249,32 @@ class GeneratedShapes(torch.utils.data.Dataset):
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return normalize(image), mask
+
+
+def load_seg_dataset(data: str, split: str, model_cfg, num_classes: int, seed: int = 0):
+    """``"shapes"`` (generated: 512 training and 128 validation images at the model's
+    img_size, disjoint seeds) or a folder (ADE20K layout if it has ``images/training``, else
+    ``images/`` + ``masks/``; training crops of img_size with ``SegAugment``). Checked now:
+    RGB input, the classes against ``num_classes``, every pair readable (``scan``)."""
+    if model_cfg.in_chans != 3:
+        raise DataError(
+            f"segmentation images are RGB but the model takes in_chans={model_cfg.in_chans}: "
+            "add in_chans=3 to the model spec"
+        )
+    if data == "shapes":
+        classes = len(GeneratedShapes.classes)
+        if num_classes != classes:
+            raise DataError(
+                f"the shapes data has {classes} classes but the model's head has {num_classes} "
+                f"outputs: add num_classes={classes} to the model spec"
+            )
+        length = 512 if split == "train" else 128
+        return GeneratedShapes(length, model_cfg.img_size, seed=2 * seed + (split != "train"))
+    root = Path(data)
+    layout = "ade20k" if (root / "images" / "training").is_dir() else "plain"
+    transform = SegAugment(model_cfg.img_size, generator=torch.Generator().manual_seed(seed))
+    dataset = SegmentationFolder(root, split if layout == "ade20k" else "train", layout,
+                                 num_classes=num_classes,
+                                 transform=transform if split == "train" else None)  # fmt: skip
+    dataset.scan()
+    return dataset
