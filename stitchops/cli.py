@@ -1,6 +1,7 @@
 """Command line (also ``python -m stitchops``).
 
-stitchops demo     SN-Netv2 end to end on the bundled digits (the README's first command)
+stitchops demo     SN-Netv2 end to end on the bundled digits (the README's first command);
+                   stitchops demo seg: segmentation on generated shapes
 stitchops train    pretrain an anchor, or train SN-Net / SN-Netv2 / ESTA (torchrun for DDP)
 stitchops eval     evaluate every stitch of a checkpoint: table, Pareto frontier, plot
 stitchops info     versions and which backends can run here
@@ -76,10 +77,14 @@ def bench(args) -> int:
 
 
 def demo(args) -> int:
-    from stitchops.train.demo import run_demo
-
-    run_demo(out=args.out, anchor_epochs=args.anchor_epochs, stitch_epochs=args.stitch_epochs,
-             progress=not args.no_progress, seed=args.seed)  # fmt: skip
+    if args.task == "seg":
+        from stitchops.train.segdemo import run_seg_demo as run
+    else:
+        from stitchops.train.demo import run_demo as run
+    given = {"out": args.out, "anchor_epochs": args.anchor_epochs,
+             "stitch_epochs": args.stitch_epochs}  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not None}
+    run(**options, progress=not args.no_progress, seed=args.seed)
     return 0
 
 
@@ -298,11 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = _ShowDefaults
-    p = sub.add_parser("demo", help="SN-Netv2 on the bundled digits: train, evaluate, plot",
+    p = sub.add_parser("demo", help="SN-Netv2 end to end: classification on the bundled "
+                       "digits, or segmentation (demo seg) on generated shapes",
                        formatter_class=defaults)  # fmt: skip
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--anchor-epochs", type=int, default=30, help="epochs of each anchor")
-    p.add_argument("--stitch-epochs", type=int, default=10, help="epochs of the stitched model")
+    p.add_argument("task", nargs="?", choices=["cls", "seg"], default="cls",
+                   help="cls: digits classification; seg: shapes segmentation")  # fmt: skip
+    p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg)")
+    p.add_argument("--anchor-epochs", type=int,
+                   help="epochs of each anchor (default: 30 for cls, 20 for seg)")  # fmt: skip
+    p.add_argument("--stitch-epochs", type=int,
+                   help="epochs of the stitched model (default: 10 for cls, 8 for "
+                   "seg)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)

@@ -453,3 +453,16 @@ def test_help_describes_every_option():
         assert f"{key} (int)" in text
     assert "[by mode: snnet 0, snnetv2 16, esta -1]" in text
     assert "--no-progress" in commands["eval"].format_help()
+
+
+def test_segmentation_demo_end_to_end(tmp_path):
+    """demo seg in miniature: table, both pictures, the summary."""
+    assert main(["demo", "seg", "--out", str(tmp_path), "--anchor-epochs", "1",
+                 "--stitch-epochs", "1", "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stitches"] == 14 and summary["stitches_between_anchors_in_flops"] == 12
+    assert summary["anchor_small"]["mflops"] < summary["anchor_large"]["mflops"]
+    for name in ("stitches.png", "predictions.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    rows = json.loads((tmp_path / "stitches.json").read_text())
+    assert rows["metric"] == "mIoU" and len(rows["rows"]) == 14

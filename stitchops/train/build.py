@@ -58,7 +58,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
     """Load a state dict from .safetensors (timm's hub files, or a stitchops checkpoint,
-    whose ``model.`` keys are used) or a torch .pth/.bin file (``model`` entry if present)."""
+    whose ``model.`` keys are used, a segmentation one's ``backbone.`` part for an anchor) or
+    a torch .pth/.bin file (``model`` entry if present); ``prefix``: only the keys under it."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"weights file {file} does not exist")
@@ -71,6 +72,8 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
     else:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
         state = state.get("model", state)
+    if not prefix and "backbone.patch_embed.proj.weight" in state:
+        prefix = "backbone."  # a segmentation checkpoint: its backbone is the anchor
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = model.state_dict()

@@ -52,6 +52,7 @@ class TrainConfig:
     task: str = "cls"  # "cls" (classification) or "seg" (semantic segmentation)
     decoder: str = "linear"  # seg: Segmenter's "linear" or "mask", or SETR's "setr"
     schedule: str | None = None  # "cosine" or "poly" (default: cosine for cls, poly for seg)
+    head_weights: str | None = None  # seg: a segmentation checkpoint whose decoder to start from
     anchors: list[str] = field(default_factory=list)
     anchor_weights: list[str] | None = None
     data: str = "digits"
@@ -216,7 +217,10 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
     if cfg.mode == "esta":
         model.enable_pst(cfg.pst_rank, cfg.alpha)
     if cfg.task == "seg":  # one head on the large anchor's width, shared by every stitch
-        return Segmenter(model, anchors[-1].cfg.num_classes, cfg.decoder)
+        segmenter = Segmenter(model, anchors[-1].cfg.num_classes, cfg.decoder)
+        if cfg.head_weights and with_weights:
+            build.load_weights(segmenter.decoder, cfg.head_weights, prefix="decoder.")
+        return segmenter
     return model
 
 
