@@ -257,7 +257,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta"], default="snnetv2",
                    help="what to train [snnetv2]")  # fmt: skip
     p.add_argument("--task", choices=["cls", "seg"], help="classification, or semantic "
-                   "segmentation with a Segmenter head (modes anchor, snnetv2) [cls]")  # fmt: skip
+                   "segmentation with a Segmenter head [cls]")  # fmt: skip
     p.add_argument("--decoder", choices=["linear", "mask", "setr"], help="segmentation head: "
                    "Segmenter's linear or mask transformer, SETR's naive [linear]")  # fmt: skip
     p.add_argument("--schedule", choices=["cosine", "poly"],

@@ -78,5 +78,29 @@ def test_dense_bad_input():
     classifier = StitchedViT(list(model.anchors), two_way=True)
     with pytest.raises(ValueError, match="dense=True"):
         classifier.forward_features(x)
-    with pytest.raises(ValueError, match="two-way space of two anchors"):
-        StitchedViT(list(model.anchors), dense=True)
+    three = [vit_small_test(embed_dim=w, depth=4, num_heads=2) for w in (16, 24, 32)]
+    with pytest.raises(ValueError, match="anchor 0 stitched to the largest anchor 2"):
+        StitchedViT(three, dense=True)
+    with pytest.raises(ValueError, match="two anchors, got 3"):
+        StitchedViT(three, two_way=True, dense=True)
+
+
+@pytest.mark.parametrize("depths", [(4, 4), (4, 8)], ids=["paired", "unpaired"])
+def test_snnet_space_levels_projected_by_its_stitching_layers(depths):
+    """SN-Net's space: a small-anchor level goes through the layer of the stitch from that
+    block that enters the large anchor latest; every stitch gives large-width maps."""
+    torch.manual_seed(0)
+    anchors = [vit_small_test(embed_dim=w, depth=d, num_heads=2)
+               for d, w in zip(depths, (16, 32), strict=True)]  # fmt: skip
+    model = StitchedViT(anchors, dense=True).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        for stitch in model.stitches:
+            model.select(stitch.id)
+            maps = model.forward_features(x)
+            assert maps and all(m.shape == (2, 32, 4, 4) for m in maps), stitch.id
+    if depths == (4, 4):  # k 2, s 1: block b's latest entry is (b, b + 1), the last (3, 3)
+        fronts_ends = {(p.front, p.end): p.index for s in model.stitches for p in s.points}
+        for b in range(4):
+            key, index = model._projection_table()[(0, b)]
+            assert key == "0to1" and index == fronts_ends[(b, min(b + 1, 3))]

@@ -314,7 +314,8 @@ def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
     assert rows["metric"] == "mIoU" and 0 <= rows["rows"][0]["accuracy"] <= 1
     assert rows["rows"][0]["flops"] > 0
     for args, words in (
-        (["--mode", "snnet", "--anchors", SEG_SMALL, SEG_LARGE], "--task seg trains"),
+        (["--mode", "snnet", "--anchors", SEG_SMALL, SEG_SMALL, SEG_LARGE],
+         "stitched to the largest anchor"),
         (["--mode", "anchor", "--anchors", SEG_LARGE.replace("num_classes=6", "num_classes=5")],
          "shapes data has 6 classes"),
         (["--mode", "anchor", "--anchors", SEG_LARGE.replace("in_chans=3", "in_chans=1")],
@@ -324,6 +325,15 @@ def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
                      *args]) == 2  # fmt: skip
         assert words in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_segmentation_on_snnet_and_esta_spaces(tmp_path):
+    for mode in ("snnet", "esta"):
+        path = train(TrainConfig(mode=mode, task="seg", anchors=[SEG_SMALL, SEG_LARGE],
+                                 out=str(tmp_path / mode), max_steps=2, batch_size=4,
+                                 init_images=8, progress=False))  # fmt: skip
+        model, cfg = load_trained(path)
+        assert cfg.task == "seg" and model.backbone.options["dense"]
 
 
 def test_poly_schedule():
@@ -466,3 +476,32 @@ def test_segmentation_demo_end_to_end(tmp_path):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     rows = json.loads((tmp_path / "stitches.json").read_text())
     assert rows["metric"] == "mIoU" and len(rows["rows"]) == 14
+
+
+def test_segmentation_data_mistakes_through_the_cli(tmp_path, capsys):
+    """Unpaired files, a mask of another size, a class id past the head: one line, exit 2,
+    nothing written."""
+    from PIL import Image
+
+    def folder(name, mask_size=(16, 16), ids=3):
+        root = tmp_path / name
+        for sub in ("images", "masks"):
+            (root / sub).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(root / "images" / "a.png")
+        Image.new("L", mask_size, color=ids).save(root / "masks" / "a.png")
+        return root
+
+    lonely = folder("lonely")
+    Image.new("RGB", (16, 16)).save(lonely / "images" / "b.png")
+    cases = {
+        str(lonely): "unpaired",
+        str(folder("sizes", mask_size=(8, 8))): "is 8x8 but its image",
+        str(folder("ids", ids=9)): "holds class id 9",
+    }
+    for data, words in cases.items():
+        code = main(["train", "--task", "seg", "--mode", "anchor", "--anchors", SEG_LARGE,
+                     "--data", data, "--out", str(tmp_path / "run"),
+                     "--max-steps", "1"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "run").exists()

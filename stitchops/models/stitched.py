@@ -123,9 +123,11 @@ class StitchedViT(nn.Module):
         final_norm_on_stitches: the anchors' final LayerNorm on stitched routes too (the
             papers; SN-Netv2's code). SN-Net's code skips it on stitched routes, and its
             released weights were trained so: False reproduces that.
-        dense: build what ``forward_features(x, out_indices)`` needs for dense prediction
-            (SN-Netv2's two-way space of two anchors): the FS stitching layer after the small
-            anchor's last block too, which projects its last level to the large width.
+        dense: build what ``forward_features(x, out_indices)`` needs for dense prediction:
+            a projection to the largest anchor's width for every block of the other anchors
+            (``projection``). SN-Netv2's two-way space adds the FS stitching layer after the
+            small anchor's last block for it; SN-Net's space needs every anchor stitched to
+            the largest (two anchors, or nearest=False).
         nearest: only neighbouring anchors stitch (SN-Net's nearest stitching).
         two_way: SN-Netv2's FS / SF / FSF / SFS space instead of SN-Net's.
         rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
@@ -165,10 +167,10 @@ class StitchedViT(nn.Module):
         self.stitch_ids = stitch_ids
         self.final_norm_on_stitches = final_norm_on_stitches
         depths = [len(a.blocks) for a in anchors]
-        if dense and not (two_way and len(anchors) == 2):
+        if dense and two_way and len(anchors) != 2:
             raise ValueError(
-                "dense=True needs SN-Netv2's two-way space of two anchors (two_way=True): its "
-                "levels on the small anchor are projected by the FS stitching layers"
+                f"dense=True with two_way=True needs SN-Netv2's space of two anchors, got "
+                f"{len(anchors)}"
             )
         self.options["dense"] = dense
         if two_way:
@@ -180,8 +182,8 @@ class StitchedViT(nn.Module):
         factory = {"device": param.device, "dtype": param.dtype}
         self.stitch_layers = nn.ModuleDict()
         counts = layer_counts(raw)
-        if dense:  # the FS layer after the small anchor's last block (no stitch uses it)
-            counts["0to1"] = depths[0]
+        if dense and two_way:  # the FS layer after the small anchor's last block (unused
+            counts["0to1"] = depths[0]  # by every stitch, the projection of its last level)
         for key, count in counts.items():
             a, b = (int(s) for s in key.split("to"))
             self.stitch_layers[key] = nn.ModuleList(
@@ -199,6 +201,7 @@ class StitchedViT(nn.Module):
             official_ids(raw, depths, self.options) if stitch_ids == "official" else None
         )
         self.stitches: list[Stitch] = [self._make_stitch(i) for i in range(len(raw))]
+        self._projections = self._projection_table() if dense else {}
         self.active = len(anchors) - 1  # a position in ``stitches``: the largest anchor
         self.select(self.stitches[self.active].id)
 
@@ -331,6 +334,34 @@ class StitchedViT(nn.Module):
         return self.select(max(fits, key=key).id)
 
     # ---------------------------------------------------------------- forward
+    def _projection_table(self) -> dict[tuple[int, int], tuple[str, int]]:
+        """(anchor, block) → the stitching layer (key, index) that projects that block's
+        output to the largest anchor's width: SN-Netv2's FS layer at the block (its code's
+        reading); in SN-Net's space, the layer of the stitch from that block into the
+        largest anchor that enters it latest (for equal depths and k 2: (b, b + 1))."""
+        last = len(self.anchors) - 1
+        table = {}
+        for a in range(last):
+            key = f"{a}to{last}"
+            if key not in self.stitch_layers:
+                raise ValueError(
+                    f"dense=True needs anchor {a} stitched to the largest anchor {last} (its "
+                    "levels are projected to that width): use two anchors or nearest=False"
+                )
+            for b in range(len(self.anchors[a].blocks)):
+                if self.options["two_way"]:
+                    table[(a, b)] = (key, b)
+                    continue
+                ends = [(p.end, p.index) for raw in self._raw for p in raw.points
+                        if p.key == key and p.front == b]  # fmt: skip
+                if not ends:
+                    raise ValueError(
+                        f"dense=True: block {b} of anchor {a} starts no stitch into anchor "
+                        f"{last}, so nothing projects its output"
+                    )
+                table[(a, b)] = (key, max(ends)[1])
+        return table
+
     def default_out_indices(self) -> tuple[int, ...]:
         """Four blocks of the largest anchor ending at its last: (9, 14, 19, 23) at depth 24,
         SN-Netv2's choice, the same fractions (5/12, 5/8, 5/6, 1) of any other depth."""
@@ -356,9 +387,10 @@ class StitchedViT(nn.Module):
         """Token maps [B, D, H/p, W/p] of the active stitch for dense prediction (SN-Netv2).
 
         The route's blocks run in order; each segment contributes its anchor's levels
-        (``out_indices_of``) among the blocks it runs, in route order. A level produced on
-        the small anchor is projected to the large anchor's width D by the FS stitching layer
-        at that block, so every level has width D. Needs ``dense=True``.
+        (``out_indices_of``) among the blocks it runs, in route order. A level produced on a
+        smaller anchor is projected to the largest anchor's width D by the stitching layer
+        ``_projection_table`` names (SN-Netv2: the FS layer at that block), so every level
+        has width D. Needs ``dense=True``.
         """
         if not self.options.get("dense"):
             raise ValueError("forward_features needs a StitchedViT built with dense=True")
@@ -375,7 +407,8 @@ class StitchedViT(nn.Module):
                 for _ in range(levels[seg.anchor].count(b)):
                     level = tokens
                     if seg.anchor != len(self.anchors) - 1:
-                        level = self.stitch_layers["0to1"][b](level)
+                        key, index = self._projections[(seg.anchor, b)]
+                        level = self.stitch_layers[key][index](level)
                     maps.append(_token_map(level, anchor.num_prefix_tokens, grid))
             if k < len(stitch.points):
                 point = stitch.points[k]
@@ -437,8 +470,8 @@ class StitchedViT(nn.Module):
             pairs = zip(raw.anchors, raw.anchors[1:], strict=False)
             for (src, dst), p in zip(pairs, raw.points, strict=True):
                 points[(p.key, p.index)].add((src, dst, p.front, p.end))
-        if self.options.get("dense"):  # small's last block → large's last block output
-            last = len(self.anchors[0].blocks) - 1
+        if self.options.get("dense") and self.options["two_way"]:
+            last = len(self.anchors[0].blocks) - 1  # small's last block → large's last output
             points[("0to1", last)].add((0, 1, last, len(self.anchors[1].blocks)))
         return points
 

@@ -110,11 +110,6 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.task == "seg":
-            if self.mode not in ("anchor", "snnetv2"):
-                raise ValueError(
-                    f"--task seg trains --mode anchor or snnetv2 (SN-Netv2's dense stitching), "
-                    f"got {self.mode!r}"
-                )
             if self.decoder not in DECODERS:
                 raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
             if self.data == "digits":
