@@ -164,9 +164,12 @@ def _eval_seg(model, cfg, args, device):
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=args.workers)
     if hasattr(backbone, "stitches"):
         _check_ids(args.ids, {s.id for s in backbone.stitches}, args.checkpoint)
+    inference = {"mode": "whole"}
+    if args.crop is not None or args.stride is not None:
+        inference = {"mode": "slide", "crop": args.crop, "stride": args.stride}
     return eval_seg_stitches(model, loader, ids=args.ids, device=device,
-                             progress=not args.no_progress,
-                             latency_repeats=args.latency_repeats)  # fmt: skip
+                             progress=not args.no_progress, latency_repeats=args.latency_repeats,
+                             inference=inference)  # fmt: skip
 
 
 def _device(name: str):
@@ -335,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed forwards per stitch (median, after a warm-up)")  # fmt: skip
     p.add_argument("--out", help="folder for stitches.json and stitches.png (default: the "
                    "checkpoint's)")  # fmt: skip
+    p.add_argument("--crop", type=int, help="seg: sliding-window inference with crop x crop "
+                   "windows (default: whole images)")  # fmt: skip
+    p.add_argument("--stride", type=int, help="seg: the sliding windows' stride in pixels")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=eval_cmd)
     sub.add_parser("info", help="versions and which backends can run here").set_defaults(fn=info)

@@ -313,6 +313,14 @@ def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
     rows = json.loads((out / "stitches.json").read_text())
     assert rows["metric"] == "mIoU" and 0 <= rows["rows"][0]["accuracy"] <= 1
     assert rows["rows"][0]["flops"] > 0
+    checkpoint = str(out / "checkpoint.safetensors")
+    # sliding windows that cover the 16x16 images: the whole-image mIoU
+    assert main(["eval", checkpoint, "--crop", "16", "--stride", "8", "--no-progress",
+                 "--latency-repeats", "1", "--out", str(tmp_path / "slide")]) == 0  # fmt: skip
+    slide = json.loads((tmp_path / "slide" / "stitches.json").read_text())
+    assert slide["rows"][0]["accuracy"] == pytest.approx(rows["rows"][0]["accuracy"])
+    assert main(["eval", checkpoint, "--crop", "64", "--stride", "8"]) == 2
+    assert "crop 64 is larger than the image 16x16" in capsys.readouterr().err
     for args, words in (
         (["--mode", "snnet", "--anchors", SEG_SMALL, SEG_SMALL, SEG_LARGE],
          "stitched to the largest anchor"),

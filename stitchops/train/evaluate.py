@@ -137,11 +137,13 @@ def eval_stitches(
 
 @torch.no_grad()
 def eval_seg_stitches(
-    model, loader, ids=None, device=None, progress=True, latency_repeats=5
+    model, loader, ids=None, device=None, progress=True, latency_repeats=5, inference=None
 ) -> StitchTable:
     """mIoU, FLOPs (backbone route + head), params and batch latency of every stitch (or
     ``ids``) of a ``Segmenter`` whose backbone is a dense ``StitchedViT``, or of the one model
-    when it is not stitched (id 0). ``loader`` yields (images, masks); whole-image inference.
+    when it is not stitched (id 0). ``loader`` yields (images, masks); ``inference``: keyword
+    arguments of ``Segmenter.predict`` (default: whole images; ``mode="slide"`` with ``crop``
+    and ``stride`` for Segmenter's sliding windows).
     """
     from stitchops.models.segflops import segmenter_flops, segmenter_params
     from stitchops.train.segmetrics import ConfusionMatrix
@@ -163,7 +165,7 @@ def eval_seg_stitches(
         for images, masks in loader:
             images, masks = images.to(device), masks.to(device)
             first = images if first is None else first
-            matrix.update(model.predict(images).argmax(1), masks)
+            matrix.update(model.predict(images, **(inference or {})).argmax(1), masks)
         if first is None:
             raise ValueError("eval_seg_stitches got an empty loader")
         matrix.all_reduce()
