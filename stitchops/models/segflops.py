@@ -63,10 +63,17 @@ def backbone_grid(cfg, img_size) -> tuple[int, int]:
 
 
 def segmenter_params(model) -> int:
-    """Parameters of the active route once deployed, plus the decoder's."""
+    """Parameters of the active route once deployed (with the layers projecting its levels),
+    plus the decoder's."""
     backbone = model.backbone
     if isinstance(backbone, StitchedViT):
-        route = backbone.stitches[backbone.active].params
+        stitch = backbone.stitches[backbone.active]
+        projections = {backbone.stitch_layers[key][index]
+                       for key, index in backbone.level_projections(model.out_indices)}  # fmt: skip
+        extra = [layer for layer in projections
+                 if not any(layer is backbone.stitch_layers[p.key][p.index]
+                            for p in stitch.points)]  # fmt: skip
+        route = stitch.params + sum(deployed_numel(layer) for layer in extra)
     else:
         route = deployed_numel(backbone)
     return route + deployed_numel(model.decoder)

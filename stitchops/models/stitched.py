@@ -125,7 +125,7 @@ class StitchedViT(nn.Module):
             released weights were trained so: False reproduces that.
         dense: build what ``forward_features(x, out_indices)`` needs for dense prediction:
             a projection to the largest anchor's width for every block of the other anchors
-            (``projection``). SN-Netv2's two-way space adds the FS stitching layer after the
+            (``_projection_table``). SN-Netv2's two-way space adds the FS stitching layer after the
             small anchor's last block for it; SN-Net's space needs every anchor stitched to
             the largest (two anchors, or nearest=False).
         nearest: only neighbouring anchors stitch (SN-Net's nearest stitching).
@@ -220,18 +220,17 @@ class StitchedViT(nn.Module):
             self._params(route, raw.points),
         )
 
+    def _official_ids(self) -> list[int]:
+        depths = [len(a.blocks) for a in self.anchors]
+        return self._official or official_ids(self._raw, depths, self.options)
+
     def official_id(self, position: int) -> int:
         """The official code's id of ``stitches[position]`` (``stitchops.models.official``)."""
-        ids = self._official or official_ids(
-            self._raw, [len(a.blocks) for a in self.anchors], self.options
-        )
-        return ids[self._position(position, "ours")]
+        return self._official_ids()[self._position(position, "ours")]
 
     def our_id(self, official: int) -> int:
         """The position in ``stitches`` of the official code's stitch ``official``."""
-        ids = self._official or official_ids(
-            self._raw, [len(a.blocks) for a in self.anchors], self.options
-        )
+        ids = self._official_ids()
         if official not in ids:
             raise ValueError(
                 f"official stitch {official} is not in this space: the official code builds it "
@@ -361,6 +360,18 @@ class StitchedViT(nn.Module):
                     )
                 table[(a, b)] = (key, max(ends)[1])
         return table
+
+    def level_projections(self, out_indices=None) -> list[tuple[str, int]]:
+        """The stitching layers (key, index) that project the active route's levels taken on
+        smaller anchors (``forward_features``), each once."""
+        levels = self.out_indices_of(out_indices)
+        last = len(self.anchors) - 1
+        used = {}
+        for seg in self.stitches[self.active].route:
+            for b in range(seg.start, seg.stop):
+                if seg.anchor != last and b in levels[seg.anchor]:
+                    used[self._projections[(seg.anchor, b)]] = None
+        return list(used)
 
     def default_out_indices(self) -> tuple[int, ...]:
         """Four blocks of the largest anchor ending at its last: (9, 14, 19, 23) at depth 24,
