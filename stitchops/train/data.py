@@ -42,7 +42,8 @@ def load_digits(split: str) -> TensorDataset:
         from sklearn.datasets import load_digits as _load
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise DataError(
-            "the digits data needs scikit-learn: pip install 'stitchops[train]'"
+            "the digits data needs scikit-learn, a dependency of stitchops: "
+            "pip install scikit-learn"
         ) from exc
     bunch = _load()
     images = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0

@@ -20,8 +20,9 @@ from stitchops.train.data import DataError, load_digits
 from stitchops.train.evaluate import eval_stitches, plot_stitches
 from stitchops.train.loop import TrainConfig, load_trained, train
 
-# What the demo needs beyond the package's own dependencies: the [train] extra.
+# The demo's own needs among the package's dependencies, checked before it trains.
 EXTRAS = {"sklearn": "scikit-learn (the digits)", "matplotlib": "matplotlib (the plot)"}
+EXTRAS_PACKAGES = {what: what.split()[0] for what in EXTRAS.values()}
 
 SMALL = "vit_small_test:embed_dim=16,depth=4,num_heads=2"
 LARGE = "vit_small_test:embed_dim=64,depth=8,num_heads=4"
@@ -30,10 +31,10 @@ LARGE = "vit_small_test:embed_dim=64,depth=8,num_heads=4"
 def run_demo(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True, seed=0) -> dict:
     """Run the demo; returns the summary it prints (also saved as ``summary.json``)."""
     missing = [what for module, what in EXTRAS.items() if importlib.util.find_spec(module) is None]
-    if missing:  # before any training, not after it
+    if missing:  # a broken environment: say so before any training, not after it
         raise DataError(
-            f"the demo needs {' and '.join(missing)}: pip install 'stitchops[train]' "
-            "(in a clone: pip install '.[train]')"
+            f"the demo needs {' and '.join(missing)}, dependencies of stitchops that this "
+            f"environment lacks: pip install {' '.join(EXTRAS_PACKAGES[m] for m in missing)}"
         )
     out = Path(out)
     start = time.time()

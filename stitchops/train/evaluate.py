@@ -192,7 +192,9 @@ def plot_stitches(table: StitchTable, path, title: str = "stitches") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RuntimeError("plotting needs matplotlib: pip install 'stitchops[train]'") from exc
+        raise RuntimeError(
+            "plotting needs matplotlib, a dependency of stitchops: pip install matplotlib"
+        ) from exc
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     scale, unit = (1e9, "G") if max(r.flops for r in table.rows) >= 1e9 else (1e6, "M")
     kinds = sorted({r.kind for r in table.rows if r.kind != "anchor"})

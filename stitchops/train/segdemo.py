@@ -33,7 +33,10 @@ def run_seg_demo(out="runs/demo-seg", anchor_epochs=20, stitch_epochs=8, progres
                  seed=0) -> dict:  # fmt: skip
     """Run the demo; returns the summary it prints (also saved as ``summary.json``)."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise DataError("the demo needs matplotlib (the plots): pip install 'stitchops[train]'")
+        raise DataError(
+            "the demo needs matplotlib (the plots), a dependency of stitchops: "
+            "pip install matplotlib"
+        )
     out, start = Path(out), time.time()
     common = dict(task="seg", data="shapes", batch_size=32, progress=progress, seed=seed,
                   warmup_steps=20, lr=2e-3)  # fmt: skip
