@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the reader closed the pipe early (stitchops info | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
         # Our errors explain themselves: no traceback from deep inside torch.
         print(f"stitchops {args.command}: error: {exc}", file=sys.stderr)

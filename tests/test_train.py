@@ -513,3 +513,11 @@ def test_segmentation_data_mistakes_through_the_cli(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`stitchops info | true`: the reader is gone before the first line; no BrokenPipeError
+    traceback (stitchops takes a second to import, `true` none)."""
+    proc = subprocess.run(f"{sys.executable} -m stitchops info | true", shell=True,
+                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
