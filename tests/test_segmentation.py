@@ -104,3 +104,25 @@ def test_segmentation_bad_input():
         Segmenter(_vit(), num_classes=0)
     with pytest.raises(ValueError, match="out_indices entry 9 is outside the 4 blocks"):
         Segmenter(_vit(), num_classes=3, out_indices=(9,))(x)
+
+
+def test_segmentation_flops_are_backbone_plus_head():
+    """A ViT with a linear head: embed + blocks up to the last level + N·D·K for the head
+    (multiply-adds, as the classifiers count them); a stitched anchor route: its route's
+    FLOPs without the classifier tail, plus the same head."""
+    from stitchops.models import flops as F_
+    from stitchops.models.segflops import segmenter_flops
+
+    vit = _vit()
+    model = Segmenter(vit, num_classes=5, out_indices=(1, 3))
+    n, d = 16, 32  # 4x4 tokens of width 32 at 16x16
+    want = F_.embed_flops(vit.cfg, 16) + 4 * F_.block_flops(vit.cfg, 16) + n * d * 5
+    assert segmenter_flops(model, 16) == want
+    torch.manual_seed(0)
+    small = vit_small_test(embed_dim=16, depth=2, num_heads=2)
+    large = vit_small_test(embed_dim=32, depth=4, num_heads=2)
+    stitched = StitchedViT([small, large], two_way=True, dense=True)
+    seg = Segmenter(stitched, num_classes=3)
+    stitched.select(1)
+    tail = F_.tail_flops(large.cfg, 8)
+    assert segmenter_flops(seg, 8) == stitched.flops(1, 8) - tail + 16 * 32 * 3
