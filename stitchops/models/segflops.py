@@ -40,26 +40,22 @@ def segmenter_flops(model, img_size) -> int:
         last = backbone.anchors[stitch.route[-1].anchor].cfg
         total = backbone.flops(stitch.id, img_size) - _flops.tail_flops(last, img_size)
         levels = backbone.out_indices_of(model.out_indices)
-        small, large = backbone.anchors[0].cfg, backbone.anchors[-1].cfg
-        for seg in stitch.route:
+        cfg = backbone.anchors[-1].cfg
+        for seg in stitch.route:  # each level taken on a smaller anchor is projected once
             if seg.anchor != len(backbone.anchors) - 1:
+                source = backbone.anchors[seg.anchor].cfg
                 hits = sum(levels[seg.anchor].count(b) for b in range(seg.start, seg.stop))
-                per = _flops.stitch_layer_flops(small.embed_dim, large.embed_dim, small, img_size)
-                total += hits * per
-        cfg = large
+                total += hits * _flops.stitch_layer_flops(
+                    source.embed_dim, cfg.embed_dim, source, img_size
+                )
         count = len(levels[-1])
     else:
         cfg = backbone.cfg
         blocks = max(i % cfg.depth for i in model.out_indices) + 1
         total = _flops.embed_flops(cfg, img_size) + blocks * _flops.block_flops(cfg, img_size)
         count = len(model.out_indices)
-    grid = backbone_grid(cfg, img_size)
-    return total + _decoder_flops(model, count, cfg.embed_dim, grid)
-
-
-def backbone_grid(cfg, img_size) -> tuple[int, int]:
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    return h // cfg.patch_size, w // cfg.patch_size
+    anchor = backbone.anchors[-1] if isinstance(backbone, StitchedViT) else backbone
+    return total + _decoder_flops(model, count, cfg.embed_dim, anchor.grid_size(img_size))
 
 
 def segmenter_params(model) -> int:

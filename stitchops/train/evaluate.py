@@ -77,6 +77,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_repeats(latency_repeats: int) -> None:
+    if latency_repeats < 1:
+        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
+
+
 def median_latency_ms(model, images, patch_size=None, repeats: int = 5) -> float:
     """Median wall time of ``model(images)`` in ms over ``repeats`` calls, after one untimed
     warm-up call (the first call of a stitch pays for allocations and lazy set-up)."""
@@ -102,8 +107,7 @@ def eval_stitches(
     and one more untimed call have warmed the stitch up. The selected stitch is restored
     afterwards.
     """
-    if latency_repeats < 1:
-        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
+    _check_repeats(latency_repeats)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids = [s.id for s in model.stitches] if ids is None else list(ids)
     previous, was_training = model.stitches[model.active].id, model.training
@@ -129,10 +133,7 @@ def eval_stitches(
                                  correct / total, latency))  # fmt: skip
     model.select(previous)
     model.train(was_training)
-    frontier = pareto_frontier([(r.id, r.flops, r.accuracy) for r in rows])
-    for r in rows:
-        r.on_frontier = r.id in frontier
-    return StitchTable(rows, str(device), frontier)
+    return _table(rows, device, "top-1 accuracy")
 
 
 @torch.no_grad()
@@ -148,8 +149,7 @@ def eval_seg_stitches(
     from stitchops.models.segflops import segmenter_flops, segmenter_params
     from stitchops.train.segmetrics import ConfusionMatrix
 
-    if latency_repeats < 1:
-        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
+    _check_repeats(latency_repeats)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stitched = getattr(model.backbone, "stitches", None)
     all_ids = [s.id for s in stitched] if stitched is not None else [0]
@@ -178,10 +178,15 @@ def eval_seg_stitches(
     if stitched is not None:
         model.backbone.select(previous)
     model.train(was_training)
+    return _table(rows, device, "mIoU")
+
+
+def _table(rows: list[StitchResult], device, metric: str) -> StitchTable:
+    """The rows with their Pareto frontier (metric against FLOPs) marked."""
     frontier = pareto_frontier([(r.id, r.flops, r.accuracy) for r in rows])
     for r in rows:
         r.on_frontier = r.id in frontier
-    return StitchTable(rows, str(device), frontier, metric="mIoU")
+    return StitchTable(rows, str(device), frontier, metric=metric)
 
 
 def plot_stitches(table: StitchTable, path, title: str = "stitches") -> None:
