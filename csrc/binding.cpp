@@ -9,6 +9,7 @@
 #include <string>
 
 #include "binding/bind_lora.h"
+#include "binding/bind_sparse_delta.h"
 #include "binding/helpers.h"
 
 #ifndef STITCHOPS_TORCH_VERSION
@@ -28,4 +29,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", [] { return std::string(STITCHOPS_CUDA_ARCHS); });
   m.def("set_poison_outputs", [](bool on) { stitchops::binding::g_poison_outputs = on; });
   stitchops::binding::define_lora(m);
+  stitchops::binding::define_sparse_delta(m);
 }

@@ -3,7 +3,9 @@
 Public API (this release):
   lora_linear(x, weight, bias, lora_a, lora_b, scale, extra_bias)   fused stitching projection
   least_squares_init(x_src, x_dst, ridge)                           SN-Net least-squares init
-  nn.StitchingLayer                                                 drop-in nn.Linear
+  sparse_delta_linear(x, weight, delta, index, bias)                SPT sparse-delta linear
+  nn.StitchingLayer, nn.SparseDeltaLinear                           drop-in nn.Linear
+  spt.sensitivity, spt.allocate, spt.apply, spt.merge               sensitivity-aware tuning
   use_backend(name), available_backends()                           backend control
   models.VisionTransformer, models.StitchedViT                      ViT and stitched ViTs
   pi_resize_patch_embed(weight, patch_size)                         FlexiViT PI-resize
@@ -22,6 +24,7 @@ import importlib
 from stitchops._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from stitchops.ops.least_squares import least_squares_init
 from stitchops.ops.lora import lora_linear
+from stitchops.ops.sparse_delta import sparse_delta_linear
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,7 @@ _LAZY = {
     "nn": ("stitchops.nn", None),
     "models": ("stitchops.models", None),
     "train": ("stitchops.train", None),
+    "spt": ("stitchops.spt", None),
     "pi_resize_patch_embed": ("stitchops.models.flexi", "pi_resize_patch_embed"),
     "eval_stitches": ("stitchops.train.evaluate", "eval_stitches"),
 }
@@ -44,6 +48,8 @@ __all__ = [
     "models",
     "nn",
     "pi_resize_patch_embed",
+    "sparse_delta_linear",
+    "spt",
     "train",
     "use_backend",
 ]

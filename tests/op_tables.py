@@ -36,6 +36,22 @@ class AotVariant:
 
 
 @dataclass(frozen=True)
+class AotPlain:
+    """A fixed-size, memory-bound kernel (a plain ``triton.jit`` function, no tensor cores):
+    compiled for both archs and element widths with its launch's constants."""
+
+    attr: str
+    constants: dict
+    num_warps: int = 4
+    unit_strides: tuple[str, ...] = ()
+
+
+def plain_variant(attr: str) -> str:
+    """tests/triton_aot.py's variant name for an AotPlain kernel's rows."""
+    return f"plain {attr}"
+
+
+@dataclass(frozen=True)
 class OpTests:
     name: str
     test_file: str
@@ -48,6 +64,8 @@ class OpTests:
     # Flags at which the family's fallback tilings must fit every GPU they are for.
     aot_fallback_flags: dict = field(default_factory=dict)
     fp32_pointers: frozenset[str] = frozenset()  # pointer arguments that are always fp32
+    aot_plain: tuple[AotPlain, ...] = ()
+    int64_pointers: frozenset[str] = frozenset()  # pointer arguments to int64 (indices)
 
 
 LORA = OpTests(
@@ -98,7 +116,28 @@ LORA = OpTests(
     fp32_pointers=frozenset({"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr"}),
 )  # fmt: skip
 
-OPS = (LORA,)
+SPARSE_DELTA = OpTests(
+    name="sparse_delta_linear",
+    test_file="test_sparse_delta.py",
+    kernels="sparse_delta",
+    # Small kernels: every cuda test under ASan and memcheck; the split runs for the others.
+    asan_select="cuda",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and token_splits",
+        "racecheck": "cuda and (token_splits or deterministic)",
+    },
+    aot_plain=(
+        AotPlain("_scatter_delta_kernel", {"BLOCK": 256}),
+        AotPlain(
+            "_sddmm_kernel", {"BLOCK_J": 64, "BLOCK_T": 32}, unit_strides=("stride_go", "stride_xi")
+        ),
+    ),
+    fp32_pointers=frozenset({"part_ptr"}),
+    int64_pointers=frozenset({"index_ptr"}),
+)
+
+OPS = (LORA, SPARSE_DELTA)
 
 # Shared memory one block may use per arch (opt-in): A100 163 KB; RTX 30 / 40 / 50, L4, L40,
 # A10 99 KB; H100 / H200 and B200 227 KB. tests/triton_aot.py compiles a family's fallback

@@ -24,7 +24,7 @@ LAYERS = (
     ("stitchops._backends", "stitchops._dispatch", "stitchops.ops"),
     ("stitchops.nn",),
     ("stitchops.models",),
-    ("stitchops.train",),
+    ("stitchops.train", "stitchops.spt"),
     ("stitchops.cli", "stitchops.__main__", "stitchops"),
 )  # fmt: skip
 

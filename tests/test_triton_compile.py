@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from op_tables import OPS, SHARED_MEMORY, SUM_RANGES, fallback_archs, fallback_variant
+from op_tables import (
+    OPS,
+    SHARED_MEMORY,
+    SUM_RANGES,
+    fallback_archs,
+    fallback_variant,
+    plain_variant,
+)
 
 from stitchops import _backends
 
@@ -80,8 +87,9 @@ def _expected_mma(arch: int, block_m: int) -> set[str]:
 
 
 def test_main_loops_use_tensor_cores_and_are_pipelined(compiled):
+    plain = {plain_variant(k.attr) for op in OPS for k in op.aot_plain}
     for row in compiled:
-        if row.get("variant") == SUM_RANGES:
+        if row.get("variant") == SUM_RANGES or row.get("variant") in plain:
             continue
         expected = _expected_mma(row["arch"], row["config"]["BLOCK_M"])
         where = f"{row['kernel']} sm_{row['arch']} {row['dtype']} {row['config']}"
@@ -156,3 +164,16 @@ def test_partial_sums_compile_for_both_archs(compiled):
     }
     for row in rows:
         assert row["cubin_bytes"] > 0 and row["shared"] <= 99 * 1024, row
+
+
+def test_memory_bound_kernels_compile_for_both_archs(compiled):
+    """Each op's plain kernels (sparse delta: the scatter and the SDDMM), every arch and
+    dtype, within the smallest GPU's shared memory."""
+    for op in OPS:
+        for kernel in op.aot_plain:
+            rows = [r for r in compiled if r.get("variant") == plain_variant(kernel.attr)]
+            assert {(r["arch"], r["dtype"]) for r in rows} == {
+                (arch, dtype) for arch in SHARED_LIMIT for dtype in ("bf16", "fp32")
+            }, kernel.attr
+            for row in rows:
+                assert row["cubin_bytes"] > 0 and row["shared"] <= 99 * 1024, row

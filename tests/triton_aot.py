@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # op_tables
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/ as package "kernels"
 
 import triton
-from op_tables import OPS, SUM_RANGES, fallback_archs, fallback_variant
+from op_tables import OPS, SUM_RANGES, fallback_archs, fallback_variant, plain_variant
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -44,7 +44,14 @@ MMA_KINDS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.syn
 
 
 def compile_one(
-    fn, flags: dict, unit_strides, dtype: str, arch: int, config, fp32: frozenset
+    fn,
+    flags: dict,
+    unit_strides,
+    dtype: str,
+    arch: int,
+    config,
+    fp32: frozenset,
+    int64: frozenset = frozenset(),
 ) -> dict:
     constants = {
         **flags,
@@ -62,7 +69,7 @@ def compile_one(
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32 else f"*{dtype}"
+            signature[name] = "*fp32" if name in fp32 else "*i64" if name in int64 else f"*{dtype}"
         else:
             signature[name] = "fp32" if name.startswith("scale") else "i32"
         if not name.startswith("scale"):
@@ -119,6 +126,12 @@ def jobs() -> list[tuple]:
                         out.append((op.name, kernel.attr, {**kernel.flags, **op.aot_fallback_flags},
                                     kernel.unit_strides, dtype, arch, tuned.config(tiling),
                                     fallback_variant(tiling)))  # fmt: skip
+        for plain in op.aot_plain:
+            config = triton.Config(plain.constants, num_warps=plain.num_warps)
+            for arch in ARCHS:
+                for dtype in DTYPES:
+                    out.append((op.name, plain.attr, {}, plain.unit_strides, dtype, arch,
+                                config, plain_variant(plain.attr)))  # fmt: skip
     # The shared last step of deterministic reductions: no dot, launched with fixed sizes.
     config = triton.Config({"BLOCK_Z": partials.BLOCK_Z, "BLOCK_C": partials.BLOCK_C}, num_warps=4)
     for arch in ARCHS:
@@ -129,13 +142,16 @@ def jobs() -> list[tuple]:
 
 def run_job(job: tuple) -> str:
     op_name, attr, flags, unit_strides, dtype, arch, config, variant = job
+    int64 = frozenset()
     if op_name == SUM_RANGES:
         fn, fp32 = partials._sum_ranges_kernel, PARTIAL_POINTERS
     else:
         op = next(o for o in OPS if o.name == op_name)
-        fn = getattr(importlib.import_module(f"kernels.{op.kernels}"), attr).fn
-        fp32 = op.fp32_pointers
-    row = {"op": op_name, **compile_one(fn, flags, unit_strides, dtype, arch, config, fp32)}
+        kernel = getattr(importlib.import_module(f"kernels.{op.kernels}"), attr)
+        fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn
+        fp32, int64 = op.fp32_pointers, op.int64_pointers
+    compiled = compile_one(fn, flags, unit_strides, dtype, arch, config, fp32, int64)
+    row = {"op": op_name, **compiled}
     return json.dumps(row if variant is None else {**row, "variant": variant})
 
 

@@ -1,0 +1,169 @@
+"""The layers SPT (thesis ch. 2) puts in place of a pretrained ``nn.Linear``.
+
+* ``SparseDeltaLinear``: unstructured tuning, ``y = x·(W + S(δ))ᵀ + b`` with W frozen and
+  only the nnz entries δ trained (``stitchops.sparse_delta_linear``).
+* ``LoRALinear``: structured tuning, a parallel LoRA ``y = x·Wᵀ + b + (x·Aᵀ)·Bᵀ`` with no
+  alpha / r scale (as the official SPT code), on the fused ``stitchops.lora_linear``; the
+  LoRA branch takes optional dropout on its input and drop-path per sample, which run it
+  unfused.
+* ``AdapterLinear``: structured tuning as the thesis's SPT-Adapter, a bottleneck added in
+  parallel to the layer's output, ``y = x·Wᵀ + b + U·act(D·(x·Wᵀ + b) + b_D) + b_U``
+  (D [r, OUT], U [OUT, r]: 2·r·OUT + r + OUT parameters; U starts at zero).
+
+Each keeps ``nn.Linear``'s ``weight`` and ``bias`` names, and ``merged_linear()`` folds its
+update back into a plain ``nn.Linear`` where that is exact (SparseDeltaLinear, LoRALinear).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stitchops.ops.lora import lora_linear
+from stitchops.ops.sparse_delta import check_index, sparse_delta_linear
+
+
+def _copy_linear(linear: nn.Linear, target: nn.Module) -> None:
+    """``target`` shares ``linear``'s weight and bias tensors (no copy), W frozen."""
+    target.weight = linear.weight
+    target.weight.requires_grad_(False)
+    target.bias = linear.bias
+
+
+class SparseDeltaLinear(nn.Module):
+    """A linear layer whose pretrained weight moves only at ``index`` (SPT unstructured).
+
+    Parameters: ``weight`` [OUT, IN] (frozen), ``bias`` [OUT] or None, ``delta`` [nnz]
+    (zeros at creation, so the layer starts as the pretrained one); buffer ``index`` int64
+    [nnz] of flat indices ``row·IN + col`` (sorted, unique; checked once here).
+    """
+
+    def __init__(self, in_features: int, out_features: int, index: torch.Tensor,
+                 bias: bool = True, device=None, dtype=None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw),
+                                   requires_grad=False)  # fmt: skip
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        check_index(index, (out_features, in_features))
+        self.register_buffer("index", index.to(device=self.weight.device, copy=True))
+        self.delta = nn.Parameter(torch.zeros(index.numel(), **kw))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, index: torch.Tensor) -> SparseDeltaLinear:
+        """Wrap ``linear`` (sharing its weight and bias) with trainable entries at ``index``."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, index.to(w.device),
+                    bias=linear.bias is not None, device="meta", dtype=w.dtype)  # fmt: skip
+        _copy_linear(linear, layer)
+        layer.index = index.to(w.device, copy=True)
+        layer.delta = nn.Parameter(torch.zeros(index.numel(), device=w.device, dtype=w.dtype))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_delta_linear(x, self.weight, self.delta, self.index, self.bias,
+                                   validate_index=False)  # fmt: skip
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight W + S(δ) (new tensors)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        flat = self.weight.detach().flatten().clone()
+        flat.index_add_(0, self.index, self.delta.detach())
+        out.weight.copy_(flat.view_as(self.weight))
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"nnz={self.index.numel()}, bias={self.bias is not None}")  # fmt: skip
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Drop each sample's whole branch with probability ``p`` (scaled by 1/(1-p))."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a parallel LoRA: ``y = x·Wᵀ + b + (x·Aᵀ)·Bᵀ``.
+
+    ``lora_A`` [r, IN] Kaiming-uniform (as ``nn.Linear``'s weight), ``lora_B`` [OUT, r] zeros,
+    no alpha / r scale (the official SPT code). ``dropout`` acts on the branch's input,
+    ``drop_path`` drops the branch per sample; with neither active the layer runs the fused
+    ``stitchops.lora_linear``.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, dropout: float = 0.0,
+                 drop_path: float = 0.0) -> None:  # fmt: skip
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        for name, p in (("dropout", dropout), ("drop_path", drop_path)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        self.in_features, self.out_features, self.rank = (
+            linear.in_features, linear.out_features, rank)  # fmt: skip
+        _copy_linear(linear, self)
+        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        self.dropout, self.drop_path = dropout, drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or (self.dropout == 0.0 and self.drop_path == 0.0):
+            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        branch = F.linear(F.linear(F.dropout(x, self.dropout), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + _drop_path(branch, self.drop_path, True)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        out.weight.copy_(self.weight + self.lora_B @ self.lora_A)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"rank={self.rank}"  # fmt: skip
+
+
+class AdapterLinear(nn.Module):
+    """A frozen linear layer with a parallel bottleneck adapter on its output (SPT-Adapter):
+
+        h = x·Wᵀ + b,   y = h + U·GELU(D·h + b_D) + b_U
+
+    ``adapter_down`` D [r, OUT] (+ bias [r]) Kaiming-uniform, ``adapter_up`` U [OUT, r]
+    (+ bias [OUT]) zeros: 2·r·OUT + r + OUT trainable parameters, and y = h at creation.
+    The adapter is not linear, so ``merged_linear`` is not offered: deploy it as it is.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features, self.out_features, self.rank = (
+            linear.in_features, linear.out_features, rank)  # fmt: skip
+        _copy_linear(linear, self)
+        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.adapter_down = nn.Linear(self.out_features, rank, **kw)
+        self.adapter_up = nn.Linear(rank, self.out_features, **kw)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.weight, self.bias)
+        branch = self.adapter_up(F.gelu(self.adapter_down(h)))
+        return h + _drop_path(branch, self.drop_path, self.training)
