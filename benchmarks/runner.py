@@ -158,6 +158,8 @@ class Case:
     min_bytes: float | None = None  # bytes that must move at least
     dtype: str | None = None  # the matmul rate the roofline uses ("bfloat16", ...)
     details: Callable[[], dict] = field(default=dict)  # more figures for the row, measured
+    peak_memory: bool = False  # also measure each implementation's peak memory (peak_mb)
+    compare_to: tuple[str, ...] = ()  # more implementations to give speed-ups over (vs_<name>)
 
 
 def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], tol: float) -> float:
@@ -170,6 +172,34 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], to
     if not worst <= tol:
         raise AssertionError(f"relative error {worst:.2e} > {tol:.0e}: refusing to time")
     return worst
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Memory ``fn`` holds at its peak beyond what was held before: on a GPU torch's peak
+    allocation counter; on a CPU (Linux, glibc) the process's peak resident set, after
+    handing freed heap pages back (malloc_trim) and resetting the peak (/proc/self/
+    clear_refs): the pages the call's allocations touched, whoever made them."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages back to the OS, out of RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_bytes("VmRSS")
+    fn()
+    return _proc_status_bytes("VmHWM") - before
 
 
 def _synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
@@ -203,6 +233,8 @@ def measure(case: Case, device: str, budget_ms: float, ceilings: dict | None = N
         row["roofline_ms"] = max(row["gflop"] / rate, row["mbytes"] / ceilings["bandwidth_GBps"])
     for name, impl in case.impls.items():
         row[name] = time_impl(impl, device, budget_ms)
+        if case.peak_memory:
+            row[name]["peak_mb"] = peak_bytes(impl.run, device) / 1e6
         if name in errors:
             row[name]["error"] = errors[name]
         if "gflop" in row:
@@ -213,6 +245,11 @@ def measure(case: Case, device: str, budget_ms: float, ceilings: dict | None = N
             row[name]["vs_floor"] = row[name]["ms"] / row[case.floor]["ms"]
         if "roofline_ms" in row:
             row[name]["of_roofline"] = row["roofline_ms"] / row[name]["ms"]
+        for other in case.compare_to:
+            row[name][f"vs_{other}"] = row[other]["ms"] / row[name]["ms"]
+        if case.peak_memory:
+            row[name]["memory_vs_baseline"] = (row[case.baseline]["peak_mb"]
+                                               / max(row[name]["peak_mb"], 1e-6))  # fmt: skip
     details = case.details()
     if details:
         row["details"] = details
@@ -239,6 +276,7 @@ def print_table(rows: Sequence[dict]) -> None:
             f"{n} {r[n]['ms']:.3f} ms ({r[n]['vs_baseline']:.2f}x"
             + (f", {r[n]['vs_floor']:.2f}x floor" if "vs_floor" in r[n] else "")
             + (f", {r[n]['of_roofline']:.0%} roofline" if "of_roofline" in r[n] else "")
+            + (f", peak {r[n]['peak_mb']:.0f} MB" if "peak_mb" in r[n] else "")
             + ")"
             for n in impls
             if n in r
@@ -285,7 +323,7 @@ class Target:
     """An acceptance target, as data: in the results of ``op``, the row whose parameters
     include ``where``; some implementation of ``implementations`` must meet every bound of
     ``bounds`` ((metric, "min" or "max", value), metric one of an implementation's figures:
-    vs_baseline, vs_floor, of_roofline)."""
+    vs_baseline, vs_floor, of_roofline, memory_vs_baseline)."""
 
     op: str
     where: dict

@@ -2,7 +2,8 @@
 
 stitchops demo     SN-Netv2 end to end on the bundled digits (the README's first command);
                    stitchops demo seg: segmentation on generated shapes
-stitchops train    pretrain an anchor, or train SN-Net / SN-Netv2 / ESTA (torchrun for DDP)
+stitchops train    pretrain an anchor, train SN-Net / SN-Netv2 / ESTA, fine-tune with SPT
+                   (torchrun for DDP)
 stitchops eval     evaluate every stitch of a checkpoint: table, Pareto frontier, plot
 stitchops info     versions and which backends can run here
 stitchops bench    run every benchmark (correctness first), save, report
@@ -79,6 +80,8 @@ def bench(args) -> int:
 def demo(args) -> int:
     if args.task == "seg":
         from stitchops.train.segdemo import run_seg_demo as run
+    elif args.task == "spt":
+        from stitchops.train.sptdemo import run_spt_demo as run
     else:
         from stitchops.train.demo import run_demo as run
     given = {"out": args.out, "anchor_epochs": args.anchor_epochs,
@@ -190,6 +193,15 @@ def _device(name: str):
     return device
 
 
+def _budget(text: str) -> float:
+    from stitchops.train.spt_mode import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v]
@@ -230,6 +242,10 @@ _TRAIN_NUMBERS = (
     ("alpha", float, "LoRA scale numerator (scale = alpha / rank)"),
     ("pst-rank", int, "ESTA: LoRA rank on the anchors' attention projections"),
     ("init-images", int, "images for the least-squares init of the stitching layers"),
+    ("spt-rank", int, "SPT: rank of the structured modules (LoRA / adapter)"),
+    ("spt-alpha", float, "SPT: a matrix goes structured at sensitive count >= its cost / alpha"),
+    ("spt-beta", float, "SPT: a vector is tuned whole at sensitive count >= its length / beta"),
+    ("spt-batches", int, "SPT: training batches of the sensitivity pass"),
     ("save-every", int, "also save a checkpoint every N steps (0: at the end of each epoch)"),
     ("log-every", int, "write log.jsonl every N steps"),
     ("workers", int, "data-loading processes"),
@@ -252,13 +268,25 @@ def _add_train_parser(sub) -> None:
 
     p = sub.add_parser(
         "train",
-        help="pretrain an anchor, or train SN-Net / SN-Netv2 / ESTA",
+        help="pretrain an anchor, train SN-Net / SN-Netv2 / ESTA, or fine-tune with SPT",
         description="Pretrain an anchor or train a stitched ViT (torchrun for several "
         "processes). Defaults in brackets; 'by mode' ones follow --mode.",
         epilog=SPEC_HELP,
     )
-    p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta"], default="snnetv2",
-                   help="what to train [snnetv2]")  # fmt: skip
+    p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta", "spt"],
+                   default="snnetv2", help="what to train; spt: sensitivity-aware sparse "
+                   "fine-tuning of one pretrained model (--anchor-weights) [snnetv2]")  # fmt: skip
+    p.add_argument("--budget", type=_budget, help="SPT: trainable parameters besides the head, "
+                   "e.g. 0.4M or 250k")  # fmt: skip
+    p.add_argument("--spt-structured", choices=["lora", "adapter"],
+                   help=f"SPT: structured tuning of sensitive matrices "
+                   f"[{_default('spt_structured')}]")  # fmt: skip
+    p.add_argument("--spt-plan", metavar="PLAN", help="SPT: a plan.json to apply instead of "
+                   "the sensitivity pass, or 'lora-all' (LoRA on every matrix, the "
+                   "baseline)")  # fmt: skip
+    p.add_argument("--spt-per-sample", action="store_true", default=None,
+                   help="SPT: sum per-sample squared gradients (the thesis's "
+                   "Algorithm 1)")  # fmt: skip
     p.add_argument("--task", choices=["cls", "seg"], help="classification, or semantic "
                    "segmentation with a Segmenter head [cls]")  # fmt: skip
     p.add_argument("--decoder", choices=["linear", "mask", "setr"], help="segmentation head: "
@@ -307,16 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = _ShowDefaults
     p = sub.add_parser("demo", help="SN-Netv2 end to end: classification on the bundled "
-                       "digits, or segmentation (demo seg) on generated shapes",
-                       formatter_class=defaults)  # fmt: skip
-    p.add_argument("task", nargs="?", choices=["cls", "seg"], default="cls",
-                   help="cls: digits classification; seg: shapes segmentation")  # fmt: skip
-    p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg)")
+                       "digits, or segmentation (demo seg) on generated shapes; demo spt: "
+                       "SPT vs LoRA vs full fine-tuning", formatter_class=defaults)  # fmt: skip
+    p.add_argument("task", nargs="?", choices=["cls", "seg", "spt"], default="cls",
+                   help="cls: digits classification; seg: shapes segmentation; spt: "
+                   "fine-tune a digits ViT on shapes-cls")  # fmt: skip
+    p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg, "
+                   "runs/demo-spt)")  # fmt: skip
     p.add_argument("--anchor-epochs", type=int,
-                   help="epochs of each anchor (default: 30 for cls, 20 for seg)")  # fmt: skip
-    p.add_argument("--stitch-epochs", type=int,
-                   help="epochs of the stitched model (default: 10 for cls, 8 for "
+                   help="epochs of each anchor (default: 30 for cls and spt, 20 for "
                    "seg)")  # fmt: skip
+    p.add_argument("--stitch-epochs", type=int,
+                   help="epochs of the stitched model, or spt's fine-tuning (default: 10 for "
+                   "cls, 8 for seg, 12 for spt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)

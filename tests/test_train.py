@@ -234,7 +234,8 @@ def _specs(mode: str, task: str) -> tuple[str, ...]:
     return specs[-1:] if mode == "anchor" else specs
 
 
-def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls"):
+def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls", extra=(),
+             specs=None):  # fmt: skip
     cmd = [
         sys.executable,
         "-m",
@@ -250,7 +251,7 @@ def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls"):
         "--task",
         task,
         "--anchors",
-        *_specs(mode, task),
+        *(specs or _specs(mode, task)),
         "--rank",
         "2",
         "--batch-size",
@@ -265,6 +266,7 @@ def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls"):
         str(out),
         "--no-progress",
     ]
+    cmd += list(extra)
     if resume:
         cmd += ["--resume", str(resume)]
     root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not

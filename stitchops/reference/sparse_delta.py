@@ -32,6 +32,8 @@ GRADIENTS = ("x", "weight", "delta", "bias")
 
 # Elements of one gathered [T, entries] slice in the generic dδ path (64 MB in fp32).
 _GATHER_ELEMENTS = 1 << 24
+# Elements of the transposed token slices of the CPU dδ path (16 MB in fp32).
+_TRANSPOSED_ELEMENTS = 1 << 22
 
 
 def dense_delta(delta: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -85,20 +87,25 @@ def _sampled_grad(
     grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, acc: torch.dtype
 ) -> torch.Tensor:
     """The CPU path: PyTorch's SDDMM (``sparse.sampled_addmm`` over a CSR pattern), one dot
-    product of length T per entry between rows of Gᵀ and of xᵀ (both transposed once, in
-    ``acc``), with no [T, nnz] gather."""
-    out_features, in_features = grad_y.shape[1], x.shape[1]
-    rows = index // in_features
-    crow = torch._convert_indices_from_coo_to_csr(rows, out_features)
+    product per entry between rows of Gᵀ and of xᵀ, with no [T, nnz] gather. The transposed
+    copies (in ``acc``) are made a slice of tokens at a time, so they stay a few MB."""
+    tokens, out_features = grad_y.shape
+    in_features = x.shape[1]
+    crow = torch._convert_indices_from_coo_to_csr(index // in_features, out_features)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
             crow, index % in_features, torch.zeros(index.numel(), dtype=acc),
             (out_features, in_features), check_invariants=False,
         )  # fmt: skip
-    grad_t = grad_y.t().to(acc, memory_format=torch.contiguous_format)
-    x_t = x.t().to(acc, memory_format=torch.contiguous_format)
-    return torch.sparse.sampled_addmm(pattern, grad_t, x_t.t(), beta=0.0).values()
+    step = max(256, _TRANSPOSED_ELEMENTS // (in_features + out_features))
+    total = torch.zeros(index.numel(), dtype=acc)
+    for start in range(0, tokens, step):
+        g = grad_y[start : start + step]
+        grad_t = g.t().to(acc, memory_format=torch.contiguous_format)
+        x_t = x[start : start + step].t().to(acc, memory_format=torch.contiguous_format)
+        total += torch.sparse.sampled_addmm(pattern, grad_t, x_t.t(), beta=0.0).values()
+    return total
 
 
 def sparse_delta_forward(

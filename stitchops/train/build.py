@@ -56,10 +56,13 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
+def load_weights(model: torch.nn.Module, path: str, prefix: str = "",
+                 new_head: bool = False) -> None:  # fmt: skip
     """Load a state dict from .safetensors (timm's hub files, or a stitchops checkpoint,
     whose ``model.`` keys are used, a segmentation one's ``backbone.`` part for an anchor) or
-    a torch .pth/.bin file (``model`` entry if present); ``prefix``: only the keys under it."""
+    a torch .pth/.bin file (``model`` entry if present); ``prefix``: only the keys under it.
+    ``new_head``: a classifier head (``head.*``) of another class count is left as the model
+    initialised it (fine-tuning on a new task), said in one line."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"weights file {file} does not exist")
@@ -77,6 +80,14 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = model.state_dict()
+    if new_head:
+        other = {k: tuple(v.shape) for k, v in state.items()
+                 if k.startswith("head.") and k in own and own[k].shape != v.shape}  # fmt: skip
+        if other:
+            state = {k: v for k, v in state.items() if k not in other}
+            ours = tuple(own["head.weight"].shape)
+            print(f"{file.name}: head {other.get('head.weight')} does not fit the model's "
+                  f"{ours}: a new head is trained", flush=True)  # fmt: skip
     for key, value in state.items():  # the first shape that does not fit, named
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             mismatched = sum(k in own and own[k].shape != v.shape for k, v in state.items())
@@ -86,6 +97,8 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
                 "check the model spec against the weights"
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if new_head:
+        missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ValueError(
             f"weights in {file} do not fit the model: missing {sorted(missing)[:5]}, "
@@ -93,14 +106,16 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "") -> None:
         )
 
 
-def build_anchor(spec: str, weights: str | None = None) -> VisionTransformer:
+def build_anchor(spec: str, weights: str | None = None,
+                 new_head: bool = False) -> VisionTransformer:  # fmt: skip
+    """The model of ``spec`` with ``weights`` (``new_head``: as for ``load_weights``)."""
     name, overrides = parse_spec(spec)
     try:
         model = create_model(name, **overrides)
     except TypeError as exc:
         raise ValueError(f"bad model option in {spec!r}: {exc}") from exc
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, new_head=new_head)
     return model
 
 

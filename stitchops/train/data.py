@@ -2,6 +2,9 @@
 
 * ``digits``: 1,797 grayscale 8×8 images of 10 digits shipped inside scikit-learn (no
   download), split 80/20 into train/val with a fixed permutation.
+* ``shapes-cls``: generated grayscale 8×8 images of one shape each (disc, square, triangle,
+  ring, cross; random centre, size and rotation, noise), 2,000 train / 500 val: a second
+  small task in the digits' format, the downstream task of ``stitchops demo spt``.
 * An ImageFolder-layout folder ``root/<class>/<image>`` (or ``root/train/<class>/...`` and
   ``root/val/<class>/...``), read with Pillow, resized to the model's image size and
   normalised with ImageNet's mean and std.
@@ -53,6 +56,29 @@ def load_digits(split: str) -> TensorDataset:
     cut = int(0.8 * len(labels))
     index = order[:cut] if split == "train" else order[cut:]
     return TensorDataset(images[index], labels[index], [str(c) for c in range(10)])
+
+
+SHAPE_NAMES = ("disc", "square", "triangle", "ring", "cross")
+
+
+def load_shapes_cls(split: str) -> TensorDataset:
+    """The ``shapes-cls`` task as [N, 1, 8, 8] float32 (standardised) and int64 labels; the
+    same images on every run (seeded per split)."""
+    from stitchops.train.segdata import GeneratedShapes
+
+    count, seed = (2000, 11) if split == "train" else (500, 12)
+    g = torch.Generator().manual_seed(seed)
+    shapes = GeneratedShapes(length=1, size=8)
+    labels = torch.randint(0, len(SHAPE_NAMES), (count,), generator=g)
+    images = torch.empty(count, 1, 8, 8)
+    for i, label in enumerate(labels.tolist()):
+        cy, cx = (3.0 + 2 * torch.rand(2, generator=g)).tolist()
+        radius = 2.6 + 0.9 * torch.rand((), generator=g).item()
+        angle = 3.1416 * torch.rand((), generator=g).item()
+        mask = shapes._shape(label + 1, cy, cx, radius, angle).float()
+        images[i, 0] = mask + 0.1 * torch.randn(8, 8, generator=g)
+    images = (images - 0.3) / 0.5
+    return TensorDataset(images, labels, list(SHAPE_NAMES))
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -132,15 +158,15 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def load_dataset(data: str, split: str, img_size: int, in_chans: int):
-    """``"digits"`` or a folder; a folder with train/ and val/ sub-folders is split by them,
-    otherwise the same folder serves both splits."""
-    if data == "digits":
+    """``"digits"``, ``"shapes-cls"`` or a folder; a folder with train/ and val/ sub-folders
+    is split by them, otherwise the same folder serves both splits."""
+    if data in ("digits", "shapes-cls"):
         if img_size != 8 or in_chans != 1:
             raise DataError(
-                f"the digits data are 1-channel 8x8 images; the model expects "
+                f"the {data} data are 1-channel 8x8 images; the model expects "
                 f"{in_chans}-channel {img_size}x{img_size}"
             )
-        return load_digits(split)
+        return load_digits(split) if data == "digits" else load_shapes_cls(split)
     root = Path(data)
     if (root / split).is_dir():
         root = root / split

@@ -26,15 +26,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stitchops import spt
 from stitchops.models.segmentation import DECODERS, Segmenter
 from stitchops.models.stitched import StitchedViT
-from stitchops.train import build
+from stitchops.train import build, spt_mode
 from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
 from stitchops.train.data import DataError, load_dataset
 from stitchops.train.samplers import SAMPLERS, ESTASampler, ROSSampler, snip_score
 from stitchops.train.segdata import IGNORE_INDEX, load_seg_dataset
 
-MODES = ("anchor", "snnet", "snnetv2", "esta")
+MODES = ("anchor", "snnet", "snnetv2", "esta", "spt")
 TASKS = ("cls", "seg")
 SCHEDULES = ("cosine", "poly")
 MODE_DEFAULTS = {
@@ -89,15 +90,38 @@ class TrainConfig:
     log_every: int = 1
     workers: int = 0
     progress: bool = True
+    # SPT (mode "spt", stitchops/train/spt_mode.py): trainable parameters without the head
+    budget: float | None = None
+    spt_structured: str = "lora"  # "lora" or "adapter"
+    spt_rank: int = 8
+    spt_alpha: float = 10.0  # structured when sensitive count >= structured cost / alpha
+    spt_beta: float = 5.0  # vectors whole when sensitive count >= length / beta
+    spt_batches: int = 16  # batches of the sensitivity pass
+    spt_per_sample: bool = False
+    spt_plan: str | None = None  # a plan.json, or "lora-all" (the LoRA baseline); else computed
+
+    def _check_spt(self) -> None:
+        if self.task != "cls":
+            raise ValueError("mode 'spt' fine-tunes classifiers (task cls)")
+        if self.spt_plan is None and not (self.budget and self.budget > 0):
+            raise ValueError("mode 'spt' needs --budget (trainable parameters, e.g. 0.4M) or "
+                             "--spt-plan")  # fmt: skip
+        if self.spt_structured not in ("lora", "adapter"):
+            raise ValueError(f"spt_structured must be 'lora' or 'adapter', got "
+                             f"{self.spt_structured!r}")  # fmt: skip
+        if self.spt_batches < 1 or self.spt_rank < 1:
+            raise ValueError("spt_batches and spt_rank must be >= 1")
 
     def resolved(self) -> TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.anchors:
             raise ValueError("give at least one model spec in anchors")
-        if self.mode == "anchor" and len(self.anchors) != 1:
-            raise ValueError("mode 'anchor' trains one model: give exactly one spec")
-        if self.mode != "anchor" and len(self.anchors) < 2:
+        if self.mode in ("anchor", "spt") and len(self.anchors) != 1:
+            raise ValueError(f"mode {self.mode!r} trains one model: give exactly one spec")
+        if self.mode == "spt":
+            self._check_spt()
+        if self.mode not in ("anchor", "spt") and len(self.anchors) < 2:
             raise ValueError(f"mode {self.mode!r} stitches anchors: give at least two specs")
         for key, value in MODE_DEFAULTS.get(self.mode, {}).items():
             if getattr(self, key) is None:
@@ -188,8 +212,9 @@ def _lr(cfg: TrainConfig, step: int, total: int) -> float:
 def build_model(cfg: TrainConfig, with_weights: bool = True):
     """The model a config describes (weights of anchors loaded when ``with_weights``)."""
     weights = cfg.anchor_weights if with_weights else None
-    if cfg.mode == "anchor":
-        anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None)
+    if cfg.mode in ("anchor", "spt"):
+        anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None,
+                                    new_head=True)  # fmt: skip
         if cfg.task == "seg":
             return Segmenter(anchor, anchor.cfg.num_classes, cfg.decoder)
         return anchor
@@ -280,8 +305,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         count = min(cfg.init_images, len(train_set))
         images = torch.stack([train_set[i][0] for i in range(count)]).to(device)
         stitched.init_stitching_layers(images.split(cfg.batch_size))
+    plan = None
+    if cfg.mode == "spt":  # sensitivity, allocation and the tuned layers (or the saved plan)
+        plan = spt_mode.prepare(model, cfg, train_set, device, meta, rank)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = spt.param_groups(model, cfg.weight_decay) if plan is not None else params
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = make_sampler(cfg, stitched, cfg.seed + rank) if stitched is not None else None
     patch_rng = random.Random(cfg.seed + 1000 + rank)
     start = 0
@@ -327,6 +356,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     inplace = stitched is not None and cfg.distill == "inplace"
     teacher_id = len(stitched.anchors) - 1 if inplace else None
     model.train()
+    usage = _Usage(device)
     bar = tqdm(
         total=stop, initial=start, desc=f"train {cfg.mode}", disable=not cfg.progress or rank != 0
     )
@@ -340,6 +370,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             states, rngs = _gather(states[0]), _gather(rngs[0])
         if rank == 0:
             meta_out = {"config": asdict(cfg), "step": step, "samplers": states, "patch_rngs": rngs}
+            if plan is not None:
+                meta_out["spt_plan"] = plan.to_dict()
             save_checkpoint(path, model, optimizer, meta_out)
 
     for images, labels in loader:
@@ -375,6 +407,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             for s, q in _gather((sid, score)) if world > 1 else [(sid, score)]:
                 sampler.update(s, q)
         optimizer.step()
+        usage.step_done()
         step += 1
         bar.update(1)
         if log is not None and (step % cfg.log_every == 0 or step == stop):
@@ -394,11 +427,67 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             checkpoint(out / "checkpoint.safetensors")
     bar.close()
     checkpoint(out / "checkpoint.safetensors")
+    if rank == 0:
+        (out / "usage.json").write_text(json.dumps(usage.summary(model), indent=1))
+        if plan is not None:
+            spt_mode.finish(model, cfg, device)
     if log is not None:
         log.close()
     if world > 1:
         dist.barrier()
     return out / "checkpoint.safetensors"
+
+
+class _Usage:
+    """Step times (after the first, which warms up) and the training's peak memory: the GPU's
+    peak allocation, or on Linux the process's peak resident set since the loop began."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.last = device, [], time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            _release_freed_heap()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _status_bytes("VmRSS")
+        else:
+            self.base = None
+
+    def step_done(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+    def summary(self, model) -> dict:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            peak = _status_bytes("VmHWM") - self.base if self.base is not None else None
+        times = sorted(self.times[1:] or self.times)
+        return {
+            "step_ms_median": 1e3 * times[len(times) // 2] if times else None,
+            "peak_mb": peak / 1e6 if peak is not None else None,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+
+
+def _release_freed_heap() -> None:
+    """glibc's malloc_trim: freed heap pages leave the resident set, so the peak that follows
+    counts this run's allocations, not an earlier run's leftovers."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak includes them
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
 
 
 def _gather(obj) -> list:
@@ -412,5 +501,7 @@ def load_trained(path, device="cpu"):
     model_state, _, meta = read_checkpoint(path)
     cfg = TrainConfig(**meta["config"]).resolved()
     model = build_model(cfg, with_weights=False)
+    if cfg.mode == "spt":
+        spt_mode.apply_saved(model, meta)
     model.load_state_dict(model_state)
     return model.to(device).eval(), cfg

@@ -1,0 +1,134 @@
+"""``stitchops train --mode spt``: the SPT steps around the shared training loop.
+
+1. ``prepare``: on a fresh run, the sensitivity of the pretrained anchor on the first
+   ``spt_batches`` training batches (``stitchops.spt.sensitivity``), the allocation under
+   ``budget`` (printed, saved as ``plan.json``), or a given plan (a JSON file, or
+   ``"lora-all"``: a rank-``spt_rank`` LoRA on every matrix, the LoRA baseline); then
+   ``stitchops.spt.apply`` (the head stays fully trainable). A resumed run or a loaded
+   checkpoint re-applies the plan saved in the checkpoint, so the state dict fits.
+2. the shared loop fine-tunes the trainable parameters (AdamW groups from
+   ``spt.param_groups``: no weight decay on deltas and vectors).
+3. ``finish``: accuracy on the validation split, and ``merged.safetensors``: the plain ViT's
+   weights with every delta and LoRA folded in (loads with ``--anchor-weights``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stitchops import spt
+from stitchops.spt.allocate import PlanEntry, SPTPlan, linear_weights
+from stitchops.train.data import load_dataset
+
+
+def parse_budget(text: str | float | int) -> float:
+    """``"0.4M"``, ``"400k"``, ``"1e5"`` or a number → parameters (> 0)."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text.strip()[-1:].lower(), 1.0)
+        digits = text.strip()[:-1] if scale != 1.0 else text.strip()
+        try:
+            value = float(digits) * scale
+        except ValueError:
+            raise ValueError(f"budget {text!r} is not a number of parameters (e.g. 0.4M, "
+                             "400k, 400000)") from None  # fmt: skip
+    if not value > 0:
+        raise ValueError(f"budget must be > 0 parameters, got {text!r}")
+    return value
+
+
+def lora_everywhere(model: nn.Module, rank: int, exclude=("head",)) -> SPTPlan:
+    """The plan of the LoRA baseline: a rank-``rank`` LoRA on every ``nn.Linear`` weight."""
+    entries = {}
+    for name in sorted(linear_weights(model)):
+        if any(e in name for e in exclude):
+            continue
+        shape = tuple(model.get_parameter(name).shape)
+        cost = rank * (shape[0] + shape[1])
+        entries[name] = PlanEntry(name, shape, "lora", 0, cost)
+    total = sum(e.cost for e in entries.values())
+    return SPTPlan(total, 0, "lora", rank, 1.0, 1.0, entries)
+
+
+def _sensitivity_batches(train_set, cfg):
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
+    for b in range(min(cfg.spt_batches, len(train_set) // cfg.batch_size)):
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()
+        images, labels = zip(*(train_set[i] for i in idx), strict=True)
+        yield torch.stack(images), torch.stack([torch.as_tensor(y) for y in labels])
+
+
+def make_plan(model: nn.Module, cfg, train_set, device, announce: bool) -> SPTPlan:
+    if cfg.spt_plan == "lora-all":
+        return lora_everywhere(model, cfg.spt_rank)
+    if cfg.spt_plan:
+        return SPTPlan.load(cfg.spt_plan)
+    sens = spt.sensitivity(model, _sensitivity_batches(train_set, cfg),
+                           per_sample=cfg.spt_per_sample, progress=announce)  # fmt: skip
+    return spt.allocate(sens, model, cfg.budget, structured=cfg.spt_structured,
+                        rank=cfg.spt_rank, alpha=cfg.spt_alpha, beta=cfg.spt_beta)  # fmt: skip
+
+
+def prepare(model: nn.Module, cfg, train_set, device, meta: dict | None, rank: int) -> SPTPlan:
+    """The run's plan, applied to ``model`` (module docstring, step 1)."""
+    if meta is not None:
+        plan = SPTPlan.from_dict(meta["spt_plan"])
+    else:
+        plan = make_plan(model, cfg, train_set, device, announce=cfg.progress and rank == 0)
+        if rank == 0:
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            plan.save(out / "plan.json")
+            if cfg.progress:
+                print(plan, flush=True)
+    spt.apply(model, plan, trainable=("head",))
+    return plan
+
+
+def apply_saved(model: nn.Module, meta: dict) -> None:
+    """Re-apply the plan a checkpoint recorded (before loading its state dict)."""
+    spt.apply(model, SPTPlan.from_dict(meta["spt_plan"]), trainable=("head",))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: str, cfg_model, device, batch_size: int = 256) -> float:
+    val = load_dataset(data, "val", cfg_model.img_size, cfg_model.in_chans)
+    loader = torch.utils.data.DataLoader(val, batch_size=batch_size)
+    model.eval()
+    right = total = 0
+    for images, labels in loader:
+        logits = model(images.to(device))
+        right += (logits.argmax(1) == labels.to(device)).sum().item()
+        total += len(labels)
+    return right / max(total, 1)
+
+
+def finish(model: nn.Module, cfg, device) -> dict:
+    """Validation accuracy, trainable count, and the merged weights (module docstring, 3)."""
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out)
+    trainable = spt.trainable_count(model)
+    acc = accuracy(model, cfg.data, model.cfg, device)
+    merged = spt.merge(copy.deepcopy(model).cpu())
+    merged_acc = accuracy(merged.to(device), cfg.data, model.cfg, device)
+    state = {k: v.contiguous() for k, v in merged.state_dict().items()}
+    save_file({k: v.cpu() for k, v in state.items()}, str(out / "merged.safetensors"))
+    result = {
+        "accuracy": acc,
+        "merged_accuracy": merged_acc,
+        "trainable_without_head": trainable,
+        "head": sum(p.numel() for n, p in model.named_parameters() if "head" in n),
+    }
+    (out / "spt.json").write_text(json.dumps(result, indent=1))
+    if cfg.progress:
+        print(f"spt: val accuracy {100 * acc:.2f}% (merged {100 * merged_acc:.2f}%), "
+              f"{trainable:,} trainable parameters + head; {out / 'merged.safetensors'}",
+              flush=True)  # fmt: skip
+    return result
