@@ -30,10 +30,12 @@ def targets() -> list:
     return found
 
 
-def check(data: dict, wanted=None) -> tuple[list[str], bool]:
-    """(report lines, whether every target holds) for one results file's data."""
+def check(data: dict, wanted=None, cpu: bool = False) -> tuple[list[str], bool]:
+    """(report lines, whether every target holds) for one results file's data: the GPU's
+    targets, or with ``cpu`` those read off results/cpu.json."""
     lines, ok = [], True
-    for target in targets() if wanted is None else wanted:
+    chosen = [t for t in targets() if t.on_cpu == cpu] if wanted is None else wanted
+    for target in chosen:
         found, met = target.check(data)
         lines += [f"[{'met' if met else 'NOT met'}] {target.what}", *(f"  {x}" for x in found)]
         ok &= met
@@ -42,7 +44,8 @@ def check(data: dict, wanted=None) -> tuple[list[str], bool]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="?", help="default: the newest results/gpu-*.json")
+    parser.add_argument("results", nargs="?", help="default: the newest results/gpu-*.json; "
+                        "results/cpu.json checks the CPU targets")  # fmt: skip
     args = parser.parse_args(argv)
     if args.results:
         path = Path(args.results)
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     data = json.loads(path.read_text())
     env = data.get("environment", {})
     print(f"{path.name}: {env.get('device')}, commit {env.get('commit')}, {env.get('date')}")
-    lines, ok = check(data)
+    lines, ok = check(data, cpu=path.name == "cpu.json")
     print("\n".join(lines))
     print("acceptance: " + ("all targets met" if ok else "NOT met"))
     return 0 if ok else 1

@@ -323,13 +323,19 @@ class Target:
     """An acceptance target, as data: in the results of ``op``, the row whose parameters
     include ``where``; some implementation of ``implementations`` must meet every bound of
     ``bounds`` ((metric, "min" or "max", value), metric one of an implementation's figures:
-    vs_baseline, vs_floor, of_roofline, memory_vs_baseline)."""
+    vs_baseline, vs_floor, of_roofline, memory_vs_baseline, vs_<name> of Case.compare_to).
+    ``where["device"]`` says which results file the target is read from: "cpu" for
+    results/cpu.json, anything else (or absent) for a GPU's."""
 
     op: str
     where: dict
     implementations: tuple[str, ...]
     bounds: tuple[tuple[str, str, float], ...]
     what: str = ""
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.where.get("device") == "cpu"
 
     def check(self, data: dict) -> tuple[list[str], bool]:
         rows = [r for r in data.get(self.op, {}).get("rows", [])

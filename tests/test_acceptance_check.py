@@ -27,7 +27,7 @@ def impl(vs_baseline, vs_floor=None):
 
 
 def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_tokens=256 * 197,
-            stitched=(0.99, 0.97)):  # fmt: skip
+            stitched=(0.99, 0.97), sparse=(1.6, 1.05)):  # fmt: skip
     row = {"tokens": shape_tokens, "in": 384, "out": 1024, "rank": 16, "dtype": "bfloat16",
            "pass": "fwd+bwd", "baseline_impl": "unfused", "triton": impl(*triton),
            "cuda": impl(*cuda)}  # fmt: skip
@@ -37,6 +37,11 @@ def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_token
         data["least_squares_init"] = {"rows": [
             {"n": 19_700, "in": 384, "out": 384, "device": "cuda", "baseline_impl": "cpu_pinv",
              "stitchops": impl(least_squares)}]}  # fmt: skip
+    data["sparse_delta_linear"] = {"rows": [
+        {"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cuda",
+         "baseline_impl": "dense_gather",
+         "triton": {**impl(sparse[0]), "vs_dense_gather": sparse[0], "vs_floor": sparse[1]}}
+        for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]}  # fmt: skip
     data["stitched_overhead"] = {"rows": [
         {"device": "cuda", "pass": name, "baseline_impl": "anchor", "stitched": impl(ratio)}
         for name, ratio in zip(("train step", "forward"), stitched, strict=True)]}  # fmt: skip
@@ -45,7 +50,8 @@ def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_token
 
 def test_every_op_declares_its_targets(acceptance):
     ops = {target.op for target in acceptance.targets()}
-    assert ops == {"lora_linear", "least_squares_init", "stitched_overhead"}
+    assert ops == {"lora_linear", "least_squares_init", "stitched_overhead",
+                   "sparse_delta_linear"}  # fmt: skip
 
 
 def test_met_when_the_best_backend_meets_every_target(acceptance):
@@ -64,11 +70,29 @@ def test_met_when_the_best_backend_meets_every_target(acceptance):
         {"least_squares": None},  # missing figure
         {"shape_tokens": 64 * 197},  # no row at the acceptance shape
         {"stitched": (0.99, 0.9)},  # the forward 1.11x the anchor's time
+        {"sparse": (1.4, 1.05)},  # sparse delta: too little over dense-then-gather
+        {"sparse": (1.6, 1.2)},  # sparse delta: too slow against the frozen GEMM
     ],
 )
 def test_not_met(acceptance, change):
     lines, ok = acceptance.check(results(**change))
     assert not ok, lines
+
+
+def test_cpu_targets_are_read_off_the_cpu_file(acceptance, tmp_path, capsys):
+    rows = [{"work": "delta_grad", "in": 768, "out": 3072, "nnz": 3000, "device": "cpu",
+             "baseline_impl": "official",
+             "torch": {**impl(12.0), "memory_vs_baseline": 2.0}}]  # fmt: skip
+    rows += [{"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cpu",
+              "baseline_impl": "dense_gather", "torch": {**impl(1.3), "vs_dense_gather": 1.3}}
+             for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]  # fmt: skip
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows}}))
+    assert acceptance.main([str(path)]) == 0
+    rows[0]["torch"]["memory_vs_baseline"] = 0.5
+    path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows}}))
+    assert acceptance.main([str(path)]) == 1
+    assert "with less peak memory" in capsys.readouterr().out
 
 
 def test_command_line_reads_a_file(acceptance, tmp_path, capsys):

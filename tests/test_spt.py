@@ -269,3 +269,47 @@ def test_apply_rejects_a_model_without_linear_layers_and_foreign_plans():
         spt.apply(mlp(), plan)
     with pytest.raises(TypeError, match="plan must be an SPTPlan"):
         spt.apply(mlp(), {"entries": {}})
+
+
+def test_stitched_vit_round_trip_leaves_stitching_weights_out():
+    """A StitchedViT: its anchors' nn.Linear layers are tuned; a StitchingLayer's weight is
+    no nn.Linear weight and is not ranked (its bias is a vector, and may be)."""
+    from stitchops.models import StitchedViT
+
+    torch.manual_seed(0)
+    model = StitchedViT([VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2,
+                                           num_heads=2, num_classes=5),
+                         VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=2,
+                                           num_heads=2, num_classes=5)])  # fmt: skip
+    model.select(model.stitches[1].id)
+    data = batches(2, (3, 16, 16))
+    sens = spt.sensitivity(model, data, progress=False)
+    assert sens and all(p.dim() == 1 or "stitch" not in n for n, p in sens.items())
+    plan = spt.allocate(sens, model, 500, rank=2, alpha=2.0)
+    x = data[0][0]
+    before = model.eval()(x)
+    spt.apply(model, plan)
+    assert torch.equal(model(x), before)
+    opt = torch.optim.AdamW(spt.param_groups(model, 0.0), lr=1e-2)
+    model.train()
+    for xb, yb in data * 2:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    tuned = model.eval()(x)
+    spt.merge(model)
+    torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_vision_transformer_round_trip():
+    timm = pytest.importorskip("timm", reason="timm does not import here (CPU torchvision)")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5,
+                              img_size=32, patch_size=16)  # fmt: skip
+    data = batches(1, (3, 32, 32))
+    plan = spt.allocate(spt.sensitivity(model, data, progress=False), model, 2_000)
+    x = data[0][0]
+    before = model.eval()(x)
+    spt.apply(model, plan)
+    assert torch.equal(model(x), before)
+    assert any(isinstance(m, SparseDeltaLinear) for m in model.modules())

@@ -113,7 +113,7 @@ def test_cli_spt_mistakes_are_one_line_with_exit_code_2(tmp_path, pretrained, ca
             str(tmp_path / "run"), "--no-progress"]  # fmt: skip
     for args, words in (
         (base, ["needs --budget"]),
-        ([*base, "--budget", "1"], ["below the smallest possible plan"]),
+        ([*base, "--budget", "0.5"], ["below the smallest possible plan"]),
         ([*base, "--budget", "400", "--spt-plan", str(tmp_path / "none.json")], ["none.json"]),
     ):
         assert main(args) == 2

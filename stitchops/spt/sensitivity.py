@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from stitchops.spt.allocate import linear_weights
+
 EXCLUDE = ("head", "cls_token", "pos_embed", "patch_embed")
 
 
@@ -30,8 +32,12 @@ def _cross_entropy(model: nn.Module, inputs, targets) -> torch.Tensor:
 
 
 def ranked_parameters(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.Parameter]:
-    """The parameters SPT ranks: every one whose name contains none of ``exclude``."""
-    return {n: p for n, p in model.named_parameters() if not any(e in n for e in exclude)}
+    """The parameters SPT ranks: the weights of the ``nn.Linear`` layers and every vector
+    (biases, norms, layer scales) whose name contains none of ``exclude``. Other tensors
+    (convolutions, embeddings, a StitchingLayer's weight) are left out: SPT tunes neither."""
+    matrices = linear_weights(model)
+    return {n: p for n, p in model.named_parameters()
+            if (p.dim() == 1 or n in matrices) and not any(e in n for e in exclude)}  # fmt: skip
 
 
 def sensitivity(
@@ -43,7 +49,8 @@ def sensitivity(
     per_sample: bool = False,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Squared gradients summed over ``batches`` for every ranked parameter.
+    """Squared gradients summed over ``batches`` for every ranked parameter (the weights of
+    ``nn.Linear`` layers and the vectors, less ``exclude``: ``ranked_parameters``).
 
     Args:
         model: any ``nn.Module``.

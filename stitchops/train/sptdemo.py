@@ -44,10 +44,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    for i, r in enumerate(rows):  # labels alternately above and below: close points stay legible
         ax.scatter(r["trainable"], 100 * r["accuracy"], s=60)
-        ax.annotate(r["method"], (r["trainable"], 100 * r["accuracy"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=9)  # fmt: skip
+        ax.annotate(r["method"], (r["trainable"], 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(6, 6 if i % 2 == 0 else -14), fontsize=9)  # fmt: skip
     ax.set_xscale("log")
     counts = [r["trainable"] for r in rows]
     ax.set_xlim(min(counts) / 2, max(counts) * 3)  # room for the labels
