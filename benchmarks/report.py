@@ -31,6 +31,8 @@ def _cell(timing: dict, baseline: str) -> str:
         parts.append(f"{timing['vs_floor']:.2f}x floor")
     if "of_roofline" in timing:
         parts.append(f"{timing['of_roofline']:.0%} of roofline")
+    if "peak_mb" in timing:
+        parts.append(f"peak {timing['peak_mb']:.0f} MB")
     return f"{timing['ms']:.3f} ({', '.join(parts)})"
 
 
