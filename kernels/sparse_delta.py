@@ -31,11 +31,12 @@ import triton.language as tl
 from stitchops.kernels.partials import sum_ranges
 from stitchops.kernels.tuning import programs_to_fill
 
-from stitchops._runtime import new_output
+from stitchops._runtime import new_output, triton_interpreting
 
 BLOCK_SCATTER = 256
 BLOCK_J = 64  # entries per SDDMM program (the fast dimension of its tiles)
 BLOCK_T = 32  # tokens per SDDMM step
+BLOCK_T_INTERPRETED = 128  # under Triton's CPU interpreter: a loop step costs its overhead
 MIN_TOKENS_PER_SPLIT = 256  # a split's work stays well above a launch's fixed cost
 
 
@@ -114,6 +115,7 @@ def sparse_delta_grad(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor
     _sddmm_kernel[grid](
         grad_y, x, index, part, nnz, tokens, per_split, in_features,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
-        BLOCK_J=BLOCK_J, BLOCK_T=BLOCK_T, num_warps=4,
+        BLOCK_J=BLOCK_J, BLOCK_T=BLOCK_T_INTERPRETED if triton_interpreting() else BLOCK_T,
+        num_warps=4,
     )  # fmt: skip
     return sum_ranges([(part, 1.0)], x.dtype)[0]

@@ -175,6 +175,38 @@ def test_non_contiguous_inputs(backend: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_index_and_delta(backend: str):
+    """index and delta as every-other-element views (the kernels read them contiguously)."""
+    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))
+    x, w = torch.randn(20, 6), torch.randn(5, 6)
+    index = torch.tensor([0, 99, 7, 99, 29, 99])[::2]
+    delta = harness.every_other_element(torch.randn(3)).requires_grad_()
+    want = reference.sparse_delta_linear(x, w, delta.detach().clone(), index.clone())
+    with harness.poisoned(backend):
+        got = stitchops.sparse_delta_linear(x, w, delta, index)
+        got.square().sum().backward()
+    assert rel_err(got, want) < 1e-5 and torch.isfinite(delta.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_a_million_tokens(backend: str):
+    """T = 2^19 tokens: the SDDMM's token splits and int64 token offsets, against float64."""
+    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1 << 19, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    grad = torch.randn(1 << 19, 2, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 2, 4, 5])
+    delta = torch.randn(4, generator=g, dtype=torch.float64)
+    want = reference.sparse_delta_grad(grad, x, index)
+    d32 = delta.float().requires_grad_()
+    with harness.poisoned(backend):
+        y = stitchops.sparse_delta_linear(x.float(), w.float(), d32, index)
+        y.backward(grad.float())
+    assert rel_err(d32.grad, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["T0", "3x0"])
 def test_empty_batch_and_no_entries(backend: str, lead):
     harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))

@@ -252,7 +252,8 @@ def sparse_delta_linear(
     with constant_shapes():
         _check(x, weight, delta, index, bias, validate_index)
     lead = x.shape[:-1]
+    # The kernels read index with unit stride (a no-op when it is contiguous).
     y = torch.ops.stitchops.sparse_delta_linear(
-        x.reshape(-1, x.shape[-1]), weight, delta, index, bias
+        x.reshape(-1, x.shape[-1]), weight, delta, index.contiguous(), bias
     )
     return y.reshape(*lead, weight.shape[0])
