@@ -193,6 +193,17 @@ def test_budget_below_the_smallest_plan():
 # ---------------------------------------------------------------- apply and merge
 
 
+def fine_tune(model, data, weight_decay: float = 0.0) -> None:
+    """A few AdamW steps on the trainable parameters (spt.param_groups), then eval mode."""
+    opt = torch.optim.AdamW(spt.param_groups(model, weight_decay), lr=1e-2)
+    model.train()
+    for xb, yb in data:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    model.eval()
+
+
 def _plan_for(model, data, budget, **kw):
     sens = spt.sensitivity(model, data, progress=False, **kw.pop("sens", {}))
     return spt.allocate(sens, model, budget, **kw)
@@ -215,14 +226,7 @@ def test_apply_keeps_outputs_then_merge_round_trips(which):
     assert torch.equal(model(x), before)  # deltas and B start at zero
     assert any(isinstance(m, SparseDeltaLinear) for m in model.modules())
     assert spt.trainable_count(model, exclude=("5.", "head")) == plan.total
-    # Train a few steps so that every delta, LoRA and vector moves, then merge.
-    opt = torch.optim.AdamW(spt.param_groups(model, 0.05), lr=1e-2)
-    model.train()
-    for xb, yb in data * 3:
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    model.eval()
+    fine_tune(model, data * 3, weight_decay=0.05)  # every delta, LoRA and vector moves
     tuned = model(x)
     assert not torch.allclose(tuned, before)
     spt.merge(model)
@@ -290,13 +294,8 @@ def test_stitched_vit_round_trip_leaves_stitching_weights_out():
     before = model.eval()(x)
     spt.apply(model, plan)
     assert torch.equal(model(x), before)
-    opt = torch.optim.AdamW(spt.param_groups(model, 0.0), lr=1e-2)
-    model.train()
-    for xb, yb in data * 2:
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    tuned = model.eval()(x)
+    fine_tune(model, data * 2)
+    tuned = model(x)
     spt.merge(model)
     torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
 
