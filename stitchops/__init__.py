@@ -4,6 +4,7 @@ Public API (this release):
   lora_linear(x, weight, bias, lora_a, lora_b, scale, extra_bias)   fused stitching projection
   least_squares_init(x_src, x_dst, ridge)                           SN-Net least-squares init
   sparse_delta_linear(x, weight, delta, index, bias)                SPT sparse-delta linear
+  token_cluster(x, grid), token_reconstruct(x, centres, values)     Expedit's layers
   nn.StitchingLayer, nn.SparseDeltaLinear                           drop-in nn.Linear
   spt.sensitivity, spt.allocate, spt.apply, spt.merge               sensitivity-aware tuning
   use_backend(name), available_backends()                           backend control
@@ -25,6 +26,7 @@ from stitchops._dispatch import BACKENDS, BackendUnavailableError, available_bac
 from stitchops.ops.least_squares import least_squares_init
 from stitchops.ops.lora import lora_linear
 from stitchops.ops.sparse_delta import sparse_delta_linear
+from stitchops.ops.token_cluster import token_cluster, token_reconstruct
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,8 @@ __all__ = [
     "pi_resize_patch_embed",
     "sparse_delta_linear",
     "spt",
+    "token_cluster",
+    "token_reconstruct",
     "train",
     "use_backend",
 ]

@@ -106,6 +106,7 @@ class Op:
     triton: str  # module of the triton backend
     kernel_dtypes: tuple[torch.dtype, ...]  # what the triton and cuda kernels take
     gpu_priority: tuple[str, ...] = ("triton", "cuda", "torch")  # for CUDA tensors
+    kernels: tuple[str, ...] = ("triton", "cuda")  # the backends that have its kernels
 
     def reasons(
         self,
@@ -120,6 +121,8 @@ class Op:
         or scratch tensor. ``limits``: the op's own reasons against its kernels."""
         if backend == "torch":
             return []  # the reference takes every call the op's checks let through
+        if backend not in self.kernels:
+            return [f"{self.name} has no {backend} kernels yet (the torch reference runs it)"]
         reasons = _backends.device_reasons(backend, tensors)
         if backend == "triton":
             widest = max(written, *map(span, tensors))

@@ -45,7 +45,10 @@ def info(_args) -> int:
         print(f"triton kernels: {_runtime.triton_tuning()}")
     for op in _dispatch.OPS.values():
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in op.kernel_dtypes)
-        print(f"op {op.name}: torch reference, triton and cuda kernels ({dtypes})")
+        kernels = "no kernels yet"
+        if op.kernels:
+            kernels = f"{' and '.join(op.kernels)} kernels ({dtypes})"
+        print(f"op {op.name}: torch reference, {kernels}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device}:")

@@ -2,5 +2,7 @@
 
 from stitchops.nn.sparse import AdapterLinear, LoRALinear, SparseDeltaLinear
 from stitchops.nn.stitching import StitchingLayer
+from stitchops.nn.token_cluster import ClusterState, TokenClustering, TokenReconstruction
 
-__all__ = ["AdapterLinear", "LoRALinear", "SparseDeltaLinear", "StitchingLayer"]
+__all__ = ["AdapterLinear", "ClusterState", "LoRALinear", "SparseDeltaLinear", "StitchingLayer",
+           "TokenClustering", "TokenReconstruction"]  # fmt: skip

@@ -1,0 +1,265 @@
+"""``stitchops.token_cluster`` and ``stitchops.token_reconstruct``: Expedit's token clustering
+and reconstruction layers (NeurIPS 2022, Eq. 2-4), for dense prediction without fine-tuning.
+
+Registered as ``stitchops::token_cluster`` / ``stitchops::token_reconstruct`` (forward) and
+their ``_backward`` ops, each with a fake implementation for torch.compile, tied together
+with ``torch.library.register_autograd``. The math, shapes, costs and where we differ from
+the official code are in ``stitchops.reference.token_cluster``.
+
+Gradients: as the official code, the affinities are constants, so ``token_cluster``'s
+gradient reaches x through the last M-step and ``token_reconstruct``'s reaches only
+``values``. ``affinity_grad=True`` differentiates through every iteration and through the
+reconstruction weights; it runs the torch reference under autograd (no custom op).
+
+Declared to the shared dispatch as ``TOKEN_CLUSTER`` (both ops). Its triton and cuda kernels
+are not written yet: those backends refuse every call with that reason, and the torch
+reference runs it on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stitchops import _dispatch
+from stitchops._runtime import constant_shapes
+from stitchops.ops import _checks
+from stitchops.reference import token_cluster as reference
+
+MODES = ("local", "topk")
+
+TOKEN_CLUSTER = _dispatch.register(
+    _dispatch.Op(
+        name="token_cluster",
+        entries=(
+            "token_cluster_forward",
+            "token_cluster_backward",
+            "token_reconstruct_forward",
+            "token_reconstruct_backward",
+        ),
+        reference="stitchops.reference.token_cluster",
+        triton="stitchops.kernels.token_cluster",
+        kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        kernels=(),
+    )
+)
+
+
+def _entry(tensors: list[torch.Tensor], function: str):
+    return TOKEN_CLUSTER.entry(TOKEN_CLUSTER.choose(tensors), function)
+
+
+@torch.library.custom_op("stitchops::token_cluster", mutates_args=())
+def _cluster_op(x: torch.Tensor, h: int, w: int, window: int, iters: int,
+                temperature: float) -> torch.Tensor:  # fmt: skip
+    return _entry([x], "token_cluster_forward")(x, (h, w), window, iters, temperature)
+
+
+@_cluster_op.register_fake
+def _(x, h, w, window, iters, temperature):
+    return x.new_empty(x.shape[0], h, w, x.shape[3])
+
+
+@torch.library.custom_op("stitchops::token_cluster_backward", mutates_args=())
+def _cluster_backward_op(grad: torch.Tensor, x: torch.Tensor, h: int, w: int, window: int,
+                         iters: int, temperature: float) -> torch.Tensor:  # fmt: skip
+    backward = _entry([grad, x], "token_cluster_backward")
+    return backward(grad.contiguous(), x, (h, w), window, iters, temperature)
+
+
+@_cluster_backward_op.register_fake
+def _(grad, x, h, w, window, iters, temperature):
+    return torch.empty_like(x)
+
+
+def _cluster_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.args = inputs[1:]
+
+
+def _cluster_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    dx = torch.ops.stitchops.token_cluster_backward(grad, x, *ctx.args)
+    return (dx, *[None] * len(ctx.args))
+
+
+torch.library.register_autograd("stitchops::token_cluster", _cluster_backward,
+                                setup_context=_cluster_setup)  # fmt: skip
+
+
+@torch.library.custom_op("stitchops::token_reconstruct", mutates_args=())
+def _reconstruct_op(x: torch.Tensor, centres: torch.Tensor, values: torch.Tensor, window: int,
+                    temperature: float, mode: str, k: int) -> torch.Tensor:  # fmt: skip
+    forward = _entry([values, x, centres], "token_reconstruct_forward")
+    return forward(x, centres, values, window, temperature, mode, k)
+
+
+@_reconstruct_op.register_fake
+def _(x, centres, values, window, temperature, mode, k):
+    return values.new_empty(*x.shape[:3], values.shape[-1])
+
+
+@torch.library.custom_op("stitchops::token_reconstruct_backward", mutates_args=())
+def _reconstruct_backward_op(grad: torch.Tensor, x: torch.Tensor, centres: torch.Tensor,
+                             values: torch.Tensor, window: int, temperature: float, mode: str,
+                             k: int) -> torch.Tensor:  # fmt: skip
+    backward = _entry([grad, x, centres], "token_reconstruct_backward")
+    return backward(grad.contiguous(), x, centres, values, window, temperature, mode, k)
+
+
+@_reconstruct_backward_op.register_fake
+def _(grad, x, centres, values, window, temperature, mode, k):
+    return torch.empty_like(values)
+
+
+def _reconstruct_setup(ctx, inputs, output):
+    x, centres, values, *args = inputs
+    ctx.save_for_backward(x, centres, values)
+    ctx.args = args
+
+
+def _reconstruct_backward(ctx, grad):
+    x, centres, values = ctx.saved_tensors
+    dv = torch.ops.stitchops.token_reconstruct_backward(grad, x, centres, values, *ctx.args)
+    return (None, None, dv, *[None] * len(ctx.args))
+
+
+torch.library.register_autograd("stitchops::token_reconstruct", _reconstruct_backward,
+                                setup_context=_reconstruct_setup)  # fmt: skip
+
+
+def _positive_int(name: str, value: object, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_window(window: object) -> int:
+    window = _positive_int("window", window)
+    if window % 2 == 0:
+        raise ValueError(f"window must be odd (a ±window//2 neighbourhood), got {window}")
+    return window
+
+
+def _check_temperature(temperature: object) -> float:
+    value = _checks.finite_float("temperature", temperature)
+    if value <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return value
+
+
+def _check_map(name: str, t: object) -> torch.Tensor:
+    _checks.tensor(name, t, ndim=4)
+    return t
+
+
+def _check_grid(grid: object, x: torch.Tensor) -> tuple[int, int]:
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"grid must be a pair (h, w) of ints, got {grid!r}")
+    h, w = (_positive_int(f"grid[{i}]", g) for i, g in enumerate(grid))
+    height, width = x.shape[1:3]
+    if h > height or w > width:
+        raise ValueError(f"grid {(h, w)} is larger than the map {(height, width)} of x "
+                         "[B, H, W, C]: need 1 <= h <= H and 1 <= w <= W")  # fmt: skip
+    return h, w
+
+
+def token_cluster(
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    window: int = 5,
+    iters: int = 5,
+    temperature: float = 50.0,
+    affinity_grad: bool = False,
+) -> torch.Tensor:
+    """Cluster the H×W patch tokens into h×w centres by local soft k-means (Expedit Eq. 2-3).
+
+    Args:
+        x: [B, H, W, C] patch tokens, channels last (no class token).
+        grid: (h, w), 1 <= h <= H, 1 <= w <= W: the clustered map.
+        window: odd; a pixel's candidate centres are the cells within ±window//2 rows and
+            columns of its own (cut at the borders).
+        iters: EM iterations (0: the adaptive-average-pooled initial centres).
+        temperature: τ, dividing the squared distances (the official configs' 0.02 = 1/50).
+        affinity_grad: differentiate through the affinities too (torch reference only).
+
+    Returns:
+        [B, h, w, C] centres in x's dtype (float32 math for float16 / bfloat16). A centre that
+        loses every pixel keeps its previous value (the official code zeroes it).
+    """
+    with constant_shapes():
+        _check_map("x", x)
+        grid = _check_grid(grid, x)
+        window = _check_window(window)
+        iters = _positive_int("iters", iters, low=0)
+        temperature = _check_temperature(temperature)
+    if affinity_grad:
+        return reference.token_cluster(x, grid, window, iters, temperature, affinity_grad=True)
+    return torch.ops.stitchops.token_cluster(x, *grid, window, iters, temperature)
+
+
+def token_reconstruct(
+    x: torch.Tensor,
+    centres: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    window: int = 5,
+    temperature: float = 50.0,
+    mode: str = "local",
+    k: int = 20,
+    affinity_grad: bool = False,
+) -> torch.Tensor:
+    """Spread per-centre ``values`` back to the H×W tokens (Expedit Eq. 4).
+
+    Args:
+        x: [B, H, W, C] the tokens that were clustered.
+        centres: [B, h, w, C] what ``token_cluster`` returned for them.
+        values: [B, h, w, D] what to spread back (refined tokens, or a head's logits).
+        window, temperature: as for ``token_cluster``.
+        mode: ``"local"`` (the paper's Eq. 4 over the same window: a softmax) or ``"topk"``
+            (the official code: the k largest exp(−d/τ) over all centres, L2-normalised).
+        k: topk mode's count, 1 <= k <= h·w.
+        affinity_grad: differentiate through the weights too (x and centres get gradients).
+
+    Returns:
+        [B, H, W, D] in values' dtype; differentiable in values.
+    """
+    with constant_shapes():
+        _check_map("x", x)
+        _check_map("centres", centres)
+        _check_map("values", values)
+        b, _, _, c = x.shape
+        h, w = centres.shape[1:3]
+        if centres.shape[0] != b or centres.shape[3] != c:
+            raise ValueError(f"centres must be [B, h, w, C] = [{b}, h, w, {c}] like x, got "
+                             f"{tuple(centres.shape)}")  # fmt: skip
+        _check_grid((h, w), x)
+        if values.shape[:3] != centres.shape[:3]:
+            raise ValueError(f"values must be [B, h, w, D] with [B, h, w] = "
+                             f"{list(centres.shape[:3])} of centres, got "
+                             f"{tuple(values.shape)}")  # fmt: skip
+        _checks.same_dtype_and_device("x", {"x": x, "centres": centres, "values": values})
+        window = _check_window(window)
+        temperature = _check_temperature(temperature)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        k = _positive_int("k", k)
+        if mode == "topk" and k > h * w:
+            raise ValueError(f"k = {k} is more than the h·w = {h * w} centres")
+    if affinity_grad:
+        return reference.token_reconstruct(x, centres, values, window, temperature, mode, k,
+                                           affinity_grad=True)  # fmt: skip
+    return torch.ops.stitchops.token_reconstruct(x, centres, values, window, temperature, mode, k)
+
+
+def local_flops(tokens: int, channels: int, window: int, iters: int) -> int:
+    """FLOPs of one clustering: per iteration 3·N·K·C (distances) + 2·N·K·C (M-step sums),
+    K = window² (an upper bound: border pixels have fewer candidates)."""
+    return iters * 5 * tokens * window * window * channels
+
+
+def dense_flops(tokens: int, centres: int, channels: int, iters: int) -> int:
+    """The same for the official code's dense N × M distances and sums."""
+    return iters * 5 * tokens * centres * channels
