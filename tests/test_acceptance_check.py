@@ -51,7 +51,7 @@ def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_token
 def test_every_op_declares_its_targets(acceptance):
     ops = {target.op for target in acceptance.targets()}
     assert ops == {"lora_linear", "least_squares_init", "stitched_overhead",
-                   "sparse_delta_linear"}  # fmt: skip
+                   "sparse_delta_linear", "token_cluster"}  # fmt: skip
 
 
 def test_met_when_the_best_backend_meets_every_target(acceptance):
@@ -86,11 +86,20 @@ def test_cpu_targets_are_read_off_the_cpu_file(acceptance, tmp_path, capsys):
     rows += [{"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cpu",
               "baseline_impl": "dense_gather", "torch": {**impl(1.3), "vs_dense_gather": 1.3}}
              for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]  # fmt: skip
+    clusters = [{"work": work, "batch": b, "map": m, "device": "cpu", "baseline_impl": "official",
+                 "torch": {**impl(2.0), "memory_vs_baseline": 1.5}}
+                for work in ("cluster", "reconstruct") for b, m in ((1, "40x40"), (8, "40x40"),
+                                                                    (1, "32x32"))]  # fmt: skip
     path = tmp_path / "cpu.json"
-    path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows}}))
+
+    def write():
+        path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows},
+                                    "token_cluster": {"rows": clusters}}))  # fmt: skip
+
+    write()
     assert acceptance.main([str(path)]) == 0
     rows[0]["torch"]["memory_vs_baseline"] = 0.5
-    path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows}}))
+    write()
     assert acceptance.main([str(path)]) == 1
     assert "with less peak memory" in capsys.readouterr().out
 

@@ -28,16 +28,23 @@ from underflowing to zero (the official code's exp(−d/τ) does once d > ≈ 5,
 Cost per clustering iteration: 3·N·K·C FLOPs for the distances and 2·N·K·C for the M-step
 sums (≈ 0.4 GMAC at N = 1600, K = 25, C = 1024, 5 iterations), against the official code's
 dense N × M distances (≈ 14 GMAC there).
+
+This implementation works by bands: the pixels of one row of cells only ever pick centres in
+the 2r+1 rows of cells around it, so each band is two small GEMMs (distances as
+‖x‖² − 2x·sᵀ + ‖s‖² to the band's (2r+1)·w centres, masked to ±r columns, and the M-step
+sums aᵀx), N·(2r+1)·w·C multiply-adds per step: between the local count and the dense one,
+on the GEMM units, with [pixels of a band, (2r+1)·w] weights as the only intermediate.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-# Pixels per chunk of the gathered [B, pixels, K, C] candidate tensors.
+# Pixels per chunk of topk mode's [B, pixels, M] weights.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -48,61 +55,77 @@ def cell_index(size_out: int, size_in: int, device=None) -> torch.Tensor:
     return F.interpolate(source, size=size_out, mode="nearest").view(size_out).long()
 
 
-def candidates(hw_in: tuple[int, int], grid: tuple[int, int], window: int, device=None):
-    """(index [N, K] int64 into the M = h·w centres, valid [N, K] bool) for the pixels of an
-    H × W map in row-major order; K = window², invalid entries point at centre 0."""
+@dataclass(frozen=True)
+class Band:
+    """The pixels of one row of cells and the centres they may pick."""
+
+    pixels: slice  # flat pixel indices (whole pixel rows: the mapping is monotone)
+    centres: slice  # flat centre indices: the cell rows within ±r, every column
+    allowed: torch.Tensor  # [pixels, centres] bool: also within ±r columns
+
+
+def bands(hw_in: tuple[int, int], grid: tuple[int, int], window: int, device=None) -> list[Band]:
+    """The bands of an H × W map clustered to h × w (every cell row has pixels: h <= H)."""
     (height, width), (h, w), r = hw_in, grid, window // 2
-    cy = cell_index(height, h, device)[:, None].expand(height, width).reshape(-1)
-    cx = cell_index(width, w, device)[None, :].expand(height, width).reshape(-1)
-    offsets = torch.arange(-r, r + 1, device=device)
-    iy = cy[:, None, None] + offsets[None, :, None]  # [N, window, 1]
-    ix = cx[:, None, None] + offsets[None, None, :]  # [N, 1, window]
-    valid = ((iy >= 0) & (iy < h)) & ((ix >= 0) & (ix < w))
-    index = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).reshape(len(cy), -1)
-    return torch.where(valid.reshape(len(cy), -1), index, 0), valid.reshape(len(cy), -1)
-
-
-def _chunks(n: int, per_pixel: int):
-    step = max(1, _CHUNK_ELEMENTS // max(per_pixel, 1))
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
-
-
-def local_weights(x: torch.Tensor, s: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
-                  temperature: float) -> torch.Tensor:  # fmt: skip
-    """[B, N, K] softmax over each pixel's candidates of −‖x_p − s_i‖²/τ (0 at invalid ones),
-    for x [B, N, C] and centres s [B, M, C]."""
-    b, n, c = x.shape
+    cy = cell_index(height, h, device)
+    cx = cell_index(width, w, device)
+    near_columns = (cx[:, None] - torch.arange(w, device=device)[None, :]).abs() <= r  # [W, w]
     out = []
-    for part in _chunks(n, index.shape[1] * c * max(b, 1)):
-        gathered = s[:, index[part]]  # [B, n', K, C]
-        d = (x[:, part, None, :] - gathered).square().sum(-1)
-        logits = (-d / temperature).masked_fill(~valid[part], float("-inf"))
-        out.append(torch.softmax(logits, dim=-1))
-    return torch.cat(out, dim=1) if out else x.new_zeros(b, 0, index.shape[1])
+    for row in range(h):
+        ys = (cy == row).nonzero().flatten()
+        first, last = int(ys[0]), int(ys[-1]) + 1
+        low, high = max(0, row - r), min(h, row + r + 1)
+        allowed = near_columns.repeat(last - first, high - low)
+        out.append(Band(slice(first * width, last * width), slice(low * w, high * w), allowed))
+    return out
 
 
-def m_step(x: torch.Tensor, a: torch.Tensor, index: torch.Tensor, previous: torch.Tensor):
-    """s_i = Σ_p a_pi x_p / Σ_p a_pi for x [B, N, C] and affinities a [B, N, K]; a centre with
-    no affinity keeps its ``previous`` value [B, M, C]."""
-    return m_step_with_totals(x, a, index, previous)[0]
+def squared_distances(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """[B, n, m] ‖x_p − s_i‖² for x [B, n, C] and s [B, m, C], as ‖x‖² − 2x·sᵀ + ‖s‖² (a GEMM;
+    clamped at 0 against rounding)."""
+    cross = x @ s.transpose(1, 2)
+    return (
+        x.square().sum(-1, keepdim=True) - 2 * cross + s.square().sum(-1)[:, None, :]
+    ).clamp_min(0)
 
 
-def m_step_with_totals(x, a, index, previous) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``m_step``'s centres, the totals Σ_p a_pi [B, M])."""
-    b, m, c = previous.shape
-    numer = x.new_zeros(b, m, c)
-    denom = x.new_zeros(b, m)
-    for k in range(index.shape[1]):  # one candidate slot at a time: [B, N, C] sources
-        numer = numer.index_add(1, index[:, k], a[:, :, k, None] * x)
-        denom = denom.index_add(1, index[:, k], a[:, :, k])
-    empty = denom == 0  # NaN stays NaN: a NaN pixel reaches its centres
-    safe = torch.where(empty, torch.ones_like(denom), denom)
-    return torch.where(empty[..., None], previous, numer / safe[..., None]), denom
+def band_weights(x: torch.Tensor, s: torch.Tensor, band: Band, temperature: float):
+    """[B, pixels, centres] softmax over each pixel's candidates of −‖x_p − s_i‖²/τ (0 off
+    them) for the band's pixels of x [B, N, C] and its centres of s [B, M, C]."""
+    d = squared_distances(x[:, band.pixels], s[:, band.centres])
+    logits = (-d / temperature).masked_fill(~band.allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def m_step(x, s, band_list, temperature, frozen: bool):
+    """One EM iteration: (new centres [B, M, C], weights of every band, totals Σ_p a_pi [B, M]).
+    A centre with no affinity keeps its value; ``frozen``: the weights are constants."""
+    numer = torch.zeros_like(s)
+    totals = s.new_zeros(s.shape[:2])
+    weights = []
+    for band in band_list:
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            a = band_weights(x, s, band, temperature)
+        weights.append(a)
+        numer.index_add_(1, _range(band.centres, s), a.transpose(1, 2) @ x[:, band.pixels])
+        totals.index_add_(1, _range(band.centres, s), a.sum(1))
+    empty = totals == 0  # NaN stays NaN: a NaN pixel reaches its centres
+    safe = torch.where(empty, torch.ones_like(totals), totals)
+    return torch.where(empty[..., None], s, numer / safe[..., None]), weights, totals
+
+
+def _range(part: slice, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(part.start, part.stop, device=like.device)
 
 
 def initial_centres(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """s⁰ [B, h, w, C]: adaptive average pooling of x [B, H, W, C] (PyTorch's bins)."""
     return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+
+
+def accumulation(dtype: torch.dtype) -> torch.dtype:
+    """What the math runs in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def token_cluster(
@@ -116,20 +139,12 @@ def token_cluster(
     """Centres [B, h, w, C] of x [B, H, W, C] (module docstring), differentiable by autograd;
     computed in float32 (float64 for float64), returned in x's dtype."""
     b, height, width, c = x.shape
-    index, valid = candidates((height, width), grid, window, x.device)
+    band_list = bands((height, width), grid, window, x.device)
     flat = x.reshape(b, height * width, c).to(accumulation(x.dtype))
     s = initial_centres(flat.view(b, height, width, c), grid).reshape(b, grid[0] * grid[1], c)
     for _ in range(iters):
-        frozen = contextlib.nullcontext() if affinity_grad else torch.no_grad()
-        with frozen:
-            a = local_weights(flat, s, index, valid, temperature)
-        s = m_step(flat, a, index, s)
+        s = m_step(flat, s, band_list, temperature, frozen=not affinity_grad)[0]
     return s.reshape(b, grid[0], grid[1], c).to(x.dtype)
-
-
-def accumulation(dtype: torch.dtype) -> torch.dtype:
-    """What the math runs in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def topk_weights(x: torch.Tensor, s: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -137,8 +152,10 @@ def topk_weights(x: torch.Tensor, s: torch.Tensor, k: int, temperature: float) -
     entries ≥ the row's k-th largest kept, the row divided by max(‖e‖₂, 1e−12)."""
     b, n = x.shape[:2]
     out = []
-    for part in _chunks(n, s.shape[1] * max(b, 1)):
-        d = torch.cdist(x[:, part], s, compute_mode="donot_use_mm_for_euclid_dist").square()
+    step = max(1, _CHUNK_ELEMENTS // max(s.shape[1] * max(b, 1), 1))
+    for start in range(0, n, step):
+        part = x[:, start : start + step]
+        d = squared_distances(part, s)
         e = torch.exp(-(d - d.min(dim=-1, keepdim=True).values) / temperature)
         kth = e.topk(k, dim=-1).values[..., -1:]
         e = torch.where(e >= kth, e, torch.zeros_like(e))
@@ -159,7 +176,7 @@ def token_reconstruct(
     """y [B, H, W, D] from x [B, H, W, C], centres [B, h, w, C], values [B, h, w, D];
     computed in float32 (float64 for float64), returned in values' dtype."""
     b, height, width, c = x.shape
-    grid = centres.shape[1:3]
+    grid = tuple(centres.shape[1:3])
     acc = accumulation(x.dtype)
     flat = x.reshape(b, height * width, c).to(acc)
     s = centres.reshape(b, grid[0] * grid[1], c).to(acc)
@@ -170,10 +187,12 @@ def token_reconstruct(
             weights = topk_weights(flat, s, k, temperature)
         y = weights @ v
     else:
-        index, valid = candidates((height, width), tuple(grid), window, x.device)
-        with frozen:
-            weights = local_weights(flat, s, index, valid, temperature)
-        y = (weights[..., None] * v[:, index]).sum(2)
+        parts = []
+        for band in bands((height, width), grid, window, x.device):
+            with frozen:
+                a = band_weights(flat, s, band, temperature)
+            parts.append(a @ v[:, band.centres])
+        y = torch.cat(parts, dim=1)
     return y.reshape(b, height, width, v.shape[-1]).to(values.dtype)
 
 
@@ -192,31 +211,28 @@ def token_cluster_backward(grad, x, grid, window, iters, temperature) -> torch.T
     that kept its value passes g_i on to step t − 1, and at the start to the pooling."""
     b, height, width, c = x.shape
     acc = accumulation(x.dtype)
-    index, valid = candidates((height, width), grid, window, x.device)
+    band_list = bands((height, width), grid, window, x.device)
     flat = x.reshape(b, height * width, c).to(acc)
     m = grid[0] * grid[1]
     s = initial_centres(flat.view(b, height, width, c), grid).reshape(b, m, c)
     history = []
     for _ in range(iters):
-        a = local_weights(flat, s, index, valid, temperature)
-        s, totals = m_step_with_totals(flat, a, index, s)
-        history.append((a, totals))
+        s, weights, totals = m_step(flat, s, band_list, temperature, frozen=True)
+        history.append((weights, totals))
     g = grad.reshape(b, m, c).to(acc)
     dx = torch.zeros_like(flat)
-    for a, totals in reversed(history):
+    for weights, totals in reversed(history):
         kept = totals == 0
-        per_pixel = torch.where(kept[..., None], 0.0, g / torch.where(kept, 1.0, totals)[..., None])
-        for k in range(index.shape[1]):
-            dx += a[:, :, k, None] * per_pixel[:, index[:, k]]
+        per_centre = torch.where(
+            kept[..., None], 0.0, g / torch.where(kept, 1.0, totals)[..., None]
+        )
+        for band, a in zip(band_list, weights, strict=True):
+            dx[:, band.pixels] += a @ per_centre[:, band.centres]
         g = torch.where(kept[..., None], g, 0.0)
     pooled = g.reshape(b, *grid, c).permute(0, 3, 1, 2)
-    dx += (
-        torch.ops.aten._adaptive_avg_pool2d_backward(
-            pooled, flat.view(b, height, width, c).permute(0, 3, 1, 2)
-        )
-        .permute(0, 2, 3, 1)
-        .reshape(b, height * width, c)
-    )
+    source = flat.view(b, height, width, c).permute(0, 3, 1, 2)
+    dx += torch.ops.aten._adaptive_avg_pool2d_backward(pooled, source).permute(0, 2, 3, 1).reshape(
+        b, height * width, c)  # fmt: skip
     return dx.reshape(x.shape).to(x.dtype)
 
 
@@ -235,9 +251,8 @@ def token_reconstruct_backward(grad, x, centres, values, window, temperature, mo
     if mode == "topk":
         dv = topk_weights(flat, s, k, temperature).transpose(1, 2) @ dy
     else:
-        index, valid = candidates((height, width), grid, window, x.device)
-        weights = local_weights(flat, s, index, valid, temperature)
         dv = dy.new_zeros(b, s.shape[1], dy.shape[-1])
-        for slot in range(index.shape[1]):
-            dv = dv.index_add(1, index[:, slot], weights[:, :, slot, None] * dy)
+        for band in bands((height, width), grid, window, x.device):
+            a = band_weights(flat, s, band, temperature)
+            dv.index_add_(1, _range(band.centres, s), a.transpose(1, 2) @ dy[:, band.pixels])
     return dv.reshape(values.shape).to(values.dtype)
