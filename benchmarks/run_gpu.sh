@@ -5,9 +5,8 @@
 # test      the whole pytest suite on the GPU (cuda backend on the real kernels, timm parity)
 # sanitize  compute-sanitizer memcheck / synccheck / racecheck over the cuda-backend tests
 # bench     bench_least_squares, bench_sparse_delta, bench_token_cluster, bench_lora and
-#           bench_stitched on the GPU,
-#           then the acceptance targets they declare, read off the results
-#           (benchmarks/acceptance.py)
+#           bench_stitched on the GPU, then the acceptance targets they declare, read off
+#           the results (benchmarks/acceptance.py)
 # Logs and result files go to $OUT if set (else benchmarks/results/logs/); the benchmark
 # JSON files are also written to benchmarks/results/ as usual.
 set -uo pipefail

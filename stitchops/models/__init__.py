@@ -1,5 +1,6 @@
 """Models: the timm-compatible ViT (DeiT / DeiT-III, FlexiViT patch sizes) and stitched ViTs."""
 
+from stitchops.models.expedit import expedite, expedited, expedition, unexpedite
 from stitchops.models.flexi import pi_resize_patch_embed, resize_pos_embed
 from stitchops.models.flops import vit_flops
 from stitchops.models.official import OfficialLoad, load_official_checkpoint
@@ -38,9 +39,13 @@ __all__ = [
     "deit_base_patch16_224",
     "deit_small_patch16_224",
     "deit_tiny_patch16_224",
+    "expedite",
+    "expedited",
+    "expedition",
     "load_official_checkpoint",
     "pi_resize_patch_embed",
     "resize_pos_embed",
+    "unexpedite",
     "vit_flops",
     "vit_small_test",
 ]

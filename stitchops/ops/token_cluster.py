@@ -18,7 +18,10 @@ reference runs it on every device.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from stitchops import _dispatch
 from stitchops._runtime import constant_shapes
@@ -263,3 +266,18 @@ def local_flops(tokens: int, channels: int, window: int, iters: int) -> int:
 def dense_flops(tokens: int, centres: int, channels: int, iters: int) -> int:
     """The same for the official code's dense N × M distances and sums."""
     return iters * 5 * tokens * centres * channels
+
+
+# FLOPs for torch.utils.flop_counter (2 per multiply-add): the local cost, as the paper's
+# counter, whatever the backend executes.
+@register_flop_formula(torch.ops.stitchops.token_cluster)
+def _cluster_flops(x_shape, h, w, window, iters, temperature, **kwargs):
+    return x_shape[0] * local_flops(x_shape[1] * x_shape[2], x_shape[3], window, iters)
+
+
+@register_flop_formula(torch.ops.stitchops.token_reconstruct)
+def _reconstruct_flops(x_shape, centres_shape, values_shape, window, temperature, mode, k,
+                       **kwargs):  # fmt: skip
+    tokens = math.prod(x_shape[:3])
+    candidates = centres_shape[1] * centres_shape[2] if mode == "topk" else window * window
+    return tokens * candidates * (3 * x_shape[3] + 2 * values_shape[3])

@@ -1,0 +1,173 @@
+"""Expedited ViTs (Expedit, NeurIPS 2022, Sec. 3 and Fig. 2): a trained plain ViT runs its
+first α blocks at full resolution, clusters the H×W patch tokens into h×w
+(``stitchops.token_cluster``), runs the next β blocks on the clustered tokens, reconstructs
+H×W tokens (``stitchops.token_reconstruct``) and runs the remaining γ blocks; no weight is
+changed or copied, and no fine-tuning is needed.
+
+``expedite(model, alpha, grid)`` does this in place with forward hooks, so the model keeps
+its modules, parameter names and state dict, and ``unexpedite(model)`` (or leaving the
+``expedited(...)`` block) restores the plain forward. The class token (and any other prefix
+token) bypasses clustering and reconstruction and goes through the β blocks with the
+centres. ``method="pool"`` is the paper's baseline (Tables 4-5): adaptive average pooling to
+h×w, bilinear upsampling back.
+
+Works on any ViT with timm's attribute names: ``blocks``, ``patch_embed`` (its input is the
+images, its optional second argument a patch size as in FlexiViT, else its ``patch_size``)
+and ``num_prefix_tokens``: stitchops' VisionTransformer and FlexiViT, a timm
+VisionTransformer, and a ``Segmenter`` (its backbone). The token grid is read off each
+forward's images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stitchops.ops.token_cluster import token_cluster, token_reconstruct
+
+METHODS = ("cluster", "pool")
+_ATTR = "_stitchops_expedit"
+
+
+@dataclass
+class Expedition:
+    """One model's expedite settings, hook handles and the current forward's state."""
+
+    alpha: int
+    beta: int
+    grid: tuple[int, int]
+    window: int = 5
+    iters: int = 5
+    temperature: float = 50.0
+    reconstruct: str = "local"
+    k: int = 20
+    method: str = "cluster"
+    handles: list = field(default_factory=list)
+    token_grid: tuple[int, int] | None = None  # of the running forward
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, centres)
+
+    def cluster(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+        """[B, P + H·W, C] → [B, P + h·w, C]."""
+        b, _, c = tokens.shape
+        x = tokens[:, prefix:].reshape(b, *self.token_grid, c)
+        if self.method == "pool":
+            centres = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), self.grid).permute(0, 2, 3, 1)
+        else:
+            centres = token_cluster(x, self.grid, window=self.window, iters=self.iters,
+                                    temperature=self.temperature)  # fmt: skip
+        self.saved = (x, centres)
+        return torch.cat([tokens[:, :prefix], centres.reshape(b, -1, c)], dim=1)
+
+    def reconstruct_tokens(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+        """[B, P + h·w, C] → [B, P + H·W, C] from the refined centres."""
+        x, centres = self.saved
+        b, _, c = tokens.shape
+        values = tokens[:, prefix:].reshape(b, *self.grid, c)
+        if self.method == "pool":
+            y = F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid, mode="bilinear",
+                              align_corners=False).permute(0, 2, 3, 1)  # fmt: skip
+        else:
+            y = token_reconstruct(x, centres.detach(), values, window=self.window,
+                                  temperature=self.temperature, mode=self.reconstruct,
+                                  k=self.k)  # fmt: skip
+        self.saved = None
+        return torch.cat([tokens[:, :prefix], y.reshape(b, -1, c)], dim=1)
+
+
+def vit_of(model: nn.Module) -> nn.Module:
+    """The ViT to expedite: the model itself, or a segmentation model's ``backbone``."""
+    vit = getattr(model, "backbone", model)
+    missing = [a for a in ("blocks", "patch_embed") if not hasattr(vit, a)]
+    if missing:
+        raise TypeError(f"expedite needs a ViT with timm's attribute names; "
+                        f"{type(vit).__name__} has no {', '.join(missing)}")  # fmt: skip
+    return vit
+
+
+def _patch_size(patch_embed: nn.Module, args: tuple) -> tuple[int, int]:
+    size = args[1] if len(args) > 1 and args[1] is not None else patch_embed.patch_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def expedite(
+    model: nn.Module,
+    alpha: int,
+    grid: tuple[int, int],
+    *,
+    beta: int | None = None,
+    window: int = 5,
+    iters: int = 5,
+    temperature: float = 50.0,
+    reconstruct: str = "local",
+    k: int = 20,
+    method: str = "cluster",
+) -> nn.Module:
+    """Make ``model`` cluster after block ``alpha`` (blocks 0..alpha-1 at full resolution),
+    run ``beta`` blocks (default: to the end) on the ``grid`` centres, then reconstruct;
+    in place, returned. The other arguments are token_cluster's and token_reconstruct's."""
+    vit = vit_of(model)
+    depth = len(vit.blocks)
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or not 0 <= alpha < depth:
+        raise ValueError(f"alpha must be an int in [0, {depth - 1}] (the model has {depth} "
+                         f"blocks), got {alpha!r}")  # fmt: skip
+    beta = depth - alpha if beta is None else beta
+    if isinstance(beta, bool) or not isinstance(beta, int) or not 1 <= beta <= depth - alpha:
+        raise ValueError(f"beta must be an int in [1, {depth - alpha}] (alpha + beta <= "
+                         f"{depth} blocks), got {beta!r}")  # fmt: skip
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"grid must be a pair (h, w) of ints, got {grid!r}")
+    unexpedite(model)
+    state = Expedition(alpha, beta, tuple(grid), window, iters, temperature, reconstruct, k,
+                       method)  # fmt: skip
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+
+    def read_grid(module, args):
+        ph, pw = _patch_size(module, args)
+        height, width = args[0].shape[-2:]
+        state.token_grid = (height // ph, width // pw)
+
+    def before(module, args):
+        return (state.cluster(args[0], prefix), *args[1:])
+
+    def after(module, args, output):
+        return state.reconstruct_tokens(output, prefix)
+
+    state.handles = [
+        vit.patch_embed.register_forward_pre_hook(read_grid),
+        vit.blocks[alpha].register_forward_pre_hook(before),
+        vit.blocks[alpha + beta - 1].register_forward_hook(after),
+    ]
+    setattr(model, _ATTR, state)
+    return model
+
+
+def unexpedite(model: nn.Module) -> nn.Module:
+    """The plain forward again (no-op on a model that is not expedited)."""
+    state = getattr(model, _ATTR, None)
+    if state is not None:
+        for handle in state.handles:
+            handle.remove()
+        delattr(model, _ATTR)
+    return model
+
+
+def expedition(model: nn.Module) -> Expedition | None:
+    """The settings ``model`` is expedited with, or None."""
+    return getattr(model, _ATTR, None)
+
+
+@contextlib.contextmanager
+def expedited(model: nn.Module, alpha: int, grid: tuple[int, int], **kwargs) -> Iterator[nn.Module]:
+    """``with expedited(model, alpha, grid): ...`` runs the block expedited, then restores."""
+    expedite(model, alpha, grid, **kwargs)
+    try:
+        yield model
+    finally:
+        unexpedite(model)

@@ -1,0 +1,163 @@
+"""stitchops.models.expedite: expedited ViTs without fine-tuning (Expedit Sec. 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stitchops.models import (
+    Segmenter,
+    expedite,
+    expedited,
+    expedition,
+    unexpedite,
+    vit_small_test,
+)
+from stitchops.train.data import load_digits
+
+
+def vit(**kw):
+    torch.manual_seed(0)
+    return vit_small_test(patch_size=1, depth=4, **kw).eval()
+
+
+IMAGES = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("alpha, beta", [(0, None), (1, 2), (3, 1)])
+def test_full_grid_and_tiny_temperature_reproduce_the_plain_model(alpha, beta):
+    model = vit()
+    plain = model(IMAGES)
+    with expedited(model, alpha, (8, 8), beta=beta, temperature=1e-6):
+        assert torch.allclose(model(IMAGES), plain, atol=1e-5)
+
+
+def test_flexivit_patch_sizes_and_segmenter_reproduce_too():
+    torch.manual_seed(0)
+    flexi = vit_small_test(flexi=True, flexi_kernel=4, flexi_grid=4, depth=3).eval()
+    for patch in (1, 2):
+        grid = (8 // patch, 8 // patch)
+        plain = flexi(IMAGES, patch_size=patch)
+        with expedited(flexi, 1, grid, temperature=1e-6):
+            assert torch.allclose(flexi(IMAGES, patch_size=patch), plain, atol=1e-5)
+    segmenter = Segmenter(vit(), num_classes=4).eval()
+    plain = segmenter(IMAGES)
+    with expedited(segmenter, 2, (8, 8), temperature=1e-6):
+        assert torch.allclose(segmenter(IMAGES), plain, atol=1e-5)
+    with expedited(segmenter, 2, (4, 4)):
+        assert segmenter(IMAGES).shape == plain.shape
+
+
+def test_beta_blocks_run_on_the_clustered_tokens_and_unexpedite_restores():
+    model = vit()
+    params = {n: p.data_ptr() for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    plain = model(IMAGES)
+    seen = []
+    expedite(model, 1, (3, 5), beta=2)
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+             for b in model.blocks]  # after expedite's: they see what the blocks get  # fmt: skip
+    assert expedition(model).grid == (3, 5)
+    model(IMAGES)
+    assert seen == [1 + 64, 1 + 15, 1 + 15, 1 + 64]  # class token + patch tokens
+    unexpedite(model)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(model(IMAGES), plain) and expedition(model) is None
+    assert list(model.state_dict()) == keys
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params  # nothing copied
+
+
+def test_expediting_cuts_flops_at_the_local_clustering_cost():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = vit(embed_dim=64)
+
+    def flops():
+        with FlopCounterMode(display=False) as counter:
+            model(IMAGES)
+        return counter.get_total_flops()
+
+    plain = flops()
+    with expedited(model, 1, (4, 4), window=3, iters=2):
+        fewer = flops()
+    # blocks 1-3 run 17 tokens instead of 65; the clustering adds 2·5·64·9·64 per image
+    assert fewer < 0.5 * plain
+    assert fewer > 3 * 2 * 5 * 64 * 9 * 64
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A ViT trained a little on the digits (patch 1: an 8×8 token map)."""
+    torch.manual_seed(0)
+    model = vit_small_test(patch_size=1, depth=4, embed_dim=32)
+    data = load_digits("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(3):
+        for i in range(0, len(data), 64):
+            x, y = data.images[i : i + 64], data.labels[i : i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval(), load_digits("val").images[:128]
+
+
+@pytest.mark.parametrize("alpha", [1, 2])
+def test_reconstructed_features_beat_pooling_and_bilinear_upsampling(trained, alpha):
+    """The paper's Table 1 against its Tables 4-5 baseline, on a trained model: the cosine
+    similarity of the final features to the plain model's. τ = 1 suits this model's tokens
+    (‖x‖² ≈ 19); the paper's τ = 50 suits ViT-L's, and here would blur every window into one
+    average (0.85, below pooling's 0.94)."""
+    model, images = trained
+    with torch.no_grad():
+        plain = model.forward_features(images)[:, 1:]
+
+        def similarity(method):
+            with expedited(model, alpha, (4, 4), beta=4 - alpha, method=method, temperature=1.0):
+                return F.cosine_similarity(model.forward_features(images)[:, 1:], plain,
+                                           dim=-1).mean().item()  # fmt: skip
+
+        ours, pooled = similarity("cluster"), similarity("pool")
+    assert ours > pooled, (ours, pooled)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(alpha=4, grid=(4, 4)), ValueError, r"alpha must be an int in \[0, 3\]"),
+        (dict(alpha=-1, grid=(4, 4)), ValueError, "alpha must be"),
+        (dict(alpha=2, grid=(4, 4), beta=3), ValueError, r"beta must be an int in \[1, 2\]"),
+        (dict(alpha=2, grid=(4, 4), beta=0), ValueError, "beta must be"),
+        (dict(alpha=1, grid=(4, 4), method="conv"), ValueError, "method must be one of"),
+        (dict(alpha=1, grid=4), TypeError, "grid must be a pair"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kwargs, error, message):
+    model = vit()
+    with pytest.raises(error, match=message):
+        expedite(model, **kwargs)
+    assert expedition(model) is None
+
+
+def test_a_grid_larger_than_the_token_map_is_refused_at_the_forward():
+    model = vit()
+    with expedited(model, 1, (9, 4)), pytest.raises(ValueError, match="larger than the map"):
+        model(IMAGES)
+
+
+def test_not_a_vit():
+    with pytest.raises(TypeError, match="has no blocks, patch_embed"):
+        expedite(torch.nn.Linear(3, 3), 0, (2, 2))
+
+
+def test_timm_vision_transformer():
+    timm = pytest.importorskip("timm", reason="timm does not import here (CPU torchvision)")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    plain = model(images)
+    with expedited(model, 4, (4, 4), temperature=1e-6):
+        assert torch.allclose(model(images), plain, atol=1e-4)
+    with expedited(model, 4, (2, 2)):
+        assert model(images).shape == plain.shape
