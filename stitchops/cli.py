@@ -85,6 +85,13 @@ def demo(args) -> int:
         from stitchops.train.segdemo import run_seg_demo as run
     elif args.task == "spt":
         from stitchops.train.sptdemo import run_spt_demo as run
+    elif args.task == "expedit":
+        from stitchops.train.expeditdemo import run_expedit_demo
+
+        options = {"out": args.out, "epochs": args.anchor_epochs}
+        run_expedit_demo(**{k: v for k, v in options.items() if v is not None},
+                         progress=not args.no_progress, seed=args.seed)  # fmt: skip
+        return 0
     else:
         from stitchops.train.demo import run_demo as run
     given = {"out": args.out, "anchor_epochs": args.anchor_epochs,
@@ -340,14 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SN-Netv2 end to end: classification on the bundled "
                        "digits, or segmentation (demo seg) on generated shapes; demo spt: "
                        "SPT vs LoRA vs full fine-tuning", formatter_class=defaults)  # fmt: skip
-    p.add_argument("task", nargs="?", choices=["cls", "seg", "spt"], default="cls",
+    p.add_argument("task", nargs="?", choices=["cls", "seg", "spt", "expedit"], default="cls",
                    help="cls: digits classification; seg: shapes segmentation; spt: "
-                   "fine-tune a digits ViT on shapes-cls")  # fmt: skip
+                   "fine-tune a digits ViT on shapes-cls; expedit: a trained Segmenter "
+                   "expedited without fine-tuning")  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg, "
-                   "runs/demo-spt)")  # fmt: skip
+                   "runs/demo-spt, runs/demo-expedit)")  # fmt: skip
     p.add_argument("--anchor-epochs", type=int,
                    help="epochs of each anchor (default: 30 for cls and spt, 20 for "
-                   "seg)")  # fmt: skip
+                   "seg and expedit)")  # fmt: skip
     p.add_argument("--stitch-epochs", type=int,
                    help="epochs of the stitched model, or spt's fine-tuning (default: 10 for "
                    "cls, 8 for seg, 12 for spt)")  # fmt: skip

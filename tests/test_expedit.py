@@ -161,3 +161,16 @@ def test_timm_vision_transformer():
         assert torch.allclose(model(images), plain, atol=1e-4)
     with expedited(model, 4, (2, 2)):
         assert model(images).shape == plain.shape
+
+
+def test_expedit_demo_end_to_end(tmp_path):
+    from stitchops.train.expeditdemo import run_expedit_demo
+
+    summary = run_expedit_demo(out=tmp_path, epochs=1, progress=False,
+                               settings=((2, (8, 8)),))  # fmt: skip
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"cluster", "pool"}
+    for r in rows.values():
+        assert r["gflops"] < summary["plain"]["gflops"] and 0 <= r["miou"] <= 1
+        assert -1 <= r["cosine"] <= 1 and r["temperature"] > 0
+    assert (tmp_path / "expedit.png").read_bytes().startswith(b"\x89PNG")
