@@ -10,7 +10,8 @@ clustering and reconstruction, each checked against a float64 reference in the s
   centres, the 20 largest kept, L2-normalised (without our shift of d by its row minimum,
   as written). The baseline.
 - ``torch``: the stitchops torch backend (banded GEMMs, reference/token_cluster.py), what
-  CPU users run. Its triton and cuda kernels are not written yet.
+  CPU users run.
+- ``triton`` (on a GPU): kernels/token_cluster.py. Its CUDA kernels are not written yet.
 
 Costs per clustering (FLOPs = 2 per multiply-add): local 5·N·K·C per iteration (K = 25),
 the official dense 5·N·M·C; minimum bytes: x read and the centres written once per
@@ -43,14 +44,21 @@ SHAPES = (  # (batch, (H, W), (h, w), C)
     (1, (32, 32), (16, 16), 768),
 )
 
-TARGETS = tuple(
+TARGETS = (*(
     Target(op="token_cluster",
            where={"work": work, "batch": b, "map": f"{hw[0]}x{hw[1]}", "device": "cpu"},
            implementations=("torch",),
            bounds=(("vs_baseline", "min", 1.0), ("memory_vs_baseline", "min", 1.0)),
            what=f"CPU: torch backend {work} not slower than the official dense algorithm, nor "
                 f"more peak memory (B {b}, {hw[0]}x{hw[1]} -> {grid[0]}x{grid[1]}, C {c})")
-    for b, hw, grid, c in SHAPES for work in ("cluster", "reconstruct")
+    for b, hw, grid, c in SHAPES for work in ("cluster", "reconstruct")),
+    *(Target(op="token_cluster",
+             where={"work": "cluster", "batch": b, "map": "40x40", "device": "cuda"},
+             implementations=("triton", "cuda"), bounds=(("vs_baseline", "min", 20.0),
+                                                         ("of_roofline", "min", 0.6)),
+             what=f"GPU: clustering >= 20x the official dense algorithm and >= 60% of the "
+                  f"roofline (B {b}, 40x40 -> 28x28, C 1024)")
+      for b in (1, 8)),
 )  # fmt: skip
 
 
@@ -110,12 +118,19 @@ def cases(batch, size, grid, channels, device) -> list[Case]:
     def check(fn, want, tol=1e-3):
         return lambda: runner.relative_error([fn().cpu()], [want], tol)
 
-    ours = lambda: stitchops.token_cluster(x, grid, window=WINDOW, iters=ITERS,  # noqa: E731
-                                           temperature=TEMPERATURE)  # fmt: skip
+    def ours(backend):
+        def run():
+            with stitchops.use_backend(backend):
+                return stitchops.token_cluster(x, grid, window=WINDOW, iters=ITERS,
+                                               temperature=TEMPERATURE)  # fmt: skip
+
+        return Impl(run, check(run, truth))
+
     official = lambda: official_cluster(x, grid, mask)  # noqa: E731
+    backends = ["torch", "triton"] if device == "cuda" else ["torch"]
     rows = [Case({"work": "cluster", **params},
                  {"official": Impl(official, check(official, truth)),
-                  "torch": Impl(ours, check(ours, truth))},
+                  **{backend: ours(backend) for backend in backends}},
                  baseline="official", flops=batch * local_flops(n, channels, WINDOW, ITERS),
                  min_bytes=batch * ITERS * (n + m) * channels * size_b, dtype="float32",
                  peak_memory=True,
@@ -127,12 +142,19 @@ def cases(batch, size, grid, channels, device) -> list[Case]:
                                              TEMPERATURE)  # fmt: skip
     want_topk = reference.token_reconstruct(x64, truth, values.double().cpu(), WINDOW,
                                             TEMPERATURE, mode="topk")  # fmt: skip
-    local = lambda: stitchops.token_reconstruct(x, centres, values)  # noqa: E731
+
+    def local(backend):
+        def run():
+            with stitchops.use_backend(backend):
+                return stitchops.token_reconstruct(x, centres, values)
+
+        return Impl(run, check(run, want_local))
+
     topk = lambda: stitchops.token_reconstruct(x, centres, values, mode="topk")  # noqa: E731
     official_r = lambda: official_reconstruct(x, centres, values)  # noqa: E731
     rows.append(Case({"work": "reconstruct", **params},
                      {"official": Impl(official_r, check(official_r, want_topk, 2e-3)),
-                      "torch": Impl(local, check(local, want_local)),
+                      **{backend: local(backend) for backend in backends},
                       "torch_topk": Impl(topk, check(topk, want_topk))},
                      baseline="official", flops=2 * batch * n * WINDOW**2 * channels * 2,
                      min_bytes=batch * (2 * n + 2 * m) * channels * size_b, dtype="float32",

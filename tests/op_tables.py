@@ -65,7 +65,10 @@ class OpTests:
     aot_fallback_flags: dict = field(default_factory=dict)
     fp32_pointers: frozenset[str] = frozenset()  # pointer arguments that are always fp32
     aot_plain: tuple[AotPlain, ...] = ()
-    int64_pointers: frozenset[str] = frozenset()  # pointer arguments to int64 (indices)
+    # Arguments whose type is not the default (a pointer to the call's dtype, an int32 size):
+    # e.g. {"index_ptr": "*i64", "inv_temperature": "fp32"}.
+    arg_types: dict = field(default_factory=dict)
+    cuda: bool = True  # has CUDA kernels (emulator, ASan, TSan and compute-sanitizer runs)
 
 
 LORA = OpTests(
@@ -134,10 +137,43 @@ SPARSE_DELTA = OpTests(
         ),
     ),
     fp32_pointers=frozenset({"part_ptr"}),
-    int64_pointers=frozenset({"index_ptr"}),
+    arg_types={"index_ptr": "*i64"},
 )
 
-OPS = (LORA, SPARSE_DELTA)
+_BANDS = {name: "*i32" for name in ("pixel_start_ptr", "pixel_count_ptr", "centre_start_ptr",
+                                    "centre_count_ptr", "cell_column_ptr")}  # fmt: skip
+TOKEN_CLUSTER = OpTests(
+    name="token_cluster",
+    test_file="test_token_cluster.py",
+    kernels="token_cluster",
+    sanitizer_select={},
+    asan_select="",
+    cuda=False,
+    aot_plain=(
+        AotPlain("_affinity_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_C": 32}),
+        AotPlain(
+            "_apply_kernel", {"ACCUMULATE": True, "BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_D": 32}
+        ),
+        AotPlain("_collect_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_C": 32}),
+        AotPlain("_reduce_kernel", {"M_STEP": True, "BLOCK_C": 32}),
+    ),
+    fp32_pointers=frozenset(
+        {
+            "s_ptr",
+            "a_ptr",
+            "y_ptr",
+            "part_ptr",
+            "total_ptr",
+            "prev_ptr",
+            "out_ptr",
+            "totals_out_ptr",
+        }
+    ),
+    arg_types={**_BANDS, "inv_temperature": "fp32"},
+)
+
+OPS = (LORA, SPARSE_DELTA, TOKEN_CLUSTER)
+CUDA_OPS = tuple(op for op in OPS if op.cuda)
 
 # Shared memory one block may use per arch (opt-in): A100 163 KB; RTX 30 / 40 / 50, L4, L40,
 # A10 99 KB; H100 / H200 and B200 227 KB. tests/triton_aot.py compiles a family's fallback

@@ -27,7 +27,7 @@ def impl(vs_baseline, vs_floor=None):
 
 
 def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_tokens=256 * 197,
-            stitched=(0.99, 0.97), sparse=(1.6, 1.05)):  # fmt: skip
+            stitched=(0.99, 0.97), sparse=(1.6, 1.05), cluster=(25.0, 0.7)):  # fmt: skip
     row = {"tokens": shape_tokens, "in": 384, "out": 1024, "rank": 16, "dtype": "bfloat16",
            "pass": "fwd+bwd", "baseline_impl": "unfused", "triton": impl(*triton),
            "cuda": impl(*cuda)}  # fmt: skip
@@ -42,6 +42,10 @@ def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_token
          "baseline_impl": "dense_gather",
          "triton": {**impl(sparse[0]), "vs_dense_gather": sparse[0], "vs_floor": sparse[1]}}
         for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]}  # fmt: skip
+    data["token_cluster"] = {"rows": [
+        {"work": "cluster", "batch": b, "map": "40x40", "device": "cuda", "baseline_impl":
+         "official", "triton": {**impl(cluster[0]), "of_roofline": cluster[1]}}
+        for b in (1, 8)]}  # fmt: skip
     data["stitched_overhead"] = {"rows": [
         {"device": "cuda", "pass": name, "baseline_impl": "anchor", "stitched": impl(ratio)}
         for name, ratio in zip(("train step", "forward"), stitched, strict=True)]}  # fmt: skip
@@ -72,6 +76,8 @@ def test_met_when_the_best_backend_meets_every_target(acceptance):
         {"stitched": (0.99, 0.9)},  # the forward 1.11x the anchor's time
         {"sparse": (1.4, 1.05)},  # sparse delta: too little over dense-then-gather
         {"sparse": (1.6, 1.2)},  # sparse delta: too slow against the frozen GEMM
+        {"cluster": (15.0, 0.7)},  # token clustering: too little over the dense algorithm
+        {"cluster": (25.0, 0.4)},  # token clustering: too far from the roofline
     ],
 )
 def test_not_met(acceptance, change):

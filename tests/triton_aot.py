@@ -72,7 +72,7 @@ def compile_one(
             signature[name] = "*fp32" if name in fp32 else "*i64" if name in int64 else f"*{dtype}"
         else:
             signature[name] = "fp32" if name.startswith("scale") else "i32"
-        if not name.startswith("scale"):
+        if not signature[name].startswith("fp"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
         ASTSource(fn, signature, constants, attrs),
@@ -142,15 +142,15 @@ def jobs() -> list[tuple]:
 
 def run_job(job: tuple) -> str:
     op_name, attr, flags, unit_strides, dtype, arch, config, variant = job
-    int64 = frozenset()
+    arg_types = {}
     if op_name == SUM_RANGES:
         fn, fp32 = partials._sum_ranges_kernel, PARTIAL_POINTERS
     else:
         op = next(o for o in OPS if o.name == op_name)
         kernel = getattr(importlib.import_module(f"kernels.{op.kernels}"), attr)
         fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn
-        fp32, int64 = op.fp32_pointers, op.int64_pointers
-    compiled = compile_one(fn, flags, unit_strides, dtype, arch, config, fp32, int64)
+        fp32, arg_types = op.fp32_pointers, op.arg_types
+    compiled = compile_one(fn, flags, unit_strides, dtype, arch, config, fp32, arg_types)
     row = {"op": op_name, **compiled}
     return json.dumps(row if variant is None else {**row, "variant": variant})
 

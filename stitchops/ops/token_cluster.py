@@ -11,9 +11,10 @@ gradient reaches x through the last M-step and ``token_reconstruct``'s reaches o
 ``values``. ``affinity_grad=True`` differentiates through every iteration and through the
 reconstruction weights; it runs the torch reference under autograd (no custom op).
 
-Declared to the shared dispatch as ``TOKEN_CLUSTER`` (both ops). Its triton and cuda kernels
-are not written yet: those backends refuse every call with that reason, and the torch
-reference runs it on every device.
+Declared to the shared dispatch as ``TOKEN_CLUSTER`` (both ops). Backend choice for CUDA
+tensors: triton (kernels/token_cluster.py: band softmax, band sums and their reduction, no
+atomics), then torch. Its CUDA kernels are not written yet: the cuda backend refuses with
+that reason. topk mode runs on the torch backend on every device (the kernels refuse it).
 """
 
 from __future__ import annotations
@@ -42,13 +43,21 @@ TOKEN_CLUSTER = _dispatch.register(
         reference="stitchops.reference.token_cluster",
         triton="stitchops.kernels.token_cluster",
         kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kernels=(),
+        kernels=("triton",),
     )
 )
 
 
-def _entry(tensors: list[torch.Tensor], function: str):
-    return TOKEN_CLUSTER.entry(TOKEN_CLUSTER.choose(tensors), function)
+def kernel_limits(mode: str = "local") -> list[str]:
+    """Why the kernels refuse a call: topk mode (a GEMM and a top-k over all centres) runs
+    on the torch backend."""
+    return [] if mode == "local" else [f"mode {mode!r} runs on the torch backend (a GEMM and "
+                                       "topk over all centres, chunked over pixels)"]  # fmt: skip
+
+
+def _entry(tensors: list[torch.Tensor], function: str, mode: str = "local"):
+    backend = TOKEN_CLUSTER.choose(tensors, limits=kernel_limits(mode))
+    return TOKEN_CLUSTER.entry(backend, function)
 
 
 @torch.library.custom_op("stitchops::token_cluster", mutates_args=())
@@ -92,7 +101,7 @@ torch.library.register_autograd("stitchops::token_cluster", _cluster_backward,
 @torch.library.custom_op("stitchops::token_reconstruct", mutates_args=())
 def _reconstruct_op(x: torch.Tensor, centres: torch.Tensor, values: torch.Tensor, window: int,
                     temperature: float, mode: str, k: int) -> torch.Tensor:  # fmt: skip
-    forward = _entry([values, x, centres], "token_reconstruct_forward")
+    forward = _entry([values, x, centres], "token_reconstruct_forward", mode)
     return forward(x, centres, values, window, temperature, mode, k)
 
 
@@ -105,7 +114,7 @@ def _(x, centres, values, window, temperature, mode, k):
 def _reconstruct_backward_op(grad: torch.Tensor, x: torch.Tensor, centres: torch.Tensor,
                              values: torch.Tensor, window: int, temperature: float, mode: str,
                              k: int) -> torch.Tensor:  # fmt: skip
-    backward = _entry([grad, x, centres], "token_reconstruct_backward")
+    backward = _entry([grad, x, centres], "token_reconstruct_backward", mode)
     return backward(grad.contiguous(), x, centres, values, window, temperature, mode, k)
 
 

@@ -1,0 +1,377 @@
+"""Triton kernels of Expedit's token clustering and local reconstruction
+(stitchops/reference/token_cluster.py has the math and the band structure).
+
+The pixels of one row of cells (a band: whole pixel rows) only ever pick centres in the
+2r+1 rows of cells around it, Q ≤ (2r+1)·w of them. Four kernels, all deterministic (no
+atomics: every output element has one writer, and sums over bands run in a fixed order):
+
+- ``_affinity_kernel``: a[b, p, q] = softmax over the band's candidates q of −‖x_p − s_q‖²/τ
+  (0 off the ±r columns), two passes over the band's centres (online max and sum, then the
+  weights), distances as ‖x‖² − 2x·sᵀ + ‖s‖² from [BLOCK_P, BLOCK_C] × [BLOCK_C, BLOCK_Q]
+  dots. Writes [B, N, Q_max] fp32: 0.9 MB at N = 1600, Q = 140.
+- ``_apply_kernel``: y[b, p, :] (+)= Σ_q a[b, p, q]·v[b, q0 + q, :]: the local reconstruction,
+  and the clustering backward's dx = Σ_q a_pq·g_q/D_q.
+- ``_collect_kernel``: part[b, band, q, :] = Σ_{p in band} a[b, p, q]·x[b, p, :] and the
+  totals Σ_p a: the M-step's sums per band (and the reconstruction backward's dv).
+- ``_reduce_kernel``: per centre, the ≤ 2r+1 bands' partials added in band order; then
+  s = sum / total (a centre with total 0 keeps its value) or the plain sum.
+
+Per clustering iteration: FLOPs 2·N·Q·C (distances) + 2·N·Q·C (sums) with Q ≈ (2r+1)·w
+(every centre of the band's rows, masked to ±r columns: (2r+1)/w of the dense N·M·C);
+bytes: x read twice (distances, sums), a written and read ((N·Q)·4·2), the partials
+written and read ((2r+1)·M·C·4·2), the centres once. Everything in fp32 with exact fp32
+dot products (``input_precision="ieee"``): distances are differences of large norms, and
+tf32 would move them by more than τ allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from stitchops._runtime import new_output, triton_interpreting
+from stitchops.reference import token_cluster as reference
+
+BLOCK_P = 32  # pixels per program
+BLOCK_Q = 32  # centres per step
+BLOCK_C = 32  # channels per step
+# Under Triton's CPU interpreter a loop step costs its overhead, whatever its size.
+INTERPRETED = {"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_C": 32}
+
+
+def blocks() -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_Q, BLOCK_C) of this process's launches."""
+    if triton_interpreting():
+        return INTERPRETED["BLOCK_P"], INTERPRETED["BLOCK_Q"], INTERPRETED["BLOCK_C"]
+    return BLOCK_P, BLOCK_Q, BLOCK_C
+
+
+@dataclass(frozen=True)
+class BandTable:
+    """The bands of one call as device arrays (int32), and their extents."""
+
+    pixel_start: torch.Tensor  # [h] first flat pixel of each band
+    pixel_count: torch.Tensor  # [h]
+    centre_start: torch.Tensor  # [h] first flat centre of each band
+    centre_count: torch.Tensor  # [h]
+    cell_column: torch.Tensor  # [W] the cell column of each pixel column
+    max_pixels: int
+    max_centres: int
+
+
+def band_table(hw_in, grid, window, device) -> BandTable:
+    bands = reference.bands(hw_in, grid, window, "cpu")
+    i32 = {"dtype": torch.int32, "device": device}
+    starts = torch.tensor([b.pixels.start for b in bands], **i32)
+    counts = torch.tensor([b.pixels.stop - b.pixels.start for b in bands], **i32)
+    centre_starts = torch.tensor([b.centres.start for b in bands], **i32)
+    centre_counts = torch.tensor([b.centres.stop - b.centres.start for b in bands], **i32)
+    columns = reference.cell_index(hw_in[1], grid[1]).to(**i32)
+    return BandTable(starts, counts, centre_starts, centre_counts, columns,
+                     int(counts.max()), int(centre_counts.max()))  # fmt: skip
+
+
+@triton.jit
+def _distances(x_ptr, s_ptr, rows, cols, mask_p, mask_q, channels,
+               BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """[BLOCK_P, BLOCK_Q] ‖x_p − s_q‖² for pixel rows ``rows`` of x and centre rows ``cols``
+    of s (both [*, channels] contiguous rows, int64 offsets)."""
+    cross = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    x_norm = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    s_norm = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < channels
+        xc = tl.load(x_ptr + rows[:, None] * channels + offs_c[None, :],
+                     mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        sc = tl.load(s_ptr + cols[:, None] * channels + offs_c[None, :],
+                     mask=mask_q[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        cross = tl.dot(xc, tl.trans(sc), cross, input_precision="ieee")
+        x_norm += tl.sum(xc * xc, axis=1)
+        s_norm += tl.sum(sc * sc, axis=1)
+    return tl.maximum(x_norm[:, None] - 2.0 * cross + s_norm[None, :], 0.0)
+
+
+@triton.jit
+def _affinity_kernel(
+    x_ptr, s_ptr, a_ptr,
+    pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, cell_column_ptr,
+    grid_h, pixels, centres, channels, width, grid_w, radius, max_centres, inv_temperature,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Program (b·h + band, pixel block): the softmax weights of the block's pixels over the
+    band's centres, 0 off their ±r columns; a [B·N, max_centres]."""
+    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
+    p0 = tl.load(pixel_start_ptr + band)
+    local = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = local < tl.load(pixel_count_ptr + band)
+    q0 = tl.load(centre_start_ptr + band)
+    q_count = tl.load(centre_count_ptr + band)
+    rows = batch.to(tl.int64) * pixels + p0 + local
+    cell_col = tl.load(cell_column_ptr + (p0 + local) % width, mask=mask_p, other=0)
+    s_base = s_ptr + batch.to(tl.int64) * centres * channels
+    inv_t = tl.cast(inv_temperature, tl.float32)
+    row_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for start in range(0, q_count, BLOCK_Q):  # pass 1: each pixel's max and sum
+        offs_q = start + tl.arange(0, BLOCK_Q)
+        mask_q = offs_q < q_count
+        d = _distances(x_ptr, s_base, rows, q0 + offs_q, mask_p, mask_q, channels,
+                       BLOCK_P, BLOCK_Q, BLOCK_C)  # fmt: skip
+        near = tl.abs(cell_col[:, None] - ((q0 + offs_q) % grid_w)[None, :]) <= radius
+        logits = tl.where(near & mask_q[None, :], -d * inv_t, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+        row_max = new_max
+    for start in range(0, max_centres, BLOCK_Q):  # pass 2: the weights (0 past the band)
+        offs_q = start + tl.arange(0, BLOCK_Q)
+        mask_q = offs_q < q_count
+        d = _distances(x_ptr, s_base, rows, q0 + offs_q, mask_p, mask_q, channels,
+                       BLOCK_P, BLOCK_Q, BLOCK_C)  # fmt: skip
+        near = tl.abs(cell_col[:, None] - ((q0 + offs_q) % grid_w)[None, :]) <= radius
+        allowed = near & mask_q[None, :]
+        a = tl.exp(tl.where(allowed, -d * inv_t, float("-inf")) - row_max[:, None])
+        a = tl.where(allowed, a / row_sum[:, None], 0.0)
+        tl.store(a_ptr + rows[:, None] * max_centres + offs_q[None, :], a,
+                 mask=mask_p[:, None] & (offs_q < max_centres)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _apply_kernel(
+    a_ptr, v_ptr, y_ptr, pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr,
+    grid_h, pixels, centres, dim, max_centres,
+    ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program (b·h + band, pixel block, column block): y[p] (+)= Σ_q a[p, q]·v[q0 + q]."""
+    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
+    p0 = tl.load(pixel_start_ptr + band)
+    local = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = local < tl.load(pixel_count_ptr + band)
+    q0 = tl.load(centre_start_ptr + band)
+    q_count = tl.load(centre_count_ptr + band)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    rows = batch.to(tl.int64) * pixels + p0 + local
+    v_base = v_ptr + batch.to(tl.int64) * centres * dim
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for start in range(0, q_count, BLOCK_Q):
+        offs_q = start + tl.arange(0, BLOCK_Q)
+        mask_q = offs_q < q_count
+        a = tl.load(a_ptr + rows[:, None] * max_centres + offs_q[None, :],
+                    mask=mask_p[:, None] & mask_q[None, :], other=0.0)  # fmt: skip
+        v = tl.load(v_base + (q0 + offs_q)[:, None].to(tl.int64) * dim + offs_d[None, :],
+                    mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc = tl.dot(a, v, acc, input_precision="ieee")
+    out = y_ptr + rows[:, None] * dim + offs_d[None, :]
+    mask = mask_p[:, None] & mask_d[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0)
+    tl.store(out, acc, mask=mask)
+
+
+@triton.jit
+def _collect_kernel(
+    a_ptr, x_ptr, part_ptr, total_ptr, pixel_start_ptr, pixel_count_ptr,
+    grid_h, pixels, channels, max_centres,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Program (b·h + band, centre block, channel block): the band's Σ_p a[p, q]·x[p] and,
+    in channel block 0, Σ_p a[p, q]; part [B·h, max_centres, C], total [B·h, max_centres]."""
+    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
+    p0 = tl.load(pixel_start_ptr + band)
+    count = tl.load(pixel_count_ptr + band)
+    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_q = offs_q < max_centres
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < channels
+    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for start in range(0, count, BLOCK_P):
+        local = start + tl.arange(0, BLOCK_P)
+        mask_p = local < count
+        rows = batch.to(tl.int64) * pixels + p0 + local
+        a = tl.load(a_ptr + rows[:, None] * max_centres + offs_q[None, :],
+                    mask=mask_p[:, None] & mask_q[None, :], other=0.0)  # fmt: skip
+        x = tl.load(x_ptr + rows[:, None] * channels + offs_c[None, :],
+                    mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc = tl.dot(tl.trans(a), x, acc, input_precision="ieee")
+        total += tl.sum(a, axis=0)
+    slot = tl.program_id(0).to(tl.int64) * max_centres + offs_q
+    tl.store(part_ptr + slot[:, None] * channels + offs_c[None, :], acc,
+             mask=mask_q[:, None] & mask_c[None, :])  # fmt: skip
+    if tl.program_id(2) == 0:
+        tl.store(total_ptr + slot, total, mask=mask_q)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_ptr, total_ptr, prev_ptr, out_ptr, totals_out_ptr,
+    grid_h, grid_w, radius, max_centres, channels,
+    M_STEP: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Program (b·M + centre, channel block): the partials of the ≤ 2r+1 bands that hold the
+    centre, added in band order; with M_STEP the mean (the previous value where the total is
+    0) and the totals, else the plain sum. out [B, M, C] fp32."""
+    centres = grid_h * grid_w
+    batch, centre = tl.program_id(0) // centres, tl.program_id(0) % centres
+    iy, ix = centre // grid_w, centre % grid_w
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < channels
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    total = 0.0
+    for band in range(tl.maximum(iy - radius, 0), tl.minimum(iy + radius + 1, grid_h)):
+        q = (iy - tl.maximum(band - radius, 0)) * grid_w + ix
+        slot = (batch * grid_h + band).to(tl.int64) * max_centres + q
+        acc += tl.load(part_ptr + slot * channels + offs_c, mask=mask_c, other=0.0)
+        total += tl.load(total_ptr + slot)
+    row = tl.program_id(0).to(tl.int64) * channels + offs_c
+    if M_STEP:
+        previous = tl.load(prev_ptr + row, mask=mask_c, other=0.0)
+        safe = tl.where(total == 0.0, 1.0, total)
+        acc = tl.where(total == 0.0, previous, acc / safe)
+        if tl.program_id(1) == 0:
+            tl.store(totals_out_ptr + tl.program_id(0), total)
+    tl.store(out_ptr + row, acc, mask=mask_c)
+
+
+def affinities(x3, s3, table, width, grid, radius, temperature) -> torch.Tensor:
+    """a [B, N, max_centres] fp32 for x3 [B, N, C] and centres s3 [B, M, C] (contiguous)."""
+    b, n, c = x3.shape
+    block_p, block_q, block_c = blocks()
+    a = new_output(b, n, table.max_centres, device=x3.device, dtype=torch.float32)
+    launch = (b * grid[0], triton.cdiv(table.max_pixels, block_p))
+    if a.numel():
+        _affinity_kernel[launch](
+            x3, s3, a, table.pixel_start, table.pixel_count, table.centre_start,
+            table.centre_count, table.cell_column, grid[0], n, s3.shape[1], c, width, grid[1],
+            radius, table.max_centres, 1.0 / temperature,
+            BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_C=block_c,
+        )  # fmt: skip
+    return a
+
+
+def apply(a, v3, table, grid_h, out=None) -> torch.Tensor:
+    """y [B, N, D] fp32: y[p] = Σ_q a[p, q]·v[q0 + q] (added to ``out`` when given)."""
+    b, n, _ = a.shape
+    dim = v3.shape[2]
+    block_p, block_q, block_c = blocks()
+    y = out if out is not None else new_output(b, n, dim, device=a.device, dtype=torch.float32)
+    launch = (b * grid_h, triton.cdiv(table.max_pixels, block_p), triton.cdiv(dim, block_c))
+    if y.numel():
+        _apply_kernel[launch](
+            a, v3, y, table.pixel_start, table.pixel_count, table.centre_start,
+            table.centre_count, grid_h, n, v3.shape[1], dim, table.max_centres,
+            ACCUMULATE=out is not None, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_D=block_c,
+        )  # fmt: skip
+    return y
+
+
+def collect(a, x3, table, grid_h):
+    """(part [B·h, max_centres, C], total [B·h, max_centres]) fp32: the bands' sums."""
+    b, n, c = x3.shape
+    f32 = {"device": a.device, "dtype": torch.float32}
+    block_p, block_q, block_c = blocks()
+    part = new_output(b * grid_h, table.max_centres, c, **f32)
+    total = new_output(b * grid_h, table.max_centres, **f32)
+    launch = (b * grid_h, triton.cdiv(table.max_centres, block_q), triton.cdiv(c, block_c))
+    if part.numel():
+        _collect_kernel[launch](
+            a, x3, part, total, table.pixel_start, table.pixel_count, grid_h, n, c,
+            table.max_centres, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_C=block_c,
+        )  # fmt: skip
+    return part, total
+
+
+def reduce(part, total, previous, grid, radius, m_step: bool):
+    """(out [B, M, C] fp32, totals [B, M] fp32 or None): the centres' sums over their bands."""
+    b, m, c = previous.shape
+    f32 = {"device": part.device, "dtype": torch.float32}
+    out = new_output(b, m, c, **f32)
+    totals = new_output(b, m, **f32) if m_step else out
+    if out.numel():
+        block_c = blocks()[2]
+        _reduce_kernel[(b * m, triton.cdiv(c, block_c))](
+            part, total, previous, out, totals, grid[0], grid[1], radius,
+            part.shape[1], c, M_STEP=m_step, BLOCK_C=block_c,
+        )  # fmt: skip
+    return out, (totals if m_step else None)
+
+
+def _iterate(x3, table, width, grid, window, iters, temperature, keep: bool):
+    """The clustering's EM iterations from the pooled start; the centres, and with ``keep``
+    each iteration's weights and totals."""
+    b, n, c = x3.shape
+    start = reference.initial_centres(x3.float().view(b, n // width, width, c), grid)
+    s = start.reshape(b, grid[0] * grid[1], c).contiguous()
+    history = []
+    for _ in range(iters):
+        a = affinities(x3, s, table, width, grid, window // 2, temperature)
+        part, total = collect(a, x3, table, grid[0])
+        s, totals = reduce(part, total, s, grid, window // 2, m_step=True)
+        if keep:
+            history.append((a, totals))
+    return s, history
+
+
+# Entry points (the torch backend's, stitchops/reference/token_cluster.py, take the same).
+
+
+def token_cluster_forward(x, grid, window, iters, temperature) -> torch.Tensor:
+    b, height, width, c = x.shape
+    x3 = x.reshape(b, height * width, c).contiguous()
+    table = band_table((height, width), grid, window, x.device)
+    s, _ = _iterate(x3, table, width, grid, window, iters, temperature, keep=False)
+    return s.reshape(b, *grid, c).to(x.dtype)
+
+
+def token_cluster_backward(grad, x, grid, window, iters, temperature) -> torch.Tensor:
+    """dx with constant affinities (the reference's adjoint): per iteration, backwards,
+    dx += a·(g / total) over the updated centres; kept centres pass g to the step before,
+    and at the start to the pooling."""
+    b, height, width, c = x.shape
+    x3 = x.reshape(b, height * width, c).contiguous()
+    table = band_table((height, width), grid, window, x.device)
+    _, history = _iterate(x3, table, width, grid, window, iters, temperature, keep=True)
+    g = grad.reshape(b, grid[0] * grid[1], c).float()
+    dx = torch.zeros(b, height * width, c, device=x.device, dtype=torch.float32)
+    for a, totals in reversed(history):
+        kept = (totals == 0)[..., None]
+        per_centre = torch.where(kept, 0.0, g / torch.where(kept, 1.0, totals[..., None]))
+        dx = apply(a, per_centre.contiguous(), table, grid[0], out=dx)
+        g = torch.where(kept, g, 0.0)
+    pooled = g.reshape(b, *grid, c).permute(0, 3, 1, 2)
+    source = x3.float().view(b, height, width, c).permute(0, 3, 1, 2)
+    dx += torch.ops.aten._adaptive_avg_pool2d_backward(pooled, source).permute(0, 2, 3, 1).reshape(
+        b, height * width, c)  # fmt: skip
+    return dx.reshape(x.shape).to(x.dtype)
+
+
+def token_reconstruct_forward(x, centres, values, window, temperature, mode, k) -> torch.Tensor:
+    b, height, width, c = x.shape
+    grid = tuple(centres.shape[1:3])
+    table = band_table((height, width), grid, window, x.device)
+    x3 = x.reshape(b, height * width, c).contiguous()
+    s3 = centres.reshape(b, grid[0] * grid[1], c).contiguous()
+    a = affinities(x3, s3, table, width, grid, window // 2, temperature)
+    v3 = values.reshape(b, grid[0] * grid[1], values.shape[-1]).contiguous()
+    y = apply(a, v3, table, grid[0])
+    return y.reshape(b, height, width, values.shape[-1]).to(values.dtype)
+
+
+def token_reconstruct_backward(grad, x, centres, values, window, temperature, mode, k):
+    b, height, width, c = x.shape
+    grid = tuple(centres.shape[1:3])
+    table = band_table((height, width), grid, window, x.device)
+    x3 = x.reshape(b, height * width, c).contiguous()
+    s3 = centres.reshape(b, grid[0] * grid[1], c).contiguous()
+    a = affinities(x3, s3, table, width, grid, window // 2, temperature)
+    dy = grad.reshape(b, height * width, values.shape[-1]).contiguous()
+    part, total = collect(a, dy, table, grid[0])
+    zero = torch.zeros(b, grid[0] * grid[1], values.shape[-1], device=x.device)
+    dv, _ = reduce(part, total, zero, grid, window // 2, m_step=False)
+    return dv.reshape(values.shape).to(values.dtype)
