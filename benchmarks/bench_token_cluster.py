@@ -11,7 +11,7 @@ clustering and reconstruction, each checked against a float64 reference in the s
   as written). The baseline.
 - ``torch``: the stitchops torch backend (banded GEMMs, reference/token_cluster.py), what
   CPU users run.
-- ``triton`` (on a GPU): kernels/token_cluster.py. Its CUDA kernels are not written yet.
+- ``triton`` and ``cuda`` (on a GPU): kernels/token_cluster.py, csrc/token_cluster.cu.
 
 Costs per clustering (FLOPs = 2 per multiply-add): local 5·N·K·C per iteration (K = 25),
 the official dense 5·N·M·C; minimum bytes: x read and the centres written once per
@@ -127,7 +127,7 @@ def cases(batch, size, grid, channels, device) -> list[Case]:
         return Impl(run, check(run, truth))
 
     official = lambda: official_cluster(x, grid, mask)  # noqa: E731
-    backends = ["torch", "triton"] if device == "cuda" else ["torch"]
+    backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
     rows = [Case({"work": "cluster", **params},
                  {"official": Impl(official, check(official, truth)),
                   **{backend: ours(backend) for backend in backends}},

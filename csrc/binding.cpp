@@ -10,6 +10,7 @@
 
 #include "binding/bind_lora.h"
 #include "binding/bind_sparse_delta.h"
+#include "binding/bind_token_cluster.h"
 #include "binding/helpers.h"
 
 #ifndef STITCHOPS_TORCH_VERSION
@@ -30,4 +31,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", [](bool on) { stitchops::binding::g_poison_outputs = on; });
   stitchops::binding::define_lora(m);
   stitchops::binding::define_sparse_delta(m);
+  stitchops::binding::define_token_cluster(m);
 }

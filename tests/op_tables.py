@@ -146,9 +146,13 @@ TOKEN_CLUSTER = OpTests(
     name="token_cluster",
     test_file="test_token_cluster.py",
     kernels="token_cluster",
-    sanitizer_select={},
-    asan_select="",
-    cuda=False,
+    # Small band kernels: every cuda test under ASan and memcheck, a few under the others.
+    asan_select="cuda",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and 13x17",
+        "racecheck": "cuda and (13x17-5x7-5-5 or deterministic)",
+    },
     aot_plain=(
         AotPlain("_affinity_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_C": 32}),
         AotPlain(

@@ -121,7 +121,7 @@ def test_a_centre_that_loses_every_pixel_keeps_its_value():
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"])
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 
 
 def require(backend: str, dtype: torch.dtype, mode: str = "local") -> None:
@@ -156,7 +156,7 @@ def test_cluster_op_matches_float64_reference(size, grid, window, iters, dtype, 
 
 @DTYPES
 @pytest.mark.parametrize("backend, mode", [("torch", "local"), ("torch", "topk"),
-                                           ("triton", "local")])  # fmt: skip
+                                           ("triton", "local"), ("cuda", "local")])  # fmt: skip
 def test_reconstruct_op_matches_float64_reference(mode, dtype, backend):
     """(The kernels refuse topk mode: test_kernels_refuse_topk_with_a_reason.)"""
     require(backend, dtype, mode)
@@ -172,13 +172,14 @@ def test_reconstruct_op_matches_float64_reference(mode, dtype, backend):
     assert set(grads) == {"values"}
 
 
-def test_triton_kernels_are_deterministic():
-    require("triton", torch.float32)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernels_are_deterministic(backend):
+    require(backend, torch.float32)
     x = tokens((13, 17), scale=1.0).float().requires_grad_()
     grad = torch.randn(2, 5, 7, 6)
 
     def once():
-        with stitchops.use_backend("triton"):
+        with stitchops.use_backend(backend):
             return harness.run_with_grads(
                 lambda x: stitchops.token_cluster(x, (5, 7), temperature=5.0), {"x": x}, grad
             )
@@ -261,19 +262,13 @@ def test_modules_pass_the_state_and_refuse_without_one():
         TokenReconstruction()(centres, None)
 
 
-def test_kernels_refuse_with_a_reason_and_nothing_falls_back():
-    x = torch.randn(1, 8, 8, 4)
-    with stitchops.use_backend("cuda"), pytest.raises(
-            stitchops.BackendUnavailableError, match="no cuda kernels yet"):  # fmt: skip
-        stitchops.token_cluster(x, (4, 4))
-
-
-def test_kernels_refuse_topk_with_a_reason():
-    require("triton", torch.float32)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernels_refuse_topk_with_a_reason(backend):
+    require(backend, torch.float32)
     x, centres = torch.randn(1, 8, 8, 4), torch.randn(1, 4, 4, 4)
     refused = pytest.raises(stitchops.BackendUnavailableError,
                             match="mode 'topk' runs on the torch backend")  # fmt: skip
-    with stitchops.use_backend("triton"), refused:
+    with stitchops.use_backend(backend), refused:
         stitchops.token_reconstruct(x, centres, centres, mode="topk", k=4)
 
 

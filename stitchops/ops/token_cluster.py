@@ -13,8 +13,9 @@ reconstruction weights; it runs the torch reference under autograd (no custom op
 
 Declared to the shared dispatch as ``TOKEN_CLUSTER`` (both ops). Backend choice for CUDA
 tensors: triton (kernels/token_cluster.py: band softmax, band sums and their reduction, no
-atomics), then torch. Its CUDA kernels are not written yet: the cuda backend refuses with
-that reason. topk mode runs on the torch backend on every device (the kernels refuse it).
+atomics), then cuda (csrc/token_cluster.cu: the same four steps in SIMT fp32, one thread
+per output element), then torch. topk mode runs on the torch backend on every device (the
+kernels refuse it).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ TOKEN_CLUSTER = _dispatch.register(
         reference="stitchops.reference.token_cluster",
         triton="stitchops.kernels.token_cluster",
         kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kernels=("triton",),
+        kernels=("triton", "cuda"),
     )
 )
 

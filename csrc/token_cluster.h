@@ -1,0 +1,72 @@
+// Expedit's token clustering and local reconstruction: the CUDA kernels of one band step
+// (stitchops/reference/token_cluster.py has the math and the band structure; the Triton
+// kernels in kernels/token_cluster.py compute the same four steps). Raw pointers only.
+//
+// A band is the pixels of one row of cells (whole pixel rows) and the centres of the 2r+1
+// cell rows around it; a pixel's candidates are those within ±r cell columns of its own.
+// Every step writes each output element from one thread, and sums over bands run in band
+// order: deterministic, no atomics. Math in fp32.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace stitchops {
+
+struct BandTable {
+  const int32_t* pixel_start = nullptr;   // [h] first flat pixel of each band
+  const int32_t* pixel_count = nullptr;   // [h]
+  const int32_t* centre_start = nullptr;  // [h] first flat centre of each band
+  const int32_t* centre_count = nullptr;  // [h]
+  const int32_t* cell_column = nullptr;   // [W] the cell column of each pixel column
+  int64_t grid_h = 0, grid_w = 0, width = 0, radius = 0;
+  int64_t max_pixels = 0, max_centres = 0;
+};
+
+// a[b, p, q] = softmax over the band's candidates q of −‖x_p − s_q‖² / τ (0 elsewhere, and
+// for q past the band): x [B, N, C] (dtype), s [B, M, C] fp32, a [B, N, max_centres] fp32.
+struct AffinityArgs {
+  const void* x = nullptr;
+  const float* s = nullptr;
+  float* a = nullptr;
+  int64_t batch = 0, pixels = 0, centres = 0, channels = 0;
+  float inv_temperature = 0.f;
+};
+int band_affinity(DType dtype, const BandTable& t, const AffinityArgs& args, void* stream);
+
+// y[b, p, :] (+)= Σ_q a[b, p, q] · v[b, q0 + q, :]; v [B, M, D] fp32, y [B, N, D] fp32.
+struct ApplyArgs {
+  const float* a = nullptr;
+  const float* v = nullptr;
+  float* y = nullptr;
+  int64_t batch = 0, pixels = 0, centres = 0, dim = 0;
+  bool accumulate = false;
+};
+int band_apply(const BandTable& t, const ApplyArgs& args, void* stream);
+
+// part[b·h + band, q, :] = Σ_{p in band} a[b, p, q] · x[b, p, :], total[b·h + band, q] =
+// Σ_p a[b, p, q]; x [B, N, C] fp32.
+struct CollectArgs {
+  const float* a = nullptr;
+  const float* x = nullptr;
+  float* part = nullptr;
+  float* total = nullptr;
+  int64_t batch = 0, pixels = 0, channels = 0;
+};
+int band_collect(const BandTable& t, const CollectArgs& args, void* stream);
+
+// Per centre: the ≤ 2r+1 bands' partials added in band order; with m_step the mean (the
+// previous value where the total is 0) and the totals [B, M], else the plain sum.
+struct ReduceArgs {
+  const float* part = nullptr;
+  const float* total = nullptr;
+  const float* previous = nullptr;  // [B, M, C] (m_step)
+  float* out = nullptr;             // [B, M, C]
+  float* totals = nullptr;          // [B, M] (m_step)
+  int64_t batch = 0, channels = 0;
+  bool m_step = false;
+};
+int band_reduce(const BandTable& t, const ReduceArgs& args, void* stream);
+
+}  // namespace stitchops
