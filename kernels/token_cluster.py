@@ -96,6 +96,20 @@ def _distances(x_ptr, s_ptr, rows, cols, mask_p, mask_q, channels,
 
 
 @triton.jit
+def _band_pixels(pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h,
+                 pixels, BLOCK_P: tl.constexpr):  # fmt: skip
+    """This program's band and pixel block (axes 0 and 1): (batch, flat pixel offset of the
+    band, local pixel indices, their mask, flat row indices, first centre, centre count)."""
+    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
+    p0 = tl.load(pixel_start_ptr + band)
+    local = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = local < tl.load(pixel_count_ptr + band)
+    rows = batch.to(tl.int64) * pixels + p0 + local
+    return batch, p0, local, mask_p, rows, tl.load(centre_start_ptr + band), tl.load(
+        centre_count_ptr + band)  # fmt: skip
+
+
+@triton.jit
 def _affinity_kernel(
     x_ptr, s_ptr, a_ptr,
     pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, cell_column_ptr,
@@ -104,13 +118,9 @@ def _affinity_kernel(
 ):  # fmt: skip
     """Program (b·h + band, pixel block): the softmax weights of the block's pixels over the
     band's centres, 0 off their ±r columns; a [B·N, max_centres]."""
-    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
-    p0 = tl.load(pixel_start_ptr + band)
-    local = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = local < tl.load(pixel_count_ptr + band)
-    q0 = tl.load(centre_start_ptr + band)
-    q_count = tl.load(centre_count_ptr + band)
-    rows = batch.to(tl.int64) * pixels + p0 + local
+    batch, p0, local, mask_p, rows, q0, q_count = _band_pixels(
+        pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h, pixels,
+        BLOCK_P)  # fmt: skip
     cell_col = tl.load(cell_column_ptr + (p0 + local) % width, mask=mask_p, other=0)
     s_base = s_ptr + batch.to(tl.int64) * centres * channels
     inv_t = tl.cast(inv_temperature, tl.float32)
@@ -148,15 +158,11 @@ def _apply_kernel(
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program (b·h + band, pixel block, column block): y[p] (+)= Σ_q a[p, q]·v[q0 + q]."""
-    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
-    p0 = tl.load(pixel_start_ptr + band)
-    local = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = local < tl.load(pixel_count_ptr + band)
-    q0 = tl.load(centre_start_ptr + band)
-    q_count = tl.load(centre_count_ptr + band)
+    batch, _p0, _local, mask_p, rows, q0, q_count = _band_pixels(
+        pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h, pixels,
+        BLOCK_P)  # fmt: skip
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    rows = batch.to(tl.int64) * pixels + p0 + local
     v_base = v_ptr + batch.to(tl.int64) * centres * dim
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     for start in range(0, q_count, BLOCK_Q):

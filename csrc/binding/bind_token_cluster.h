@@ -211,17 +211,28 @@ inline void check_reconstruct(const at::Tensor& x, const at::Tensor& centres,
               "x, centres and values must be 4-D");
 }
 
+// The band table and the reconstruction weights of a call: (bands, a [B, N, max_centres]).
+inline std::pair<Bands, at::Tensor> reconstruction_weights(const at::Tensor& x,
+                                                           const at::Tensor& centres,
+                                                           int64_t window, double temperature,
+                                                           int64_t stream) {
+  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
+  const int64_t h = centres.size(1), w = centres.size(2);
+  auto bands = make_bands(height, width, h, w, window, x);
+  auto x3 = x.reshape({batch, height * width, channels}).contiguous();
+  auto s3 = centres.reshape({batch, h * w, channels}).to(at::kFloat).contiguous();
+  auto a = affinities(x3, s3, bands, temperature, stream);
+  return {std::move(bands), a};
+}
+
 inline at::Tensor token_reconstruct_forward(const at::Tensor& x, const at::Tensor& centres,
                                             const at::Tensor& values, int64_t window,
                                             double temperature, const std::string& mode, int64_t k,
                                             int64_t stream) {
   check_reconstruct(x, centres, values, mode);
-  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
+  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2);
   const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
-  auto bands = make_bands(height, width, h, w, window, x);
-  auto x3 = x.reshape({batch, height * width, channels}).contiguous();
-  auto s3 = centres.reshape({batch, h * w, channels}).to(at::kFloat).contiguous();
-  auto a = affinities(x3, s3, bands, temperature, stream);
+  auto [bands, a] = reconstruction_weights(x, centres, window, temperature, stream);
   auto v3 = values.reshape({batch, h * w, dim}).to(at::kFloat).contiguous();
   return apply_weights(a, v3, bands, stream)
       .view({batch, height, width, dim})
@@ -234,12 +245,9 @@ inline at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::T
                                              const std::string& mode, int64_t k, int64_t stream) {
   check_reconstruct(x, centres, values, mode);
   check_like(grad, "grad", x);
-  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
+  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2);
   const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
-  auto bands = make_bands(height, width, h, w, window, x);
-  auto x3 = x.reshape({batch, height * width, channels}).contiguous();
-  auto s3 = centres.reshape({batch, h * w, channels}).to(at::kFloat).contiguous();
-  auto a = affinities(x3, s3, bands, temperature, stream);
+  auto [bands, a] = reconstruction_weights(x, centres, window, temperature, stream);
   auto dy = grad.reshape({batch, height * width, dim}).to(at::kFloat).contiguous();
   auto zero = at::zeros({batch, h * w, dim}, fp32_like(x));
   auto dv = sums(a, dy, zero, bands, /*m_step=*/false, stream).first;
