@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from stitchops import _memory
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -174,32 +176,12 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], to
     return worst
 
 
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
-    """Memory ``fn`` holds at its peak beyond what was held before: on a GPU torch's peak
-    allocation counter; on a CPU (Linux, glibc) the process's peak resident set, after
-    handing freed heap pages back (malloc_trim) and resetting the peak (/proc/self/
-    clear_refs): the pages the call's allocations touched, whoever made them."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages back to the OS, out of RSS
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_bytes("VmRSS")
+    """Memory ``fn`` holds at its peak beyond what was held before (stitchops._memory: the
+    GPU's peak allocation, or the CPU process's peak resident set)."""
+    baseline = _memory.start_peak(device)
     fn()
-    return _proc_status_bytes("VmHWM") - before
+    return _memory.peak_since(device, baseline)
 
 
 def _synced(fn: Callable[[], object], device: str) -> Callable[[], object]:

@@ -29,14 +29,13 @@ import torch
 import triton
 import triton.language as tl
 from stitchops.kernels.partials import sum_ranges
-from stitchops.kernels.tuning import programs_to_fill
+from stitchops.kernels.tuning import launch_sizes, programs_to_fill
 
-from stitchops._runtime import new_output, triton_interpreting
+from stitchops._runtime import new_output
 
 BLOCK_SCATTER = 256
 BLOCK_J = 64  # entries per SDDMM program (the fast dimension of its tiles)
-BLOCK_T = 32  # tokens per SDDMM step
-BLOCK_T_INTERPRETED = 128  # under Triton's CPU interpreter: a loop step costs its overhead
+BLOCK_T = 32  # tokens per SDDMM step (128 under Triton's CPU interpreter)
 MIN_TOKENS_PER_SPLIT = 256  # a split's work stays well above a launch's fixed cost
 
 
@@ -115,7 +114,6 @@ def sparse_delta_grad(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor
     _sddmm_kernel[grid](
         grad_y, x, index, part, nnz, tokens, per_split, in_features,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
-        BLOCK_J=BLOCK_J, BLOCK_T=BLOCK_T_INTERPRETED if triton_interpreting() else BLOCK_T,
-        num_warps=4,
+        BLOCK_J=BLOCK_J, **launch_sizes({"BLOCK_T": BLOCK_T}, {"BLOCK_T": 128}), num_warps=4,
     )  # fmt: skip
     return sum_ranges([(part, 1.0)], x.dtype)[0]

@@ -31,22 +31,22 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from stitchops.kernels.tuning import launch_sizes
 
-from stitchops._runtime import new_output, triton_interpreting
+from stitchops._runtime import new_output
 from stitchops.reference import token_cluster as reference
 
 BLOCK_P = 32  # pixels per program
 BLOCK_Q = 32  # centres per step
 BLOCK_C = 32  # channels per step
-# Under Triton's CPU interpreter a loop step costs its overhead, whatever its size.
-INTERPRETED = {"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_C": 32}
+INTERPRETED = {"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_C": 32}  # Triton's CPU interpreter
 
 
 def blocks() -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_Q, BLOCK_C) of this process's launches."""
-    if triton_interpreting():
-        return INTERPRETED["BLOCK_P"], INTERPRETED["BLOCK_Q"], INTERPRETED["BLOCK_C"]
-    return BLOCK_P, BLOCK_Q, BLOCK_C
+    sizes = launch_sizes({"BLOCK_P": BLOCK_P, "BLOCK_Q": BLOCK_Q, "BLOCK_C": BLOCK_C},
+                         INTERPRETED)  # fmt: skip
+    return sizes["BLOCK_P"], sizes["BLOCK_Q"], sizes["BLOCK_C"]
 
 
 @dataclass(frozen=True)
@@ -357,25 +357,29 @@ def token_cluster_backward(grad, x, grid, window, iters, temperature) -> torch.T
     return dx.reshape(x.shape).to(x.dtype)
 
 
-def token_reconstruct_forward(x, centres, values, window, temperature, mode, k) -> torch.Tensor:
+def _reconstruction_weights(x, centres, window, temperature):
+    """(band table, weights a [B, N, max_centres]) of a reconstruction call."""
     b, height, width, c = x.shape
     grid = tuple(centres.shape[1:3])
     table = band_table((height, width), grid, window, x.device)
     x3 = x.reshape(b, height * width, c).contiguous()
     s3 = centres.reshape(b, grid[0] * grid[1], c).contiguous()
-    a = affinities(x3, s3, table, width, grid, window // 2, temperature)
+    return table, affinities(x3, s3, table, width, grid, window // 2, temperature)
+
+
+def token_reconstruct_forward(x, centres, values, window, temperature, mode, k) -> torch.Tensor:
+    b, height, width, _ = x.shape
+    grid = tuple(centres.shape[1:3])
+    table, a = _reconstruction_weights(x, centres, window, temperature)
     v3 = values.reshape(b, grid[0] * grid[1], values.shape[-1]).contiguous()
     y = apply(a, v3, table, grid[0])
     return y.reshape(b, height, width, values.shape[-1]).to(values.dtype)
 
 
 def token_reconstruct_backward(grad, x, centres, values, window, temperature, mode, k):
-    b, height, width, c = x.shape
+    b, height, width, _ = x.shape
     grid = tuple(centres.shape[1:3])
-    table = band_table((height, width), grid, window, x.device)
-    x3 = x.reshape(b, height * width, c).contiguous()
-    s3 = centres.reshape(b, grid[0] * grid[1], c).contiguous()
-    a = affinities(x3, s3, table, width, grid, window // 2, temperature)
+    table, a = _reconstruction_weights(x, centres, window, temperature)
     dy = grad.reshape(b, height * width, values.shape[-1]).contiguous()
     part, total = collect(a, dy, table, grid[0])
     zero = torch.zeros(b, grid[0] * grid[1], values.shape[-1], device=x.device)

@@ -63,6 +63,12 @@ def programs_to_fill(device: torch.device) -> int:
     return 2
 
 
+def launch_sizes(gpu: dict[str, int], interpreted: dict[str, int]) -> dict[str, int]:
+    """A fixed-size kernel's block sizes: ``interpreted`` under Triton's CPU interpreter, where
+    a loop step costs its overhead whatever its size (fewer, larger steps), else ``gpu``."""
+    return interpreted if triton_interpreting() else gpu
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision for ``dtype``: PyTorch's own fp32 matmul setting, so fp32
     results match torch's."""

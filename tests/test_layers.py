@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = (
-    ("stitchops._runtime", "stitchops.reference", "stitchops.kernels", "stitchops._cuda",
-     "stitchops._C"),
+    ("stitchops._runtime", "stitchops._memory", "stitchops.reference", "stitchops.kernels",
+     "stitchops._cuda", "stitchops._C"),
     ("stitchops._backends", "stitchops._dispatch", "stitchops.ops"),
     ("stitchops.nn",),
     ("stitchops.models",),

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from stitchops.ops import _checks
 from stitchops.ops.least_squares import least_squares_init
 from stitchops.ops.lora import lora_linear
 
@@ -59,10 +60,7 @@ class StitchingLayer(nn.Module):
             ("rank", rank, 0),
             ("num_stitch_biases", num_stitch_biases, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+            _checks.int_at_least(name, value, low)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha = rank, float(alpha)

@@ -49,6 +49,15 @@ def same_dtype_and_device(reference: str, named: dict[str, torch.Tensor | None])
             )
 
 
+def int_at_least(name: str, value: object, low: int) -> int:
+    """``value`` must be an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def finite_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")

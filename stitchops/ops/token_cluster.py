@@ -140,16 +140,8 @@ torch.library.register_autograd("stitchops::token_reconstruct", _reconstruct_bac
                                 setup_context=_reconstruct_setup)  # fmt: skip
 
 
-def _positive_int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def _check_window(window: object) -> int:
-    window = _positive_int("window", window)
+    window = _checks.int_at_least("window", window, 1)
     if window % 2 == 0:
         raise ValueError(f"window must be odd (a ±window//2 neighbourhood), got {window}")
     return window
@@ -170,7 +162,7 @@ def _check_map(name: str, t: object) -> torch.Tensor:
 def _check_grid(grid: object, x: torch.Tensor) -> tuple[int, int]:
     if not isinstance(grid, (tuple, list)) or len(grid) != 2:
         raise TypeError(f"grid must be a pair (h, w) of ints, got {grid!r}")
-    h, w = (_positive_int(f"grid[{i}]", g) for i, g in enumerate(grid))
+    h, w = (_checks.int_at_least(f"grid[{i}]", g, 1) for i, g in enumerate(grid))
     height, width = x.shape[1:3]
     if h > height or w > width:
         raise ValueError(f"grid {(h, w)} is larger than the map {(height, width)} of x "
@@ -206,7 +198,7 @@ def token_cluster(
         _check_map("x", x)
         grid = _check_grid(grid, x)
         window = _check_window(window)
-        iters = _positive_int("iters", iters, low=0)
+        iters = _checks.int_at_least("iters", iters, 0)
         temperature = _check_temperature(temperature)
     if affinity_grad:
         return reference.token_cluster(x, grid, window, iters, temperature, affinity_grad=True)
@@ -258,7 +250,7 @@ def token_reconstruct(
         temperature = _check_temperature(temperature)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        k = _positive_int("k", k)
+        k = _checks.int_at_least("k", k, 1)
         if mode == "topk" and k > h * w:
             raise ValueError(f"k = {k} is more than the h·w = {h * w} centres")
     if affinity_grad:

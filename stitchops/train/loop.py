@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stitchops import spt
+from stitchops import _memory, spt
 from stitchops.models.segmentation import DECODERS, Segmenter
 from stitchops.models.stitched import StitchedViT
 from stitchops.train import build, spt_mode
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         stitched.init_stitching_layers(images.split(cfg.batch_size))
     plan = None
     if cfg.mode == "spt":  # sensitivity, allocation and the tuned layers (or the saved plan)
-        plan = spt_mode.prepare(model, cfg, train_set, device, meta, rank)
+        plan = spt_mode.prepare(model, cfg, train_set, meta, rank)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = spt.param_groups(model, cfg.weight_decay) if plan is not None else params
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -439,21 +439,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
 
 class _Usage:
-    """Step times (after the first, which warms up) and the training's peak memory: the GPU's
-    peak allocation, or on Linux the process's peak resident set since the loop began."""
+    """Step times (after the first, which warms up) and the training's peak memory since the
+    loop began (stitchops._memory)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self.last = device, [], time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
-        elif os.path.exists("/proc/self/clear_refs"):
-            _release_freed_heap()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = _status_bytes("VmRSS")
-        else:
-            self.base = None
+        self.baseline = _memory.start_peak(device)
 
     def step_done(self) -> None:
         if self.device.type == "cuda":
@@ -463,31 +454,13 @@ class _Usage:
         self.last = now
 
     def summary(self, model) -> dict:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            peak = _status_bytes("VmHWM") - self.base if self.base is not None else None
+        peak = _memory.peak_since(self.device, self.baseline)
         times = sorted(self.times[1:] or self.times)
         return {
             "step_ms_median": 1e3 * times[len(times) // 2] if times else None,
             "peak_mb": peak / 1e6 if peak is not None else None,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
-
-
-def _release_freed_heap() -> None:
-    """glibc's malloc_trim: freed heap pages leave the resident set, so the peak that follows
-    counts this run's allocations, not an earlier run's leftovers."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak includes them
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
 
 
 def _gather(obj) -> list:

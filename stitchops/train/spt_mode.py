@@ -64,7 +64,7 @@ def _sensitivity_batches(train_set, cfg):
         yield torch.stack(images), torch.stack([torch.as_tensor(y) for y in labels])
 
 
-def make_plan(model: nn.Module, cfg, train_set, device, announce: bool) -> SPTPlan:
+def make_plan(model: nn.Module, cfg, train_set, announce: bool) -> SPTPlan:
     if cfg.spt_plan == "lora-all":
         return lora_everywhere(model, cfg.spt_rank)
     if cfg.spt_plan:
@@ -75,12 +75,12 @@ def make_plan(model: nn.Module, cfg, train_set, device, announce: bool) -> SPTPl
                         rank=cfg.spt_rank, alpha=cfg.spt_alpha, beta=cfg.spt_beta)  # fmt: skip
 
 
-def prepare(model: nn.Module, cfg, train_set, device, meta: dict | None, rank: int) -> SPTPlan:
+def prepare(model: nn.Module, cfg, train_set, meta: dict | None, rank: int) -> SPTPlan:
     """The run's plan, applied to ``model`` (module docstring, step 1)."""
     if meta is not None:
         plan = SPTPlan.from_dict(meta["spt_plan"])
     else:
-        plan = make_plan(model, cfg, train_set, device, announce=cfg.progress and rank == 0)
+        plan = make_plan(model, cfg, train_set, announce=cfg.progress and rank == 0)
         if rank == 0:
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
