@@ -1,6 +1,6 @@
 // Expedit's token clustering and local reconstruction: CUDA kernels of the band steps (see
 // token_cluster.h). SIMT fp32: one thread per output element (a pixel's weights, a pixel's
-// output channel, a band centre's channel, a centre's channel); loops in a fixed order.
+// output channel, a centre's channel); loops in a fixed order.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -69,41 +69,32 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(BandTable t, ApplyArgs 
   *y = g.accumulate ? *y + acc : acc;
 }
 
-// Thread per (band centre slot, channel): the band's Σ_p a·x (and Σ_p a at channel 0).
-__global__ void __launch_bounds__(kThreads) collect_kernel(BandTable t, CollectArgs g) {
-  const int64_t band = blockIdx.x % t.grid_h, batch = blockIdx.x / t.grid_h;
-  const int64_t item = int64_t(blockIdx.y) * kThreads + threadIdx.x;
-  const int64_t q = item / g.channels, c = item % g.channels;
-  if (q >= t.max_centres) return;
-  const int64_t p0 = t.pixel_start[band], count = t.pixel_count[band];
-  float acc = 0.f, total = 0.f;
-  for (int64_t local = 0; local < count; ++local) {
-    const int64_t row = batch * g.pixels + p0 + local;
-    const float weight = g.a[row * t.max_centres + q];
-    acc += weight * g.x[row * g.channels + c];
-    total += weight;
-  }
-  const int64_t slot = int64_t(blockIdx.x) * t.max_centres + q;
-  g.part[slot * g.channels + c] = acc;
-  if (c == 0) g.total[slot] = total;
-}
-
-// Thread per (centre, channel): the bands holding the centre, in band order.
-__global__ void __launch_bounds__(kThreads) reduce_kernel(BandTable t, ReduceArgs g) {
+// Thread per (centre, channel): the pixels that may pick the centre, band by band, row by
+// row; the threads of one centre read a pixel's weight together and its channels coalesced.
+__global__ void __launch_bounds__(kThreads) gather_kernel(BandTable t, GatherArgs g) {
   const int64_t centres = t.grid_h * t.grid_w;
   const int64_t item = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (item >= g.batch * centres * g.channels) return;
   const int64_t c = item % g.channels, row = item / g.channels;
   const int64_t centre = row % centres, batch = row / centres;
   const int64_t iy = centre / t.grid_w, ix = centre % t.grid_w;
+  const int64_t column_lo = t.column_start[ix - t.radius > 0 ? ix - t.radius : 0];
+  const int64_t column_hi =
+      t.column_start[ix + t.radius + 1 < t.grid_w ? ix + t.radius + 1 : t.grid_w];
   const int64_t first = iy - t.radius > 0 ? iy - t.radius : 0;
   const int64_t last = iy + t.radius + 1 < t.grid_h ? iy + t.radius + 1 : t.grid_h;
   float acc = 0.f, total = 0.f;
   for (int64_t band = first; band < last; ++band) {
     const int64_t row0 = band - t.radius > 0 ? band - t.radius : 0;
-    const int64_t slot = (batch * t.grid_h + band) * t.max_centres + (iy - row0) * t.grid_w + ix;
-    acc += g.part[slot * g.channels + c];
-    total += g.total[slot];
+    const int64_t q = (iy - row0) * t.grid_w + ix;
+    const int64_t p0 = batch * g.pixels + t.pixel_start[band];
+    for (int64_t y = 0; y < t.pixel_count[band] / t.width; ++y)
+      for (int64_t col = column_lo; col < column_hi; ++col) {
+        const int64_t p = p0 + y * t.width + col;
+        const float weight = g.a[p * t.max_centres + q];
+        acc += weight * g.x[p * g.channels + c];
+        total += weight;
+      }
   }
   if (g.m_step) {
     acc = total == 0.f ? g.previous[item] : acc / total;
@@ -139,17 +130,10 @@ int band_apply(const BandTable& t, const ApplyArgs& g, void* stream) {
   return cudaGetLastError();
 }
 
-int band_collect(const BandTable& t, const CollectArgs& g, void* stream) {
-  if (g.batch == 0 || g.channels == 0 || t.max_centres == 0) return cudaSuccess;
-  const dim3 grid(unsigned(g.batch * t.grid_h), unsigned(blocks_for(t.max_centres * g.channels)));
-  collect_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(t, g);
-  return cudaGetLastError();
-}
-
-int band_reduce(const BandTable& t, const ReduceArgs& g, void* stream) {
+int band_gather(const BandTable& t, const GatherArgs& g, void* stream) {
   const int64_t items = g.batch * t.grid_h * t.grid_w * g.channels;
   if (items == 0) return cudaSuccess;
-  reduce_kernel<<<unsigned(blocks_for(items)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(t,
+  gather_kernel<<<unsigned(blocks_for(items)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(t,
                                                                                                  g);
   return cudaGetLastError();
 }

@@ -1,11 +1,11 @@
 // Expedit's token clustering and local reconstruction: the CUDA kernels of one band step
 // (stitchops/reference/token_cluster.py has the math and the band structure; the Triton
-// kernels in kernels/token_cluster.py compute the same four steps). Raw pointers only.
+// kernels in kernels/token_cluster.py compute the same three steps). Raw pointers only.
 //
 // A band is the pixels of one row of cells (whole pixel rows) and the centres of the 2r+1
 // cell rows around it; a pixel's candidates are those within ±r cell columns of its own.
-// Every step writes each output element from one thread, and sums over bands run in band
-// order: deterministic, no atomics. Math in fp32.
+// Every step writes each output element from one thread and sums in a fixed order:
+// deterministic, no atomics. Math in fp32.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +20,7 @@ struct BandTable {
   const int32_t* centre_start = nullptr;  // [h] first flat centre of each band
   const int32_t* centre_count = nullptr;  // [h]
   const int32_t* cell_column = nullptr;   // [W] the cell column of each pixel column
+  const int32_t* column_start = nullptr;  // [w + 1] first pixel column of each cell column, W
   int64_t grid_h = 0, grid_w = 0, width = 0, radius = 0;
   int64_t max_pixels = 0, max_centres = 0;
 };
@@ -45,28 +46,19 @@ struct ApplyArgs {
 };
 int band_apply(const BandTable& t, const ApplyArgs& args, void* stream);
 
-// part[b·h + band, q, :] = Σ_{p in band} a[b, p, q] · x[b, p, :], total[b·h + band, q] =
-// Σ_p a[b, p, q]; x [B, N, C] fp32.
-struct CollectArgs {
+// M-step: per centre, Σ_p a[b, p, q]·x[b, p, :] and Σ_p a[b, p, q] over the pixels that may
+// pick it (its ≤ 2r+1 bands, the pixel columns of its ±r cell columns), in band order; with
+// m_step the mean (the previous value where the total is 0) and the totals [B, M], else the
+// plain sum. x [B, N, C] fp32.
+struct GatherArgs {
   const float* a = nullptr;
   const float* x = nullptr;
-  float* part = nullptr;
-  float* total = nullptr;
-  int64_t batch = 0, pixels = 0, channels = 0;
-};
-int band_collect(const BandTable& t, const CollectArgs& args, void* stream);
-
-// Per centre: the ≤ 2r+1 bands' partials added in band order; with m_step the mean (the
-// previous value where the total is 0) and the totals [B, M], else the plain sum.
-struct ReduceArgs {
-  const float* part = nullptr;
-  const float* total = nullptr;
   const float* previous = nullptr;  // [B, M, C] (m_step)
   float* out = nullptr;             // [B, M, C]
   float* totals = nullptr;          // [B, M] (m_step)
-  int64_t batch = 0, channels = 0;
+  int64_t batch = 0, pixels = 0, channels = 0;
   bool m_step = false;
 };
-int band_reduce(const BandTable& t, const ReduceArgs& args, void* stream);
+int band_gather(const BandTable& t, const GatherArgs& args, void* stream);
 
 }  // namespace stitchops

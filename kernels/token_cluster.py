@@ -2,26 +2,33 @@
 (stitchops/reference/token_cluster.py has the math and the band structure).
 
 The pixels of one row of cells (a band: whole pixel rows) only ever pick centres in the
-2r+1 rows of cells around it, Q ≤ (2r+1)·w of them. Four kernels, all deterministic (no
-atomics: every output element has one writer, and sums over bands run in a fixed order):
+2r+1 rows of cells around it, Q ≤ (2r+1)·w of them. Three kernels, all deterministic (no
+atomics: every output element has one writer, and every sum runs in a fixed order):
 
-- ``_affinity_kernel``: a[b, p, q] = softmax over the band's candidates q of −‖x_p − s_q‖²/τ
-  (0 off the ±r columns), two passes over the band's centres (online max and sum, then the
-  weights), distances as ‖x‖² − 2x·sᵀ + ‖s‖² from [BLOCK_P, BLOCK_C] × [BLOCK_C, BLOCK_Q]
-  dots. Writes [B, N, Q_max] fp32: 0.9 MB at N = 1600, Q = 140.
+- ``_affinity_kernel`` (E-step): a[b, p, q] = softmax over the band's candidates q of
+  −‖x_p − s_q‖²/τ (0 off the ±r columns), two passes over the band's centres (online max
+  and sum, then the weights), distances as ‖x‖² − 2x·sᵀ + ‖s‖² from [BLOCK_P, BLOCK_C] ×
+  [BLOCK_C, BLOCK_Q] dots. Writes [B, N, Q_max] fp32: 0.9 MB at N = 1600, Q = 140.
+- ``_gather_kernel`` (M-step): per centre, Σ_p a_pq·x_p and Σ_p a_pq over the pixels that
+  may pick it (its ≤ 2r+1 bands × the pixel columns of its ±r cell columns), then the mean;
+  also the reconstruction backward's dv = Σ_p a_pq·dy_p.
 - ``_apply_kernel``: y[b, p, :] (+)= Σ_q a[b, p, q]·v[b, q0 + q, :]: the local reconstruction,
   and the clustering backward's dx = Σ_q a_pq·g_q/D_q.
-- ``_collect_kernel``: part[b, band, q, :] = Σ_{p in band} a[b, p, q]·x[b, p, :] and the
-  totals Σ_p a: the M-step's sums per band (and the reconstruction backward's dv).
-- ``_reduce_kernel``: per centre, the ≤ 2r+1 bands' partials added in band order; then
-  s = sum / total (a centre with total 0 keeps its value) or the plain sum.
 
-Per clustering iteration: FLOPs 2·N·Q·C (distances) + 2·N·Q·C (sums) with Q ≈ (2r+1)·w
-(every centre of the band's rows, masked to ±r columns: (2r+1)/w of the dense N·M·C);
-bytes: x read twice (distances, sums), a written and read ((N·Q)·4·2), the partials
-written and read ((2r+1)·M·C·4·2), the centres once. Everything in fp32 with exact fp32
-dot products (``input_precision="ieee"``): distances are differences of large norms, and
-tf32 would move them by more than τ allows.
+Per clustering iteration, with K ≤ (2r+1)² candidates per pixel and Q ≈ (2r+1)·w:
+- FLOPs: 2·N·Q·C for the distances (every centre of the band's rows, masked to ±r columns:
+  (2r+1)/w of the dense N·M·C, on the dot units) + 2·N·K·C for the M-step sums (the local
+  count: the gather reads only the pixels a centre can hold).
+- Bytes (the floor, from DRAM): x read twice (E-step, M-step; the M-step's (2r+1)² visits
+  of a pixel beyond the first come from L2, x being ≤ 26 MB at B = 8 ViT-L/16 640²), a
+  written and read (N·Q·4·2), the centres read twice and written once (M·C·4·3).
+- Not one pass over x: a pixel's weights need its full-C distances to every candidate
+  before any M-step sum can use them, and a centre's sum spans pixels of 2r+1 bands, so one
+  read of x per iteration would need the E-step of a tile of cells plus a halo of r cells
+  recomputed by each program ((1 + 2r/T)² the distance FLOPs for T×T-cell tiles) or
+  atomics in the M-step; both are left until a GPU can measure them against this.
+Everything in fp32 with exact fp32 dot products (``input_precision="ieee"``): distances are
+differences of large norms, and tf32 would move them by more than τ allows.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ from stitchops.reference import token_cluster as reference
 BLOCK_P = 32  # pixels per program
 BLOCK_Q = 32  # centres per step
 BLOCK_C = 32  # channels per step
-INTERPRETED = {"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_C": 32}  # Triton's CPU interpreter
+GATHER_BLOCK_W = 1  # centres per M-step program
+# Triton's CPU interpreter: few, large programs.
+INTERPRETED = {"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_C": 32, "BLOCK_W": 32}
 
 
 def blocks() -> tuple[int, int, int]:
@@ -58,6 +67,8 @@ class BandTable:
     centre_start: torch.Tensor  # [h] first flat centre of each band
     centre_count: torch.Tensor  # [h]
     cell_column: torch.Tensor  # [W] the cell column of each pixel column
+    column_start: torch.Tensor  # [w + 1] the first pixel column of each cell column, then W
+    width: int
     max_pixels: int
     max_centres: int
 
@@ -69,9 +80,11 @@ def band_table(hw_in, grid, window, device) -> BandTable:
     counts = torch.tensor([b.pixels.stop - b.pixels.start for b in bands], **i32)
     centre_starts = torch.tensor([b.centres.start for b in bands], **i32)
     centre_counts = torch.tensor([b.centres.stop - b.centres.start for b in bands], **i32)
-    columns = reference.cell_index(hw_in[1], grid[1]).to(**i32)
-    return BandTable(starts, counts, centre_starts, centre_counts, columns,
-                     int(counts.max()), int(centre_counts.max()))  # fmt: skip
+    columns = reference.cell_index(hw_in[1], grid[1])
+    column_start = torch.searchsorted(columns, torch.arange(grid[1] + 1))
+    return BandTable(starts, counts, centre_starts, centre_counts, columns.to(**i32),
+                     column_start.to(**i32), hw_in[1], int(counts.max()),
+                     int(centre_counts.max()))  # fmt: skip
 
 
 @triton.jit
@@ -181,68 +194,55 @@ def _apply_kernel(
 
 
 @triton.jit
-def _collect_kernel(
-    a_ptr, x_ptr, part_ptr, total_ptr, pixel_start_ptr, pixel_count_ptr,
-    grid_h, pixels, channels, max_centres,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+def _gather_kernel(
+    a_ptr, x_ptr, prev_ptr, out_ptr, totals_ptr, pixel_start_ptr, pixel_count_ptr,
+    column_start_ptr, grid_h, grid_w, radius, width, pixels, channels, max_centres,
+    M_STEP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·h + band, centre block, channel block): the band's Σ_p a[p, q]·x[p] and,
-    in channel block 0, Σ_p a[p, q]; part [B·h, max_centres, C], total [B·h, max_centres]."""
-    batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
-    p0 = tl.load(pixel_start_ptr + band)
-    count = tl.load(pixel_count_ptr + band)
-    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    mask_q = offs_q < max_centres
+    """Program (b·h + cell row, block of BLOCK_W centres of the row, channel block): per
+    centre, Σ_p a[p, q]·x[p] over the pixels that may pick it (its ≤ 2r+1 bands, the pixel
+    columns of its ±r cell columns), bands in order; with M_STEP divided by Σ_p a (the
+    previous value where that is 0) and the totals stored, else the plain sum.
+    out [B, M, C] fp32."""
+    batch, iy = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
+    ix = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask_w = ix < grid_w
+    column_lo = tl.load(column_start_ptr + tl.maximum(ix - radius, 0), mask=mask_w, other=0)
+    column_hi = tl.load(column_start_ptr + tl.minimum(ix + radius + 1, grid_w), mask=mask_w,
+                        other=0)  # fmt: skip
+    band_span = column_hi - column_lo  # pixel columns per centre
+    columns = tl.maximum(band_span, 1)
+    widest = tl.max(band_span, axis=0)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
-    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
-    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    for start in range(0, count, BLOCK_P):
-        local = start + tl.arange(0, BLOCK_P)
-        mask_p = local < count
-        rows = batch.to(tl.int64) * pixels + p0 + local
-        a = tl.load(a_ptr + rows[:, None] * max_centres + offs_q[None, :],
-                    mask=mask_p[:, None] & mask_q[None, :], other=0.0)  # fmt: skip
-        x = tl.load(x_ptr + rows[:, None] * channels + offs_c[None, :],
-                    mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        acc = tl.dot(tl.trans(a), x, acc, input_precision="ieee")
-        total += tl.sum(a, axis=0)
-    slot = tl.program_id(0).to(tl.int64) * max_centres + offs_q
-    tl.store(part_ptr + slot[:, None] * channels + offs_c[None, :], acc,
-             mask=mask_q[:, None] & mask_c[None, :])  # fmt: skip
-    if tl.program_id(2) == 0:
-        tl.store(total_ptr + slot, total, mask=mask_q)
-
-
-@triton.jit
-def _reduce_kernel(
-    part_ptr, total_ptr, prev_ptr, out_ptr, totals_out_ptr,
-    grid_h, grid_w, radius, max_centres, channels,
-    M_STEP: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """Program (b·M + centre, channel block): the partials of the ≤ 2r+1 bands that hold the
-    centre, added in band order; with M_STEP the mean (the previous value where the total is
-    0) and the totals, else the plain sum. out [B, M, C] fp32."""
-    centres = grid_h * grid_w
-    batch, centre = tl.program_id(0) // centres, tl.program_id(0) % centres
-    iy, ix = centre // grid_w, centre % grid_w
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    total = 0.0
+    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    total = tl.zeros((BLOCK_W, BLOCK_P), dtype=tl.float32)
     for band in range(tl.maximum(iy - radius, 0), tl.minimum(iy + radius + 1, grid_h)):
-        q = (iy - tl.maximum(band - radius, 0)) * grid_w + ix
-        slot = (batch * grid_h + band).to(tl.int64) * max_centres + q
-        acc += tl.load(part_ptr + slot * channels + offs_c, mask=mask_c, other=0.0)
-        total += tl.load(total_ptr + slot)
-    row = tl.program_id(0).to(tl.int64) * channels + offs_c
+        q = (iy - tl.maximum(band - radius, 0)) * grid_w + ix  # [BLOCK_W]
+        band_rows = tl.load(pixel_count_ptr + band) // width
+        p0 = tl.load(pixel_start_ptr + band) + column_lo  # [BLOCK_W]
+        for start in range(0, band_rows * widest, BLOCK_P):
+            local = start + tl.arange(0, BLOCK_P)
+            mask = mask_w[:, None] & (local[None, :] < (band_rows * band_span)[:, None])
+            pixel = p0[:, None] + (local[None, :] // columns[:, None]) * width + (
+                local[None, :] % columns[:, None])  # fmt: skip
+            rows = batch.to(tl.int64) * pixels + pixel  # [BLOCK_W, BLOCK_P]
+            a = tl.load(a_ptr + rows * max_centres + q[:, None], mask=mask, other=0.0)
+            x = tl.load(x_ptr + rows[:, :, None] * channels + offs_c[None, None, :],
+                        mask=mask[:, :, None] & mask_c[None, None, :], other=0.0)  # fmt: skip
+            acc += tl.sum(a[:, :, None] * x.to(tl.float32), axis=1)
+            total += a
+    centre = (batch * grid_h + iy).to(tl.int64) * grid_w + ix  # [BLOCK_W]
+    out = centre[:, None] * channels + offs_c[None, :]
+    mask_out = mask_w[:, None] & mask_c[None, :]
     if M_STEP:
-        previous = tl.load(prev_ptr + row, mask=mask_c, other=0.0)
-        safe = tl.where(total == 0.0, 1.0, total)
-        acc = tl.where(total == 0.0, previous, acc / safe)
-        if tl.program_id(1) == 0:
-            tl.store(totals_out_ptr + tl.program_id(0), total)
-    tl.store(out_ptr + row, acc, mask=mask_c)
+        weight = tl.sum(total, axis=1)
+        previous = tl.load(prev_ptr + out, mask=mask_out, other=0.0)
+        empty = (weight == 0.0)[:, None]
+        acc = tl.where(empty, previous, acc / tl.where(empty, 1.0, weight[:, None]))
+        if tl.program_id(2) == 0:
+            tl.store(totals_ptr + centre, weight, mask=mask_w)
+    tl.store(out_ptr + out, acc, mask=mask_out)
 
 
 def affinities(x3, s3, table, width, grid, radius, temperature) -> torch.Tensor:
@@ -277,33 +277,23 @@ def apply(a, v3, table, grid_h, out=None) -> torch.Tensor:
     return y
 
 
-def collect(a, x3, table, grid_h):
-    """(part [B·h, max_centres, C], total [B·h, max_centres]) fp32: the bands' sums."""
-    b, n, c = x3.shape
-    f32 = {"device": a.device, "dtype": torch.float32}
-    block_p, block_q, block_c = blocks()
-    part = new_output(b * grid_h, table.max_centres, c, **f32)
-    total = new_output(b * grid_h, table.max_centres, **f32)
-    launch = (b * grid_h, triton.cdiv(table.max_centres, block_q), triton.cdiv(c, block_c))
-    if part.numel():
-        _collect_kernel[launch](
-            a, x3, part, total, table.pixel_start, table.pixel_count, grid_h, n, c,
-            table.max_centres, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_C=block_c,
-        )  # fmt: skip
-    return part, total
-
-
-def reduce(part, total, previous, grid, radius, m_step: bool):
-    """(out [B, M, C] fp32, totals [B, M] fp32 or None): the centres' sums over their bands."""
+def gather(a, x3, previous, table, grid, radius, m_step: bool):
+    """(out [B, M, C] fp32, totals [B, M] fp32 or None): each centre's Σ_p a·x over the
+    pixels that may pick it; with ``m_step`` the M-step's mean (``previous`` where no pixel
+    weighs on the centre)."""
     b, m, c = previous.shape
-    f32 = {"device": part.device, "dtype": torch.float32}
+    f32 = {"device": a.device, "dtype": torch.float32}
     out = new_output(b, m, c, **f32)
     totals = new_output(b, m, **f32) if m_step else out
     if out.numel():
-        block_c = blocks()[2]
-        _reduce_kernel[(b * m, triton.cdiv(c, block_c))](
-            part, total, previous, out, totals, grid[0], grid[1], radius,
-            part.shape[1], c, M_STEP=m_step, BLOCK_C=block_c,
+        block_p, _, block_c = blocks()
+        block_w = launch_sizes({"BLOCK_W": GATHER_BLOCK_W}, INTERPRETED)["BLOCK_W"]
+        launch = (b * grid[0], triton.cdiv(grid[1], block_w), triton.cdiv(c, block_c))
+        _gather_kernel[launch](
+            a, x3, previous, out, totals, table.pixel_start, table.pixel_count,
+            table.column_start, grid[0], grid[1], radius, table.width, x3.shape[1], c,
+            table.max_centres, M_STEP=m_step, BLOCK_W=block_w, BLOCK_P=block_p,
+            BLOCK_C=block_c,
         )  # fmt: skip
     return out, (totals if m_step else None)
 
@@ -317,8 +307,7 @@ def _iterate(x3, table, width, grid, window, iters, temperature, keep: bool):
     history = []
     for _ in range(iters):
         a = affinities(x3, s, table, width, grid, window // 2, temperature)
-        part, total = collect(a, x3, table, grid[0])
-        s, totals = reduce(part, total, s, grid, window // 2, m_step=True)
+        s, totals = gather(a, x3, s, table, grid, window // 2, m_step=True)
         if keep:
             history.append((a, totals))
     return s, history
@@ -381,7 +370,6 @@ def token_reconstruct_backward(grad, x, centres, values, window, temperature, mo
     grid = tuple(centres.shape[1:3])
     table, a = _reconstruction_weights(x, centres, window, temperature)
     dy = grad.reshape(b, height * width, values.shape[-1]).contiguous()
-    part, total = collect(a, dy, table, grid[0])
-    zero = torch.zeros(b, grid[0] * grid[1], values.shape[-1], device=x.device)
-    dv, _ = reduce(part, total, zero, grid, window // 2, m_step=False)
+    like = torch.empty(b, grid[0] * grid[1], values.shape[-1], device=x.device)
+    dv, _ = gather(a, dy, like, table, grid, window // 2, m_step=False)
     return dv.reshape(values.shape).to(values.dtype)

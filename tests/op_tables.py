@@ -141,7 +141,8 @@ SPARSE_DELTA = OpTests(
 )
 
 _BANDS = {name: "*i32" for name in ("pixel_start_ptr", "pixel_count_ptr", "centre_start_ptr",
-                                    "centre_count_ptr", "cell_column_ptr")}  # fmt: skip
+                                    "centre_count_ptr", "cell_column_ptr",
+                                    "column_start_ptr")}  # fmt: skip
 TOKEN_CLUSTER = OpTests(
     name="token_cluster",
     test_file="test_token_cluster.py",
@@ -158,19 +159,16 @@ TOKEN_CLUSTER = OpTests(
         AotPlain(
             "_apply_kernel", {"ACCUMULATE": True, "BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_D": 32}
         ),
-        AotPlain("_collect_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_C": 32}),
-        AotPlain("_reduce_kernel", {"M_STEP": True, "BLOCK_C": 32}),
+        AotPlain("_gather_kernel", {"M_STEP": True, "BLOCK_W": 1, "BLOCK_P": 32, "BLOCK_C": 32}),
     ),
     fp32_pointers=frozenset(
         {
             "s_ptr",
             "a_ptr",
             "y_ptr",
-            "part_ptr",
-            "total_ptr",
             "prev_ptr",
             "out_ptr",
-            "totals_out_ptr",
+            "totals_ptr",
         }
     ),
     arg_types={**_BANDS, "inv_temperature": "fp32"},

@@ -31,6 +31,12 @@ inline Bands make_bands(int64_t height, int64_t width, int64_t h, int64_t w, int
   const int64_t r = window / 2;
   auto cy = cell_index(height, h), cx = cell_index(width, w);
   const auto* rows = cy.data_ptr<int64_t>();
+  const auto* columns = cx.data_ptr<int64_t>();
+  std::vector<int32_t> column_start(w + 1);  // the first pixel column of cell column >= j
+  for (int64_t j = 0, col = 0; j <= w; ++j) {
+    while (col < width && columns[col] < j) ++col;
+    column_start[j] = int32_t(col);
+  }
   std::vector<int32_t> pixel_start(h), pixel_count(h), centre_start(h), centre_count(h);
   int64_t max_pixels = 0, max_centres = 0;
   for (int64_t row = 0, y = 0; row < h; ++row) {
@@ -48,13 +54,18 @@ inline Bands make_bands(int64_t height, int64_t width, int64_t h, int64_t w, int
     return at::tensor(v, at::TensorOptions().dtype(at::kInt)).to(like.device());
   };
   Bands b;
-  b.arrays = {on_device(pixel_start), on_device(pixel_count), on_device(centre_start),
-              on_device(centre_count), cx.to(at::kInt).to(like.device())};
+  b.arrays = {on_device(pixel_start),
+              on_device(pixel_count),
+              on_device(centre_start),
+              on_device(centre_count),
+              cx.to(at::kInt).to(like.device()),
+              on_device(column_start)};
   b.table.pixel_start = b.arrays[0].data_ptr<int32_t>();
   b.table.pixel_count = b.arrays[1].data_ptr<int32_t>();
   b.table.centre_start = b.arrays[2].data_ptr<int32_t>();
   b.table.centre_count = b.arrays[3].data_ptr<int32_t>();
   b.table.cell_column = b.arrays[4].data_ptr<int32_t>();
+  b.table.column_start = b.arrays[5].data_ptr<int32_t>();
   b.table.grid_h = h;
   b.table.grid_w = w;
   b.table.width = width;
@@ -100,34 +111,24 @@ inline at::Tensor apply_weights(const at::Tensor& a, const at::Tensor& v3, const
   return y;
 }
 
-// The per-centre sums of a·x over the bands: (out [B, M, C] fp32, totals [B, M]).
+// Each centre's Σ_p a·x over the pixels that may pick it: (out [B, M, C] fp32, totals [B, M]);
+// with m_step the M-step's mean (``previous`` where no pixel weighs on the centre).
 inline std::pair<at::Tensor, at::Tensor> sums(const at::Tensor& a, const at::Tensor& x3f,
                                               const at::Tensor& previous, const Bands& bands,
                                               bool m_step, int64_t stream) {
-  const int64_t batch = a.size(0), channels = x3f.size(2), h = bands.table.grid_h;
-  auto part = new_output({batch * h, bands.table.max_centres, channels}, a.options());
-  auto total = new_output({batch * h, bands.table.max_centres}, a.options());
-  CollectArgs c;
-  c.a = a.data_ptr<float>();
-  c.x = x3f.data_ptr<float>();
-  c.part = part.data_ptr<float>();
-  c.total = total.data_ptr<float>();
-  c.batch = batch;
-  c.pixels = a.size(1);
-  c.channels = channels;
-  check_status(band_collect(bands.table, c, stream_of(stream)), "band sums");
   auto out = new_output(previous.sizes(), a.options());
-  auto totals = new_output({batch, previous.size(1)}, a.options());
-  ReduceArgs r;
-  r.part = part.data_ptr<float>();
-  r.total = total.data_ptr<float>();
-  r.previous = previous.data_ptr<float>();
-  r.out = out.data_ptr<float>();
-  r.totals = totals.data_ptr<float>();
-  r.batch = batch;
-  r.channels = channels;
-  r.m_step = m_step;
-  check_status(band_reduce(bands.table, r, stream_of(stream)), "band reduction");
+  auto totals = new_output({a.size(0), previous.size(1)}, a.options());
+  GatherArgs g;
+  g.a = a.data_ptr<float>();
+  g.x = x3f.data_ptr<float>();
+  g.previous = previous.data_ptr<float>();
+  g.out = out.data_ptr<float>();
+  g.totals = totals.data_ptr<float>();
+  g.batch = a.size(0);
+  g.pixels = a.size(1);
+  g.channels = x3f.size(2);
+  g.m_step = m_step;
+  check_status(band_gather(bands.table, g, stream_of(stream)), "band sums");
   return {out, totals};
 }
 
@@ -249,8 +250,8 @@ inline at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::T
   const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
   auto [bands, a] = reconstruction_weights(x, centres, window, temperature, stream);
   auto dy = grad.reshape({batch, height * width, dim}).to(at::kFloat).contiguous();
-  auto zero = at::zeros({batch, h * w, dim}, fp32_like(x));
-  auto dv = sums(a, dy, zero, bands, /*m_step=*/false, stream).first;
+  auto like = at::empty({batch, h * w, dim}, fp32_like(x));
+  auto dv = sums(a, dy, like, bands, /*m_step=*/false, stream).first;
   return dv.view(values.sizes()).to(values.scalar_type());
 }
 

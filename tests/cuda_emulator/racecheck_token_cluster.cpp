@@ -1,5 +1,5 @@
 // Race check of the band kernels of csrc/token_cluster.cu: one EM iteration (band weights,
-// band sums, the reduction over bands) and the reconstruction's apply, against float64 loops
+// the per-centre gather of the M-step) and the reconstruction's apply, against float64 loops
 // over each pixel's explicit candidate list. Registered with racecheck.cpp's driver.
 #include <cmath>
 #include <random>
@@ -48,10 +48,15 @@ bool run(const Problem& p) {
     max_pixels = std::max<int64_t>(max_pixels, pixel_count[row]);
     max_centres = std::max<int64_t>(max_centres, centre_count[row]);
   }
+  std::vector<int32_t> column_start(p.w + 1);
+  for (int64_t j = 0, col = 0; j <= p.w; ++j) {
+    while (col < p.width && cx[col] < j) ++col;
+    column_start[j] = int32_t(col);
+  }
   stitchops::BandTable t;
   t.pixel_start = pixel_start.data(), t.pixel_count = pixel_count.data();
   t.centre_start = centre_start.data(), t.centre_count = centre_count.data();
-  t.cell_column = cx.data();
+  t.cell_column = cx.data(), t.column_start = column_start.data();
   t.grid_h = p.h, t.grid_w = p.w, t.width = p.width, t.radius = r;
   t.max_pixels = max_pixels, t.max_centres = max_centres;
 
@@ -83,20 +88,15 @@ bool run(const Problem& p) {
     for (int64_t c = 0; c < C; ++c)
       s_ref[i * C + c] = tot[i] == 0 ? s[i * C + c] : s_ref[i * C + c] / tot[i];
 
-  std::vector<float> a(N * max_centres, NAN), part(p.h * max_centres * C, NAN),
-      total(p.h * max_centres, NAN), out(M * C, NAN), totals(M, NAN), y(N * 3, NAN);
+  std::vector<float> a(N * max_centres, NAN), out(M * C, NAN), totals(M, NAN), y(N * 3, NAN);
   stitchops::AffinityArgs ga;
   ga.x = x_t.data(), ga.s = s.data(), ga.a = a.data();
   ga.batch = 1, ga.pixels = N, ga.centres = M, ga.channels = C, ga.inv_temperature = float(1 / tau);
   if (stitchops::band_affinity(Dtype<E>::id, t, ga, nullptr) != 0) return false;
-  stitchops::CollectArgs gc;
-  gc.a = a.data(), gc.x = x.data(), gc.part = part.data(), gc.total = total.data();
-  gc.batch = 1, gc.pixels = N, gc.channels = C;
-  if (stitchops::band_collect(t, gc, nullptr) != 0) return false;
-  stitchops::ReduceArgs gr;
-  gr.part = part.data(), gr.total = total.data(), gr.previous = s.data(), gr.out = out.data();
-  gr.totals = totals.data(), gr.batch = 1, gr.channels = C, gr.m_step = true;
-  if (stitchops::band_reduce(t, gr, nullptr) != 0) return false;
+  stitchops::GatherArgs gg;
+  gg.a = a.data(), gg.x = x.data(), gg.previous = s.data(), gg.out = out.data();
+  gg.totals = totals.data(), gg.batch = 1, gg.pixels = N, gg.channels = C, gg.m_step = true;
+  if (stitchops::band_gather(t, gg, nullptr) != 0) return false;
   stitchops::ApplyArgs gp;
   gp.a = a.data(), gp.v = v.data(), gp.y = y.data(), gp.batch = 1, gp.pixels = N, gp.centres = M;
   gp.dim = 3;
