@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from stitchops.models import (
     Segmenter,
+    StitchedViT,
     expedite,
     expedited,
     expedition,
@@ -131,6 +132,8 @@ def test_reconstructed_features_beat_pooling_and_bilinear_upsampling(trained, al
         (dict(alpha=2, grid=(4, 4), beta=0), ValueError, "beta must be"),
         (dict(alpha=1, grid=(4, 4), method="conv"), ValueError, "method must be one of"),
         (dict(alpha=1, grid=4), TypeError, "grid must be a pair"),
+        (dict(alpha=1, grid=(4, 4), where="neck"), ValueError, "where must be one of"),
+        (dict(alpha=1, grid=(4, 4), where="head"), TypeError, "needs a segmentation model"),
     ],
 )
 def test_bad_settings_raise_clear_errors(kwargs, error, message):
@@ -138,6 +141,65 @@ def test_bad_settings_raise_clear_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         expedite(model, **kwargs)
     assert expedition(model) is None
+
+
+def stitched(dense=False):
+    torch.manual_seed(0)
+    small = vit_small_test(patch_size=1, embed_dim=16, depth=3, num_heads=2)
+    large = vit_small_test(patch_size=1, embed_dim=24, depth=6, num_heads=2)
+    return StitchedViT([small, large], dense=dense).eval()
+
+
+def _crossing_stitch(model):
+    """A stitch whose route runs on both anchors (the stitching layer inside the β blocks
+    of the tests below)."""
+    return next(s for s in model.stitches if len(s.route) == 2 and s.route[0].stop >= 2)
+
+
+def test_stitched_route_reproduces_and_clusters_across_the_stitching_layer():
+    model = stitched()
+    stitch = _crossing_stitch(model)
+    model.select(stitch.id)
+    depth = sum(seg.stop - seg.start for seg in stitch.route)
+    plain = model(IMAGES)
+    with expedited(model, 1, (8, 8), temperature=1e-6):
+        assert torch.allclose(model(IMAGES), plain, atol=1e-5)
+    seen = []
+    layer = model.stitch_layers[stitch.points[0].key][stitch.points[0].index]
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    with expedited(model, 1, (3, 3), beta=depth - 2):
+        assert model(IMAGES).shape == plain.shape
+    hook.remove()
+    assert seen == [1 + 9]  # the stitching layer ran on the class token and 3×3 centres
+    expedite(model, 1, (3, 3))
+    model.select(next(s.id for s in model.stitches if s.id != stitch.id))
+    with pytest.raises(RuntimeError, match="expedited on another stitch"):
+        model(IMAGES)
+    unexpedite(model)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "stitched"])
+def test_where_head_reconstructs_the_heads_logits(backbone):
+    """γ = 0 as the official Segmenter code: the head reads the clustered h×w map and its
+    logits are spread back to H×W; the full grid with a tiny τ is the plain model."""
+    if backbone == "vit":
+        trunk = vit()
+    else:
+        trunk = stitched(dense=True)
+        trunk.select(_crossing_stitch(trunk).id)
+    segmenter = Segmenter(trunk, num_classes=4, decoder="mask").eval()
+    plain = segmenter(IMAGES)
+    with expedited(segmenter, 2, (8, 8), temperature=1e-6, where="head"):
+        assert torch.allclose(segmenter(IMAGES), plain, atol=1e-5)
+    maps = []
+    hook = segmenter.decoder.register_forward_pre_hook(lambda m, a: maps.append(a[0][-1].shape))
+    with expedited(segmenter, 2, (3, 5), where="head"):
+        assert segmenter(IMAGES).shape == plain.shape
+    hook.remove()
+    assert maps[0][-2:] == (3, 5)
+    assert trunk.clustered_grid is None  # unexpedite cleared it
+    with pytest.raises(ValueError, match="beta must run to the end"):
+        expedite(segmenter, 1, (3, 3), beta=1, where="head")
 
 
 def test_a_grid_larger_than_the_token_map_is_refused_at_the_forward():

@@ -173,6 +173,28 @@ def test_reconstruct_op_matches_float64_reference(mode, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bf16_against_float64(backend):
+    """bf16 tokens (fp32 math inside): a clustering and a reconstruction. Triton's CPU
+    interpreter computes bf16 wrongly (skipped there); the CUDA emulator runs it."""
+    require(backend, torch.bfloat16)
+    x = tokens((13, 17), scale=1.0)
+    harness.check_against_float64(
+        lambda x: stitchops.token_cluster(x, (5, 7), window=5, iters=2, temperature=5.0),
+        lambda x: reference.token_cluster(x, (5, 7), 5, 2, 5.0),
+        {"x": x}, torch.bfloat16, lambda name: True, backend,
+        torch.randn(2, 5, 7, 6, dtype=torch.float64),
+    )  # fmt: skip
+    masters = {"x": x, "centres": reference.token_cluster(x, (5, 7), 5, 2, 5.0),
+               "values": torch.randn(2, 5, 7, 4, dtype=torch.float64)}  # fmt: skip
+    harness.check_against_float64(
+        lambda **a: stitchops.token_reconstruct(**a, temperature=5.0),
+        lambda **a: reference.token_reconstruct(**a, window=5, temperature=5.0),
+        masters, torch.bfloat16, lambda name: name == "values", backend,
+        torch.randn(2, 13, 17, 4, dtype=torch.float64),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernels_are_deterministic(backend):
     require(backend, torch.float32)
     x = tokens((13, 17), scale=1.0).float().requires_grad_()

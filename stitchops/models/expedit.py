@@ -11,11 +11,16 @@ token) bypasses clustering and reconstruction and goes through the β blocks wit
 centres. ``method="pool"`` is the paper's baseline (Tables 4-5): adaptive average pooling to
 h×w, bilinear upsampling back.
 
+``where="head"`` (the official Segmenter code, γ = 0): the β blocks run to the end, the
+segmentation head reads the clustered tokens (an h×w map) and its per-token logits are
+reconstructed to H×W.
+
 Works on any ViT with timm's attribute names: ``blocks``, ``patch_embed`` (its input is the
 images, its optional second argument a patch size as in FlexiViT, else its ``patch_size``)
 and ``num_prefix_tokens``: stitchops' VisionTransformer and FlexiViT, a timm
-VisionTransformer, and a ``Segmenter`` (its backbone). The token grid is read off each
-forward's images.
+VisionTransformer, a ``StitchedViT`` (the route of its active stitch: α and β count the
+route's blocks, the stitching layers between them see the clustered tokens), and a
+``Segmenter`` (its backbone). The token grid is read off each forward's images.
 """
 
 from __future__ import annotations
@@ -31,7 +36,37 @@ from torch import nn
 from stitchops.ops.token_cluster import token_cluster, token_reconstruct
 
 METHODS = ("cluster", "pool")
+PLACES = ("tokens", "head")
 _ATTR = "_stitchops_expedit"
+
+
+@dataclass(frozen=True)
+class Route:
+    """The blocks a model's forward runs, in order, and where its tokens come from."""
+
+    backbone: nn.Module
+    blocks: tuple[nn.Module, ...]
+    patch_embed: nn.Module
+    prefix: int  # class (and other prefix) tokens ahead of the patch tokens
+    stitch: int | None  # a StitchedViT's active stitch (its position), else None
+
+
+def route_of(model: nn.Module) -> Route:
+    """The route to expedite: the model's (or a segmentation model's ``backbone``'s) blocks;
+    for a StitchedViT, those of its active stitch, across anchors."""
+    vit = getattr(model, "backbone", model)
+    if hasattr(vit, "stitches") and hasattr(vit, "anchors"):
+        stitch = vit.stitches[vit.active]
+        first = vit.anchors[stitch.route[0].anchor]
+        blocks = tuple(vit.anchors[seg.anchor].blocks[i] for seg in stitch.route
+                       for i in range(seg.start, seg.stop))  # fmt: skip
+        return Route(vit, blocks, first.patch_embed, first.num_prefix_tokens, vit.active)
+    missing = [a for a in ("blocks", "patch_embed") if not hasattr(vit, a)]
+    if missing:
+        raise TypeError(f"expedite needs a ViT with timm's attribute names; "
+                        f"{type(vit).__name__} has no {', '.join(missing)}")  # fmt: skip
+    return Route(vit, tuple(vit.blocks), vit.patch_embed, getattr(vit, "num_prefix_tokens", 1),
+                 None)  # fmt: skip
 
 
 @dataclass
@@ -47,12 +82,16 @@ class Expedition:
     reconstruct: str = "local"
     k: int = 20
     method: str = "cluster"
+    where: str = "tokens"
+    route: Route | None = None
     handles: list = field(default_factory=list)
     token_grid: tuple[int, int] | None = None  # of the running forward
     saved: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, centres)
 
-    def cluster(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    def cluster(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, P + H·W, C] → [B, P + h·w, C]."""
+        self._check_stitch()
+        prefix = self.route.prefix
         b, _, c = tokens.shape
         x = tokens[:, prefix:].reshape(b, *self.token_grid, c)
         if self.method == "pool":
@@ -63,35 +102,67 @@ class Expedition:
         self.saved = (x, centres)
         return torch.cat([tokens[:, :prefix], centres.reshape(b, -1, c)], dim=1)
 
-    def reconstruct_tokens(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
-        """[B, P + h·w, C] → [B, P + H·W, C] from the refined centres."""
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, D] → [B, H, W, D]: the refined centres (or a head's per-centre outputs)
+        back on the token grid, by the clustering's weights (or bilinearly for "pool")."""
+        if self.saved is None:
+            raise RuntimeError("expedite: the reconstruction ran without a clustering in this "
+                               "forward")  # fmt: skip
         x, centres = self.saved
-        b, _, c = tokens.shape
-        values = tokens[:, prefix:].reshape(b, *self.grid, c)
-        if self.method == "pool":
-            y = F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid, mode="bilinear",
-                              align_corners=False).permute(0, 2, 3, 1)  # fmt: skip
-        else:
-            y = token_reconstruct(x, centres.detach(), values, window=self.window,
-                                  temperature=self.temperature, mode=self.reconstruct,
-                                  k=self.k)  # fmt: skip
         self.saved = None
+        if self.method == "pool":
+            return F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid,
+                                 mode="bilinear", align_corners=False).permute(0, 2, 3, 1)  # fmt: skip
+        return token_reconstruct(x, centres.detach(), values, window=self.window,
+                                 temperature=self.temperature, mode=self.reconstruct,
+                                 k=self.k)  # fmt: skip
+
+    def reconstruct_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, P + h·w, C] → [B, P + H·W, C] from the refined centres."""
+        prefix = self.route.prefix
+        b, _, c = tokens.shape
+        y = self.spread(tokens[:, prefix:].reshape(b, *self.grid, c))
         return torch.cat([tokens[:, :prefix], y.reshape(b, -1, c)], dim=1)
 
+    def reconstruct_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """A head's [B, K, h, w] → [B, K, H, W]."""
+        return self.spread(logits.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-def vit_of(model: nn.Module) -> nn.Module:
-    """The ViT to expedite: the model itself, or a segmentation model's ``backbone``."""
-    vit = getattr(model, "backbone", model)
-    missing = [a for a in ("blocks", "patch_embed") if not hasattr(vit, a)]
-    if missing:
-        raise TypeError(f"expedite needs a ViT with timm's attribute names; "
-                        f"{type(vit).__name__} has no {', '.join(missing)}")  # fmt: skip
-    return vit
+    def _check_stitch(self) -> None:
+        if self.route.stitch is not None and self.route.backbone.active != self.route.stitch:
+            raise RuntimeError("this StitchedViT was expedited on another stitch; select() "
+                               "changed the route: call expedite again")  # fmt: skip
 
 
 def _patch_size(patch_embed: nn.Module, args: tuple) -> tuple[int, int]:
     size = args[1] if len(args) > 1 and args[1] is not None else patch_embed.patch_size
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _check_settings(model, route, alpha, beta, grid, method, where) -> int:
+    """β after the checks (default: to the end of the route)."""
+    depth = len(route.blocks)
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or not 0 <= alpha < depth:
+        raise ValueError(f"alpha must be an int in [0, {depth - 1}] (the model has {depth} "
+                         f"blocks), got {alpha!r}")  # fmt: skip
+    if where not in PLACES:
+        raise ValueError(f"where must be one of {PLACES}, got {where!r}")
+    if where == "head":
+        if beta not in (None, depth - alpha):
+            raise ValueError(f"beta must run to the end ({depth - alpha} blocks) with "
+                             f"where='head', got {beta!r}")  # fmt: skip
+        if not hasattr(model, "decoder") or route.backbone is model:
+            raise TypeError(f"where='head' needs a segmentation model with a backbone and a "
+                            f"decoder (a Segmenter), got {type(model).__name__}")  # fmt: skip
+    beta = depth - alpha if beta is None else beta
+    if isinstance(beta, bool) or not isinstance(beta, int) or not 1 <= beta <= depth - alpha:
+        raise ValueError(f"beta must be an int in [1, {depth - alpha}] (alpha + beta <= "
+                         f"{depth} blocks), got {beta!r}")  # fmt: skip
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"grid must be a pair (h, w) of ints, got {grid!r}")
+    return beta
 
 
 def expedite(
@@ -106,44 +177,35 @@ def expedite(
     reconstruct: str = "local",
     k: int = 20,
     method: str = "cluster",
+    where: str = "tokens",
 ) -> nn.Module:
     """Make ``model`` cluster after block ``alpha`` (blocks 0..alpha-1 at full resolution),
-    run ``beta`` blocks (default: to the end) on the ``grid`` centres, then reconstruct;
-    in place, returned. The other arguments are token_cluster's and token_reconstruct's."""
-    vit = vit_of(model)
-    depth = len(vit.blocks)
-    if isinstance(alpha, bool) or not isinstance(alpha, int) or not 0 <= alpha < depth:
-        raise ValueError(f"alpha must be an int in [0, {depth - 1}] (the model has {depth} "
-                         f"blocks), got {alpha!r}")  # fmt: skip
-    beta = depth - alpha if beta is None else beta
-    if isinstance(beta, bool) or not isinstance(beta, int) or not 1 <= beta <= depth - alpha:
-        raise ValueError(f"beta must be an int in [1, {depth - alpha}] (alpha + beta <= "
-                         f"{depth} blocks), got {beta!r}")  # fmt: skip
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-        raise TypeError(f"grid must be a pair (h, w) of ints, got {grid!r}")
+    run ``beta`` blocks (default: to the end) on the ``grid`` centres, then reconstruct the
+    tokens (``where="tokens"``) or the segmentation head's logits (``where="head"``); in
+    place, returned. The other arguments are token_cluster's and token_reconstruct's."""
+    route = route_of(model)
+    beta = _check_settings(model, route, alpha, beta, grid, method, where)
     unexpedite(model)
     state = Expedition(alpha, beta, tuple(grid), window, iters, temperature, reconstruct, k,
-                       method)  # fmt: skip
-    prefix = getattr(vit, "num_prefix_tokens", 1)
+                       method, where, route)  # fmt: skip
 
     def read_grid(module, args):
         ph, pw = _patch_size(module, args)
         height, width = args[0].shape[-2:]
         state.token_grid = (height // ph, width // pw)
 
-    def before(module, args):
-        return (state.cluster(args[0], prefix), *args[1:])
-
-    def after(module, args, output):
-        return state.reconstruct_tokens(output, prefix)
-
     state.handles = [
-        vit.patch_embed.register_forward_pre_hook(read_grid),
-        vit.blocks[alpha].register_forward_pre_hook(before),
-        vit.blocks[alpha + beta - 1].register_forward_hook(after),
+        route.patch_embed.register_forward_pre_hook(read_grid),
+        route.blocks[alpha].register_forward_pre_hook(
+            lambda module, args: (state.cluster(args[0]), *args[1:])),  # fmt: skip
     ]
+    if where == "tokens":
+        state.handles.append(route.blocks[alpha + beta - 1].register_forward_hook(
+            lambda module, args, output: state.reconstruct_tokens(output)))  # fmt: skip
+    else:
+        route.backbone.clustered_grid = state.grid
+        state.handles.append(model.decoder.register_forward_hook(
+            lambda module, args, output: state.reconstruct_logits(output)))  # fmt: skip
     setattr(model, _ATTR, state)
     return model
 
@@ -154,6 +216,8 @@ def unexpedite(model: nn.Module) -> nn.Module:
     if state is not None:
         for handle in state.handles:
             handle.remove()
+        if state.where == "head":
+            del state.route.backbone.clustered_grid  # back to the class's None
         delattr(model, _ATTR)
     return model
 

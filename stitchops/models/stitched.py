@@ -33,17 +33,11 @@ from stitchops.models.space import (
     snnet_space,
     two_way_space,
 )
-from stitchops.models.vit import VisionTransformer, image_size
+from stitchops.models.vit import VisionTransformer, image_size, patch_token_map
 from stitchops.nn.stitching import StitchingLayer
 from stitchops.ops.least_squares import _NormalEquations
 
 _NOT_DEPLOYED = ("lora_A", "lora_B", "stitch_bias")
-
-
-def _token_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Patch tokens [B, prefix + gh·gw, D] → map [B, D, gh, gw]."""
-    patches = tokens[:, prefix:]
-    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
 
 @dataclass(frozen=True)
@@ -133,6 +127,9 @@ class StitchedViT(nn.Module):
         rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
         stitch_biases: a per-stitch bias table in every stitching layer (ESTA).
     """
+
+    # As VisionTransformer.clustered_grid: set by ``expedite(..., where="head")``.
+    clustered_grid: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -420,7 +417,8 @@ class StitchedViT(nn.Module):
                     if seg.anchor != len(self.anchors) - 1:
                         key, index = self._projections[(seg.anchor, b)]
                         level = self.stitch_layers[key][index](level)
-                    maps.append(_token_map(level, anchor.num_prefix_tokens, grid))
+                    maps.append(patch_token_map(level, anchor.num_prefix_tokens, grid,
+                                                self.clustered_grid))  # fmt: skip
             if k < len(stitch.points):
                 point = stitch.points[k]
                 tokens = self.stitch_layers[point.key][point.index](tokens)

@@ -136,8 +136,23 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # [B, gh·gw, D]
 
 
+def patch_token_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int],
+                    clustered: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """Patch tokens [B, prefix + n, D] → map [B, D, gh, gw] on the image's token ``grid``, or
+    on ``clustered`` (h, w) where the tokens are an expedited model's clustered ones
+    (n = h·w ≠ gh·gw)."""
+    patches = tokens[:, prefix:]
+    if clustered is not None and patches.shape[1] != grid[0] * grid[1]:
+        grid = clustered
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+
 class VisionTransformer(nn.Module):
     """DeiT / DeiT-III ViT (class-token pooling), timm-compatible parameters."""
+
+    # The h×w grid of the patch tokens after an expedited model's clustering, for token maps
+    # read after it (set by ``stitchops.models.expedite(..., where="head")``).
+    clustered_grid: tuple[int, int] | None = None
 
     def __init__(self, device=None, dtype=None, **kwargs) -> None:
         super().__init__()
@@ -242,8 +257,7 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in wanted:
-                tokens = x[:, self.num_prefix_tokens :]
-                maps[i] = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                maps[i] = patch_token_map(x, self.num_prefix_tokens, grid, self.clustered_grid)
             if i >= max(wanted):
                 break
         return [maps[i] for i in wanted]

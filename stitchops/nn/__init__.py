@@ -3,6 +3,12 @@
 from stitchops.nn.sparse import AdapterLinear, LoRALinear, SparseDeltaLinear
 from stitchops.nn.stitching import StitchingLayer
 from stitchops.nn.token_cluster import ClusterState, TokenClustering, TokenReconstruction
+from stitchops.nn.window_cluster import (
+    WindowClusterState,
+    WindowTokenClustering,
+    WindowTokenReconstruction,
+)
 
 __all__ = ["AdapterLinear", "ClusterState", "LoRALinear", "SparseDeltaLinear", "StitchingLayer",
-           "TokenClustering", "TokenReconstruction"]  # fmt: skip
+           "TokenClustering", "TokenReconstruction", "WindowClusterState",
+           "WindowTokenClustering", "WindowTokenReconstruction"]  # fmt: skip

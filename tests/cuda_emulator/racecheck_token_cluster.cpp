@@ -115,6 +115,7 @@ bool run_token_cluster() {
   for (const Problem& p : {Problem{13, 17, 5, 7, 6, 5}, Problem{9, 10, 4, 3, 5, 3}}) {
     ok &= run<float>(p);
     ok &= run<__half>(p);
+    ok &= run<__nv_bfloat16>(p);
   }
   return ok;
 }
