@@ -111,8 +111,9 @@ class Expedition:
         x, centres = self.saved
         self.saved = None
         if self.method == "pool":
-            return F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid,
-                                 mode="bilinear", align_corners=False).permute(0, 2, 3, 1)  # fmt: skip
+            upsampled = F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid,
+                                      mode="bilinear", align_corners=False)  # fmt: skip
+            return upsampled.permute(0, 2, 3, 1)
         return token_reconstruct(x, centres.detach(), values, window=self.window,
                                  temperature=self.temperature, mode=self.reconstruct,
                                  k=self.k)  # fmt: skip
@@ -194,18 +195,24 @@ def expedite(
         height, width = args[0].shape[-2:]
         state.token_grid = (height // ph, width // pw)
 
+    def before(module, args):
+        return (state.cluster(args[0]), *args[1:])
+
+    def after_block(module, args, output):
+        return state.reconstruct_tokens(output)
+
+    def after_head(module, args, output):
+        return state.reconstruct_logits(output)
+
     state.handles = [
         route.patch_embed.register_forward_pre_hook(read_grid),
-        route.blocks[alpha].register_forward_pre_hook(
-            lambda module, args: (state.cluster(args[0]), *args[1:])),  # fmt: skip
+        route.blocks[alpha].register_forward_pre_hook(before),
     ]
     if where == "tokens":
-        state.handles.append(route.blocks[alpha + beta - 1].register_forward_hook(
-            lambda module, args, output: state.reconstruct_tokens(output)))  # fmt: skip
+        state.handles.append(route.blocks[alpha + beta - 1].register_forward_hook(after_block))
     else:
         route.backbone.clustered_grid = state.grid
-        state.handles.append(model.decoder.register_forward_hook(
-            lambda module, args, output: state.reconstruct_logits(output)))  # fmt: skip
+        state.handles.append(model.decoder.register_forward_hook(after_head))
     setattr(model, _ATTR, state)
     return model
 
