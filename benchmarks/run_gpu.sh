@@ -4,7 +4,8 @@
 # build     compile stitchops._C in place (no network needed: --no-deps, no build isolation)
 # test      the whole pytest suite on the GPU (cuda backend on the real kernels, timm parity)
 # sanitize  compute-sanitizer memcheck / synccheck / racecheck over the cuda-backend tests
-# bench     bench_least_squares, bench_sparse_delta, bench_token_cluster, bench_lora and
+# bench     bench_least_squares, bench_sparse_delta, bench_token_cluster,
+#           bench_focus_attention, bench_lora and
 #           bench_stitched on the GPU, then the acceptance targets they declare, read off
 #           the results (benchmarks/acceptance.py)
 # Logs and result files go to $OUT if set (else benchmarks/results/logs/); the benchmark
@@ -53,6 +54,7 @@ for s in "${STEPS[@]}"; do
       step bench_least_squares "$PY" benchmarks/bench_least_squares.py
       step bench_sparse_delta "$PY" benchmarks/bench_sparse_delta.py --device cuda
       step bench_token_cluster "$PY" benchmarks/bench_token_cluster.py --device cuda
+      step bench_focus_attention "$PY" benchmarks/bench_focus_attention.py --device cuda
       step bench_lora "$PY" benchmarks/bench_lora.py
       step bench_stitched "$PY" benchmarks/bench_stitched.py --device cuda
       cp benchmarks/results/*.json "$LOGS/" 2>/dev/null || true

@@ -5,6 +5,7 @@ Public API (this release):
   least_squares_init(x_src, x_dst, ridge)                           SN-Net least-squares init
   sparse_delta_linear(x, weight, delta, index, bias)                SPT sparse-delta linear
   token_cluster(x, grid), token_reconstruct(x, centres, values)     Expedit's layers
+  focus_attention(q, k, v, mask=, windows=, pos=, return_scores=)   FASeg's cross-attention
   nn.StitchingLayer, nn.SparseDeltaLinear                           drop-in nn.Linear
   spt.sensitivity, spt.allocate, spt.apply, spt.merge               sensitivity-aware tuning
   use_backend(name), available_backends()                           backend control
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib
 
 from stitchops._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
+from stitchops.ops.focus_attention import FocusOutput, focus_attention
 from stitchops.ops.least_squares import least_squares_init
 from stitchops.ops.lora import lora_linear
 from stitchops.ops.sparse_delta import sparse_delta_linear
@@ -43,8 +45,10 @@ _LAZY = {
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "FocusOutput",
     "available_backends",
     "eval_stitches",
+    "focus_attention",
     "least_squares_init",
     "lora_linear",
     "models",

@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module`` replacements built on stitchops ops."""
 
+from stitchops.nn.focus import FocusCrossAttention
 from stitchops.nn.sparse import AdapterLinear, LoRALinear, SparseDeltaLinear
 from stitchops.nn.stitching import StitchingLayer
 from stitchops.nn.token_cluster import ClusterState, TokenClustering, TokenReconstruction
@@ -9,6 +10,6 @@ from stitchops.nn.window_cluster import (
     WindowTokenReconstruction,
 )
 
-__all__ = ["AdapterLinear", "ClusterState", "LoRALinear", "SparseDeltaLinear", "StitchingLayer",
-           "TokenClustering", "TokenReconstruction", "WindowClusterState",
-           "WindowTokenClustering", "WindowTokenReconstruction"]  # fmt: skip
+__all__ = ["AdapterLinear", "ClusterState", "FocusCrossAttention", "LoRALinear",
+           "SparseDeltaLinear", "StitchingLayer", "TokenClustering", "TokenReconstruction",
+           "WindowClusterState", "WindowTokenClustering", "WindowTokenReconstruction"]  # fmt: skip
