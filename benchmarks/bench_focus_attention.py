@@ -8,7 +8,7 @@ in the same run, hidden 256, 8 heads (D = 32), Q = 100 queries, B = 2:
   (N = 128×256). ``official``: ``nn.MultiheadAttention(need_weights=True, attn_mask=...)``,
   which takes the unfused path and returns the head-averaged A [B, Q, N], then A·K_pos by
   bmm and the column sums of A; ours: ``FocusCrossAttention`` (mask mode, ``key_pos``,
-  ``return_scores``) on the torch backend, and the kernels on a GPU.
+  ``return_scores``) on the torch backend, and the Triton kernels on a GPU.
 - ``hrca``: high-resolution cross-attention at the 1/4 level of 512² (128×128, n = 256
   windows of 8×8, the top K = 8) and of 1024×2048 (256×512, n = 2048, K = 64).
   ``official``: FASeg's way: sort the scores, partition the whole map (and its positions)
@@ -147,7 +147,7 @@ def masked_cases(hw, device) -> list[Case]:
     def run_official():
         return official_masked(official, *args, mask)
 
-    backends = ["torch"]
+    backends = ["torch", "triton"] if device == "cuda" else ["torch"]
     return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, n,
                  ours, official)  # fmt: skip
 
@@ -177,7 +177,8 @@ def hrca_cases(hw, k, device) -> list[Case]:
     def run_official():
         return (official_hrca(official, *args, scores, hw, k),)
 
-    return _rows(params, run_official, {"torch": run_ours("torch")}, truth, k * WINDOW**2,
+    backends = ["torch", "triton"] if device == "cuda" else ["torch"]
+    return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, k * WINDOW**2,
                  ours, official)  # fmt: skip
 
 

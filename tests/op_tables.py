@@ -174,7 +174,36 @@ TOKEN_CLUSTER = OpTests(
     arg_types={**_BANDS, "inv_temperature": "fp32"},
 )
 
-OPS = (LORA, SPARSE_DELTA, TOKEN_CLUSTER)
+_FOCUS_BLOCKS = {"BLOCK_Q": 32, "BLOCK_N": 64, "BLOCK_D": 32}
+_FOCUS_SETS = {"BLOCK_Q": 16, "BLOCK_N": 16, "BLOCK_D": 32}
+_POS = {"BLOCK_P": 256, "BLOCK_Q": 16, "BLOCK_N": 32}  # kernels.focus_attention.WIDE_POS
+FOCUS_ATTENTION = OpTests(
+    name="focus_attention",
+    test_file="test_focus_attention.py",
+    kernels="focus_attention",
+    sanitizer_select={},
+    # D 32 and P 256 (FASeg: hidden 256, 8 heads); the shared-slot kernels in mask mode (its
+    # extra loads), the per-query ones with their 3-D gathers and atomics.
+    aot_plain=(
+        AotPlain("_forward_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS}),
+        AotPlain("_forward_kernel", {"MODE": 3, "DOT": "tf32", **_FOCUS_SETS}),
+        AotPlain("_mean_kernel", {"MODE": 2, "HAS_POS": True, "SCORES": True, "DOT": "tf32",
+                                  **_FOCUS_BLOCKS, **_POS}),
+        AotPlain("_delta_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}),
+        AotPlain("_dkdv_kernel", {"MODE": 1, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS,
+                                  **_POS}),
+        AotPlain("_dq_kernel", {"MODE": 2, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS,
+                                **_POS}),
+        AotPlain("_dpos_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}),
+        AotPlain("_query_sets_backward_kernel", {"HAS_POS": True, **_FOCUS_SETS, **_POS}),
+    ),
+    fp32_pointers=frozenset({"lse_ptr", "delta_ptr", "pos_out32_ptr", "colsum_ptr", "dk32_ptr",
+                             "dv32_ptr", "dpos32_ptr"}),
+    arg_types={"win_ptr": "*i32", "mask_ptr": "*i8", "reset_ptr": "*i8"},
+    cuda=False,
+)  # fmt: skip
+
+OPS = (LORA, SPARSE_DELTA, TOKEN_CLUSTER, FOCUS_ATTENTION)
 CUDA_OPS = tuple(op for op in OPS if op.cuda)
 
 # Shared memory one block may use per arch (opt-in): A100 163 KB; RTX 30 / 40 / 50, L4, L40,

@@ -12,6 +12,7 @@ from harness import rel_err
 
 import stitchops
 from stitchops.nn import FocusCrossAttention
+from stitchops.ops import focus_attention as focus_ops
 from stitchops.reference import focus_attention as reference
 
 B, H, Q, D, P = 2, 3, 7, 16, 5
@@ -127,13 +128,23 @@ def test_window_mode_equals_gather_then_dense_attention():
     assert rel_err(result.out, out) < 1e-12 and rel_err(result.pos_out, pos_out) < 1e-12
 
 
-RUNS = [("torch", torch.float32), ("torch", torch.float16)]
+# The kernels take fp32, fp16 and bf16 (bf16 skips under Triton's CPU interpreter, which
+# computes it wrongly); the CUDA kernels are not written yet (test_cuda_is_refused...).
+RUNS = [("torch", torch.float32), ("torch", torch.float16),
+        *(("triton", d) for d in (torch.float32, torch.float16, torch.bfloat16))]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend, dtype", RUNS, ids=["torch-fp32", "torch-fp16"])
+def require(backend: str, dtype: torch.dtype, head_dim: int = D, pos_dim: int = P) -> None:
+    harness.require_backend(focus_ops.FOCUS_ATTENTION, backend, torch.empty(1, dtype=dtype),
+                            limits=focus_ops.kernel_limits(head_dim, pos_dim))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, dtype", RUNS,
+                         ids=[f"{b}-{harness.DTYPE_IDS[d]}" for b, d in RUNS])  # fmt: skip
 @pytest.mark.parametrize("mode", MODES)
 def test_op_matches_float64_reference(mode, backend, dtype):
-    """(Triton and CUDA kernels: not written yet; the dispatch says so, see below.)"""
+    """out and pos_out, and the gradients of q, k, v and pos, against float64."""
+    require(backend, dtype)
     keys = mode_arguments(mode)
     grad = torch.randn(B, Q, H * D + P, dtype=torch.float64)
     grads = harness.check_against_float64(
@@ -144,53 +155,138 @@ def test_op_matches_float64_reference(mode, backend, dtype):
     assert set(grads) == {"q", "k", "v", "pos"}
 
 
-@pytest.mark.parametrize("forced", ["triton", "cuda"])
-def test_kernels_are_refused_with_the_reason(forced):
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_scores_match_float64(mode):
+    require("triton", torch.float32)
     m = masters()
-    with pytest.raises(stitchops.BackendUnavailableError, match=r"no \w+ kernels yet"), \
+    keys = mode_arguments(mode)
+    want = stitchops.focus_attention(m["q"], m["k"], m["v"], return_scores=True, **keys).scores
+    with harness.poisoned("triton"):
+        got = stitchops.focus_attention(m["q"].float(), m["k"].float(), m["v"].float(),
+                                        return_scores=True, **keys).scores  # fmt: skip
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("head_dim, pos_dim", [(64, 32), (24, 3), (128, 256)])
+@pytest.mark.parametrize("mode", ["mask", "shared_windows", "query_windows"])
+def test_triton_head_and_pos_widths(mode, head_dim, pos_dim):
+    """Head dims 24 (not a power of two), 64 and 128, pos widths 3 to 256, Q = 33 (two query
+    blocks and a ragged one), a 12×16 map in 4×4 windows."""
+    require("triton", torch.float32, head_dim, pos_dim)
+    g = torch.Generator().manual_seed(7)
+    b, h, q_count, hw, ws = 2, 2, 33, (12, 16), 4
+    n = hw[0] * hw[1]
+    m = {"q": torch.randn(b, h, q_count, head_dim, generator=g, dtype=torch.float64),
+         "k": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
+         "v": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
+         "pos": torch.randn(b, n, pos_dim, generator=g, dtype=torch.float64)}  # fmt: skip
+    if mode == "mask":
+        keys = {"mask": torch.rand(b, q_count, n, generator=g) < 0.8}
+    else:
+        sets = 1 if mode == "shared_windows" else q_count
+        windows = torch.stack([torch.stack([torch.randperm(12, generator=g)[:3]
+                                            for _ in range(sets)]) for _ in range(b)])  # fmt: skip
+        keys = {"windows": windows[:, 0] if sets == 1 else windows, "window_size": ws,
+                "map_size": hw}  # fmt: skip
+    grad = torch.randn(b, q_count, h * head_dim + pos_dim, dtype=torch.float64)
+    harness.check_against_float64(
+        lambda **a: combined(stitchops.focus_attention(**a, **keys)),
+        lambda **a: combined(stitchops.focus_attention(**a, **keys)),
+        m, torch.float32, lambda name: True, "triton", grad,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_is_deterministic_where_promised(mode):
+    """Bitwise equal reruns (shared slots); per-query window sets add dk, dv, dpos with
+    atomics, whose order a GPU does not fix (equal to rounding there)."""
+    require("triton", torch.float32)
+    keys = mode_arguments(mode)
+    grad = torch.randn(B, Q, H * D + P)
+
+    def run():
+        args = {name: t.float().requires_grad_() for name, t in masters().items()}
+        with stitchops.use_backend("triton"):
+            return harness.run_with_grads(
+                lambda **a: combined(stitchops.focus_attention(**a, **keys)), args, grad
+            )
+
+    first, second = run(), run()
+    if mode == "query_windows" and torch.cuda.is_available():
+        assert all(rel_err(a, b) < 1e-6 for a, b in zip(first[1].values(), second[1].values(),
+                                                          strict=True))  # fmt: skip
+    else:
+        harness.assert_same_bits(first, second)
+
+
+@pytest.mark.parametrize("forced", ["cuda"])
+def test_cuda_is_refused_with_the_reason(forced):
+    m = masters()
+    with pytest.raises(stitchops.BackendUnavailableError, match=r"no cuda kernels yet"), \
             stitchops.use_backend(forced):  # fmt: skip
         stitchops.focus_attention(m["q"].float(), m["k"].float(), m["v"].float())
 
 
-def test_a_fully_blocked_row_attends_everything_and_is_never_nan():
-    m = masters()
+def test_triton_refuses_a_head_wider_than_its_blocks():
+    q = torch.randn(1, 1, 3, 160)
+    with pytest.raises(stitchops.BackendUnavailableError, match="head dim D = 160 > 128"), \
+            stitchops.use_backend("triton"):  # fmt: skip
+        stitchops.focus_attention(q, q, q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_fully_blocked_row_attends_everything_and_is_never_nan(backend):
+    require(backend, torch.float32)
+    m = {name: t.float() for name, t in masters().items()}
     mask = torch.ones(B, Q, N, dtype=torch.bool)
-    result = stitchops.focus_attention(m["q"], m["k"], m["v"], mask=mask, return_scores=True)
-    plain = stitchops.focus_attention(m["q"], m["k"], m["v"], return_scores=True)
+    with harness.poisoned(backend):
+        result = stitchops.focus_attention(m["q"], m["k"], m["v"], mask=mask, return_scores=True)
+        plain = stitchops.focus_attention(m["q"], m["k"], m["v"], return_scores=True)
     assert torch.isfinite(result.out).all()
-    assert rel_err(result.out, plain.out) < 1e-14 and rel_err(result.scores, plain.scores) < 1e-14
+    assert rel_err(result.out, plain.out) < 1e-6 and rel_err(result.scores, plain.scores) < 1e-6
 
 
-def test_empty_queries_and_empty_batch():
-    m = masters()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_queries_and_empty_batch(backend):
+    require(backend, torch.float32)
+    m = {name: t.float() for name, t in masters().items()}
     for q, k, v, pos in ((m["q"][:, :, :0], m["k"], m["v"], m["pos"]),
                          (m["q"][:0], m["k"][:0], m["v"][:0], m["pos"][:0])):  # fmt: skip
         q, k, v, pos = (t.clone().requires_grad_() for t in (q, k, v, pos))
-        result = stitchops.focus_attention(q, k, v, pos=pos, return_scores=True)
+        with harness.poisoned(backend):
+            result = stitchops.focus_attention(q, k, v, pos=pos, return_scores=True)
         assert result.out.shape == q.shape and result.pos_out.shape == (*q.shape[::2][:1],
                                                                          q.shape[2], P)  # fmt: skip
         assert result.scores.shape == (q.shape[0], N) and not result.scores.any()
-        (result.out.sum() + result.pos_out.sum()).backward()
+        with harness.poisoned(backend):
+            (result.out.sum() + result.pos_out.sum()).backward()
         assert not k.grad.any() and not pos.grad.any()
 
 
-def test_nan_in_q_gives_nan_out():
-    m = masters()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_in_q_gives_nan_out(backend):
+    require(backend, torch.float32)
+    m = {name: t.float() for name, t in masters().items()}
     q = m["q"].clone()
     q[0, 1, 3, 5] = float("nan")
-    result = stitchops.focus_attention(q, m["k"], m["v"])
+    with harness.poisoned(backend):
+        result = stitchops.focus_attention(q, m["k"], m["v"])
     assert torch.isnan(result.out[0, 1, 3]).all() and torch.isfinite(result.out[1]).all()
 
 
-def test_non_contiguous_inputs():
-    m = masters()
-    keys = mode_arguments("query_windows")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["mask", "query_windows"])
+def test_non_contiguous_inputs(backend, mode):
+    require(backend, torch.float32)
+    m = {name: t.float() for name, t in masters().items()}
+    keys = mode_arguments(mode)
     q, k, v, pos = (harness.non_contiguous(m[name]) for name in ("q", "k", "v", "pos"))
     assert not q.is_contiguous()
-    result = stitchops.focus_attention(q, k, v, pos=pos, **keys)
+    with harness.poisoned(backend):
+        result = stitchops.focus_attention(q, k, v, pos=pos, **keys)
     expected = stitchops.focus_attention(m["q"], m["k"], m["v"], pos=m["pos"], **keys)
-    assert rel_err(result.out, expected.out) < 1e-14
-    assert rel_err(result.pos_out, expected.pos_out) < 1e-14
+    assert rel_err(result.out, expected.out) < 1e-5
+    assert rel_err(result.pos_out, expected.pos_out) < 1e-5
 
 
 def _bad(change: str) -> dict:
@@ -251,7 +347,9 @@ def test_bad_inputs_raise_clear_errors(change):
     harness.assert_rejected_untouched(stitchops.focus_attention, _bad(change), error, message)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}
     windows = mode_arguments("query_windows")["windows"]
     mask = mode_arguments("head_mask")["mask"]
@@ -260,7 +358,7 @@ def test_opcheck():
     for args in ((q, k, v, None, None, 0, 0, pos, 0.25, True),
                  (q, k, v, mask, None, 0, 0, None, 0.25, False),
                  (q, k, v, None, windows, WS, MAP[1], pos, 0.25, True)):  # fmt: skip
-        harness.opcheck("torch", op, *[a.requires_grad_() if isinstance(a, torch.Tensor)
+        harness.opcheck(backend, op, *[a.requires_grad_() if isinstance(a, torch.Tensor)
                                        and a.is_floating_point() else a for a in args])  # fmt: skip
 
 

@@ -51,8 +51,11 @@ def compile_one(
     arch: int,
     config,
     fp32: frozenset,
-    int64: frozenset = frozenset(),
+    arg_types: dict | None = None,
 ) -> dict:
+    """Compile ``fn`` for ``arch``: pointers in ``dtype`` unless ``fp32`` names them (or
+    ``arg_types`` gives an argument's type: "*i32", "fp32", ...), other arguments i32."""
+    arg_types = arg_types or {}
     constants = {
         **flags,
         **config.kwargs,
@@ -68,8 +71,10 @@ def compile_one(
         if name in constants:
             signature[name] = "constexpr"
             continue
-        if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32 else "*i64" if name in int64 else f"*{dtype}"
+        if name in arg_types:
+            signature[name] = arg_types[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32 else f"*{dtype}"
         else:
             signature[name] = "fp32" if name.startswith("scale") else "i32"
         if not signature[name].startswith("fp"):

@@ -7,9 +7,10 @@ fake implementations for torch.compile, tied together by ``torch.library.registe
 ``scores`` and the row log-sum-exp (saved for the backward) carry no gradient. The math,
 shapes and memory are in ``stitchops.reference.focus_attention``.
 
-Declared to the shared dispatch as ``FOCUS_ATTENTION``. Its Triton and CUDA kernels are not
-written yet: on every device the torch reference runs it, and forcing another backend says
-so (``kernels=()``).
+Declared to the shared dispatch as ``FOCUS_ATTENTION``. Backend choice for CUDA tensors:
+triton (kernels/focus_attention.py: flash-style online softmax, window keys read in place,
+Ā·pos from a second pass; D <= 128 and P <= 256), then torch. The CUDA kernels are not
+written yet (``kernels=("triton",)``: forcing cuda says so).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ FOCUS_ATTENTION = _dispatch.register(
         reference="stitchops.reference.focus_attention",
         triton="stitchops.kernels.focus_attention",
         kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kernels=(),
+        kernels=("triton",),
     )
 )
 
@@ -46,8 +47,21 @@ class FocusOutput(NamedTuple):
 Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _entry(tensors: list[torch.Tensor], function: str):
-    return FOCUS_ATTENTION.entry(FOCUS_ATTENTION.choose(tensors), function)
+def kernel_limits(head_dim: int, pos_dim: int) -> list[str]:
+    """Why the kernels refuse a call: their blocks hold a whole head (D <= 128) and a whole
+    pos row (P <= 256)."""
+    reasons = []
+    if head_dim > 128:
+        reasons.append(f"head dim D = {head_dim} > 128 (the kernels hold a head in one block)")
+    if pos_dim > 256:
+        reasons.append(f"pos width P = {pos_dim} > 256 (the kernels hold a pos row in one block)")
+    return reasons
+
+
+def _entry(tensors: list[torch.Tensor], function: str, pos: torch.Tensor | None):
+    q = tensors[1] if function.endswith("backward") else tensors[0]
+    limits = kernel_limits(q.shape[-1], pos.shape[-1] if pos is not None else 0)
+    return FOCUS_ATTENTION.entry(FOCUS_ATTENTION.choose(tensors, limits=limits), function)
 
 
 @torch.library.custom_op("stitchops::focus_attention", mutates_args=())
@@ -55,7 +69,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   windows: torch.Tensor | None, window_size: int, map_width: int,
                   pos: torch.Tensor | None, scale: float,
                   return_scores: bool) -> Tensors4:  # fmt: skip
-    forward = _entry([q, k, v], "focus_attention_forward")
+    forward = _entry([q, k, v], "focus_attention_forward", pos)
     out, pos_out, scores, lse = forward(q, k, v, mask, windows, window_size, map_width, pos,
                                         scale, return_scores)  # fmt: skip
     return out, pos_out, scores, lse
@@ -75,7 +89,7 @@ def _backward_op(dout: torch.Tensor, dpos_out: torch.Tensor, q: torch.Tensor, k:
                  v: torch.Tensor, mask: torch.Tensor | None, windows: torch.Tensor | None,
                  window_size: int, map_width: int, pos: torch.Tensor | None, scale: float,
                  out: torch.Tensor, lse: torch.Tensor) -> Tensors4:  # fmt: skip
-    backward = _entry([dout, q, k, v], "focus_attention_backward")
+    backward = _entry([dout, q, k, v], "focus_attention_backward", pos)
     dq, dk, dv, dpos = backward(dout.contiguous(), dpos_out.contiguous(), q, k, v, mask,
                                 windows, window_size, map_width, pos, scale, out, lse)  # fmt: skip
     return dq, dk, dv, dpos
