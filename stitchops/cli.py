@@ -203,6 +203,35 @@ def _device(name: str):
     return device
 
 
+FASEG_KEYS = {"hidden": int, "heads": int, "queries": int, "layers": int, "ffn": int,
+              "dfpq": "bool", "hrca": "hrca", "hrca_ratio": int, "mask_threshold": float,
+              "first_pos": str, "points": int, "sampling": str}  # fmt: skip
+
+
+def _faseg_options(text: str) -> dict:
+    """'queries=20,dfpq=false,hrca=none' → {"queries": 20, "dfpq": False, "hrca": None}."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        kind = FASEG_KEYS.get(key.strip())
+        if kind is None or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE with KEY one of "
+                                             f"{', '.join(FASEG_KEYS)}")  # fmt: skip
+        value = value.strip()
+        if kind == "bool":
+            if value.lower() not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"{key}={value}: expected true or false")
+            options[key] = value.lower() == "true"
+        elif kind == "hrca":
+            options[key] = None if value == "none" else value
+        else:
+            try:
+                options[key] = kind(value)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(f"{key}={value}: {err}") from None
+    return options
+
+
 def _budget(text: str) -> float:
     from stitchops.train.spt_mode import parse_budget
 
@@ -299,8 +328,14 @@ def _add_train_parser(sub) -> None:
                    "Algorithm 1)")  # fmt: skip
     p.add_argument("--task", choices=["cls", "seg"], help="classification, or semantic "
                    "segmentation with a Segmenter head [cls]")  # fmt: skip
-    p.add_argument("--decoder", choices=["linear", "mask", "setr"], help="segmentation head: "
-                   "Segmenter's linear or mask transformer, SETR's naive [linear]")  # fmt: skip
+    p.add_argument("--decoder", "--head", dest="decoder",
+                   choices=["linear", "mask", "setr", "faseg"], help="segmentation head: "
+                   "Segmenter's linear or mask transformer, SETR's naive, or FASeg's query "
+                   "decoder (Mask2Former + DFPQ + HRCA) [linear]")  # fmt: skip
+    p.add_argument("--faseg", type=_faseg_options, metavar="KEY=VALUE,...",
+                   dest="decoder_options", help="FASeg head and loss settings, e.g. "
+                   "queries=20,layers=5,hidden=64,dfpq=false,hrca=none,points=1024 (keys: "
+                   f"{', '.join(FASEG_KEYS)})")  # fmt: skip
     p.add_argument("--schedule", choices=["cosine", "poly"],
                    help="learning-rate decay [cosine for cls, poly for seg]")  # fmt: skip
     p.add_argument("--anchors", nargs="+", metavar="SPEC",

@@ -1,6 +1,7 @@
 """Models: the timm-compatible ViT (DeiT / DeiT-III, FlexiViT patch sizes) and stitched ViTs."""
 
 from stitchops.models.expedit import expedite, expedited, expedition, unexpedite
+from stitchops.models.faseg import FASeg, FASegDecoder, FASegHead
 from stitchops.models.flexi import pi_resize_patch_embed, resize_pos_embed
 from stitchops.models.flops import vit_flops
 from stitchops.models.official import OfficialLoad, load_official_checkpoint
@@ -23,6 +24,9 @@ from stitchops.models.vit import (
 
 __all__ = [
     "MODELS",
+    "FASeg",
+    "FASegDecoder",
+    "FASegHead",
     "FPNDecoder",
     "MultiScaleNeck",
     "OfficialLoad",

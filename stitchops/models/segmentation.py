@@ -10,6 +10,8 @@ Heads (they read the backbone's levels, [B, D, h, w] maps):
   learned d_model × d_model projection), LayerNorm-ed over the classes.
 * ``"setr"``: SETR's naive head, as SN-Netv2 uses it: 1×1 conv, BatchNorm, ReLU, 1×1 conv to
   the classes, on the last level.
+* ``"faseg"``: FASeg's query decoder over four levels (stitchops.models.faseg), trained with
+  Mask2Former's set loss (``Segmenter.loss``).
 The backbone's tokens are normalised by the head (its own LayerNorm or BatchNorm): the
 levels are block outputs, before any final norm of the backbone.
 
@@ -33,7 +35,7 @@ from torch import nn
 
 from stitchops.models.vit import Block, ViTConfig, image_size
 
-DECODERS = ("linear", "mask", "setr")
+DECODERS = ("linear", "mask", "setr", "faseg")
 
 
 def _tokens(level: torch.Tensor) -> torch.Tensor:
@@ -156,31 +158,53 @@ class Segmenter(nn.Module):
     Args:
         backbone: a ViT, a FlexiViT or a ``StitchedViT(dense=True)`` (its active stitch).
         num_classes: K.
-        decoder: ``"linear"``, ``"mask"`` or ``"setr"`` (module docstring).
+        decoder: ``"linear"``, ``"mask"``, ``"setr"`` or ``"faseg"`` (module docstring).
         out_indices: the backbone's levels (default: its ``default_out_indices`` where it
-            has them, else its last block); the heads read the last one.
+            has them, else its last block, or four blocks for FASeg); the heads read the
+            last one, FASeg all four.
+        decoder_options: keyword arguments of the FASeg head (``FASegHead``).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "linear",
-                 out_indices=None) -> None:  # fmt: skip
+                 out_indices=None, decoder_options: dict | None = None) -> None:  # fmt: skip
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backbone, self.num_classes = backbone, num_classes
+        from stitchops.models import faseg  # it builds on this module's neck and FPN
+
         if out_indices is None:
             default = getattr(backbone, "default_out_indices", None)
-            out_indices = default() if default else (len(backbone.blocks) - 1,)
+            depth = len(backbone.blocks) if default is None else None
+            out_indices = (default() if default else faseg.default_levels(depth)
+                           if decoder == "faseg" else (depth - 1,))  # fmt: skip
         self.out_indices = tuple(out_indices)
+        self.decoder_name = decoder
         dim = _width(backbone)
-        self.decoder = {"linear": LinearDecoder, "mask": MaskTransformer,
-                        "setr": SETRNaiveHead}[decoder](dim, num_classes)  # fmt: skip
+        if decoder == "faseg":
+            self.decoder = faseg.FASegHead(dim, num_classes, **(decoder_options or {}))
+        else:
+            self.decoder = {"linear": LinearDecoder, "mask": MaskTransformer,
+                            "setr": SETRNaiveHead}[decoder](dim, num_classes)  # fmt: skip
 
     def forward(self, images: torch.Tensor, patch_size=None) -> torch.Tensor:
         levels = self.backbone.forward_features(images, self.out_indices, patch_size=patch_size)
         logits = self.decoder(levels)
         return F.interpolate(logits, size=image_size(images), mode="bilinear", align_corners=False)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+             **options) -> torch.Tensor:  # fmt: skip
+        """The training loss of the last forward: per-pixel cross-entropy of ``logits``, or
+        for FASeg Mask2Former's set loss on every layer's prediction (``options``:
+        ``mask_classification_loss``'s ``points`` and ``sampling``)."""
+        if self.decoder_name != "faseg":
+            return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+        from stitchops.models.mask_loss import mask_classification_loss
+
+        return mask_classification_loss(self.decoder.predictions, labels, self.num_classes,
+                                        ignore_index=ignore_index, **options)  # fmt: skip
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, mode: str = "whole", crop: int | None = None,

@@ -19,6 +19,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from stitchops import _dispatch
 from stitchops.ops import _checks
@@ -119,6 +120,24 @@ def _backward(ctx, dout, dpos_out, _dscores, _dlse):
 
 
 torch.library.register_autograd("stitchops::focus_attention", _backward, setup_context=_setup)
+
+
+def attention_flops(
+    batch: int, heads: int, queries: int, keys: int, head_dim: int, pos_dim: int
+) -> int:
+    """FLOPs (2 per multiply-add) of one forward attending ``keys`` keys per query: logits
+    and A·v per head, plus Ā·pos once (the heads averaged first)."""
+    return 2 * batch * queries * keys * (2 * heads * head_dim + pos_dim)
+
+
+@register_flop_formula(torch.ops.stitchops.focus_attention)
+def _flops(q_shape, k_shape, v_shape, mask_shape, windows_shape, window_size, map_width,
+           pos_shape, scale, return_scores, **kwargs):  # fmt: skip
+    """For torch.utils.flop_counter: the keys a query attends (every key, or K·ws²), whatever
+    the backend executes."""
+    b, h, q_count, d = q_shape
+    keys = windows_shape[-1] * window_size**2 if windows_shape is not None else k_shape[2]
+    return attention_flops(b, h, q_count, keys, d, pos_shape[-1] if pos_shape else 0)
 
 
 # ---------------------------------------------------------------- checks

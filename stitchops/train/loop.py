@@ -51,7 +51,11 @@ class TrainConfig:
 
     mode: str = "snnetv2"
     task: str = "cls"  # "cls" (classification) or "seg" (semantic segmentation)
-    decoder: str = "linear"  # seg: Segmenter's "linear" or "mask", or SETR's "setr"
+    decoder: str = "linear"  # seg: Segmenter's "linear" or "mask", SETR's "setr", or "faseg"
+    # seg with decoder "faseg": the head's keyword arguments (FASegHead: hidden, heads,
+    # queries, layers, ffn, dfpq, hrca, hrca_ratio, mask_threshold, first_pos) and the set
+    # loss's (points, sampling)
+    decoder_options: dict = field(default_factory=dict)
     schedule: str | None = None  # "cosine" or "poly" (default: cosine for cls, poly for seg)
     head_weights: str | None = None  # seg: a segmentation checkpoint whose decoder to start from
     anchors: list[str] = field(default_factory=list)
@@ -136,6 +140,9 @@ class TrainConfig:
         if self.task == "seg":
             if self.decoder not in DECODERS:
                 raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+            if self.decoder == "faseg" and self.distill != "none":
+                raise ValueError("distillation compares per-pixel logits; the FASeg head is "
+                                 "trained with its set loss only (distill 'none')")  # fmt: skip
             if self.data == "digits":
                 self.data = "shapes"
         self.schedule = self.schedule or ("poly" if self.task == "seg" else "cosine")
@@ -209,6 +216,28 @@ def _lr(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+LOSS_OPTIONS = ("points", "sampling")  # decoder_options for the set loss, not the head
+
+
+def _segmenter(backbone, num_classes: int, cfg: TrainConfig) -> Segmenter:
+    head = {k: v for k, v in cfg.decoder_options.items() if k not in LOSS_OPTIONS}
+    return Segmenter(backbone, num_classes, cfg.decoder,
+                     decoder_options=head if cfg.decoder == "faseg" else None)  # fmt: skip
+
+
+def _task_loss(model, logits, labels, cfg: TrainConfig, step: int, rank: int) -> torch.Tensor:
+    """Cross-entropy (classes, or pixels with 255 ignored), or a Segmenter's own loss (the
+    FASeg set loss of the forward that gave ``logits``, its random points drawn from a
+    generator seeded by the seed, step and rank: a resumed run draws the same)."""
+    if isinstance(model, Segmenter):
+        options = {k: v for k, v in cfg.decoder_options.items() if k in LOSS_OPTIONS}
+        if cfg.decoder == "faseg":
+            seed = (cfg.seed * 1_000_003 + step) * 1009 + rank
+            options["generator"] = torch.Generator().manual_seed(seed)
+        return model.loss(logits, labels, IGNORE_INDEX, **options)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
 def build_model(cfg: TrainConfig, with_weights: bool = True):
     """The model a config describes (weights of anchors loaded when ``with_weights``)."""
     weights = cfg.anchor_weights if with_weights else None
@@ -216,7 +245,7 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
         anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None,
                                     new_head=True)  # fmt: skip
         if cfg.task == "seg":
-            return Segmenter(anchor, anchor.cfg.num_classes, cfg.decoder)
+            return _segmenter(anchor, anchor.cfg.num_classes, cfg)
         return anchor
     anchors = build.build_anchors(cfg.anchors, weights)
     rank = cfg.rank
@@ -237,7 +266,7 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
     if cfg.mode == "esta":
         model.enable_pst(cfg.pst_rank, cfg.alpha)
     if cfg.task == "seg":  # one head on the large anchor's width, shared by every stitch
-        segmenter = Segmenter(model, anchors[-1].cfg.num_classes, cfg.decoder)
+        segmenter = _segmenter(model, anchors[-1].cfg.num_classes, cfg)
         if cfg.head_weights and with_weights:
             build.load_weights(segmenter.decoder, cfg.head_weights, prefix="decoder.")
         return segmenter
@@ -383,7 +412,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, teacher_logits = step_module(images, sid, teacher_id, patch)
             # labels [B] or masks [B, H, W] (pixels of 255 ignored); argmax(1) is over classes
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            loss = _task_loss(model, logits, labels, cfg, step, rank)
             if teacher_logits is not None:
                 hard = teacher_logits.detach().argmax(1)
                 loss = F.cross_entropy(teacher_logits.float(), labels, ignore_index=IGNORE_INDEX)
