@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "binding/bind_focus_attention.h"
 #include "binding/bind_lora.h"
 #include "binding/bind_sparse_delta.h"
 #include "binding/bind_token_cluster.h"
@@ -32,4 +33,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   stitchops::binding::define_lora(m);
   stitchops::binding::define_sparse_delta(m);
   stitchops::binding::define_token_cluster(m);
+  stitchops::binding::define_focus_attention(m);
 }

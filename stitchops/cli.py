@@ -85,12 +85,14 @@ def demo(args) -> int:
         from stitchops.train.segdemo import run_seg_demo as run
     elif args.task == "spt":
         from stitchops.train.sptdemo import run_spt_demo as run
-    elif args.task == "expedit":
+    elif args.task in ("expedit", "faseg"):
         from stitchops.train.expeditdemo import run_expedit_demo
+        from stitchops.train.fasegdemo import run_faseg_demo
 
+        run = run_expedit_demo if args.task == "expedit" else run_faseg_demo
         options = {"out": args.out, "epochs": args.anchor_epochs}
-        run_expedit_demo(**{k: v for k, v in options.items() if v is not None},
-                         progress=not args.no_progress, seed=args.seed)  # fmt: skip
+        run(**{k: v for k, v in options.items() if v is not None},
+            progress=not args.no_progress, seed=args.seed)  # fmt: skip
         return 0
     else:
         from stitchops.train.demo import run_demo as run
@@ -382,15 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SN-Netv2 end to end: classification on the bundled "
                        "digits, or segmentation (demo seg) on generated shapes; demo spt: "
                        "SPT vs LoRA vs full fine-tuning", formatter_class=defaults)  # fmt: skip
-    p.add_argument("task", nargs="?", choices=["cls", "seg", "spt", "expedit"], default="cls",
-                   help="cls: digits classification; seg: shapes segmentation; spt: "
-                   "fine-tune a digits ViT on shapes-cls; expedit: a trained Segmenter "
-                   "expedited without fine-tuning")  # fmt: skip
+    p.add_argument("task", nargs="?", choices=["cls", "seg", "spt", "expedit", "faseg"],
+                   default="cls", help="cls: digits classification; seg: shapes "
+                   "segmentation; spt: fine-tune a digits ViT on shapes-cls; expedit: a "
+                   "trained Segmenter expedited without fine-tuning; faseg: FASeg's "
+                   "decoder ablations")  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg, "
-                   "runs/demo-spt, runs/demo-expedit)")  # fmt: skip
+                   "runs/demo-spt, runs/demo-expedit, runs/demo-faseg)")  # fmt: skip
     p.add_argument("--anchor-epochs", type=int,
                    help="epochs of each anchor (default: 30 for cls and spt, 20 for "
-                   "seg and expedit)")  # fmt: skip
+                   "seg and expedit, 6 for each faseg variant)")  # fmt: skip
     p.add_argument("--stitch-epochs", type=int,
                    help="epochs of the stitched model, or spt's fine-tuning (default: 10 for "
                    "cls, 8 for seg, 12 for spt)")  # fmt: skip

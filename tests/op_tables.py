@@ -181,7 +181,13 @@ FOCUS_ATTENTION = OpTests(
     name="focus_attention",
     test_file="test_focus_attention.py",
     kernels="focus_attention",
-    sanitizer_select={},
+    # SIMT kernels: every cuda test under ASan and memcheck, a few under the others.
+    asan_select="cuda",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and float64_reference and fp32",
+        "racecheck": "cuda and (deterministic or float64_reference and fp32)",
+    },
     # D 32 and P 256 (FASeg: hidden 256, 8 heads); the shared-slot kernels in mask mode (its
     # extra loads), the per-query ones with their 3-D gathers and atomics.
     aot_plain=(
@@ -200,7 +206,6 @@ FOCUS_ATTENTION = OpTests(
     fp32_pointers=frozenset({"lse_ptr", "delta_ptr", "pos_out32_ptr", "colsum_ptr", "dk32_ptr",
                              "dv32_ptr", "dpos32_ptr"}),
     arg_types={"win_ptr": "*i32", "mask_ptr": "*i8", "reset_ptr": "*i8"},
-    cuda=False,
 )  # fmt: skip
 
 OPS = (LORA, SPARSE_DELTA, TOKEN_CLUSTER, FOCUS_ATTENTION)

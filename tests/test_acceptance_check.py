@@ -27,7 +27,8 @@ def impl(vs_baseline, vs_floor=None):
 
 
 def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_tokens=256 * 197,
-            stitched=(0.99, 0.97), sparse=(1.6, 1.05), cluster=(25.0, 0.7)):  # fmt: skip
+            stitched=(0.99, 0.97), sparse=(1.6, 1.05), cluster=(25.0, 0.7),
+            focus=(6.0, 12.0)):  # fmt: skip
     row = {"tokens": shape_tokens, "in": 384, "out": 1024, "rank": 16, "dtype": "bfloat16",
            "pass": "fwd+bwd", "baseline_impl": "unfused", "triton": impl(*triton),
            "cuda": impl(*cuda)}  # fmt: skip
@@ -46,6 +47,14 @@ def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_token
         {"work": "cluster", "batch": b, "map": "40x40", "device": "cuda", "baseline_impl":
          "official", "triton": {**impl(cluster[0]), "of_roofline": cluster[1]}}
         for b in (1, 8)]}  # fmt: skip
+    data["focus_attention"] = {"rows": [
+        *({"kind": "hrca", "map": m, "work": "forward", "device": "cuda",
+           "baseline_impl": "official",
+           "triton": {**impl(focus[0]), "memory_vs_baseline": focus[1]}}
+          for m in ("128x128", "256x512")),
+        *({"kind": "masked", "map": m, "work": "forward", "device": "cuda",
+           "baseline_impl": "official", "triton": impl(focus[0])}
+          for m in ("64x64", "128x256"))]}  # fmt: skip
     data["stitched_overhead"] = {"rows": [
         {"device": "cuda", "pass": name, "baseline_impl": "anchor", "stitched": impl(ratio)}
         for name, ratio in zip(("train step", "forward"), stitched, strict=True)]}  # fmt: skip
@@ -55,7 +64,7 @@ def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_token
 def test_every_op_declares_its_targets(acceptance):
     ops = {target.op for target in acceptance.targets()}
     assert ops == {"lora_linear", "least_squares_init", "stitched_overhead",
-                   "sparse_delta_linear", "token_cluster"}  # fmt: skip
+                   "sparse_delta_linear", "token_cluster", "focus_attention"}  # fmt: skip
 
 
 def test_met_when_the_best_backend_meets_every_target(acceptance):
@@ -96,11 +105,15 @@ def test_cpu_targets_are_read_off_the_cpu_file(acceptance, tmp_path, capsys):
                  "torch": {**impl(2.0), "memory_vs_baseline": 1.5}}
                 for work in ("cluster", "reconstruct") for b, m in ((1, "40x40"), (8, "40x40"),
                                                                     (1, "32x32"))]  # fmt: skip
+    focus = [{"kind": "hrca", "map": m, "work": "forward", "device": "cpu",
+              "baseline_impl": "official", "torch": {**impl(4.0), "memory_vs_baseline": 5.0}}
+             for m in ("128x128", "256x512")]  # fmt: skip
     path = tmp_path / "cpu.json"
 
     def write():
         path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows},
-                                    "token_cluster": {"rows": clusters}}))  # fmt: skip
+                                    "token_cluster": {"rows": clusters},
+                                    "focus_attention": {"rows": focus}}))  # fmt: skip
 
     write()
     assert acceptance.main([str(path)]) == 0

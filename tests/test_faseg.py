@@ -219,3 +219,17 @@ def test_faseg_train_and_eval_through_the_cli(tmp_path, capsys):
         main(["train", "--task", "seg", "--head", "faseg", "--faseg", "queries"])
     assert stop.value.code == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_faseg_demo_end_to_end(tmp_path):
+    """Two of the demo's variants for one epoch: the table's figures and the picture."""
+    from stitchops.train.fasegdemo import VARIANTS, run_faseg_demo
+
+    summary = run_faseg_demo(out=tmp_path, epochs=1, progress=False,
+                             variants=(VARIANTS[0], VARIANTS[3]))  # fmt: skip
+    rows = summary["rows"]
+    assert [r["variant"] for r in rows] == ["Mask2Former", "FASeg (DFPQ + HRCA)"]
+    for r in rows:
+        assert 0 <= r["miou"] <= 1 and r["step_ms"] > 0
+    assert (tmp_path / "faseg.png").stat().st_size > 10_000
+    assert (tmp_path / "faseg.json").exists()

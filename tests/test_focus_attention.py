@@ -129,9 +129,12 @@ def test_window_mode_equals_gather_then_dense_attention():
 
 
 # The kernels take fp32, fp16 and bf16 (bf16 skips under Triton's CPU interpreter, which
-# computes it wrongly); the CUDA kernels are not written yet (test_cuda_is_refused...).
+# computes it wrongly, and runs on the CUDA emulator).
 RUNS = [("torch", torch.float32), ("torch", torch.float16),
-        *(("triton", d) for d in (torch.float32, torch.float16, torch.bfloat16))]  # fmt: skip
+        *((b, d) for b in ("triton", "cuda")
+          for d in (torch.float32, torch.float16, torch.bfloat16))]  # fmt: skip
+KERNELS = ["triton", "cuda"]
+BACKENDS = ["torch", *KERNELS]
 
 
 def require(backend: str, dtype: torch.dtype, head_dim: int = D, pos_dim: int = P) -> None:
@@ -155,24 +158,26 @@ def test_op_matches_float64_reference(mode, backend, dtype):
     assert set(grads) == {"q", "k", "v", "pos"}
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("mode", MODES)
-def test_triton_scores_match_float64(mode):
-    require("triton", torch.float32)
+def test_kernel_scores_match_float64(mode, backend):
+    require(backend, torch.float32)
     m = masters()
     keys = mode_arguments(mode)
     want = stitchops.focus_attention(m["q"], m["k"], m["v"], return_scores=True, **keys).scores
-    with harness.poisoned("triton"):
+    with harness.poisoned(backend):
         got = stitchops.focus_attention(m["q"].float(), m["k"].float(), m["v"].float(),
                                         return_scores=True, **keys).scores  # fmt: skip
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("head_dim, pos_dim", [(64, 32), (24, 3), (128, 256)])
 @pytest.mark.parametrize("mode", ["mask", "shared_windows", "query_windows"])
-def test_triton_head_and_pos_widths(mode, head_dim, pos_dim):
+def test_kernel_head_and_pos_widths(mode, head_dim, pos_dim, backend):
     """Head dims 24 (not a power of two), 64 and 128, pos widths 3 to 256, Q = 33 (two query
     blocks and a ragged one), a 12×16 map in 4×4 windows."""
-    require("triton", torch.float32, head_dim, pos_dim)
+    require(backend, torch.float32, head_dim, pos_dim)
     g = torch.Generator().manual_seed(7)
     b, h, q_count, hw, ws = 2, 2, 33, (12, 16), 4
     n = hw[0] * hw[1]
@@ -192,49 +197,43 @@ def test_triton_head_and_pos_widths(mode, head_dim, pos_dim):
     harness.check_against_float64(
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
-        m, torch.float32, lambda name: True, "triton", grad,
+        m, torch.float32, lambda name: True, backend, grad,
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("mode", MODES)
-def test_triton_is_deterministic_where_promised(mode):
-    """Bitwise equal reruns (shared slots); per-query window sets add dk, dv, dpos with
-    atomics, whose order a GPU does not fix (equal to rounding there)."""
-    require("triton", torch.float32)
+def test_kernels_are_deterministic_where_promised(mode, backend):
+    """Bitwise equal reruns; except Triton's per-query window sets, which add dk, dv, dpos
+    with atomics whose order a GPU does not fix (equal to rounding there)."""
+    require(backend, torch.float32)
     keys = mode_arguments(mode)
     grad = torch.randn(B, Q, H * D + P)
 
     def run():
         args = {name: t.float().requires_grad_() for name, t in masters().items()}
-        with stitchops.use_backend("triton"):
+        with stitchops.use_backend(backend):
             return harness.run_with_grads(
                 lambda **a: combined(stitchops.focus_attention(**a, **keys)), args, grad
             )
 
     first, second = run(), run()
-    if mode == "query_windows" and torch.cuda.is_available():
+    if backend == "triton" and mode == "query_windows" and torch.cuda.is_available():
         assert all(rel_err(a, b) < 1e-6 for a, b in zip(first[1].values(), second[1].values(),
                                                           strict=True))  # fmt: skip
     else:
         harness.assert_same_bits(first, second)
 
 
-@pytest.mark.parametrize("forced", ["cuda"])
-def test_cuda_is_refused_with_the_reason(forced):
-    m = masters()
-    with pytest.raises(stitchops.BackendUnavailableError, match=r"no cuda kernels yet"), \
-            stitchops.use_backend(forced):  # fmt: skip
-        stitchops.focus_attention(m["q"].float(), m["k"].float(), m["v"].float())
-
-
-def test_triton_refuses_a_head_wider_than_its_blocks():
+@pytest.mark.parametrize("forced", KERNELS)
+def test_kernels_refuse_a_head_wider_than_their_blocks(forced):
     q = torch.randn(1, 1, 3, 160)
     with pytest.raises(stitchops.BackendUnavailableError, match="head dim D = 160 > 128"), \
-            stitchops.use_backend("triton"):  # fmt: skip
+            stitchops.use_backend(forced):  # fmt: skip
         stitchops.focus_attention(q, q, q)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_fully_blocked_row_attends_everything_and_is_never_nan(backend):
     require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}
@@ -246,7 +245,7 @@ def test_a_fully_blocked_row_attends_everything_and_is_never_nan(backend):
     assert rel_err(result.out, plain.out) < 1e-6 and rel_err(result.scores, plain.scores) < 1e-6
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_queries_and_empty_batch(backend):
     require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}
@@ -263,7 +262,7 @@ def test_empty_queries_and_empty_batch(backend):
         assert not k.grad.any() and not pos.grad.any()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_q_gives_nan_out(backend):
     require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}
@@ -274,7 +273,7 @@ def test_nan_in_q_gives_nan_out(backend):
     assert torch.isnan(result.out[0, 1, 3]).all() and torch.isfinite(result.out[1]).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["mask", "query_windows"])
 def test_non_contiguous_inputs(backend, mode):
     require(backend, torch.float32)
@@ -347,7 +346,7 @@ def test_bad_inputs_raise_clear_errors(change):
     harness.assert_rejected_untouched(stitchops.focus_attention, _bad(change), error, message)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}

@@ -9,8 +9,8 @@ shapes and memory are in ``stitchops.reference.focus_attention``.
 
 Declared to the shared dispatch as ``FOCUS_ATTENTION``. Backend choice for CUDA tensors:
 triton (kernels/focus_attention.py: flash-style online softmax, window keys read in place,
-Ā·pos from a second pass; D <= 128 and P <= 256), then torch. The CUDA kernels are not
-written yet (``kernels=("triton",)``: forcing cuda says so).
+Ā·pos from a second pass), then cuda (csrc/focus_attention.cu: SIMT, a thread per query row
+or per key, deterministic in every mode), then torch; both kernels take D <= 128, P <= 256.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ FOCUS_ATTENTION = _dispatch.register(
         reference="stitchops.reference.focus_attention",
         triton="stitchops.kernels.focus_attention",
         kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kernels=("triton",),
+        kernels=("triton", "cuda"),
     )
 )
 
