@@ -8,13 +8,15 @@ in the same run, hidden 256, 8 heads (D = 32), Q = 100 queries, B = 2:
   (N = 128×256). ``official``: ``nn.MultiheadAttention(need_weights=True, attn_mask=...)``,
   which takes the unfused path and returns the head-averaged A [B, Q, N], then A·K_pos by
   bmm and the column sums of A; ours: ``FocusCrossAttention`` (mask mode, ``key_pos``,
-  ``return_scores``) on the torch backend, and the Triton kernels on a GPU.
+  ``return_scores``) on the torch backend, and the Triton and CUDA kernels on a GPU.
 - ``hrca``: high-resolution cross-attention at the 1/4 level of 512² (128×128, n = 256
   windows of 8×8, the top K = 8) and of 1024×2048 (256×512, n = 2048, K = 64).
   ``official``: FASeg's way: sort the scores, partition the whole map (and its positions)
   into windows (``permute().contiguous()``), gather the top K, ``nn.MultiheadAttention``;
   ours: ``FocusCrossAttention`` with ``windows`` [B, K]: only the chosen windows' tokens
-  are gathered and projected.
+  are gathered and projected; ``torch_project_map``: the alternative the module could take,
+  project the whole map, then ``focus_attention`` reads the windows from it (the figures
+  say which the module should do).
 
 Time and peak memory (``peak_mb``) per implementation, forward only (``work``: forward) and
 forward + backward (``work``: train). Costs: 4·B·Q·L·E FLOPs for the attention (L keys
@@ -147,7 +149,7 @@ def masked_cases(hw, device) -> list[Case]:
     def run_official():
         return official_masked(official, *args, mask)
 
-    backends = ["torch", "triton"] if device == "cuda" else ["torch"]
+    backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
     return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, n,
                  ours, official)  # fmt: skip
 
@@ -177,8 +179,19 @@ def hrca_cases(hw, k, device) -> list[Case]:
     def run_official():
         return (official_hrca(official, *args, scores, hw, k),)
 
-    backends = ["torch", "triton"] if device == "cuda" else ["torch"]
-    return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, k * WINDOW**2,
+    def run_project_map():
+        top = scores.topk(k, dim=-1).indices
+        query, query_pos, memory, memory_pos = args
+        q = ours._project(query + query_pos, 0)
+        keys, values = ours._project(memory + memory_pos, 1), ours._project(memory, 2)
+        with stitchops.use_backend("torch"):
+            r = stitchops.focus_attention(q, keys, values, windows=top, window_size=WINDOW,
+                                          map_size=hw)  # fmt: skip
+        return (ours.out_proj(r.out.transpose(1, 2).reshape(BATCH, QUERIES, E)),)
+
+    backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
+    impls = {**{b: run_ours(b) for b in backends}, "torch_project_map": run_project_map}
+    return _rows(params, run_official, impls, truth, k * WINDOW**2,
                  ours, official)  # fmt: skip
 
 

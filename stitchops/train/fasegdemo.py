@@ -74,8 +74,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_faseg_demo(out="runs/demo-faseg", epochs=6, progress=True, seed=0,
-                   variants=VARIANTS) -> dict:  # fmt: skip
+def run_faseg_demo(out="runs/demo-faseg", epochs=6, progress=True, seed=0, variants=VARIANTS,
+                   lr=5e-4) -> dict:  # fmt: skip
     """Train each of ``variants`` for ``epochs`` on 512 generated images; print, plot."""
     out, start = Path(out), time.time()
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
@@ -86,7 +86,7 @@ def run_faseg_demo(out="runs/demo-faseg", epochs=6, progress=True, seed=0,
         run_dir = out / f"variant{i}"
         cfg = TrainConfig(mode="anchor", task="seg", decoder="faseg", data="shapes",
                           anchors=[SPEC], decoder_options={**BASE, **options}, epochs=epochs,
-                          batch_size=16, lr=5e-4, warmup_steps=20, progress=progress,
+                          batch_size=16, lr=lr, warmup_steps=20, progress=progress,
                           seed=seed, out=str(run_dir))  # fmt: skip
         # a fresh process each: its peak resident memory is this variant's alone
         worker = multiprocessing.get_context("spawn").Process(target=train, args=(cfg,))
