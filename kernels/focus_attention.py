@@ -108,6 +108,32 @@ def _gathered(ptr, base, ids, mask, offs_d, mask_d, width):
 
 
 @triton.jit
+def _channels(dim, pos_dim, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Offsets and masks of a head's channels and of pos's."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    return offs_d, offs_d < dim, offs_p, offs_p < pos_dim
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, bh, queries, offs_q, mask_q):
+    """The rows' log-sum-exp and Δ."""
+    row = bh.to(tl.int64) * queries + offs_q
+    return (tl.load(lse_ptr + row, mask=mask_q, other=0.0),
+            tl.load(delta_ptr + row, mask=mask_q, other=0.0))  # fmt: skip
+
+
+@triton.jit
+def _score_grads(p, dout, v, dpos, pos, delta, heads, scale, HAS_POS: tl.constexpr,
+                 DOT: tl.constexpr):  # fmt: skip
+    """dS·scale = P ∘ (dP − Δ)·scale on a tile, dP = dout·vᵀ + dpos_out·posᵀ / H."""
+    dp = tl.dot(dout, tl.trans(v), input_precision=DOT)
+    if HAS_POS:
+        dp += tl.dot(dpos, tl.trans(pos), input_precision=DOT) / heads
+    return p * (dp - delta[:, None]) * scale
+
+
+@triton.jit
 def _logits(q, k_ptr, kv_base, win_ptr, mask_ptr, reset_ptr, batch, head, mask_heads, offs_q,
             mask_q, slot, mask_n, offs_d, mask_d, queries, keys, dim, sets, ws, map_width,
             scale, MODE: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
@@ -209,10 +235,7 @@ def _mean_kernel(
     batch = tl.program_id(0)
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < queries
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < pos_dim
+    offs_d, mask_d, offs_p, mask_p = _channels(dim, pos_dim, BLOCK_D, BLOCK_P)
     pos_base = batch.to(tl.int64) * keys * pos_dim
     scale_ = tl.cast(scale, tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
@@ -279,10 +302,7 @@ def _delta_kernel(
     batch, head = bh // heads, bh % heads
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < queries
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < pos_dim
+    offs_d, mask_d, offs_p, mask_p = _channels(dim, pos_dim, BLOCK_D, BLOCK_P)
     q = _rows(q_ptr, bh.to(tl.int64) * queries * dim, offs_q, mask_q, offs_d, mask_d, dim)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * queries + offs_q, mask=mask_q, other=0.0)
     pos_base = batch.to(tl.int64) * keys * pos_dim
@@ -322,10 +342,7 @@ def _dkdv_kernel(
     batch, head = bh // heads, bh % heads
     slot = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = slot < slots
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < pos_dim
+    offs_d, mask_d, offs_p, mask_p = _channels(dim, pos_dim, BLOCK_D, BLOCK_P)
     kv_base = bh.to(tl.int64) * keys * dim
     q_base = bh.to(tl.int64) * queries * dim
     ids = _shared_ids(win_ptr, batch, slot, mask_n, sets, ws, map_width, MODE)
@@ -343,18 +360,13 @@ def _dkdv_kernel(
         dout = _rows(dout_ptr, q_base, offs_q, mask_q, offs_d, mask_d, dim)
         ok = _allowed(mask_ptr, reset_ptr, batch, head, mask_heads, offs_q, mask_q, ids, mask_n,
                       queries, keys, MODE)  # fmt: skip
-        row = bh.to(tl.int64) * queries + offs_q
-        lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
-        delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, bh, queries, offs_q, mask_q)
         s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale_
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(dout.dtype)), dout, input_precision=DOT)
-        dp = tl.dot(dout, tl.trans(v), input_precision=DOT)
-        if HAS_POS:
-            dpos = _rows(dpos_out_ptr, batch.to(tl.int64) * queries * pos_dim, offs_q, mask_q,
-                         offs_p, mask_p, pos_dim)  # fmt: skip
-            dp += tl.dot(dpos, tl.trans(pos), input_precision=DOT) / heads
-        ds = p * (dp - delta[:, None]) * scale_
+        dpos = _rows(dpos_out_ptr, batch.to(tl.int64) * queries * pos_dim, offs_q,
+                     mask_q & HAS_POS, offs_p, mask_p, pos_dim)  # fmt: skip
+        ds = _score_grads(p, dout, v, dpos, pos, delta, heads, scale_, HAS_POS, DOT)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT)
     out = kv_base + ids.to(tl.int64)[:, None] * dim + offs_d[None, :]
     tl.store(dk_ptr + out, dk, mask=mask_n[:, None] & mask_d[None, :])
@@ -374,10 +386,7 @@ def _dq_kernel(
     batch, head = bh // heads, bh % heads
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < queries
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < pos_dim
+    offs_d, mask_d, offs_p, mask_p = _channels(dim, pos_dim, BLOCK_D, BLOCK_P)
     kv_base = bh.to(tl.int64) * keys * dim
     q_base = bh.to(tl.int64) * queries * dim
     pos_base = batch.to(tl.int64) * keys * pos_dim
@@ -385,9 +394,7 @@ def _dq_kernel(
     dout = _rows(dout_ptr, q_base, offs_q, mask_q, offs_d, mask_d, dim)
     dpos = _rows(dpos_out_ptr, batch.to(tl.int64) * queries * pos_dim, offs_q, mask_q & HAS_POS,
                  offs_p, mask_p, pos_dim)  # fmt: skip
-    row = bh.to(tl.int64) * queries + offs_q
-    lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
-    delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, queries, offs_q, mask_q)
     scale_ = tl.cast(scale, tl.float32)
     dq = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for start in range(0, slots, BLOCK_N):
@@ -399,11 +406,8 @@ def _dq_kernel(
                                 DOT)  # fmt: skip
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         v = _rows(v_ptr, kv_base, ids, mask_n, offs_d, mask_d, dim)
-        dp = tl.dot(dout, tl.trans(v), input_precision=DOT)
-        if HAS_POS:
-            pos = _rows(pos_ptr, pos_base, ids, mask_n, offs_p, mask_p, pos_dim)
-            dp += tl.dot(dpos, tl.trans(pos), input_precision=DOT) / heads
-        ds = p * (dp - delta[:, None]) * scale_
+        pos = _rows(pos_ptr, pos_base, ids, mask_n & HAS_POS, offs_p, mask_p, pos_dim)
+        ds = _score_grads(p, dout, v, dpos, pos, delta, heads, scale_, HAS_POS, DOT)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
     tl.store(dq_ptr + q_base + offs_q.to(tl.int64)[:, None] * dim + offs_d[None, :], dq,
              mask=mask_q[:, None] & mask_d[None, :])  # fmt: skip
@@ -420,10 +424,7 @@ def _dpos_kernel(
     batch = tl.program_id(0)
     slot = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = slot < slots
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < pos_dim
+    offs_d, mask_d, offs_p, mask_p = _channels(dim, pos_dim, BLOCK_D, BLOCK_P)
     scale_ = tl.cast(scale, tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     for q0 in range(0, queries, BLOCK_Q):
@@ -455,10 +456,7 @@ def _query_sets_backward_kernel(
     batch = bh // heads
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < queries
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < pos_dim
+    offs_d, mask_d, offs_p, mask_p = _channels(dim, pos_dim, BLOCK_D, BLOCK_P)
     kv_base = bh.to(tl.int64) * keys * dim
     q_base = bh.to(tl.int64) * queries * dim
     pos_base = batch.to(tl.int64) * keys * pos_dim
@@ -466,9 +464,7 @@ def _query_sets_backward_kernel(
     dout = _rows(dout_ptr, q_base, offs_q, mask_q, offs_d, mask_d, dim).to(tl.float32)
     dpos = _rows(dpos_out_ptr, batch.to(tl.int64) * queries * pos_dim, offs_q, mask_q & HAS_POS,
                  offs_p, mask_p, pos_dim).to(tl.float32)  # fmt: skip
-    row = bh.to(tl.int64) * queries + offs_q
-    lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
-    delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, queries, offs_q, mask_q)
     scale_ = tl.cast(scale, tl.float32)
     dq = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for start in range(0, slots, BLOCK_N):
