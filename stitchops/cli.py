@@ -374,9 +374,16 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(fn=train_cmd)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a user's mistake on one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: demo, train, eval, info, bench."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stitchops", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -215,10 +215,11 @@ def test_faseg_train_and_eval_through_the_cli(tmp_path, capsys):
                  "--anchors", SEG_LARGE, "--mode", "anchor", "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2  # fmt: skip
     assert "hrca must be one of" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stop:  # argparse's own error
+    with pytest.raises(SystemExit) as stop:  # argparse's own error: one line too
         main(["train", "--task", "seg", "--head", "faseg", "--faseg", "queries"])
     assert stop.value.code == 2
-    assert "expected KEY=VALUE" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected KEY=VALUE" in err and err.count("\n") == 1, err
 
 
 def test_faseg_demo_end_to_end(tmp_path):
