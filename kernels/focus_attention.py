@@ -32,12 +32,15 @@ chosen keys: (2·Q + 2·L)·D·H·s + L·P·s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from stitchops.kernels.tuning import dot_precision, launch_sizes
 
 from stitchops._runtime import new_output, triton_interpreting
+from stitchops.reference.focus_attention import window_keys
 
 FULL, MASK, SHARED, PER_QUERY = 0, 1, 2, 3
 GPU_BLOCKS = {"BLOCK_Q": 32, "BLOCK_N": 64, "QUERY_SET_BLOCK": 16}
@@ -271,22 +274,35 @@ def _mean_kernel(
                  mask=mask_q[:, None] & mask_p[None, :])  # fmt: skip
 
 
-def _prepare(q, k, v, mask, windows, window_size, map_width):
-    """Contiguous q, k, v; the mode, slot count, window table (int32), mask (int8) and each
-    mask row's 'everything blocked' flag."""
+@dataclass(frozen=True)
+class Call:
+    """One call's contiguous inputs, mode and the index tables its kernels read."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mode: int
+    slots: int  # keys a query attends: N, or sets·ws²
+    tables: tuple  # (window table int32, mask int8, all-blocked flags int8); dummies if unused
+    geometry: tuple  # (sets, window_size, map_width, mask_heads, scale), as the kernels take it
+
+
+def _prepare(q, k, v, mask, windows, window_size, map_width, scale) -> Call:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    device = q.device
-    dummy = torch.zeros(1, device=device, dtype=torch.int32)
+    dummy = torch.zeros(1, device=q.device, dtype=torch.int8)
     if windows is not None:
         mode = PER_QUERY if windows.shape[1] > 1 else SHARED
-        table = windows.to(torch.int32).contiguous()
-        return (q, k, v, mode, windows.shape[2] * window_size**2, table, windows.shape[2],
-                dummy.to(torch.int8), dummy.to(torch.int8), 1)  # fmt: skip
+        sets = windows.shape[2]
+        return Call(q, k, v, mode, sets * window_size**2,
+                    (windows.to(torch.int32).contiguous(), dummy, dummy),
+                    (sets, window_size, map_width, 1, scale))  # fmt: skip
+    table = dummy.to(torch.int32)
     if mask is not None:
-        reset = mask.all(-1).to(torch.int8).contiguous()
-        return (q, k, v, MASK, k.shape[2], dummy, 1, mask.contiguous().view(torch.int8), reset,
-                mask.shape[1])  # fmt: skip
-    return q, k, v, FULL, k.shape[2], dummy, 1, dummy.to(torch.int8), dummy.to(torch.int8), 1
+        flags = mask.all(-1).to(torch.int8).contiguous()
+        return Call(q, k, v, MASK, k.shape[2], (table, mask.contiguous().view(torch.int8), flags),
+                    (1, window_size, map_width, mask.shape[1], scale))  # fmt: skip
+    return Call(q, k, v, FULL, k.shape[2], (table, dummy, dummy),
+                (1, window_size, map_width, 1, scale))  # fmt: skip
 
 
 @triton.jit
@@ -515,17 +531,10 @@ def _sizes(mode: int, dim: int, pos_dim: int, with_pos: bool = False) -> dict:
     return out
 
 
-def _slot_ids(windows, window_size, map_width, slots, device):
-    """[B, 1 or Q, slots] key ids of window slots (torch; for the scores' scatter)."""
-    from stitchops.reference.focus_attention import window_keys
-
-    return window_keys(windows, window_size, map_width)
-
-
 def focus_attention_forward(q, k, v, mask, windows, window_size, map_width, pos, scale,
                             return_scores):  # fmt: skip
-    q, k, v, mode, slots, table, sets, mask8, reset, mask_heads = _prepare(
-        q, k, v, mask, windows, window_size, map_width)  # fmt: skip
+    call = _prepare(q, k, v, mask, windows, window_size, map_width, scale)
+    q, k, v, mode, slots, geometry = call.q, call.k, call.v, call.mode, call.slots, call.geometry
     b, heads, queries, dim = q.shape
     keys = k.shape[2]
     pos_dim = pos.shape[-1] if pos is not None else 0
@@ -533,10 +542,9 @@ def focus_attention_forward(q, k, v, mask, windows, window_size, map_width, pos,
     dot = dot_precision(q.dtype)
     out = new_output(b, heads, queries, dim, device=q.device, dtype=q.dtype)
     lse = new_output(b, heads, queries, device=q.device, dtype=torch.float32)
-    geometry = (sets, window_size, map_width, mask_heads, scale)
     if out.numel():
         _forward_kernel[(b * heads, triton.cdiv(queries, sizes["BLOCK_Q"]))](
-            q, k, v, table, mask8, reset, out, lse, heads, queries, keys, slots, dim, *geometry,
+            q, k, v, *call.tables, out, lse, heads, queries, keys, slots, dim, *geometry,
             MODE=mode, DOT=dot, BLOCK_Q=sizes["BLOCK_Q"], BLOCK_N=sizes["BLOCK_N"],
             BLOCK_D=sizes["BLOCK_D"],
         )  # fmt: skip
@@ -551,7 +559,7 @@ def focus_attention_forward(q, k, v, mask, windows, window_size, map_width, pos,
         rows = q_blocks if mode != PER_QUERY else queries
         colsum = new_output(b, rows if return_scores else 0, slots, **f32)
         _mean_kernel[(b, q_blocks)](
-            q, k, pos, lse, table, mask8, reset, pos_out32, colsum, heads, queries, keys, slots,
+            q, k, pos, lse, *call.tables, pos_out32, colsum, heads, queries, keys, slots,
             dim, pos_dim, *geometry, MODE=mode, HAS_POS=pos_dim > 0, SCORES=return_scores,
             DOT=dot, **sizes,
         )  # fmt: skip
@@ -568,7 +576,7 @@ def _scatter_scores(colsum, mode, windows, window_size, map_width, keys):
     whose order on a GPU is not fixed)."""
     if mode in (FULL, MASK):
         return colsum.sum(1)
-    ids = _slot_ids(windows, window_size, map_width, colsum.shape[-1], colsum.device)
+    ids = window_keys(windows, window_size, map_width)
     scores = colsum.new_zeros(colsum.shape[0], keys)
     if mode == SHARED:
         return scores.scatter_(1, ids[:, 0], colsum.sum(1))
@@ -577,8 +585,8 @@ def _scatter_scores(colsum, mode, windows, window_size, map_width, keys):
 
 def focus_attention_backward(dout, dpos_out, q, k, v, mask, windows, window_size, map_width,
                              pos, scale, out, lse):  # fmt: skip
-    q, k, v, mode, slots, table, sets, mask8, reset, mask_heads = _prepare(
-        q, k, v, mask, windows, window_size, map_width)  # fmt: skip
+    call = _prepare(q, k, v, mask, windows, window_size, map_width, scale)
+    q, k, v, mode, slots, geometry = call.q, call.k, call.v, call.mode, call.slots, call.geometry
     b, heads, queries, dim = q.shape
     keys = k.shape[2]
     has_pos = pos is not None
@@ -588,7 +596,6 @@ def focus_attention_backward(dout, dpos_out, q, k, v, mask, windows, window_size
     dout, lse = dout.contiguous(), lse.contiguous()
     sizes = _sizes(mode, dim, pos_dim)
     dot = dot_precision(q.dtype)
-    geometry = (sets, window_size, map_width, mask_heads, scale)
     shape = (heads, queries, keys, slots, dim, pos_dim)
     if b * queries == 0:
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
@@ -599,7 +606,7 @@ def focus_attention_backward(dout, dpos_out, q, k, v, mask, windows, window_size
     wide_q_grid = (b * heads, triton.cdiv(queries, wide["BLOCK_Q"]))
     if has_pos:
         _delta_kernel[wide_q_grid](
-            q, k, pos, lse, dpos_out, table, mask8, reset, delta, *shape, *geometry, MODE=mode,
+            q, k, pos, lse, dpos_out, *call.tables, delta, *shape, *geometry, MODE=mode,
             DOT=dot, **wide,
         )  # fmt: skip
     dq = new_output(*q.shape, device=q.device, dtype=q.dtype)
@@ -607,13 +614,13 @@ def focus_attention_backward(dout, dpos_out, q, k, v, mask, windows, window_size
         dk32, dv32 = (torch.zeros(k.shape, device=k.device, dtype=torch.float32) for _ in "kv")
         dpos32 = torch.zeros(b, keys, pos_dim, device=q.device, dtype=torch.float32)
         _query_sets_backward_kernel[q_grid](
-            q, k, v, pos, dout, dpos_out, lse, delta, table, dq, dk32, dv32, dpos32, *shape,
-            sets, window_size, map_width, scale, HAS_POS=has_pos, **sizes,
+            q, k, v, pos, dout, dpos_out, lse, delta, call.tables[0], dq, dk32, dv32, dpos32,
+            *shape, *geometry[:3], scale, HAS_POS=has_pos, **sizes,
         )  # fmt: skip
         return dq, dk32.to(k.dtype), dv32.to(v.dtype), dpos32.to(q.dtype)
     fresh = _zeros if mode == SHARED else _uninitialised  # windows cover only some keys
     dk, dv = fresh(k.shape, k), fresh(v.shape, v)
-    common = (table, mask8, reset)
+    common = call.tables
     _dkdv_kernel[(b * heads, triton.cdiv(slots, wide["BLOCK_N"]))](
         q, k, v, pos, dout, dpos_out, lse, delta, *common, dk, dv, *shape, *geometry, MODE=mode,
         HAS_POS=has_pos, DOT=dot, **wide,

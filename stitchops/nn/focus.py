@@ -71,22 +71,12 @@ class FocusCrossAttention(nn.Module):
                 *, mask=None, windows=None, window_size=None, map_size=None, key_pos=None,
                 return_scores: bool = False) -> FocusOutput:  # fmt: skip
         q = self._project(query if query_pos is None else query + query_pos, 0)
-        if windows is not None and isinstance(windows, torch.Tensor) and windows.dim() == 2:
+        if isinstance(windows, torch.Tensor) and windows.dim() == 2:
             if mask is not None:
                 raise ValueError("mask and windows are exclusive: pass one (or neither, for "
                                  "full attention)")  # fmt: skip
-            windows, size, width = check_windows(windows, window_size, map_size, q,
-                                                 memory.shape[1])  # fmt: skip
-            gathered = window_keys(windows, size, width)[:, 0]  # [B, K·ws²] memory token ids
-            tokens = _rows(memory, gathered)
-            keys_in = tokens if memory_pos is None else tokens + _rows(memory_pos, gathered)
-            k, v = self._project(keys_in, 1), self._project(tokens, 2)
-            pos = _rows(key_pos, gathered) if key_pos is not None else None
-            result = focus_attention(q, k, v, pos=pos, return_scores=return_scores)
-            scores = result.scores
-            if scores is not None:
-                scores = scores.new_zeros(memory.shape[:2]).scatter(1, gathered, scores)
-            result = FocusOutput(result.out, result.pos_out, scores)
+            result = self._attend_windows(q, memory, memory_pos, key_pos, windows, window_size,
+                                          map_size, return_scores)  # fmt: skip
         else:
             keys_in = memory if memory_pos is None else memory + memory_pos
             k, v = self._project(keys_in, 1), self._project(memory, 2)
@@ -96,6 +86,22 @@ class FocusCrossAttention(nn.Module):
         b, _, q_count, _ = result.out.shape
         out = self.out_proj(result.out.transpose(1, 2).reshape(b, q_count, self.embed_dim))
         return FocusOutput(out, result.pos_out, result.scores)
+
+    def _attend_windows(self, q, memory, memory_pos, key_pos, windows, window_size, map_size,
+                        return_scores: bool) -> FocusOutput:  # fmt: skip
+        """One window set per batch element: gather its tokens, project only those, attend
+        them all; the scores go back to their map positions."""
+        windows, size, width = check_windows(windows, window_size, map_size, q, memory.shape[1])
+        gathered = window_keys(windows, size, width)[:, 0]  # [B, K·ws²] memory token ids
+        tokens = _rows(memory, gathered)
+        keys_in = tokens if memory_pos is None else tokens + _rows(memory_pos, gathered)
+        k, v = self._project(keys_in, 1), self._project(tokens, 2)
+        pos = _rows(key_pos, gathered) if key_pos is not None else None
+        result = focus_attention(q, k, v, pos=pos, return_scores=return_scores)
+        scores = result.scores
+        if scores is not None:
+            scores = scores.new_zeros(memory.shape[:2]).scatter(1, gathered, scores)
+        return FocusOutput(result.out, result.pos_out, scores)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"

@@ -59,8 +59,8 @@ def kernel_limits(head_dim: int, pos_dim: int) -> list[str]:
     return reasons
 
 
-def _entry(tensors: list[torch.Tensor], function: str, pos: torch.Tensor | None):
-    q = tensors[1] if function.endswith("backward") else tensors[0]
+def _entry(tensors: list[torch.Tensor], function: str, q: torch.Tensor,
+           pos: torch.Tensor | None):  # fmt: skip
     limits = kernel_limits(q.shape[-1], pos.shape[-1] if pos is not None else 0)
     return FOCUS_ATTENTION.entry(FOCUS_ATTENTION.choose(tensors, limits=limits), function)
 
@@ -70,7 +70,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   windows: torch.Tensor | None, window_size: int, map_width: int,
                   pos: torch.Tensor | None, scale: float,
                   return_scores: bool) -> Tensors4:  # fmt: skip
-    forward = _entry([q, k, v], "focus_attention_forward", pos)
+    forward = _entry([q, k, v], "focus_attention_forward", q, pos)
     out, pos_out, scores, lse = forward(q, k, v, mask, windows, window_size, map_width, pos,
                                         scale, return_scores)  # fmt: skip
     return out, pos_out, scores, lse
@@ -90,7 +90,7 @@ def _backward_op(dout: torch.Tensor, dpos_out: torch.Tensor, q: torch.Tensor, k:
                  v: torch.Tensor, mask: torch.Tensor | None, windows: torch.Tensor | None,
                  window_size: int, map_width: int, pos: torch.Tensor | None, scale: float,
                  out: torch.Tensor, lse: torch.Tensor) -> Tensors4:  # fmt: skip
-    backward = _entry([dout, q, k, v], "focus_attention_backward", pos)
+    backward = _entry([dout, q, k, v], "focus_attention_backward", q, pos)
     dq, dk, dv, dpos = backward(dout.contiguous(), dpos_out.contiguous(), q, k, v, mask,
                                 windows, window_size, map_width, pos, scale, out, lse)  # fmt: skip
     return dq, dk, dv, dpos

@@ -47,20 +47,6 @@ def window_keys(windows: torch.Tensor, window_size: int, map_width: int) -> torc
     return (rows * map_width + cols).flatten(-3)
 
 
-def allowed_keys(q_count: int, n: int, mask=None, windows=None, window_size=0, map_width=0):
-    """[B, 1 or H, Q, N] bool: the keys each query may attend (the spec, densely; tests and
-    the official-style baseline use it), or None for full attention."""
-    if mask is not None:
-        blocked_row = mask.all(-1, keepdim=True)
-        return ~mask | blocked_row
-    if windows is None:
-        return None
-    keys = window_keys(windows, window_size, map_width)  # [B, S, L]
-    allowed = torch.zeros(keys.shape[0], keys.shape[1], n, dtype=torch.bool, device=keys.device)
-    allowed.scatter_(2, keys, True)
-    return allowed.expand(-1, q_count, -1)[:, None]
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
