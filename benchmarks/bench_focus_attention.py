@@ -3,20 +3,26 @@
 Two kinds of rows, each implementation checked against a float64 run of the official way
 in the same run, hidden 256, 8 heads (D = 32), Q = 100 queries, B = 2:
 
+The ``official`` baselines are ziplab/FASeg's algorithm as its code writes it
+(``mask2former_transformer_decoder.py``), re-implemented from a reading of it, with its
+sequence-first layouts ([N, B, C] tokens, [B, C, H, W] maps, as its decoder holds them):
+
 - ``masked``: Mask2Former's masked cross-attention with both side outputs (DFPQ's A·K_pos,
   HRCA's key scores) at the 1/8 level of a 512² image (N = 64×64) and of 1024×2048
-  (N = 128×256). ``official``: ``nn.MultiheadAttention(need_weights=True, attn_mask=...)``,
-  which takes the unfused path and returns the head-averaged A [B, Q, N], then A·K_pos by
-  bmm and the column sums of A; ours: ``FocusCrossAttention`` (mask mode, ``key_pos``,
-  ``return_scores``) on the torch backend, and the Triton and CUDA kernels on a GPU.
+  (N = 128×256). ``official``: ``nn.MultiheadAttention`` with its default
+  ``need_weights=True`` (the unfused path, the head-averaged A [B, Q, N]), A·K_pos as FASeg
+  computes it, ``(A.permute(1, 2, 0).unsqueeze(-1) * pos.unsqueeze(0)).sum(1)`` (a
+  [Q, N, B, C] product), and the key scores ``A.sum(1)``; ours: ``FocusCrossAttention``
+  (mask mode, ``key_pos``, ``return_scores``) on the torch backend, and the Triton and CUDA
+  kernels on a GPU.
 - ``hrca``: high-resolution cross-attention at the 1/4 level of 512² (128×128, n = 256
   windows of 8×8, the top K = 8) and of 1024×2048 (256×512, n = 2048, K = 64).
-  ``official``: FASeg's way: sort the scores, partition the whole map (and its positions)
-  into windows (``permute().contiguous()``), gather the top K, ``nn.MultiheadAttention``;
-  ours: ``FocusCrossAttention`` with ``windows`` [B, K]: only the chosen windows' tokens
-  are gathered and projected; ``torch_project_map``: the alternative the module could take,
-  project the whole map, then ``focus_attention`` reads the windows from it (the figures
-  say which the module should do).
+  ``official``: FASeg's way: sort the scores, partition the whole [B, C, H, W] map (and its
+  positions) into windows (``window_partition``: ``permute(0, 2, 4, 3, 5, 1).contiguous()``),
+  gather the top K, ``nn.MultiheadAttention``; ours: ``FocusCrossAttention`` with
+  ``windows`` [B, K]: only the chosen windows' tokens are gathered and projected;
+  ``torch_project_map``: the alternative the module could take, project the whole map,
+  then ``focus_attention`` reads the windows from it.
 
 Time and peak memory (``peak_mb``) per implementation, forward only (``work``: forward) and
 forward + backward (``work``: train). Costs: 4·B·Q·L·E FLOPs for the attention (L keys
@@ -72,13 +78,17 @@ TARGETS = (
 
 
 def layers(device, dtype):
-    """(ours, the official nn.MultiheadAttention) with the same weights."""
+    """(ours, the official nn.MultiheadAttention, sequence first) with the same weights."""
     torch.manual_seed(0)
     ours = FocusCrossAttention(E, HEADS).to(device=device, dtype=dtype)
-    official = torch.nn.MultiheadAttention(E, HEADS, batch_first=True).to(device=device,
-                                                                           dtype=dtype)  # fmt: skip
+    official = torch.nn.MultiheadAttention(E, HEADS).to(device=device, dtype=dtype)
     official.load_state_dict(ours.state_dict())
     return ours, official
+
+
+def sequence_first(args):
+    """Our [B, L, E] tensors as the official decoder holds them: [L, B, E]."""
+    return [t.transpose(0, 1).contiguous() for t in args]
 
 
 def inputs(hw, device, dtype, seed=0):
@@ -101,28 +111,37 @@ def predicted_mask(hw, device) -> torch.Tensor:
 
 
 def official_masked(official, query, query_pos, memory, memory_pos, mask):
-    """(out, pos_out, scores) as the official code gets them."""
-    out, weights = official(query + query_pos, memory + memory_pos, memory, need_weights=True,
-                            attn_mask=mask.repeat_interleave(HEADS, 0))  # fmt: skip
-    return out, torch.bmm(weights, memory_pos), weights.sum(1)
+    """(out [Q, B, E], pos_out [Q, B, E], scores [B, N]) as the official decoder gets them,
+    sequence-first inputs (query [Q, B, E], memory [N, B, E]), mask [B·heads, Q, N]."""
+    out, attn = official(query + query_pos, memory + memory_pos, memory, attn_mask=mask)
+    pos_out = (attn.permute(1, 2, 0).unsqueeze(-1) * memory_pos.unsqueeze(0)).sum(1)
+    return out, pos_out, attn.sum(1)
 
 
-def window_partition(x: torch.Tensor, hw, size) -> torch.Tensor:
-    """[B, N, C] map → [B, n, size², C] windows (row-major), copied, as the official code."""
-    b, _, c = x.shape
-    x = x.view(b, hw[0] // size, size, hw[1] // size, size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, -1, size * size, c)
+def window_partition(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, H, W] → [B·n, size, size, C] windows, copied, as the official code."""
+    b, c, height, width = x.shape
+    x = x.view(b, c, height // size, size, width // size, size)
+    return x.permute(0, 2, 4, 3, 5, 1).contiguous().view(-1, size, size, c)
 
 
-def official_hrca(official, query, query_pos, memory, memory_pos, scores, hw, k):
-    """FASeg's HRCA: sort the window scores, partition the whole map, gather, attend."""
-    top = scores.sort(dim=-1, descending=True).indices[:, :k]  # [B, K]
-    windows, positions = window_partition(memory, hw, WINDOW), window_partition(memory_pos, hw,
-                                                                                WINDOW)  # fmt: skip
-    pick = top[:, :, None, None].expand(-1, -1, WINDOW * WINDOW, E)
-    keys = torch.gather(windows, 1, pick).flatten(1, 2)
-    key_pos = torch.gather(positions, 1, pick).flatten(1, 2)
-    return official(query + query_pos, keys + key_pos, keys)[0]
+def official_hrca(official, query, query_pos, fg_src, fg_pos, scores, k):
+    """FASeg's HRCA as written: sort the window scores, partition the whole [B, C, H, W] map
+    and positions, gather the top K windows, attend (query [Q, B, E]; out [Q, B, E])."""
+    bs, c = fg_src.shape[:2]
+    _, indexes = scores.sort(dim=-1, descending=True)
+    window_size = int((fg_src.shape[-1] * fg_src.shape[-2] // scores.shape[-1]) ** 0.5)
+    src_windows = window_partition(fg_src, window_size).view(bs, -1, window_size**2, c)
+    pos_windows = window_partition(fg_pos, window_size).view(bs, -1, window_size**2, c)
+    pick = indexes[..., :k][..., None, None].expand(-1, -1, window_size**2, c)
+    src_windows = torch.gather(src_windows, 1, pick).view(bs, -1, c).permute(1, 0, 2)
+    pos_windows = torch.gather(pos_windows, 1, pick).view(bs, -1, c).permute(1, 0, 2)
+    return official(query + query_pos, src_windows + pos_windows, src_windows)[0]
+
+
+def as_map(tokens: torch.Tensor, hw) -> torch.Tensor:
+    """[B, N, E] → [B, E, H, W], as the official decoder's 1/4 map."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], E, *hw).contiguous()
 
 
 def masked_cases(hw, device) -> list[Case]:
@@ -132,8 +151,11 @@ def masked_cases(hw, device) -> list[Case]:
     args = inputs(hw, device, dtype)
     args64 = [t.double().cpu() for t in args]
     mask = predicted_mask(hw, device)
+    heads_mask = mask.repeat_interleave(HEADS, 0)  # [B·heads, Q, N], the decoder's own
+    seq, seq64 = sequence_first(args), sequence_first(args64)
     with torch.no_grad():
-        truth = official_masked(official64, *args64, mask.cpu())
+        out, pos_out, scores = official_masked(official64, *seq64, heads_mask.cpu())
+    truth = (out.transpose(0, 1), pos_out.transpose(0, 1), scores)
     n = hw[0] * hw[1]
     params = {"kind": "masked", "map": f"{hw[0]}x{hw[1]}", "keys": n, "device": device}
 
@@ -147,7 +169,8 @@ def masked_cases(hw, device) -> list[Case]:
         return run
 
     def run_official():
-        return official_masked(official, *args, mask)
+        out, pos_out, scores = official_masked(official, *seq, heads_mask)
+        return out.transpose(0, 1), pos_out.transpose(0, 1), scores
 
     backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
     return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, n,
@@ -162,8 +185,12 @@ def hrca_cases(hw, k, device) -> list[Case]:
     args64 = [t.double().cpu() for t in args]
     count = (hw[0] // WINDOW) * (hw[1] // WINDOW)
     scores = torch.rand(BATCH, count, generator=torch.Generator().manual_seed(3)).to(device)
+    query, query_pos = sequence_first(args[:2])
+    fg_src, fg_pos = as_map(args[2], hw), as_map(args[3], hw)
     with torch.no_grad():
-        truth = (official_hrca(official64, *args64, scores.cpu(), hw, k),)
+        q64, p64 = sequence_first(args64[:2])
+        maps64 = as_map(args64[2], hw), as_map(args64[3], hw)
+        truth = (official_hrca(official64, q64, p64, *maps64, scores.cpu(), k).transpose(0, 1),)
     params = {"kind": "hrca", "map": f"{hw[0]}x{hw[1]}", "windows": k, "device": device}
 
     def run_ours(backend):
@@ -177,7 +204,8 @@ def hrca_cases(hw, k, device) -> list[Case]:
         return run
 
     def run_official():
-        return (official_hrca(official, *args, scores, hw, k),)
+        return (official_hrca(official, query, query_pos, fg_src, fg_pos, scores,
+                              k).transpose(0, 1),)  # fmt: skip
 
     def run_project_map():
         top = scores.topk(k, dim=-1).indices

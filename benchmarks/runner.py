@@ -17,12 +17,15 @@ benchmarks/report.py renders any op's rows into the README.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +72,32 @@ def environment(device: str) -> dict:
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "load_average": load_average(),
     }
+
+
+@contextlib.contextmanager
+def busy_neighbours(count: int) -> Iterator[None]:
+    """Inside the block, ``count`` other processes each keep a CPU core busy (a spinning
+    Python loop): the loaded machine the CPU targets are measured on."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(count)]  # fmt: skip
+    try:
+        time.sleep(0.5 if count else 0.0)
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def median_ms(fn: Callable[[], object], device: str, budget_ms: float = 400.0) -> dict:

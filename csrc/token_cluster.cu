@@ -1,6 +1,7 @@
 // Expedit's token clustering and local reconstruction: CUDA kernels of the band steps (see
-// token_cluster.h). SIMT fp32: one thread per output element (a pixel's weights, a pixel's
-// output channel, a centre's channel); loops in a fixed order.
+// token_cluster.h). SIMT fp32: one thread per output row or element (a pixel's weights or
+// band dots, a pixel's output channel, a centre's channel); loops in a fixed order.
+// Distances are Σ_c (x_c − s_c)², which does not cancel when tokens sit far from the origin.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -97,10 +98,36 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(BandTable t, GatherArg
       }
   }
   if (g.m_step) {
-    acc = total == 0.f ? g.previous[item] : acc / total;
-    if (c == 0) g.totals[row] = total;
+    if (g.total_floor > 0.f)
+      acc = acc / (total > g.total_floor ? total : g.total_floor);
+    else
+      acc = total == 0.f ? g.previous[item] : acc / total;
   }
+  if (c == 0) g.totals[row] = total;
   g.out[item] = acc;
+}
+
+// Thread per band pixel: for each candidate slot q, the dot product dy_p · v_{q0+q} over D
+// (0 for a slot off the pixel's ±r columns or past the band).
+__global__ void __launch_bounds__(kThreads) dot_kernel(BandTable t, BandDotArgs g) {
+  const int64_t band = blockIdx.x % t.grid_h, batch = blockIdx.x / t.grid_h;
+  const int64_t local = int64_t(blockIdx.y) * kThreads + threadIdx.x;
+  if (local >= t.pixel_count[band]) return;
+  const int64_t p = t.pixel_start[band] + local;
+  const int64_t q0 = t.centre_start[band], q_count = t.centre_count[band];
+  const int64_t column = t.cell_column[p % t.width];
+  const float* dy = g.dy + (batch * g.pixels + p) * g.dim;
+  float* out = g.g + (batch * g.pixels + p) * t.max_centres;
+  for (int64_t q = 0; q < t.max_centres; ++q) {
+    const int64_t centre_column = (q0 + q) % t.grid_w;
+    const int64_t gap = column > centre_column ? column - centre_column : centre_column - column;
+    float acc = 0.f;
+    if (q < q_count && gap <= t.radius) {
+      const float* v = g.v + (batch * g.centres + q0 + q) * g.dim;
+      for (int64_t d = 0; d < g.dim; ++d) acc += dy[d] * v[d];
+    }
+    out[q] = acc;
+  }
 }
 
 template <typename T>
@@ -127,6 +154,13 @@ int band_apply(const BandTable& t, const ApplyArgs& g, void* stream) {
   if (g.batch == 0 || g.dim == 0 || t.max_pixels == 0) return cudaSuccess;
   const dim3 grid(unsigned(g.batch * t.grid_h), unsigned(blocks_for(t.max_pixels * g.dim)));
   apply_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(t, g);
+  return cudaGetLastError();
+}
+
+int band_dots(const BandTable& t, const BandDotArgs& g, void* stream) {
+  if (g.batch == 0 || t.max_pixels == 0 || t.max_centres == 0) return cudaSuccess;
+  const dim3 grid(unsigned(g.batch * t.grid_h), unsigned(blocks_for(t.max_pixels)));
+  dot_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(t, g);
   return cudaGetLastError();
 }
 

@@ -46,19 +46,32 @@ struct ApplyArgs {
 };
 int band_apply(const BandTable& t, const ApplyArgs& args, void* stream);
 
-// M-step: per centre, Σ_p a[b, p, q]·x[b, p, :] and Σ_p a[b, p, q] over the pixels that may
-// pick it (its ≤ 2r+1 bands, the pixel columns of its ±r cell columns), in band order; with
-// m_step the mean (the previous value where the total is 0) and the totals [B, M], else the
-// plain sum. x [B, N, C] fp32.
+// M-step: per centre, Σ_p a[b, p, q]·x[b, p, :] and T = Σ_p a[b, p, q] over the pixels that
+// may pick it (its ≤ 2r+1 bands, the pixel columns of its ±r cell columns), in band order;
+// the totals T [B, M] written; with m_step the mean, divided by max(T, total_floor) when
+// total_floor > 0 (the official numerics), else by T (the previous value where T is 0);
+// otherwise the plain sum. x [B, N, C] fp32.
 struct GatherArgs {
   const float* a = nullptr;
   const float* x = nullptr;
   const float* previous = nullptr;  // [B, M, C] (m_step)
   float* out = nullptr;             // [B, M, C]
-  float* totals = nullptr;          // [B, M] (m_step)
+  float* totals = nullptr;          // [B, M]
   int64_t batch = 0, pixels = 0, channels = 0;
   bool m_step = false;
+  float total_floor = 0.f;
 };
 int band_gather(const BandTable& t, const GatherArgs& args, void* stream);
+
+// g[b, p, q] = dy[b, p, :] · v[b, q0 + q, :] over the band's candidates q (0 elsewhere and
+// past the band): the adjoint of the weights of band_apply. dy [B, N, D], v [B, M, D],
+// g [B, N, max_centres], all fp32.
+struct BandDotArgs {
+  const float* dy = nullptr;
+  const float* v = nullptr;
+  float* g = nullptr;
+  int64_t batch = 0, pixels = 0, centres = 0, dim = 0;
+};
+int band_dots(const BandTable& t, const BandDotArgs& args, void* stream);
 
 }  // namespace stitchops

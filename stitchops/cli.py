@@ -80,7 +80,20 @@ def bench(args) -> int:
     return 0
 
 
+def _demo_threads(args) -> None:
+    """Demos train and time small models: one intra-op thread (stitchops.train.threads),
+    unless --threads or OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+    print(f"[demo] cpu threads: {torch.get_num_threads()}", flush=True)
+
+
 def demo(args) -> int:
+    _demo_threads(args)
     if args.task == "seg":
         from stitchops.train.segdemo import run_seg_demo as run
     elif args.task == "spt":
@@ -122,14 +135,15 @@ def eval_cmd(args) -> int:
     import torch
 
     from stitchops.train.loop import load_trained
+    from stitchops.train.outdir import check_output_folder
 
+    out = check_output_folder(args.out or Path(args.checkpoint).parent)
     device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_trained(args.checkpoint, device)
     if args.task is not None and args.task != cfg.task:
         raise ValueError(f"{args.checkpoint} is a {cfg.task} model, not {args.task}")
     table = (_eval_seg if cfg.task == "seg" else _eval_cls)(model, cfg, args, device)
     print(table.format())
-    out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stitches.json").write_text(table.to_json())
     from stitchops.train.evaluate import plot_stitches
@@ -207,7 +221,8 @@ def _device(name: str):
 
 FASEG_KEYS = {"hidden": int, "heads": int, "queries": int, "layers": int, "ffn": int,
               "dfpq": "bool", "hrca": "hrca", "hrca_ratio": int, "mask_threshold": float,
-              "first_pos": str, "points": int, "sampling": str}  # fmt: skip
+              "first_pos": str, "hrca_pos": str, "hrca_windows": str, "key_pos": str,
+              "points": int, "sampling": str}  # fmt: skip
 
 
 def _faseg_options(text: str) -> dict:
@@ -231,6 +246,8 @@ def _faseg_options(text: str) -> dict:
                 options[key] = kind(value)
             except ValueError as err:
                 raise argparse.ArgumentTypeError(f"{key}={value}: {err}") from None
+            if kind is int and options[key] < 1:
+                raise argparse.ArgumentTypeError(f"{key}={value}: must be >= 1")
     return options
 
 
@@ -287,9 +304,14 @@ _TRAIN_NUMBERS = (
     ("spt-alpha", float, "SPT: a matrix goes structured at sensitive count >= its cost / alpha"),
     ("spt-beta", float, "SPT: a vector is tuned whole at sensitive count >= its length / beta"),
     ("spt-batches", int, "SPT: training batches of the sensitivity pass"),
+    ("spt-dropout", float, "SPT: dropout on the LoRA branches' input (the official 0.1)"),
+    ("spt-drop-path", float, "SPT: per-sample drop-path of the structured branches (official "
+                             "0.1)"),
     ("save-every", int, "also save a checkpoint every N steps (0: at the end of each epoch)"),
     ("log-every", int, "write log.jsonl every N steps"),
     ("workers", int, "data-loading processes"),
+    ("threads", int, "CPU intra-op threads (none: chosen for the model's work, one for small "
+                     "models)"),
 )  # fmt: skip
 
 
@@ -325,6 +347,15 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--spt-plan", metavar="PLAN", help="SPT: a plan.json to apply instead of "
                    "the sensitivity pass, or 'lora-all' (LoRA on every matrix, the "
                    "baseline)")  # fmt: skip
+    p.add_argument("--spt-train-cls", action=argparse.BooleanOptionalAction, default=None,
+                   help="SPT: the class token trains with the head (the official recipe) "
+                   f"[{_default('spt_train_cls')}]")  # fmt: skip
+    p.add_argument("--spt-tau-search", choices=["exact", "official"],
+                   help="SPT: the largest tau within the budget, or the official tau sweep "
+                   f"(plans may exceed the budget) [{_default('spt_tau_search')}]")  # fmt: skip
+    p.add_argument("--spt-split-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="SPT: rank a fused qkv as q, k and v, as the official code "
+                   f"[{_default('spt_split_fused')}]")  # fmt: skip
     p.add_argument("--spt-per-sample", action="store_true", default=None,
                    help="SPT: sum per-sample squared gradients (the thesis's "
                    "Algorithm 1)")  # fmt: skip
@@ -405,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of the stitched model, or spt's fine-tuning (default: 10 for "
                    "cls, 8 for seg, 12 for spt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1, the demos' "
+                   "models are small: more only slows them)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)
     _add_train_parser(sub)

@@ -160,18 +160,23 @@ TOKEN_CLUSTER = OpTests(
             "_apply_kernel", {"ACCUMULATE": True, "BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_D": 32}
         ),
         AotPlain("_gather_kernel", {"M_STEP": True, "BLOCK_W": 1, "BLOCK_P": 32, "BLOCK_C": 32}),
+        AotPlain("_band_dot_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_D": 32}),
     ),
     fp32_pointers=frozenset(
         {
             "s_ptr",
+            "mean_ptr",
             "a_ptr",
             "y_ptr",
             "prev_ptr",
             "out_ptr",
             "totals_ptr",
+            "dy_ptr",
+            "v_ptr",
+            "g_ptr",
         }
     ),
-    arg_types={**_BANDS, "inv_temperature": "fp32"},
+    arg_types={**_BANDS, "inv_temperature": "fp32", "total_floor": "fp32"},
 )
 
 _FOCUS_BLOCKS = {"BLOCK_Q": 32, "BLOCK_N": 64, "BLOCK_D": 32}

@@ -101,10 +101,13 @@ def test_cpu_targets_are_read_off_the_cpu_file(acceptance, tmp_path, capsys):
     rows += [{"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cpu",
               "baseline_impl": "dense_gather", "torch": {**impl(1.3), "vs_dense_gather": 1.3}}
              for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]  # fmt: skip
-    clusters = [{"work": work, "batch": b, "map": m, "device": "cpu", "baseline_impl": "official",
-                 "torch": {**impl(2.0), "memory_vs_baseline": 1.5}}
+    clusters = [{"work": work, "batch": b, "map": m, "device": "cpu", "threads": t, "busy": 1,
+                 "baseline_impl": "official",
+                 **{name: {**impl(2.0), "memory_vs_baseline": 1.5}
+                    for name in ("torch", "torch_topk")}}
                 for work in ("cluster", "reconstruct") for b, m in ((1, "40x40"), (8, "40x40"),
-                                                                    (1, "32x32"))]  # fmt: skip
+                                                                    (1, "32x32"))
+                for t in (1, 2)]  # fmt: skip
     focus = [{"kind": "hrca", "map": m, "work": "forward", "device": "cpu",
               "baseline_impl": "official", "torch": {**impl(4.0), "memory_vs_baseline": 5.0}}
              for m in ("128x128", "256x512")]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from official_expedit import official_cluster, official_topk
 
 from stitchops.models import (
     Segmenter,
@@ -26,11 +27,16 @@ def vit(**kw):
 IMAGES = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
+# The identity checks below (the full grid at a tiny τ) use the exact numerics: with τ = 1e-6
+# a token's float32 distance to its own centre, rounding of order 1e-5, already puts the
+# official weights under their 1e-12 norm floor (test_token_cluster shows that floor).
+
+
 @pytest.mark.parametrize("alpha, beta", [(0, None), (1, 2), (3, 1)])
 def test_full_grid_and_tiny_temperature_reproduce_the_plain_model(alpha, beta):
     model = vit()
     plain = model(IMAGES)
-    with expedited(model, alpha, (8, 8), beta=beta, temperature=1e-6):
+    with expedited(model, alpha, (8, 8), beta=beta, temperature=1e-6, numerics="exact"):
         assert torch.allclose(model(IMAGES), plain, atol=1e-5)
 
 
@@ -40,11 +46,11 @@ def test_flexivit_patch_sizes_and_segmenter_reproduce_too():
     for patch in (1, 2):
         grid = (8 // patch, 8 // patch)
         plain = flexi(IMAGES, patch_size=patch)
-        with expedited(flexi, 1, grid, temperature=1e-6):
+        with expedited(flexi, 1, grid, temperature=1e-6, numerics="exact"):
             assert torch.allclose(flexi(IMAGES, patch_size=patch), plain, atol=1e-5)
     segmenter = Segmenter(vit(), num_classes=4).eval()
     plain = segmenter(IMAGES)
-    with expedited(segmenter, 2, (8, 8), temperature=1e-6):
+    with expedited(segmenter, 2, (8, 8), temperature=1e-6, numerics="exact"):
         assert torch.allclose(segmenter(IMAGES), plain, atol=1e-5)
     with expedited(segmenter, 2, (4, 4)):
         assert segmenter(IMAGES).shape == plain.shape
@@ -134,6 +140,8 @@ def test_reconstructed_features_beat_pooling_and_bilinear_upsampling(trained, al
         (dict(alpha=1, grid=4), TypeError, "grid must be a pair"),
         (dict(alpha=1, grid=(4, 4), where="neck"), ValueError, "where must be one of"),
         (dict(alpha=1, grid=(4, 4), where="head"), TypeError, "needs a segmentation model"),
+        (dict(alpha=1, grid=(4, 4), reconstruct="soft"), ValueError, "reconstruct must be one"),
+        (dict(alpha=1, grid=(4, 4), numerics="loose"), ValueError, "numerics must be one of"),
     ],
 )
 def test_bad_settings_raise_clear_errors(kwargs, error, message):
@@ -162,7 +170,7 @@ def test_stitched_route_reproduces_and_clusters_across_the_stitching_layer():
     model.select(stitch.id)
     depth = sum(seg.stop - seg.start for seg in stitch.route)
     plain = model(IMAGES)
-    with expedited(model, 1, (8, 8), temperature=1e-6):
+    with expedited(model, 1, (8, 8), temperature=1e-6, numerics="exact"):
         assert torch.allclose(model(IMAGES), plain, atol=1e-5)
     seen = []
     layer = model.stitch_layers[stitch.points[0].key][stitch.points[0].index]
@@ -189,7 +197,7 @@ def test_where_head_reconstructs_the_heads_logits(backbone):
         trunk.select(_crossing_stitch(trunk).id)
     segmenter = Segmenter(trunk, num_classes=4, decoder="mask").eval()
     plain = segmenter(IMAGES)
-    with expedited(segmenter, 2, (8, 8), temperature=1e-6, where="head"):
+    with expedited(segmenter, 2, (8, 8), temperature=1e-6, numerics="exact", where="head"):
         assert torch.allclose(segmenter(IMAGES), plain, atol=1e-5)
     maps = []
     hook = segmenter.decoder.register_forward_pre_hook(lambda m, a: maps.append(a[0][-1].shape))
@@ -219,20 +227,97 @@ def test_timm_vision_transformer():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
     images = torch.randn(2, 3, 64, 64)
     plain = model(images)
-    with expedited(model, 4, (4, 4), temperature=1e-6):
+    with expedited(model, 4, (4, 4), temperature=1e-6, numerics="exact"):
         assert torch.allclose(model(images), plain, atol=1e-4)
     with expedited(model, 4, (2, 2)):
         assert model(images).shape == plain.shape
 
 
 def test_expedit_demo_end_to_end(tmp_path):
-    from stitchops.train.expeditdemo import run_expedit_demo
+    from stitchops.train.expeditdemo import VARIANTS, run_expedit_demo
 
     summary = run_expedit_demo(out=tmp_path, epochs=1, progress=False,
                                settings=((2, (8, 8)),))  # fmt: skip
-    rows = {r["method"]: r for r in summary["rows"]}
-    assert set(rows) == {"cluster", "pool"}
-    for r in rows.values():
+    rows = summary["rows"]
+    assert {r["variant"] for r in rows} == set(VARIANTS)
+    assert {r["tau_rule"] for r in rows} == {"paper", "scaled"}
+    for r in rows:
         assert r["gflops"] < summary["plain"]["gflops"] and 0 <= r["miou"] <= 1
-        assert -1 <= r["cosine"] <= 1 and r["temperature"] > 0
+        assert 0 <= r["agreement"] <= 1 and r["temperature"] > 0
     assert (tmp_path / "expedit.png").read_bytes().startswith(b"\x89PNG")
+
+
+def official_insertion(segmenter, images, alpha, grid):
+    """Expedit-Segmenter's order (``HourglassVisionTransformer`` and
+    ``EncoderDecoder.encode_decode``) on our Segmenter, from the float64 formulations of the
+    official clustering and reconstruction: blocks 0..α−1, the official clustering of the
+    patch tokens, blocks α.. on the class token and the centres, the head on the h×w map, the
+    official top-k reconstruction (k 20) of its logits from the tokens before clustering and
+    the centres, bilinear upsampling to the image."""
+    vit = segmenter.backbone
+    tokens = vit.forward_embed(images)
+    for block in vit.blocks[:alpha]:
+        tokens = block(tokens)
+    b, _, c = tokens.shape
+    x = tokens[:, 1:].reshape(b, images.shape[-2] // 2, images.shape[-1] // 2, c)
+    centres = official_cluster(x, grid, 5, 5, 50.0)
+    tokens = torch.cat([tokens[:, :1], centres.reshape(b, -1, c)], dim=1)
+    for block in vit.blocks[alpha:]:
+        tokens = block(tokens)
+    logits = segmenter.decoder([tokens[:, 1:].transpose(1, 2).reshape(b, c, *grid)])
+    y = official_topk(x, centres, logits.permute(0, 2, 3, 1), 20, 50.0)
+    return F.interpolate(y.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear",
+                         align_corners=False)  # fmt: skip
+
+
+def large_token_segmenter():
+    """A float64 Segmenter (mask transformer) whose patch tokens have squared norms of a few
+    thousand, as ViT-L's: patch 2 on 32×32 images (a 16×16 token map)."""
+    torch.manual_seed(0)
+    trunk = vit_small_test(patch_size=2, img_size=32, in_chans=3, embed_dim=32, depth=4,
+                           num_heads=2).double()  # fmt: skip
+    with torch.no_grad():
+        trunk.patch_embed.proj.weight.mul_(60.0)
+    return Segmenter(trunk, num_classes=5, decoder="mask").double().eval()
+
+
+def test_defaults_are_the_official_segmenter_insertion():
+    """``expedite(segmenter, alpha, grid)`` with every other argument at its default equals
+    the official code's insertion to float64 rounding, at token scales where the official
+    clamp and floor act (the exact numerics and the local reconstruction then differ)."""
+    segmenter = large_token_segmenter()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4),
+                         dtype=torch.float64)  # fmt: skip
+    with torch.no_grad():
+        tokens = segmenter.backbone.blocks[0](segmenter.backbone.forward_embed(images))
+        assert tokens[:, 1:].square().sum(-1).median() > 2e3
+        want = official_insertion(segmenter, images, 1, (10, 10))
+        with expedited(segmenter, 1, (10, 10)):
+            assert expedition(segmenter).where == "head"
+            got = segmenter(images)
+        with expedited(segmenter, 1, (10, 10), numerics="exact"):
+            exact = segmenter(images)
+        with expedited(segmenter, 1, (10, 10), reconstruct="local", numerics="exact"):
+            local = segmenter(images)
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale < 1e-10
+    assert (exact - want).abs().max() / scale > 1e-3
+    assert (local - want).abs().max() / scale > 1e-3
+
+
+def test_training_gradients_reach_the_tokens_through_the_reconstruction_weights():
+    """As the official code: the reconstruction weights are differentiable in the tokens
+    and the centres (the patch embedding's gradient changes when they are made constants)."""
+    segmenter = large_token_segmenter()
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5),
+                         dtype=torch.float64)  # fmt: skip
+
+    def embed_grad(**options):
+        segmenter.zero_grad()
+        with expedited(segmenter, 1, (10, 10), temperature=5e3, **options):
+            segmenter(images).square().sum().backward()
+        return segmenter.backbone.patch_embed.proj.weight.grad.clone()
+
+    through = embed_grad()
+    detached = embed_grad(weight_grad=False)
+    assert (through - detached).abs().max() > 1e-6 * through.abs().max()

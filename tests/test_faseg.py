@@ -20,11 +20,20 @@ def decoder(**options) -> FASegDecoder:
     return FASegDecoder(5, **{**SMALL, **options}).eval()
 
 
-def maps(batch=2, coarse=(2, 3), seed=1):
-    """1/32, 1/16, 1/8 maps and the 1/4 one (8× the 1/32 side), [B, 32, h, w]."""
+def maps(batch=2, coarse=(2, 3), seed=1, channels=32, dtype=torch.float32):
+    """1/32, 1/16, 1/8 maps and the 1/4 one (8× the 1/32 side), [B, channels, h, w]."""
     g = torch.Generator().manual_seed(seed)
     sizes = [(coarse[0] * f, coarse[1] * f) for f in (1, 2, 4, 8)]
-    return [torch.randn(batch, 32, *s, generator=g) for s in sizes]
+    return [torch.randn(batch, channels, *s, generator=g, dtype=dtype) for s in sizes]
+
+
+def run(model: FASegDecoder, levels, positions=None):
+    """The decoder on maps [1/32, 1/16, 1/8, 1/4] (the 1/4 one also the mask features), with
+    positions (default: other random maps of the same shapes)."""
+    if positions is None:
+        positions = maps(levels[0].shape[0], tuple(levels[0].shape[-2:]), seed=7,
+                         channels=levels[0].shape[1], dtype=levels[0].dtype)  # fmt: skip
+    return model(levels[:3], levels[3], levels[3], positions)
 
 
 def record_layers(model: FASegDecoder):
@@ -43,7 +52,7 @@ def test_layers_cycle_the_levels_with_masked_attention_then_hrca():
     model = decoder(layers=6)
     levels = maps()
     seen, handles = record_layers(model)
-    predictions = model(levels[:3], levels[3], levels[3])
+    predictions = run(model, levels)
     for h in handles:
         h.remove()
     assert len(predictions) == 7  # before the first layer and after each
@@ -64,7 +73,7 @@ def test_dfpq_positions_follow_the_previous_attention_and_skip_hrca():
     model = decoder(layers=6)
     levels = maps()
     seen, handles = record_layers(model)
-    model(levels[:3], levels[3], levels[3])
+    run(model, levels)
     for h in handles:
         h.remove()
     learned = model.query_embed.weight
@@ -74,7 +83,7 @@ def test_dfpq_positions_follow_the_previous_attention_and_skip_hrca():
     assert torch.equal(seen[4]["query_pos"], seen[3]["query_pos"])  # HRCA does not update it
     plain = decoder(layers=3, dfpq=False, hrca=None)
     seen, handles = record_layers(plain)
-    plain(levels[:3], levels[3], levels[3])
+    run(plain, levels)
     for h in handles:
         h.remove()
     for s in seen:  # Mask2Former: the learned positional queries, three levels
@@ -89,7 +98,7 @@ def test_first_positions_pool_over_the_foreground_or_as_the_code():
     pos = torch.arange(16, dtype=torch.float32).view(1, 16, 1).expand(1, 16, 3)
     thesis = model._first_positions(masks, pos, (4, 4))
     assert torch.allclose(thesis[0, 0], torch.full((3,), (0 + 1 + 4 + 5) / 4))
-    assert torch.allclose(thesis[0, 1], torch.full((3,), 7.5))  # no foreground: uniform
+    assert torch.equal(thesis[0, 1], torch.zeros(3))  # no foreground: 0, as the code's guard
     model.first_pos = "code"
     code = model._first_positions(masks, pos, (4, 4))
     assert torch.allclose(code[0, 0], torch.full((3,), (120 - 10) / 12))
@@ -108,7 +117,7 @@ def test_hrca_ablations_run(hrca):
     model = decoder(layers=4, hrca=hrca)
     levels = maps()
     seen, handles = record_layers(model)
-    model(levels[:3], levels[3], levels[3])
+    run(model, levels)
     for h in handles:
         h.remove()
     attend = seen[3]["attend"]
@@ -186,7 +195,7 @@ def test_bad_settings():
         FASegDecoder(3, layers=0)
     with pytest.raises(ValueError, match="whole multiple of the 1/32 map"):
         levels = maps()
-        decoder(layers=4)(levels[:3], levels[3][..., :-1], levels[3][..., :-1])
+        run(decoder(layers=4), [*levels[:3], levels[3][..., :-1]])
 
 
 FASEG = ["--head", "faseg", "--faseg", "queries=6,layers=5,hidden=32,heads=4,ffn=64,points=128"]
@@ -215,11 +224,13 @@ def test_faseg_train_and_eval_through_the_cli(tmp_path, capsys):
                  "--anchors", SEG_LARGE, "--mode", "anchor", "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2  # fmt: skip
     assert "hrca must be one of" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stop:  # argparse's own error: one line too
-        main(["train", "--task", "seg", "--head", "faseg", "--faseg", "queries"])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "expected KEY=VALUE" in err and err.count("\n") == 1, err
+    for option, words in (("queries", "expected KEY=VALUE"), ("queries=0", "must be >= 1"),
+                          ("layers=-2", "must be >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:  # argparse's own error: one line too
+            main(["train", "--task", "seg", "--head", "faseg", "--faseg", option])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
 
 
 def test_faseg_demo_end_to_end(tmp_path):
@@ -234,3 +245,124 @@ def test_faseg_demo_end_to_end(tmp_path):
         assert 0 <= r["miou"] <= 1 and r["step_ms"] > 0
     assert (tmp_path / "faseg.png").stat().st_size > 10_000
     assert (tmp_path / "faseg.json").exists()
+
+
+OFFICIAL = {"first_pos": "code", "hrca_pos": "learned", "hrca_windows": "floor"}
+
+
+def official_setup(hidden=64, heads=8, queries=20, layers=13, coarse=(8, 8), **options):
+    torch.manual_seed(3)
+    model = FASegDecoder(5, hidden=hidden, heads=heads, queries=queries, ffn=2 * hidden,
+                         layers=layers, **{**OFFICIAL, **options}).double().eval()  # fmt: skip
+    levels = maps(batch=2, coarse=coarse, channels=hidden, dtype=torch.float64)
+    positions = maps(batch=2, coarse=coarse, seed=9, channels=hidden, dtype=torch.float64)
+    return model, levels, positions
+
+
+def test_decoder_matches_the_official_decoder_in_every_prediction():
+    """The official decoder's 14 predictions (13 layers) on the same weights, in float64:
+    with the official switches every class and mask logit agrees to rounding; with HRCA
+    taking the dynamic positions (ours, hrca_pos="dfpq") they do not."""
+    from official_faseg import official_decoder
+
+    model, levels, positions = official_setup()
+    with torch.no_grad():
+        want = official_decoder(model, levels, levels[3], positions)
+        got = run(model, levels, positions)
+        assert len(got) == len(want) == 14
+        for p, (classes, masks) in zip(got, want, strict=True):
+            assert (p.classes - classes).abs().max() < 1e-10 * classes.abs().max()
+            assert (p.masks - masks).abs().max() < 1e-10 * masks.abs().max()
+        model.hrca_pos = "dfpq"
+        other = run(model, levels, positions)
+    assert (other[-1].classes - want[-1][0]).abs().max() > 1e-6
+
+
+def test_an_hrca_layer_at_the_thesis_shapes_matches_the_official_one():
+    """One HRCA layer as FASeg's (hidden 256, 8 heads, 100 queries, a 512² image: the 1/32
+    map 16×16, the 1/4 map 128×128, the top 8 windows of 8×8), output and its gradients to
+    the queries and the map, float64."""
+    from official_faseg import cross, multihead, window_partition
+
+    torch.manual_seed(4)
+    model = FASegDecoder(5, hidden=256, heads=8, queries=100, layers=4).double()
+    layer = model.layers[3]
+    g = torch.Generator().manual_seed(5)
+    tgt = torch.randn(2, 100, 256, generator=g, dtype=torch.float64, requires_grad=True)
+    hires = torch.randn(2, 256, 128, 128, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(2, 256, 128, 128, generator=g, dtype=torch.float64)
+    query_pos = torch.randn(2, 100, 256, generator=g, dtype=torch.float64)
+    scores = torch.rand(2, 256, generator=g, dtype=torch.float64)
+    attend = model._hrca(scores, (128, 128), (16, 16), 2)
+    tokens = hires.flatten(2).transpose(1, 2)
+    ours = layer.cross(tgt, tokens, query_pos, pos.flatten(2).transpose(1, 2), **attend).out
+    ours = layer.cross_norm(tgt + ours)
+    top = scores.sort(dim=-1, descending=True).indices[:, :8]
+    pick = top[..., None, None].expand(-1, -1, 64, 256)
+    windows = torch.gather(window_partition(hires, 8).view(2, -1, 64, 256), 1, pick)
+    window_pos = torch.gather(window_partition(pos, 8).view(2, -1, 64, 256), 1, pick)
+    want, _ = cross(
+        layer,
+        multihead(layer.cross),
+        tgt.transpose(0, 1),
+        windows.view(2, -1, 256).transpose(0, 1),
+        None,
+        window_pos.view(2, -1, 256).transpose(0, 1),
+        query_pos.transpose(0, 1),
+    )
+    want = want.transpose(0, 1)
+    assert (ours - want).abs().max() < 1e-12 * want.abs().max()
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(ours, (tgt, hires), grad)
+    expected = torch.autograd.grad(want, (tgt, hires), grad)
+    for a, b in zip(got, expected, strict=True):
+        assert (a - b).abs().max() < 1e-10 * b.abs().max()
+
+
+def test_official_window_count_is_zero_on_a_small_map():
+    """⌊n/32⌋ windows on a 1/32 map of 2×3: none, and the HRCA layer attends no key (its
+    output before the residual is the projection's bias, as nn.MultiheadAttention over an
+    empty memory); the default attends one window."""
+    model = decoder(layers=4, hrca_windows="floor")
+    levels = maps()
+    seen, handles = record_layers(model)
+    run(model, levels)
+    for h in handles:
+        h.remove()
+    assert seen[3]["attend"]["windows"].shape == (2, 0)
+    assert decoder(layers=4)._hrca(torch.rand(2, 6), (16, 24), (2, 3), 2)["windows"].shape == (
+        2, 1)  # fmt: skip
+    empty = model.layers[3].cross(torch.randn(2, 6, 32), torch.randn(2, 384, 32),
+                                  windows=torch.zeros(2, 0, dtype=torch.long), window_size=8,
+                                  map_size=(16, 24))  # fmt: skip
+    assert torch.equal(empty.out, model.layers[3].cross.out_proj.bias.expand(2, 6, 32))
+
+
+def test_sine_positions_are_mask2formers():
+    """DETR's normalised sine encoding, written out for one position."""
+    from stitchops.models.faseg import sine_positions
+
+    pos = sine_positions(torch.zeros(1, 8, 3, 4), 8)
+    assert pos.shape == (1, 8, 3, 4)
+    y, x = 2 * torch.pi * 2 / (3 + 1e-6), 2 * torch.pi * 4 / (4 + 1e-6)  # row 1, column 3
+    freq = torch.tensor([1.0, 1.0, 100.0, 100.0])
+    want = [y / freq[0], y / freq[1], y / freq[2], y / freq[3]]
+    want = [torch.sin(torch.tensor(want[0])), torch.cos(torch.tensor(want[1])),
+            torch.sin(torch.tensor(want[2])), torch.cos(torch.tensor(want[3]))]  # fmt: skip
+    assert torch.allclose(pos[0, :4, 1, 3], torch.stack(want), atol=1e-6)
+    assert torch.allclose(pos[0, 4, 1, 3], torch.sin(torch.tensor(x)), atol=1e-6)
+
+
+def test_inference_upsamples_the_masks_before_their_sigmoid():
+    torch.manual_seed(0)
+    vit = vit_small_test(img_size=32, patch_size=4, in_chans=3, num_classes=5, depth=4,
+                         embed_dim=32, num_heads=2)  # fmt: skip
+    model = FASeg(vit, 5, layers=2, **SMALL).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+        last = model.decoder.predictions[-1]
+        masks = torch.nn.functional.interpolate(last.masks, size=(32, 32), mode="bilinear",
+                                                align_corners=False)  # fmt: skip
+    assert torch.allclose(out, semantic_scores(Prediction(last.classes, masks)), atol=1e-6)
+    assert model.decoder.key_pos == "conv"
+    assert FASeg(vit, 5, layers=2, dfpq=False, hrca=None, **SMALL).decoder.key_pos == "sine"

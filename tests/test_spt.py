@@ -3,6 +3,8 @@ round trips on a ViT and an MLP, nnz-sized optimizer state, the plan's table and
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch import nn
 from stitchops import spt
 from stitchops.models.vit import VisionTransformer
 from stitchops.nn import AdapterLinear, LoRALinear, SparseDeltaLinear
+from stitchops.spt.sensitivity import EXCLUDE, ranked_parameters
 
 
 def mlp() -> nn.Module:
@@ -123,14 +126,15 @@ def test_allocation_takes_every_branch():
 
 def _brute_force_tau(sens, model, budget, **kw) -> int:
     """The largest τ whose plan fits, by trying every τ (the allocation's cost function)."""
-    from stitchops.spt.allocate import _check_sensitivity, _Costs
+    from stitchops.spt.allocate import _check_sensitivity, _Costs, ranked
 
-    costs = _Costs(sens, _check_sensitivity(sens, model), kw.get("structured", "lora"),
-                   kw["rank"], kw["alpha"], kw["beta"])  # fmt: skip
+    items = ranked(sens, _check_sensitivity(sens, model), split_fused=True)
+    costs = _Costs(items, kw.get("structured", "lora"), kw["rank"], kw["alpha"], kw["beta"])
     fits = [t for t in range(1, costs.order.numel() + 1) if costs.total(t) <= budget]
     return max(fits)
 
 
+@pytest.mark.filterwarnings("ignore:SPT budget")  # 10**6: more than any plan uses
 @pytest.mark.parametrize("budget", [1, 25, 59, 61, 85, 97, 120, 300, 10**6])
 @pytest.mark.parametrize("structured", ["lora", "adapter"])
 def test_tau_search_lands_on_the_largest_total_within_budget(budget, structured):
@@ -253,6 +257,7 @@ def test_optimizer_state_is_nnz_sized_for_the_deltas():
     assert decays <= {0.0}
 
 
+@pytest.mark.filterwarnings("ignore:SPT budget")  # a budget past the model: every entry
 def test_adapter_plan_applies_and_starts_at_the_pretrained_output():
     model, data = mlp(), batches(2, (10,))
     sens = spt.sensitivity(model, data, exclude=("5.",), progress=False)
@@ -265,6 +270,7 @@ def test_adapter_plan_applies_and_starts_at_the_pretrained_output():
     assert torch.equal(model(x), before)
 
 
+@pytest.mark.filterwarnings("ignore:SPT budget")
 def test_apply_rejects_a_model_without_linear_layers_and_foreign_plans():
     plan = spt.allocate(toy_sensitivity(), Toy(), 1_000, rank=2, alpha=2.0)
     with pytest.raises(ValueError, match=r"no nn\.Linear"):
@@ -312,3 +318,140 @@ def test_timm_vision_transformer_round_trip():
     spt.apply(model, plan)
     assert torch.equal(model(x), before)
     assert any(isinstance(m, SparseDeltaLinear) for m in model.modules())
+
+
+# ---------------------------------------------------------------- the official allocation
+
+
+def deit_small_widths(depth: int = 2) -> VisionTransformer:
+    """DeiT-S's widths (384, 6 heads, MLP 1536) at a small depth."""
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=16, embed_dim=384, depth=depth,
+                             num_heads=6, num_classes=10)  # fmt: skip
+
+
+def separate_qkv_names(sensitivity: dict) -> dict:
+    """The sensitivities as the official separate-q/k/v model names them (and orders them:
+    q, k, v where our fused qkv sits)."""
+    out = {}
+    for name, value in sensitivity.items():
+        if ".qkv." in name:
+            for i, part in enumerate("qkv"):
+                out[name.replace(".qkv.", f".{part}.")] = value.chunk(3, 0)[i]
+        else:
+            out[name] = value
+    return out
+
+
+@functools.cache
+def official_case():
+    """(model, sensitivities, the official plans at 0.2 and 0.8 M), computed once."""
+    from official_spt import official_plans
+
+    model = deit_small_widths(depth=1)
+    g = torch.Generator().manual_seed(11)
+    ranked = ranked_parameters(model, EXCLUDE)
+    sens = {n: torch.rand(p.shape, generator=g) for n, p in ranked.items()}
+    return model, sens, official_plans(separate_qkv_names(sens), [0.2, 0.8], extra=384)
+
+
+@pytest.mark.parametrize("budget_m", [0.2, 0.8])
+def test_official_allocation_on_deit_small_widths(budget_m):
+    """``tau_search="official"`` with q, k, v split out of the fused qkv equals the official
+    allocation (its τ sweep, its per-q/k/v thresholds) written in the tests, on a ViT with
+    DeiT-S's widths and random sensitivities."""
+    model, sens, plans = official_case()
+    structured, vectors, unstructured = plans[budget_m]
+    plan = spt.allocate(sens, model, budget_m * 1e6, tau_search="official")
+    got_structured = sorted(n for n, e in plan.entries.items() if e.kind == "lora")
+    want = sorted(structured)
+    mapped = sorted(n.replace(".qkv.weight[", ".").replace("]", ".weight")
+                    for n in got_structured)  # fmt: skip
+    assert mapped == want
+    got_vectors = sorted(n.replace(".qkv.bias[", ".").replace("]", ".bias")
+                         for n, e in plan.entries.items() if e.kind == "whole")  # fmt: skip
+    assert got_vectors == sorted(vectors)
+    for name, index in unstructured.items():
+        ours_name = name
+        for part in "qkv":
+            for kind in ("weight", "bias"):
+                ours_name = ours_name.replace(f".{part}.{kind}", f".qkv.{kind}[{part}]")
+        assert plan.entries[ours_name].index == index, name
+    assert len(plan.entries) == len(structured) + len(vectors) + len(unstructured)
+
+
+def test_fused_qkv_is_tuned_as_three_matrices_and_merges():
+    """split_fused (default): the fused qkv's parts get their own entries and thresholds, a
+    PartedLinear tunes them in their rows, the output starts unchanged, and merging folds
+    every part back; split_fused=False ranks qkv as one matrix."""
+    model = tiny_vit()
+    data = batches(2, (3, 16, 16))
+    sens = spt.sensitivity(model, data, progress=False)
+    plan = spt.allocate(sens, model, 400, rank=2, alpha=4.0)
+    parts = [e for e in plan.entries.values() if e.parameter is not None]
+    assert parts and all(e.name.endswith(("[q]", "[k]", "[v]")) for e in parts)
+    assert all(e.shape[0] == 24 for e in parts if e.shape[-1] == 24 and len(e.shape) == 2)
+    fused = spt.allocate(sens, model, 400, rank=2, alpha=4.0, split_fused=False)
+    assert not any(e.parameter for e in fused.entries.values())
+    assert any(n.endswith("qkv.weight") for n in fused.entries)
+    x = data[0][0]
+    before = model.eval()(x)
+    spt.apply(model, plan)
+    from stitchops.nn import PartedLinear
+
+    assert any(isinstance(m, PartedLinear) for m in model.modules())
+    assert torch.equal(model(x), before)
+    assert spt.trainable_count(model) == plan.total
+    fine_tune(model, data * 3)
+    tuned = model(x)
+    spt.merge(model)
+    assert not any(isinstance(m, PartedLinear) for m in model.modules())
+    torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
+
+
+def test_parted_linear_tunes_only_its_parts_rows():
+    from stitchops.nn import PartedLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 6)
+    frozen = linear.weight.detach().clone()
+    parts = {"q": ((0, 2), "lora", None), "v": ((4, 6), "unstructured", [1, 6])}
+    layer = PartedLinear(linear, parts, rank=2)
+    with torch.no_grad():
+        layer.lora_B["q"].fill_(0.5)
+        layer.delta.fill_(1.0)
+    merged = layer.merged_linear().weight
+    changed = (merged != frozen).any(1).tolist()
+    assert changed == [True, True, False, False, True, True]
+    assert (merged - frozen)[4:].flatten().nonzero().flatten().tolist() == [1, 6]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer(x), x @ merged.T + linear.bias)
+
+
+def test_allocation_refuses_nan_and_negative_sensitivities_and_says_when_saturated():
+    sens = toy_sensitivity()
+    sens["small.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"sensitivity\['small.weight'\] holds 1 NaN"):
+        spt.allocate(sens, Toy(), 100)
+    sens = toy_sensitivity()
+    sens["norm.bias"][0] = -1.0
+    with pytest.raises(ValueError, match=r"sensitivity\['norm.bias'\] .* negative"):
+        spt.allocate(sens, Toy(), 100)
+    with pytest.warns(UserWarning, match="more than any plan uses"):
+        plan = spt.allocate(toy_sensitivity(), Toy(), 10**6, rank=2)
+    assert plan.tau == sum(t.numel() for t in toy_sensitivity().values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"a": 1}', "not an SPT plan: expected a JSON object with 'entries'"),
+    ('[1, 2]', "not an SPT plan"),
+    ('{"entries": []}', "missing alpha, beta, budget, rank, structured, tau"),
+    ('{"entries": [{"name": "x"}], "budget": 1, "tau": 1, "structured": "lora", "rank": 8,'
+     ' "alpha": 10, "beta": 5}', "malformed entry"),
+    ("not json", "not JSON"),
+])  # fmt: skip
+def test_a_foreign_plan_file_is_refused_with_a_reason(tmp_path, text, message):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        spt.SPTPlan.load(path)

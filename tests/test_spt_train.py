@@ -55,7 +55,8 @@ def test_spt_trains_evaluates_and_merges(tmp_path, pretrained):
     assert result["accuracy"] == result["merged_accuracy"]
     assert result["trainable_without_head"] == total
     usage = json.loads((out / "usage.json").read_text())
-    assert usage["trainable"] == total + 5 * 16 + 5  # the head trains too
+    assert usage["trainable"] == total + 5 * 16 + 5 + 16  # the head and class token train too
+    assert result["class_token"] == 16
     assert usage["step_ms_median"] > 0
 
 
@@ -108,6 +109,8 @@ def test_bad_budget_is_a_clear_error(text):
 
 
 def test_cli_spt_mistakes_are_one_line_with_exit_code_2(tmp_path, pretrained, capsys):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"layers": [1, 2, 3]}')
     base = ["train", "--mode", "spt", "--anchors", BACKBONE + ",num_classes=5",
             "--anchor-weights", pretrained, "--data", "shapes-cls", "--out",
             str(tmp_path / "run"), "--no-progress"]  # fmt: skip
@@ -115,12 +118,14 @@ def test_cli_spt_mistakes_are_one_line_with_exit_code_2(tmp_path, pretrained, ca
         (base, ["needs --budget"]),
         ([*base, "--budget", "0.5"], ["below the smallest possible plan"]),
         ([*base, "--budget", "400", "--spt-plan", str(tmp_path / "none.json")], ["none.json"]),
+        ([*base, "--spt-plan", str(foreign)], ["foreign.json", "not an SPT plan"]),
     ):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("stitchops train: error: "), err
         for word in words:
             assert word in err[0], (word, err[0])
+        assert not (tmp_path / "run").exists()
 
 
 def test_spt_demo_end_to_end(tmp_path):

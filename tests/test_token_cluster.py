@@ -1,6 +1,8 @@
 """stitchops.token_cluster / token_reconstruct (Expedit): the reference against a float64
-dense formulation with explicit candidate lists, the registered ops against the reference
-(forward and gradients), topk mode, affinity gradients, modules, bad inputs, compile."""
+dense formulation with explicit candidate lists, the official numerics against a float64
+formulation of the official code at realistic token scales, the registered ops against the
+reference (forward and every gradient, weights included), float32 accuracy against the
+official float32, topk mode, affinity gradients, modules, bad inputs, compile."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import rel_err
+from official_expedit import dense_candidates, official_cluster, official_topk, realistic_tokens
 
 import stitchops
 from stitchops.nn import TokenClustering, TokenReconstruction
@@ -16,21 +19,6 @@ from stitchops.ops import token_cluster as cluster_ops
 from stitchops.reference import token_cluster as reference
 
 # ------------------------------------------------------------ float64 dense formulation
-
-
-def dense_candidates(size: tuple[int, int], grid: tuple[int, int], window: int) -> torch.Tensor:
-    """[N, M] bool: pixel p may pick centre i. Cells from F.interpolate of a 2-D map of cell
-    numbers (not the reference's per-axis indices), candidates listed by explicit loops."""
-    (height, width), (h, w), r = size, grid, window // 2
-    numbers = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)
-    cell = F.interpolate(numbers, size=(height, width), mode="nearest").view(-1).long()
-    allowed = torch.zeros(height * width, h * w, dtype=torch.bool)
-    for p in range(height * width):
-        cy, cx = divmod(int(cell[p]), w)
-        for i in range(max(0, cy - r), min(h, cy + r + 1)):
-            for j in range(max(0, cx - r), min(w, cx + r + 1)):
-                allowed[p, i * w + j] = True
-    return allowed
 
 
 def dense_cluster(x, grid, window, iters, temperature):
@@ -117,6 +105,56 @@ def test_a_centre_that_loses_every_pixel_keeps_its_value():
     assert torch.equal(s[0, 0, 1], first[0, 0, 1])  # kept, where the official code zeroes it
 
 
+def test_official_numerics_zero_a_centre_that_loses_every_pixel():
+    x = losing_centre_map()
+    s = reference.token_cluster(x, (1, 3), 3, 3, 1e-3, numerics="official")
+    assert rel_err(s, official_cluster(x, (1, 3), 3, 3, 1e-3)) < 1e-10
+    assert torch.equal(s[0, 0, 1], torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("squared_norm", [1.0, 1e2, 1e3, 1e4])
+def test_official_numerics_match_the_official_code_at_realistic_scales(squared_norm):
+    """Centres and top-k reconstruction at ViT-like token scales (Expedit-Segmenter's grid
+    28×28 of 40×40, window 5, 5 iterations, τ 50, k 20): our official numerics against the
+    float64 formulation of the official code; at 10⁴ its clamp and floor act, and the exact
+    numerics differ from it there."""
+    x = realistic_tokens((40, 40), 32, squared_norm)
+    want = official_cluster(x, (28, 28), 5, 5, 50.0)
+    got = stitchops.token_cluster(x, (28, 28), numerics="official")
+    assert rel_err(got, want) < 1e-10
+    values = torch.randn(1, 28, 28, 5, dtype=torch.float64)
+    y = stitchops.token_reconstruct(x, got, values, mode="topk", k=20, numerics="official")
+    assert rel_err(y, official_topk(x, want, values, 20, 50.0)) < 1e-10
+    if squared_norm < 1e4:
+        return
+    flat = x.reshape(1, -1, 32)
+    _, history = reference._iterate(flat, (28, 28), 40, reference.bands((40, 40), (28, 28), 5),
+                                    50.0, 5, True, "official")  # fmt: skip
+    assert any(((t > 0) & (t < 1e-16)).any() for _, t in history)  # the clamp acts
+    floored = [f for _, _, f in reference.topk_chunks(flat, got.reshape(1, -1, 32), 20, 50.0,
+                                                        "official")]  # fmt: skip
+    assert torch.cat(floored, 1).any()  # and the floor
+    exact = stitchops.token_cluster(x, (28, 28))
+    assert rel_err(exact, want) > 1e-3
+    y_exact = stitchops.token_reconstruct(x, got, values, mode="topk", k=20)
+    assert rel_err(y_exact, y) > 1e-3
+
+
+def test_official_topk_in_float32_underflows_as_the_official_code():
+    """Tokens far from every centre: exp(−d/50) is 0 in float32 for every centre, and the
+    official float32 rows are zero; the exact numerics normalise them."""
+    x = tokens((13, 17), channels=6, scale=1.0)
+    centres = reference.token_cluster(x, (5, 7), 5, 2, 50.0)
+    far = (x + 60.0).float()
+    values = torch.randn(2, 5, 7, 3)
+    official = stitchops.token_reconstruct(far, centres.float(), values, mode="topk",
+                                           numerics="official")  # fmt: skip
+    want = official_topk(far, centres.float(), values, 20, 50.0)
+    assert (want == 0).all() and torch.equal(official, want)
+    exact = stitchops.token_reconstruct(far, centres.float(), values, mode="topk")
+    assert rel_err(exact, dense_topk(x + 60.0, centres, values.double(), 20, 50.0)) < 1e-4
+
+
 # ------------------------------------------------------------ the registered ops
 
 
@@ -154,22 +192,38 @@ def test_cluster_op_matches_float64_reference(size, grid, window, iters, dtype, 
     )  # fmt: skip
 
 
+RECONSTRUCT_CASES = [("torch", "local", "exact"), ("torch", "topk", "exact"),
+                     ("torch", "topk", "official"), ("triton", "local", "exact"),
+                     ("cuda", "local", "exact")]  # fmt: skip
+
+
 @DTYPES
-@pytest.mark.parametrize("backend, mode", [("torch", "local"), ("torch", "topk"),
-                                           ("triton", "local"), ("cuda", "local")])  # fmt: skip
-def test_reconstruct_op_matches_float64_reference(mode, dtype, backend):
-    """(The kernels refuse topk mode: test_kernels_refuse_topk_with_a_reason.)"""
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["weight_grad", "values_only"])
+@pytest.mark.parametrize(
+    "backend, mode, numerics", RECONSTRUCT_CASES, ids=["-".join(case) for case in RECONSTRUCT_CASES]
+)
+def test_reconstruct_op_matches_float64_reference(mode, numerics, weight_grad, dtype, backend):
+    """Output and the gradients of values, x and the centres (through the weights, as the
+    official code) or of values only. (The kernels refuse topk mode:
+    test_kernels_refuse_topk_with_a_reason.)"""
     require(backend, dtype, mode)
     x = tokens((13, 17), scale=1.0)
     centres = reference.token_cluster(x, (5, 7), 5, 2, 5.0)
     masters = {"x": x, "centres": centres, "values": torch.randn(2, 5, 7, 4, dtype=torch.float64)}
     grad = torch.randn(2, 13, 17, 4, dtype=torch.float64)
+
+    def reference_fn(x, centres, values):
+        if not weight_grad:
+            x, centres = x.detach(), centres.detach()
+        return reference.token_reconstruct(x, centres, values, 5, 5.0, mode, 6, numerics)
+
     grads = harness.check_against_float64(
-        lambda **a: stitchops.token_reconstruct(**a, temperature=5.0, mode=mode, k=6),
-        lambda **a: reference.token_reconstruct(**a, window=5, temperature=5.0, mode=mode, k=6),
-        masters, dtype, lambda name: name == "values", backend, grad,
+        lambda **a: stitchops.token_reconstruct(**a, temperature=5.0, mode=mode, k=6,
+                                                numerics=numerics, weight_grad=weight_grad),
+        reference_fn, masters, dtype,
+        lambda name: weight_grad or name == "values", backend, grad,
     )  # fmt: skip
-    assert set(grads) == {"values"}
+    assert set(grads) == ({"x", "centres", "values"} if weight_grad else {"values"})
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -235,22 +289,6 @@ def test_cluster_backward_walks_back_through_kept_centres(backend):
     assert torch.allclose(middle, expected, atol=1e-7)
 
 
-def test_topk_mode_against_float64_including_where_the_official_formula_underflows():
-    # Tokens far from every centre: the nearest squared distance is > 5,000, so exp(−d/50)
-    # is 0 in float32 for every centre and the official code's rows are all zero.
-    x = tokens((13, 17), channels=6, scale=1.0)
-    centres = reference.token_cluster(x, (5, 7), 5, 2, 50.0)
-    far = x + 60.0
-    values = torch.randn(2, 5, 7, 3, dtype=torch.float64)
-    want = dense_topk(far, centres, values, 20, 50.0)
-    got = stitchops.token_reconstruct(far.float(), centres.float(), values.float(), mode="topk")
-    assert rel_err(got, want) < 1e-4 and want.abs().min() > 0
-    official = dense_topk(far.float(), centres.float(), values.float(), 20, 50.0, shift=False)
-    assert (official == 0).all()  # what we avoid
-    near = stitchops.token_reconstruct(x, centres, values, mode="topk")
-    assert rel_err(near, dense_topk(x, centres, values, 20, 50.0)) < 1e-12
-
-
 def test_affinity_gradients_by_gradcheck():
     x = tokens((6, 7), channels=3, batch=1, scale=0.5).requires_grad_()
     assert torch.autograd.gradcheck(
@@ -258,11 +296,28 @@ def test_affinity_gradients_by_gradcheck():
                                           affinity_grad=True), (x,))  # fmt: skip
     centres = reference.token_cluster(x.detach(), (3, 4), 3, 2, 1.0).requires_grad_()
     values = torch.randn(1, 3, 4, 2, dtype=torch.float64, requires_grad=True)
-    for mode in ("local", "topk"):
+    for mode, numerics in (("local", "exact"), ("topk", "exact"), ("topk", "official")):
         assert torch.autograd.gradcheck(
-            lambda a, b, c, mode=mode: stitchops.token_reconstruct(
-                a, b, c, window=3, temperature=1.0, mode=mode, k=5, affinity_grad=True),
+            lambda a, b, c, mode=mode, numerics=numerics: stitchops.token_reconstruct(
+                a, b, c, window=3, temperature=1.0, mode=mode, k=5, numerics=numerics),
             (x, centres, values))  # fmt: skip
+
+
+def test_weight_gradients_where_the_official_norm_floor_acts():
+    """Rows whose official norm is below 1e−12 are e / 1e−12: their weight gradient drops
+    the normalisation term; against autograd of the official formulation."""
+    x = (tokens((6, 7), channels=3, batch=1, scale=0.5) + 6.0).requires_grad_()
+    centres = reference.token_cluster(x.detach() - 6.0, (3, 4), 3, 2, 1.0).requires_grad_()
+    values = torch.randn(1, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    y = stitchops.token_reconstruct(x, centres, values, window=3, temperature=1.0, mode="topk",
+                                    k=5, numerics="official")  # fmt: skip
+    want = official_topk(x, centres, values, 5, 1.0)
+    assert rel_err(y, want) < 1e-10
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, centres, values), g)
+    expected = torch.autograd.grad(want, (x, centres, values), g)
+    for a, b in zip(got, expected, strict=True):
+        assert rel_err(a, b) < 1e-9
 
 
 def test_full_grid_with_tiny_temperature_is_the_identity():
@@ -348,6 +403,7 @@ BAD_CLUSTER = {
     "int_x": (dict(x=torch.ones(1, 8, 9, 4, dtype=torch.int64)), TypeError, "floating-point"),
     "x_3d": (dict(x=torch.randn(8, 9, 4)), ValueError, "x must be 4-D"),
     "iters": (dict(iters=-1), ValueError, "iters must be >= 0"),
+    "numerics": (dict(numerics="approximate"), ValueError, "numerics must be one of"),
 }  # fmt: skip
 
 BAD_RECONSTRUCT = {
@@ -359,6 +415,10 @@ BAD_RECONSTRUCT = {
     "k_too_big": ({**_args(), "mode": "topk", "k": 13}, ValueError, "k = 13 is more than"),
     "k_zero": ({**_args(), "mode": "topk", "k": 0}, ValueError, "k must be >= 1"),
     "mode": ({**_args(), "mode": "nearest"}, ValueError, "mode must be one of"),
+    "numerics": ({**_args(), "mode": "topk", "k": 4, "numerics": "fast"}, ValueError,
+                 "numerics must be one of"),
+    "official_local": ({**_args(), "numerics": "official"}, ValueError,
+                       "numerics='official' is the official code's reconstruction"),
     "device": (_args(values=torch.randn(1, 3, 4, 2, device="meta")), ValueError, "is on meta"),
 }  # fmt: skip
 
@@ -380,15 +440,20 @@ def test_opcheck():
     x = torch.randn(2, 8, 9, 4, requires_grad=True)
     centres = torch.randn(2, 3, 4, 4)
     values = torch.randn(2, 3, 4, 2, requires_grad=True)
-    harness.opcheck("torch", torch.ops.stitchops.token_cluster.default, x, 3, 4, 5, 2, 50.0)
-    harness.opcheck("torch", torch.ops.stitchops.token_cluster_backward.default,
-                    torch.randn(2, 3, 4, 4), x.detach(), 3, 4, 5, 2, 50.0)  # fmt: skip
-    for mode in cluster_ops.MODES:
-        harness.opcheck("torch", torch.ops.stitchops.token_reconstruct.default,
-                        x.detach(), centres, values, 5, 50.0, mode, 6)  # fmt: skip
+    for numerics in cluster_ops.NUMERICS:
+        harness.opcheck("torch", torch.ops.stitchops.token_cluster.default, x, 3, 4, 5, 2, 50.0,
+                        numerics)  # fmt: skip
+        harness.opcheck("torch", torch.ops.stitchops.token_cluster_backward.default,
+                        torch.randn(2, 3, 4, 4), x.detach(), 3, 4, 5, 2, 50.0,
+                        numerics)  # fmt: skip
+    for mode, numerics in (("local", "exact"), ("topk", "exact"), ("topk", "official")):
+        args = (x, centres.requires_grad_(), values, 5, 50.0, mode, 6, numerics)
+        harness.opcheck("torch", torch.ops.stitchops.token_reconstruct.default, *args)
+        backward_args = (torch.randn(2, 8, 9, 2), *(t.detach() for t in args[:3]), *args[3:])
         harness.opcheck("torch", torch.ops.stitchops.token_reconstruct_backward.default,
-                        torch.randn(2, 8, 9, 2), x.detach(), centres, values.detach(), 5, 50.0,
-                        mode, 6)  # fmt: skip
+                        *backward_args)  # fmt: skip
+        harness.opcheck("torch", torch.ops.stitchops.token_reconstruct_weight_backward.default,
+                        *backward_args)  # fmt: skip
 
 
 class _Expedited(torch.nn.Module):
@@ -409,3 +474,23 @@ class _Expedited(torch.nn.Module):
 def test_torch_compile_fullgraph(compiler: str, tmp_path, monkeypatch):
     harness.assert_compiles_fullgraph(_Expedited(), torch.randn(2, 8, 9, 4), compiler,
                                       tmp_path, monkeypatch)  # fmt: skip
+
+
+@BACKENDS
+def test_float32_centres_no_worse_than_the_official_float32(backend):
+    """Tokens far from the origin, as ViT features (mean 30, spread 0.5, C 128): the
+    official ‖x‖² + ‖s‖² − 2x·s cancels in float32; our backends centre the tokens first,
+    so their float32 centres are far closer to float64 (median over centres)."""
+    require(backend, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    offset = 30.0 * torch.rand(128, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 16, 16, 128, generator=g, dtype=torch.float64) * 0.5 + offset
+    want = official_cluster(x, (8, 8), 5, 5, 50.0)
+
+    def error(centres):
+        return ((centres.double() - want).norm(dim=-1) / want.norm(dim=-1)).median().item()
+
+    official = error(official_cluster(x.float(), (8, 8), 5, 5, 50.0))
+    with stitchops.use_backend(backend):
+        ours = error(stitchops.token_cluster(x.float(), (8, 8), numerics="official"))
+    assert ours <= official / 3, (ours, official)

@@ -406,7 +406,16 @@ def _bad_inputs(tmp_path: Path) -> dict:
     (broken / "dog" / "9.png").write_bytes(b"not a png")
     out = ["--out", str(tmp_path / "run"), "--no-progress"]
     anchor = ["train", "--mode", "anchor", "--max-steps", "1", *out]
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("not a folder")
+    small_spec = ["--anchors", "vit_small_test:embed_dim=16,depth=1,num_heads=2"]
     return {
+        "out-file": ([*anchor, *small_spec, "--out", str(a_file)],
+                     ["--out", "a-file.txt is a file, not a folder"]),
+        "out-under-file": ([*anchor, *small_spec, "--out", str(a_file / "run")],
+                           ["--out", "is a file, so no folder can be made there"]),
+        "eval-out-file": (["eval", str(corrupt), "--out", str(a_file)],
+                          ["--out", "is a file, not a folder"]),
         "resume-corrupt": (["train", "--resume", str(corrupt), *out],
                            [str(corrupt), "truncated, corrupt"]),
         "resume-not-checkpoint": (["train", "--resume", str(text), *out], [str(text)]),
@@ -429,7 +438,7 @@ def _bad_inputs(tmp_path: Path) -> dict:
 
 BAD_CLI_CASES = ("resume-corrupt", "resume-not-checkpoint", "eval-corrupt", "weights-shapes",
                  "spec-value", "spec-key", "classes", "unreadable-image", "eval-device",
-                 "eval-bad-device")  # fmt: skip
+                 "eval-bad-device", "out-file", "out-under-file", "eval-out-file")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD_CLI_CASES)

@@ -111,11 +111,19 @@ inline at::Tensor apply_weights(const at::Tensor& a, const at::Tensor& v3, const
   return y;
 }
 
-// Each centre's Σ_p a·x over the pixels that may pick it: (out [B, M, C] fp32, totals [B, M]);
-// with m_step the M-step's mean (``previous`` where no pixel weighs on the centre).
+// The official M-step's floor on Σ_p a (``reference.OFFICIAL_TOTAL_FLOOR``), else 0.
+inline float total_floor(const std::string& numerics) {
+  TORCH_CHECK(numerics == "exact" || numerics == "official",
+              "numerics must be 'exact' or 'official', got '", numerics, "'");
+  return numerics == "official" ? 1e-16f : 0.f;
+}
+
+// Each centre's Σ_p a·x and Σ_p a over the pixels that may pick it: (out [B, M, C] fp32,
+// totals [B, M]); with m_step the M-step's mean (by max(total, floor) when floor > 0, else
+// ``previous`` where no pixel weighs on the centre).
 inline std::pair<at::Tensor, at::Tensor> sums(const at::Tensor& a, const at::Tensor& x3f,
                                               const at::Tensor& previous, const Bands& bands,
-                                              bool m_step, int64_t stream) {
+                                              bool m_step, int64_t stream, float floor = 0.f) {
   auto out = new_output(previous.sizes(), a.options());
   auto totals = new_output({a.size(0), previous.size(1)}, a.options());
   GatherArgs g;
@@ -128,8 +136,25 @@ inline std::pair<at::Tensor, at::Tensor> sums(const at::Tensor& a, const at::Ten
   g.pixels = a.size(1);
   g.channels = x3f.size(2);
   g.m_step = m_step;
+  g.total_floor = floor;
   check_status(band_gather(bands.table, g, stream_of(stream)), "band sums");
   return {out, totals};
+}
+
+// g [B, N, max_centres] fp32: dy_p · v_q over each pixel's candidates.
+inline at::Tensor dots(const at::Tensor& dy, const at::Tensor& v3, const Bands& bands,
+                       int64_t stream) {
+  auto g = new_output({dy.size(0), dy.size(1), bands.table.max_centres}, dy.options());
+  BandDotArgs args;
+  args.dy = dy.data_ptr<float>();
+  args.v = v3.data_ptr<float>();
+  args.g = g.data_ptr<float>();
+  args.batch = dy.size(0);
+  args.pixels = dy.size(1);
+  args.centres = v3.size(1);
+  args.dim = dy.size(2);
+  check_status(band_dots(bands.table, args, stream_of(stream)), "band dots");
+  return g;
 }
 
 inline void check_grid(const at::Tensor& x, const std::vector<int64_t>& grid) {
@@ -143,7 +168,8 @@ inline void check_grid(const at::Tensor& x, const std::vector<int64_t>& grid) {
 // The EM iterations from the pooled start; with ``keep`` every iteration's (a, totals).
 inline at::Tensor iterate(const at::Tensor& x3, const at::Tensor& x3f, const Bands& bands,
                           int64_t height, int64_t width, double temperature, int64_t iters,
-                          int64_t stream, std::vector<std::pair<at::Tensor, at::Tensor>>* keep) {
+                          float floor, int64_t stream,
+                          std::vector<std::pair<at::Tensor, at::Tensor>>* keep) {
   const int64_t batch = x3.size(0), channels = x3.size(2);
   const int64_t h = bands.table.grid_h, w = bands.table.grid_w;
   auto s = at::adaptive_avg_pool2d(x3f.view({batch, height, width, channels}).permute({0, 3, 1, 2}),
@@ -153,7 +179,7 @@ inline at::Tensor iterate(const at::Tensor& x3, const at::Tensor& x3f, const Ban
                .contiguous();
   for (int64_t i = 0; i < iters; ++i) {
     auto a = affinities(x3, s, bands, temperature, stream);
-    auto [next, totals] = sums(a, x3f, s, bands, /*m_step=*/true, stream);
+    auto [next, totals] = sums(a, x3f, s, bands, /*m_step=*/true, stream, floor);
     if (keep) keep->emplace_back(a, totals);
     s = next;
   }
@@ -162,37 +188,46 @@ inline at::Tensor iterate(const at::Tensor& x3, const at::Tensor& x3f, const Ban
 
 inline at::Tensor token_cluster_forward(const at::Tensor& x, const std::vector<int64_t>& grid,
                                         int64_t window, int64_t iters, double temperature,
-                                        int64_t stream) {
+                                        const std::string& numerics, int64_t stream) {
   check_grid(x, grid);
+  const float floor = total_floor(numerics);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
   auto x3 = x.reshape({batch, height * width, channels}).contiguous();
   auto bands = make_bands(height, width, grid[0], grid[1], window, x);
-  auto s =
-      iterate(x3, x3.to(at::kFloat), bands, height, width, temperature, iters, stream, nullptr);
+  auto s = iterate(x3, x3.to(at::kFloat), bands, height, width, temperature, iters, floor, stream,
+                   nullptr);
   return s.view({batch, grid[0], grid[1], channels}).to(x.scalar_type());
 }
 
 inline at::Tensor token_cluster_backward(const at::Tensor& grad, const at::Tensor& x,
                                          const std::vector<int64_t>& grid, int64_t window,
-                                         int64_t iters, double temperature, int64_t stream) {
+                                         int64_t iters, double temperature,
+                                         const std::string& numerics, int64_t stream) {
   check_grid(x, grid);
   check_like(grad, "grad", x);
+  const float floor = total_floor(numerics);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
   auto x3 = x.reshape({batch, height * width, channels}).contiguous();
   auto x3f = x3.to(at::kFloat);
   auto bands = make_bands(height, width, grid[0], grid[1], window, x);
   std::vector<std::pair<at::Tensor, at::Tensor>> history;
-  iterate(x3, x3f, bands, height, width, temperature, iters, stream, &history);
+  iterate(x3, x3f, bands, height, width, temperature, iters, floor, stream, &history);
   auto g = grad.reshape({batch, grid[0] * grid[1], channels}).to(at::kFloat);
   auto dx = at::zeros({batch, height * width, channels}, fp32_like(x));
   for (auto it = history.rbegin(); it != history.rend(); ++it) {
     const auto& [a, totals] = *it;
-    auto kept = (totals == 0).unsqueeze(-1);
-    auto per_centre =
-        at::where(kept, at::zeros_like(g),
-                  g / at::where(kept, at::ones_like(totals.unsqueeze(-1)), totals.unsqueeze(-1)));
+    at::Tensor per_centre;
+    if (floor > 0.f) {  // official: every centre divides by max(T, floor), none is kept
+      per_centre = g / totals.clamp_min(floor).unsqueeze(-1);
+      g = at::zeros_like(g);
+    } else {
+      auto kept = (totals == 0).unsqueeze(-1);
+      per_centre =
+          at::where(kept, at::zeros_like(g),
+                    g / at::where(kept, at::ones_like(totals.unsqueeze(-1)), totals.unsqueeze(-1)));
+      g = at::where(kept, g, at::zeros_like(g));
+    }
     dx = apply_weights(a, per_centre.contiguous(), bands, stream, dx);
-    g = at::where(kept, g, at::zeros_like(g));
   }
   auto pooled = g.view({batch, grid[0], grid[1], channels}).permute({0, 3, 1, 2});
   auto source = x3f.view({batch, height, width, channels}).permute({0, 3, 1, 2});
@@ -203,11 +238,13 @@ inline at::Tensor token_cluster_backward(const at::Tensor& grad, const at::Tenso
 }
 
 inline void check_reconstruct(const at::Tensor& x, const at::Tensor& centres,
-                              const at::Tensor& values, const std::string& mode) {
+                              const at::Tensor& values, const std::string& mode,
+                              const std::string& numerics) {
   check_like(x, "x", x);
   check_like(centres, "centres", x);
   check_like(values, "values", x);
   TORCH_CHECK(mode == "local", "the cuda kernels take mode 'local' only, got '", mode, "'");
+  TORCH_CHECK(numerics == "exact", "mode 'local' has only exact numerics, got '", numerics, "'");
   TORCH_CHECK(x.dim() == 4 && centres.dim() == 4 && values.dim() == 4,
               "x, centres and values must be 4-D");
 }
@@ -229,8 +266,8 @@ inline std::pair<Bands, at::Tensor> reconstruction_weights(const at::Tensor& x,
 inline at::Tensor token_reconstruct_forward(const at::Tensor& x, const at::Tensor& centres,
                                             const at::Tensor& values, int64_t window,
                                             double temperature, const std::string& mode, int64_t k,
-                                            int64_t stream) {
-  check_reconstruct(x, centres, values, mode);
+                                            const std::string& numerics, int64_t stream) {
+  check_reconstruct(x, centres, values, mode, numerics);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2);
   const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
   auto [bands, a] = reconstruction_weights(x, centres, window, temperature, stream);
@@ -243,8 +280,9 @@ inline at::Tensor token_reconstruct_forward(const at::Tensor& x, const at::Tenso
 inline at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::Tensor& x,
                                              const at::Tensor& centres, const at::Tensor& values,
                                              int64_t window, double temperature,
-                                             const std::string& mode, int64_t k, int64_t stream) {
-  check_reconstruct(x, centres, values, mode);
+                                             const std::string& mode, int64_t k,
+                                             const std::string& numerics, int64_t stream) {
+  check_reconstruct(x, centres, values, mode, numerics);
   check_like(grad, "grad", x);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2);
   const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
@@ -255,11 +293,40 @@ inline at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::T
   return dv.view(values.sizes()).to(values.scalar_type());
 }
 
+// (dx, d centres) through the local weights: g = −(a/τ)(G − Σ_q a·G) from the band dots
+// G = dy·vᵀ, then dx = 2(x̃·Σ_q g − Σ_q g·s̃) and ds = −2(Σ_p g·x̃ − s̃·Σ_p g), x̃ and s̃
+// centred on the image's mean token (reference.token_reconstruct_weight_backward).
+inline std::tuple<at::Tensor, at::Tensor> token_reconstruct_weight_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& centres,
+    const at::Tensor& values, int64_t window, double temperature, const std::string& mode,
+    int64_t k, const std::string& numerics, int64_t stream) {
+  check_reconstruct(x, centres, values, mode, numerics);
+  check_like(grad, "grad", x);
+  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
+  const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
+  auto [bands, a] = reconstruction_weights(x, centres, window, temperature, stream);
+  auto dy = grad.reshape({batch, height * width, dim}).to(at::kFloat).contiguous();
+  auto v3 = values.reshape({batch, h * w, dim}).to(at::kFloat).contiguous();
+  auto weighted = dots(dy, v3, bands, stream);
+  auto g = ((weighted - (a * weighted).sum(-1, true)) * a / -temperature).contiguous();
+  auto x3 = x.reshape({batch, height * width, channels}).to(at::kFloat);
+  auto mean = x3.mean(1, true);
+  auto xc = (x3 - mean).contiguous();
+  auto sc = (centres.reshape({batch, h * w, channels}).to(at::kFloat) - mean).contiguous();
+  auto dx = 2 * (xc * g.sum(-1, true) - apply_weights(g, sc, bands, stream));
+  auto [sum, totals] = sums(g, xc, sc, bands, /*m_step=*/false, stream);
+  auto ds = -2 * (sum - sc * totals.unsqueeze(-1));
+  return {dx.view(x.sizes()).to(x.scalar_type()),
+          ds.view(centres.sizes()).to(centres.scalar_type())};
+}
+
 inline void define_token_cluster(pybind11::module_& m) {
   m.def("token_cluster_forward", &token_cluster_forward, "Expedit token clustering");
   m.def("token_cluster_backward", &token_cluster_backward, "its backward (constant weights)");
   m.def("token_reconstruct_forward", &token_reconstruct_forward, "local reconstruction");
   m.def("token_reconstruct_backward", &token_reconstruct_backward, "its backward (d values)");
+  m.def("token_reconstruct_weight_backward", &token_reconstruct_weight_backward,
+        "its backward through the weights (dx, d centres)");
 }
 
 }  // namespace stitchops::binding

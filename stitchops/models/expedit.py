@@ -11,9 +11,17 @@ token) bypasses clustering and reconstruction and goes through the β blocks wit
 centres. ``method="pool"`` is the paper's baseline (Tables 4-5): adaptive average pooling to
 h×w, bilinear upsampling back.
 
-``where="head"`` (the official Segmenter code, γ = 0): the β blocks run to the end, the
-segmentation head reads the clustered tokens (an h×w map) and its per-token logits are
-reconstructed to H×W.
+The defaults reproduce Expedit-Segmenter's inference (its ``HourglassVisionTransformer``
+and ``EncoderDecoder.encode_decode``): on a segmentation model ``where="head"`` (γ = 0: the
+β blocks run to the end, the head reads the clustered tokens as an h×w map and its logits
+are reconstructed to H×W, then upsampled to the image), ``reconstruct="topk"`` with k = 20
+and ``numerics="official"`` (the official M-step's clamp and the official normalisation's
+floor; ``stitchops.reference.token_cluster`` says where they act). The paper's local
+reconstruction (``reconstruct="local"``) and the exact numerics are opt-in variants; on a
+model without a head, ``where`` is ``"tokens"`` (the tokens are reconstructed after β
+blocks, then γ blocks run). Gradients follow the official code too: the clustering's
+affinities are constants, the reconstruction weights are differentiable in the clustered
+tokens and the centres (``weight_grad=False`` makes them constants).
 
 Works on any ViT with timm's attribute names: ``blocks``, ``patch_embed`` (its input is the
 images, its optional second argument a patch size as in FlexiViT, else its ``patch_size``)
@@ -33,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitchops.ops.token_cluster import token_cluster, token_reconstruct
+from stitchops.ops.token_cluster import MODES, NUMERICS, token_cluster, token_reconstruct
 
 METHODS = ("cluster", "pool")
-PLACES = ("tokens", "head")
+PLACES = ("auto", "tokens", "head")
 _ATTR = "_stitchops_expedit"
 
 
@@ -79,10 +87,12 @@ class Expedition:
     window: int = 5
     iters: int = 5
     temperature: float = 50.0
-    reconstruct: str = "local"
+    reconstruct: str = "topk"
     k: int = 20
     method: str = "cluster"
-    where: str = "tokens"
+    where: str = "head"
+    numerics: str = "official"
+    weight_grad: bool = True
     route: Route | None = None
     handles: list = field(default_factory=list)
     token_grid: tuple[int, int] | None = None  # of the running forward
@@ -98,7 +108,8 @@ class Expedition:
             centres = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), self.grid).permute(0, 2, 3, 1)
         else:
             centres = token_cluster(x, self.grid, window=self.window, iters=self.iters,
-                                    temperature=self.temperature)  # fmt: skip
+                                    temperature=self.temperature,
+                                    numerics=self.numerics)  # fmt: skip
         self.saved = (x, centres)
         return torch.cat([tokens[:, :prefix], centres.reshape(b, -1, c)], dim=1)
 
@@ -114,9 +125,11 @@ class Expedition:
             upsampled = F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid,
                                       mode="bilinear", align_corners=False)  # fmt: skip
             return upsampled.permute(0, 2, 3, 1)
-        return token_reconstruct(x, centres.detach(), values, window=self.window,
-                                 temperature=self.temperature, mode=self.reconstruct,
-                                 k=self.k)  # fmt: skip
+        numerics = self.numerics if self.reconstruct == "topk" else "exact"
+        k = min(self.k, self.grid[0] * self.grid[1])  # fewer centres than k: all of them
+        return token_reconstruct(x, centres, values, window=self.window,
+                                 temperature=self.temperature, mode=self.reconstruct, k=k,
+                                 numerics=numerics, weight_grad=self.weight_grad)  # fmt: skip
 
     def reconstruct_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, P + h·w, C] → [B, P + H·W, C] from the refined centres."""
@@ -140,8 +153,12 @@ def _patch_size(patch_embed: nn.Module, args: tuple) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def _is_segmentation_model(model: nn.Module, route: Route) -> bool:
+    return hasattr(model, "decoder") and route.backbone is not model
+
+
 def _check_settings(model, route, alpha, beta, grid, method, where) -> int:
-    """β after the checks (default: to the end of the route)."""
+    """β after the checks (default: to the end of the route); ``where`` resolved."""
     depth = len(route.blocks)
     if isinstance(alpha, bool) or not isinstance(alpha, int) or not 0 <= alpha < depth:
         raise ValueError(f"alpha must be an int in [0, {depth - 1}] (the model has {depth} "
@@ -152,7 +169,7 @@ def _check_settings(model, route, alpha, beta, grid, method, where) -> int:
         if beta not in (None, depth - alpha):
             raise ValueError(f"beta must run to the end ({depth - alpha} blocks) with "
                              f"where='head', got {beta!r}")  # fmt: skip
-        if not hasattr(model, "decoder") or route.backbone is model:
+        if not _is_segmentation_model(model, route):
             raise TypeError(f"where='head' needs a segmentation model with a backbone and a "
                             f"decoder (a Segmenter), got {type(model).__name__}")  # fmt: skip
     beta = depth - alpha if beta is None else beta
@@ -166,6 +183,13 @@ def _check_settings(model, route, alpha, beta, grid, method, where) -> int:
     return beta
 
 
+def _check_variant(reconstruct: str, numerics: str) -> None:
+    if reconstruct not in MODES:
+        raise ValueError(f"reconstruct must be one of {MODES}, got {reconstruct!r}")
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+
+
 def expedite(
     model: nn.Module,
     alpha: int,
@@ -175,20 +199,33 @@ def expedite(
     window: int = 5,
     iters: int = 5,
     temperature: float = 50.0,
-    reconstruct: str = "local",
+    reconstruct: str = "topk",
     k: int = 20,
+    numerics: str = "official",
+    weight_grad: bool = True,
     method: str = "cluster",
-    where: str = "tokens",
+    where: str = "auto",
 ) -> nn.Module:
     """Make ``model`` cluster after block ``alpha`` (blocks 0..alpha-1 at full resolution),
     run ``beta`` blocks (default: to the end) on the ``grid`` centres, then reconstruct the
-    tokens (``where="tokens"``) or the segmentation head's logits (``where="head"``); in
-    place, returned. The other arguments are token_cluster's and token_reconstruct's."""
+    tokens (``where="tokens"``) or the segmentation head's logits (``where="head"``; ``"auto"``:
+    the head on a segmentation model, else the tokens); in place, returned.
+
+    The defaults are Expedit-Segmenter's (module docstring). ``window``, ``iters``,
+    ``temperature`` (τ; the official configs' 0.02 = 1/50) and ``numerics`` are
+    ``token_cluster``'s; ``reconstruct`` (the mode), ``k``, ``numerics`` (topk mode) and
+    ``weight_grad`` are ``token_reconstruct``'s; ``method="pool"`` is the paper's pooling and
+    bilinear baseline."""
     route = route_of(model)
+    if where == "auto":
+        where = "head" if _is_segmentation_model(model, route) else "tokens"
     beta = _check_settings(model, route, alpha, beta, grid, method, where)
     unexpedite(model)
-    state = Expedition(alpha, beta, tuple(grid), window, iters, temperature, reconstruct, k,
-                       method, where, route)  # fmt: skip
+    _check_variant(reconstruct, numerics)
+    state = Expedition(alpha, beta, tuple(grid), window=window, iters=iters,
+                       temperature=temperature, reconstruct=reconstruct, k=k, method=method,
+                       where=where, numerics=numerics, weight_grad=weight_grad,
+                       route=route)  # fmt: skip
 
     def read_grid(module, args):
         ph, pw = _patch_size(module, args)

@@ -135,16 +135,18 @@ class FPNDecoder(nn.Module):
             for _ in range(levels)
         )  # fmt: skip
 
-    def forward(self, pyramid: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, pyramid: list[torch.Tensor], with_laterals: bool = False):
+        """The output maps, fine to coarse (and with ``with_laterals`` the lateral 1×1
+        projections of the inputs too, fine to coarse)."""
         if len(pyramid) != len(self.lateral):
             raise ValueError(f"FPNDecoder takes {len(self.lateral)} maps, got {len(pyramid)}")
-        x = self.lateral[-1](pyramid[-1])
+        laterals = [conv(level) for conv, level in zip(self.lateral, pyramid, strict=True)]
+        x = laterals[-1]
         outs = [self.output[-1](x)]
         for i in range(len(pyramid) - 2, -1, -1):
-            lateral = self.lateral[i](pyramid[i])
-            x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
+            x = laterals[i] + F.interpolate(x, size=laterals[i].shape[-2:], mode="nearest")
             outs.insert(0, self.output[i](x))
-        return outs
+        return (outs, laterals) if with_laterals else outs
 
 
 def _width(backbone: nn.Module) -> int:
@@ -192,6 +194,9 @@ class Segmenter(nn.Module):
     def forward(self, images: torch.Tensor, patch_size=None) -> torch.Tensor:
         levels = self.backbone.forward_features(images, self.out_indices, patch_size=patch_size)
         logits = self.decoder(levels)
+        to_image = getattr(self.decoder, "to_image", None)  # a head with its own upsampling
+        if to_image is not None:
+            return to_image(logits, image_size(images))
         return F.interpolate(logits, size=image_size(images), mode="bilinear", align_corners=False)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,

@@ -90,7 +90,14 @@ class FocusCrossAttention(nn.Module):
     def _attend_windows(self, q, memory, memory_pos, key_pos, windows, window_size, map_size,
                         return_scores: bool) -> FocusOutput:  # fmt: skip
         """One window set per batch element: gather its tokens, project only those, attend
-        them all; the scores go back to their map positions."""
+        them all; the scores go back to their map positions. No window (K = 0) attends no
+        key: the output is 0 before the projection (its bias after), as
+        ``nn.MultiheadAttention`` over an empty memory."""
+        if windows.shape[1] == 0:
+            b, heads, q_count, d = q.shape
+            pos = None if key_pos is None else q.new_zeros(b, q_count, key_pos.shape[-1])
+            scores = q.new_zeros(memory.shape[:2]) if return_scores else None
+            return FocusOutput(q.new_zeros(b, heads, q_count, d), pos, scores)
         windows, size, width = check_windows(windows, window_size, map_size, q, memory.shape[1])
         gathered = window_keys(windows, size, width)[:, 0]  # [B, K·ws²] memory token ids
         tokens = _rows(memory, gathered)

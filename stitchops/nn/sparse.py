@@ -167,3 +167,109 @@ class AdapterLinear(nn.Module):
         h = F.linear(x, self.weight, self.bias)
         branch = self.adapter_up(F.gelu(self.adapter_down(h)))
         return h + _drop_path(branch, self.drop_path, self.training)
+
+
+class Bottleneck(nn.Module):
+    """An adapter's bottleneck on ``width`` features: U·GELU(D·h + b_D) + b_U, ``adapter_down``
+    D [r, width] Kaiming-uniform, ``adapter_up`` U [width, r] zeros (0 at creation)."""
+
+    def __init__(self, width: int, rank: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.adapter_down = nn.Linear(width, rank, device=device, dtype=dtype)
+        self.adapter_up = nn.Linear(rank, width, device=device, dtype=dtype)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.adapter_up(F.gelu(self.adapter_down(h)))
+
+
+class PartedLinear(nn.Module):
+    """A frozen fused linear layer whose row blocks are tuned as separate matrices: SPT on a
+    fused qkv projection, its q, k and v each tuned as the official code's separate layers.
+
+        y = x·(W + S(δ))ᵀ + b,  then per structured part p on its rows [r0, r1):
+        LoRA: y_p += (x·A_pᵀ)·B_pᵀ    adapter: y_p += U_p·GELU(D_p·y_p + b_D) + b_U
+
+    ``parts``: ``{name: (rows (r0, r1), kind, index)}`` with kind ``"lora"``, ``"adapter"``
+    or ``"unstructured"`` (``index``: flat indices within the part's [r1 − r0, IN] block);
+    rows of no part stay frozen. Parameters: ``weight``, ``bias`` (shared with ``linear``,
+    W frozen), ``delta`` [nnz] and buffer ``index`` (the unstructured parts' entries as flat
+    indices of W), ``lora_A`` / ``lora_B`` and ``adapters`` keyed by part. ``dropout`` acts
+    on the LoRA branches' input, ``drop_path`` drops each structured branch per sample.
+    """
+
+    def __init__(self, linear: nn.Linear, parts: dict, rank: int, dropout: float = 0.0,
+                 drop_path: float = 0.0) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features, self.rank = (
+            linear.in_features, linear.out_features, rank)  # fmt: skip
+        _copy_linear(linear, self)
+        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.parts = {name: (tuple(rows), kind) for name, (rows, kind, _) in parts.items()}
+        flat = [torch.as_tensor(index, dtype=torch.int64) + rows[0] * self.in_features
+                for rows, kind, index in parts.values() if kind == "unstructured"]  # fmt: skip
+        index = torch.cat(flat).sort().values if flat else torch.zeros(0, dtype=torch.int64)
+        check_index(index, (self.out_features, self.in_features))
+        self.register_buffer("index", index.to(kw["device"]))
+        self.delta = nn.Parameter(torch.zeros(index.numel(), **kw))
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.adapters = nn.ModuleDict()
+        for name, ((r0, r1), kind) in self.parts.items():
+            if kind == "lora":
+                self.lora_A[name] = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+                nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))
+                self.lora_B[name] = nn.Parameter(torch.zeros(r1 - r0, rank, **kw))
+            elif kind == "adapter":
+                self.adapters[name] = Bottleneck(r1 - r0, rank, **kw)
+        self.dropout, self.drop_path = dropout, drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index.numel():
+            y = sparse_delta_linear(x, self.weight, self.delta, self.index, self.bias,
+                                    validate_index=False)  # fmt: skip
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        pieces, start = [], 0
+        for name, ((r0, r1), kind) in sorted(self.parts.items(), key=lambda p: p[1][0]):
+            if kind == "unstructured":
+                continue
+            if r0 > start:
+                pieces.append(y.new_zeros(*y.shape[:-1], r0 - start))
+            if kind == "lora":
+                xd = F.dropout(x, self.dropout, self.training)
+                branch = F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name])
+            else:
+                branch = self.adapters[name](y[..., r0:r1])
+            pieces.append(_drop_path(branch, self.drop_path, self.training))
+            start = r1
+        if not pieces:
+            return y
+        if start < self.out_features:
+            pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - start))
+        return y + torch.cat(pieces, dim=-1)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with W + S(δ) + the LoRAs in their rows (no adapter part:
+        an adapter is not linear)."""
+        if len(self.adapters):
+            raise ValueError("a PartedLinear with adapter parts does not merge: the adapter's "
+                             "GELU bottleneck is not linear; deploy it as it is")  # fmt: skip
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        flat = self.weight.detach().flatten().clone()
+        flat.index_add_(0, self.index, self.delta.detach())
+        weight = flat.view_as(self.weight)
+        for name, ((r0, r1), kind) in self.parts.items():
+            if kind == "lora":
+                weight[r0:r1] += self.lora_B[name] @ self.lora_A[name]
+        out.weight.copy_(weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{name} {kind}" for name, (_, kind) in self.parts.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, parts=({parts})")  # fmt: skip

@@ -30,33 +30,36 @@ class TokenClustering(nn.Module):
     the reconstruction is ``self.state`` after each forward."""
 
     def __init__(self, grid: tuple[int, int], window: int = 5, iters: int = 5,
-                 temperature: float = 50.0, affinity_grad: bool = False) -> None:  # fmt: skip
+                 temperature: float = 50.0, numerics: str = "exact",
+                 affinity_grad: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.grid, self.window, self.iters = tuple(grid), window, iters
-        self.temperature, self.affinity_grad = temperature, affinity_grad
+        self.temperature, self.numerics, self.affinity_grad = temperature, numerics, affinity_grad
         self.state: ClusterState | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centres = token_cluster(x, self.grid, window=self.window, iters=self.iters,
-                                temperature=self.temperature,
+                                temperature=self.temperature, numerics=self.numerics,
                                 affinity_grad=self.affinity_grad)  # fmt: skip
         self.state = ClusterState(x, centres)
         return centres
 
     def extra_repr(self) -> str:
         return (f"grid={self.grid}, window={self.window}, iters={self.iters}, "
-                f"temperature={self.temperature}")  # fmt: skip
+                f"temperature={self.temperature}, numerics={self.numerics!r}")  # fmt: skip
 
 
 class TokenReconstruction(nn.Module):
     """values [B, h, w, D] → [B, H, W, D] (``stitchops.token_reconstruct``), given the
-    ``ClusterState`` (or the ``TokenClustering``) of the same forward."""
+    ``ClusterState`` (or the ``TokenClustering``) of the same forward. The weights are
+    differentiable in the clustered tokens and the centres unless ``weight_grad=False``."""
 
     def __init__(self, window: int = 5, temperature: float = 50.0, mode: str = "local",
-                 k: int = 20, affinity_grad: bool = False) -> None:  # fmt: skip
+                 k: int = 20, numerics: str = "exact",
+                 weight_grad: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.window, self.temperature, self.mode, self.k = window, temperature, mode, k
-        self.affinity_grad = affinity_grad
+        self.numerics, self.weight_grad = numerics, weight_grad
 
     def forward(self, values: torch.Tensor, state: ClusterState | TokenClustering) -> torch.Tensor:
         if isinstance(state, TokenClustering):
@@ -64,10 +67,10 @@ class TokenReconstruction(nn.Module):
         if not isinstance(state, ClusterState):
             raise ValueError("TokenReconstruction needs the state of a TokenClustering that "
                              "ran in this forward: pass the clustering or its .state")  # fmt: skip
-        centres = state.centres if self.affinity_grad else state.centres.detach()
-        return token_reconstruct(state.tokens, centres, values, window=self.window,
+        return token_reconstruct(state.tokens, state.centres, values, window=self.window,
                                  temperature=self.temperature, mode=self.mode, k=self.k,
-                                 affinity_grad=self.affinity_grad)  # fmt: skip
+                                 numerics=self.numerics, weight_grad=self.weight_grad)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"window={self.window}, temperature={self.temperature}, mode={self.mode!r}"
+        return (f"window={self.window}, temperature={self.temperature}, mode={self.mode!r}, "
+                f"numerics={self.numerics!r}")  # fmt: skip

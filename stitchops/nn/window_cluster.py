@@ -110,17 +110,18 @@ class WindowTokenClustering(nn.Module):
     Args:
         window_size: K (or (Kh, Kw)), the windows clustered on their own.
         grid: k (or (kh, kw)) centres per whole window, k <= K.
-        window, iters, temperature: ``stitchops.token_cluster``'s.
+        window, iters, temperature, numerics: ``stitchops.token_cluster``'s.
     """
 
     def __init__(self, window_size, grid, window: int = 5, iters: int = 5,
-                 temperature: float = 50.0) -> None:  # fmt: skip
+                 temperature: float = 50.0, numerics: str = "exact") -> None:  # fmt: skip
         super().__init__()
         self.window_size = _pair(window_size, "window_size")
         self.grid = _pair(grid, "grid")
         if any(g > k for g, k in zip(self.grid, self.window_size, strict=True)):
             raise ValueError(f"grid {self.grid} must fit the window_size {self.window_size}")
         self.window, self.iters, self.temperature = window, iters, temperature
+        self.numerics = numerics
         self.state: WindowClusterState | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,7 @@ class WindowTokenClustering(nn.Module):
         parts = groups((height, width), self.window_size, self.grid)
         tokens = [_windows(x, g) for g in parts]
         centres = [token_cluster(t, g.grid, window=self.window, iters=self.iters,
-                                 temperature=self.temperature)
+                                 temperature=self.temperature, numerics=self.numerics)
                    for t, g in zip(tokens, parts, strict=True)]  # fmt: skip
         self.state = WindowClusterState((height, width), self.window_size, self.grid, parts,
                                         tokens, centres)  # fmt: skip
@@ -162,13 +163,15 @@ def _clustered_windows(values: torch.Tensor, state: WindowClusterState, g: Group
 class WindowTokenReconstruction(nn.Module):
     """values [B, ⌈H/K⌉·k, ⌈W/K⌉·k, D] (the clustered map's layout) → [B, H, W, D], each
     window's valid tokens from its own centres, given the ``WindowClusterState`` (or the
-    ``WindowTokenClustering``) of the same forward. ``window``, ``temperature``, ``mode``
-    and ``k`` are ``stitchops.token_reconstruct``'s."""
+    ``WindowTokenClustering``) of the same forward. ``window``, ``temperature``, ``mode``,
+    ``k``, ``numerics`` and ``weight_grad`` are ``stitchops.token_reconstruct``'s."""
 
     def __init__(self, window: int = 5, temperature: float = 50.0, mode: str = "local",
-                 k: int = 20) -> None:  # fmt: skip
+                 k: int = 20, numerics: str = "exact",
+                 weight_grad: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.window, self.temperature, self.mode, self.k = window, temperature, mode, k
+        self.numerics, self.weight_grad = numerics, weight_grad
 
     def forward(self, values: torch.Tensor, state) -> torch.Tensor:
         if isinstance(state, WindowTokenClustering):
@@ -180,9 +183,9 @@ class WindowTokenReconstruction(nn.Module):
         outputs = []
         for tokens, centres, g in zip(state.tokens, state.centres, state.parts, strict=True):
             per_window = _clustered_windows(values, state, g)
-            y = token_reconstruct(tokens, centres.detach(), per_window, window=self.window,
-                                  temperature=self.temperature, mode=self.mode,
-                                  k=self.k)  # fmt: skip
+            y = token_reconstruct(tokens, centres, per_window, window=self.window,
+                                  temperature=self.temperature, mode=self.mode, k=self.k,
+                                  numerics=self.numerics, weight_grad=self.weight_grad)  # fmt: skip
             outputs.append(_tile(y, g, batch, g.valid))
         return _assemble(outputs, state.parts)
 

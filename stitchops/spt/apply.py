@@ -5,6 +5,8 @@
   ``delta`` [c] and buffer ``index``);
 * structured matrix -> ``stitchops.nn.LoRALinear`` (``lora_A``, ``lora_B``) or
   ``AdapterLinear`` (``adapter_down``, ``adapter_up``);
+* a fused qkv matrix ranked as q, k and v (plan entries ``<name>[q]`` ...) ->
+  ``stitchops.nn.PartedLinear``: each part tuned as its entry says, in its rows;
 * whole vector -> trains as it is; partial vector -> a parametrization ``base + S(δ)`` with
   only δ [c] trainable (``<module>.parametrizations.<name>.original`` frozen, ``...[0].delta``);
 * everything else frozen, except parameters whose names contain a ``trainable`` string.
@@ -19,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from stitchops.nn.sparse import AdapterLinear, LoRALinear, SparseDeltaLinear
-from stitchops.spt.allocate import SPTPlan
+from stitchops.nn.sparse import AdapterLinear, LoRALinear, PartedLinear, SparseDeltaLinear
+from stitchops.spt.allocate import PlanEntry, SPTPlan
 
 
 class VectorDelta(nn.Module):
@@ -53,11 +55,14 @@ def _check_plan(model: nn.Module, plan: SPTPlan) -> None:
         raise ValueError("apply: the model has no nn.Linear layer; SPT tunes nn.Linear weights")
     params = dict(model.named_parameters())
     for name, entry in plan.entries.items():
-        if name not in params:
-            raise ValueError(f"the plan names {name!r}, which the model does not have")
-        if tuple(params[name].shape) != tuple(entry.shape):
+        if entry.tensor not in params:
+            raise ValueError(f"the plan names {entry.tensor!r}, which the model does not have")
+        shape = tuple(params[entry.tensor].shape)
+        if entry.rows is not None:
+            shape = (entry.rows[1] - entry.rows[0], *shape[1:])
+        if shape != tuple(entry.shape):
             raise ValueError(f"plan entry {name!r} has shape {entry.shape} but the model's "
-                             f"parameter is {tuple(params[name].shape)}")  # fmt: skip
+                             f"parameter is {shape}")  # fmt: skip
 
 
 def apply(
@@ -73,7 +78,15 @@ def apply(
     _check_plan(model, plan)
     for p in model.parameters():
         p.requires_grad_(False)
+    by_tensor: dict[str, list[PlanEntry]] = {}
+    for entry in plan.entries.values():
+        by_tensor.setdefault(entry.tensor, []).append(entry)
+    for name, entries in by_tensor.items():
+        if any(e.rows is not None for e in entries):
+            _apply_parts(model, name, entries, plan.rank, dropout, drop_path)
     for name, entry in plan.entries.items():
+        if entry.rows is not None:
+            continue
         module, attr, path = _owner(model, name)
         if entry.kind in ("lora", "adapter", "unstructured"):
             if not isinstance(module, nn.Linear) or attr != "weight":
@@ -99,6 +112,25 @@ def apply(
     return model
 
 
+def _apply_parts(model, name, entries, rank, dropout, drop_path) -> None:
+    """The entries of one fused parameter's parts: a weight becomes a ``PartedLinear``, a
+    vector trains at the union of its parts' entries (whole parts: all their rows)."""
+    module, attr, path = _owner(model, name)
+    if attr == "weight" and isinstance(module, nn.Linear):
+        parts = {e.name.rsplit("[", 1)[-1].rstrip("]"): (e.rows, e.kind, e.index)
+                 for e in entries}  # fmt: skip
+        _replace(model, path, PartedLinear(module, parts, rank, dropout, drop_path))
+        return
+    like = getattr(module, attr)
+    if like.dim() != 1:
+        raise ValueError(f"plan parts of {name!r} must be of an nn.Linear weight or a vector")
+    index = torch.cat([torch.arange(e.rows[0], e.rows[1]) if e.kind == "whole"
+                       else torch.as_tensor(e.index, dtype=torch.int64) + e.rows[0]
+                       for e in entries]).sort().values  # fmt: skip
+    parametrize.register_parametrization(module, attr, VectorDelta(index, like))
+    module.parametrizations[attr].original.requires_grad_(False)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups of the trainable parameters: deltas, biases and norm vectors
     without weight decay (as the official code), LoRA / adapter / head weights with it."""
@@ -118,11 +150,13 @@ def trainable_count(model: nn.Module, exclude: Sequence[str] = ("head",)) -> int
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every SparseDeltaLinear and LoRALinear back into a plain ``nn.Linear`` and every
-    partial-vector parametrization into its vector (in place; returned). An AdapterLinear
-    stays (its GELU bottleneck is not linear): deploy it as it is."""
+    """Fold every SparseDeltaLinear, LoRALinear and PartedLinear (without adapter parts)
+    back into a plain ``nn.Linear`` and every partial-vector parametrization into its vector
+    (in place; returned). An AdapterLinear stays (its GELU bottleneck is not linear): deploy
+    it as it is."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, (SparseDeltaLinear, LoRALinear)):
+        parted_adapter = isinstance(module, PartedLinear) and len(module.adapters)
+        if isinstance(module, (SparseDeltaLinear, LoRALinear, PartedLinear)) and not parted_adapter:
             _replace(model, path, module.merged_linear())
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from stitchops import _memory, spt
 from stitchops.models.segmentation import DECODERS, Segmenter
 from stitchops.models.stitched import StitchedViT
-from stitchops.train import build, spt_mode
+from stitchops.train import build, spt_mode, threads
 from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
 from stitchops.train.data import DataError, load_dataset
+from stitchops.train.outdir import check_output_folder
 from stitchops.train.samplers import SAMPLERS, ESTASampler, ROSSampler, snip_score
 from stitchops.train.segdata import IGNORE_INDEX, load_seg_dataset
 
@@ -93,6 +94,7 @@ class TrainConfig:
     save_every: int = 0
     log_every: int = 1
     workers: int = 0
+    threads: int | None = None  # CPU intra-op threads (default: chosen for the work)
     progress: bool = True
     # SPT (mode "spt", stitchops/train/spt_mode.py): trainable parameters without the head
     budget: float | None = None
@@ -103,6 +105,11 @@ class TrainConfig:
     spt_batches: int = 16  # batches of the sensitivity pass
     spt_per_sample: bool = False
     spt_plan: str | None = None  # a plan.json, or "lora-all" (the LoRA baseline); else computed
+    spt_dropout: float = 0.1  # on the LoRA branches' input (the official recipe's 0.1)
+    spt_drop_path: float = 0.1  # per sample on the structured branches (official: 0.1)
+    spt_train_cls: bool = True  # the class token trains with the head (official)
+    spt_tau_search: str = "exact"  # "exact" or "official" (the official τ sweep)
+    spt_split_fused: bool = True  # a fused qkv ranked as q, k and v (official)
 
     def _check_spt(self) -> None:
         if self.task != "cls":
@@ -115,6 +122,14 @@ class TrainConfig:
                              f"{self.spt_structured!r}")  # fmt: skip
         if self.spt_batches < 1 or self.spt_rank < 1:
             raise ValueError("spt_batches and spt_rank must be >= 1")
+        for name in ("spt_dropout", "spt_drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.spt_tau_search not in ("exact", "official"):
+            raise ValueError(f"spt_tau_search must be 'exact' or 'official', got "
+                             f"{self.spt_tau_search!r}")  # fmt: skip
+        if self.spt_plan not in (None, "lora-all"):
+            spt.SPTPlan.load(self.spt_plan)  # a foreign or broken file: refused before any work
 
     def resolved(self) -> TrainConfig:
         if self.mode not in MODES:
@@ -307,10 +322,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         saved = TrainConfig(**meta["config"])
         # The run's own settings (schedule included) come from the checkpoint, so the resumed
         # run is exactly the uninterrupted one; only where to stop and how to show it change.
-        for key in ("max_steps", "out", "progress", "save_every", "workers"):
+        for key in ("max_steps", "out", "progress", "save_every", "workers", "threads"):
             setattr(saved, key, getattr(cfg, key))
         cfg = saved
     cfg = cfg.resolved()
+    check_output_folder(cfg.out)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -318,6 +334,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, with_weights=meta is None).to(device)
+    if device.type == "cpu":
+        count, why = threads.choose(model, threads.token_rows(model, cfg.batch_size), cfg.threads)
+        torch.set_num_threads(count)
+        if rank == 0 and cfg.progress:
+            print(f"cpu threads: {count} ({why})", flush=True)
     stitched = stitched_part(model)  # the StitchedViT that routes run through, or None
     backbone = model.backbone if isinstance(model, Segmenter) else model
     in_cfg = (backbone.anchors[0] if stitched is not None else backbone).cfg
@@ -504,6 +525,6 @@ def load_trained(path, device="cpu"):
     cfg = TrainConfig(**meta["config"]).resolved()
     model = build_model(cfg, with_weights=False)
     if cfg.mode == "spt":
-        spt_mode.apply_saved(model, meta)
+        spt_mode.apply_saved(model, meta, cfg)
     model.load_state_dict(model_state)
     return model.to(device).eval(), cfg

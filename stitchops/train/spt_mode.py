@@ -4,8 +4,12 @@
    ``spt_batches`` training batches (``stitchops.spt.sensitivity``), the allocation under
    ``budget`` (printed, saved as ``plan.json``), or a given plan (a JSON file, or
    ``"lora-all"``: a rank-``spt_rank`` LoRA on every matrix, the LoRA baseline); then
-   ``stitchops.spt.apply`` (the head stays fully trainable). A resumed run or a loaded
-   checkpoint re-applies the plan saved in the checkpoint, so the state dict fits.
+   ``stitchops.spt.apply`` with the official recipe's defaults: the head and the class token
+   fully trainable (``spt_train_cls``), dropout 0.1 on the LoRA branches' input and
+   drop-path 0.1 on the structured branches (``spt_dropout``, ``spt_drop_path``). A resumed
+   run or a loaded checkpoint re-applies the plan saved in the checkpoint, so the state dict
+   fits. (The official fine-tuning also runs the backbone with stochastic depth 0.1; our
+   ViT has none: the one recipe difference left.)
 2. the shared loop fine-tunes the trainable parameters (AdamW groups from
    ``spt.param_groups``: no weight decay on deltas and vectors).
 3. ``finish``: accuracy on the validation split, and ``merged.safetensors``: the plain ViT's
@@ -72,7 +76,15 @@ def make_plan(model: nn.Module, cfg, train_set, announce: bool) -> SPTPlan:
     sens = spt.sensitivity(model, _sensitivity_batches(train_set, cfg),
                            per_sample=cfg.spt_per_sample, progress=announce)  # fmt: skip
     return spt.allocate(sens, model, cfg.budget, structured=cfg.spt_structured,
-                        rank=cfg.spt_rank, alpha=cfg.spt_alpha, beta=cfg.spt_beta)  # fmt: skip
+                        rank=cfg.spt_rank, alpha=cfg.spt_alpha, beta=cfg.spt_beta,
+                        split_fused=cfg.spt_split_fused,
+                        tau_search=cfg.spt_tau_search)  # fmt: skip
+
+
+def _apply(model: nn.Module, plan: SPTPlan, cfg) -> None:
+    trainable = ("head", "cls_token") if cfg.spt_train_cls else ("head",)
+    spt.apply(model, plan, trainable=trainable, dropout=cfg.spt_dropout,
+              drop_path=cfg.spt_drop_path)  # fmt: skip
 
 
 def prepare(model: nn.Module, cfg, train_set, meta: dict | None, rank: int) -> SPTPlan:
@@ -87,13 +99,13 @@ def prepare(model: nn.Module, cfg, train_set, meta: dict | None, rank: int) -> S
             plan.save(out / "plan.json")
             if cfg.progress:
                 print(plan, flush=True)
-    spt.apply(model, plan, trainable=("head",))
+    _apply(model, plan, cfg)
     return plan
 
 
-def apply_saved(model: nn.Module, meta: dict) -> None:
+def apply_saved(model: nn.Module, meta: dict, cfg) -> None:
     """Re-apply the plan a checkpoint recorded (before loading its state dict)."""
-    spt.apply(model, SPTPlan.from_dict(meta["spt_plan"]), trainable=("head",))
+    _apply(model, SPTPlan.from_dict(meta["spt_plan"]), cfg)
 
 
 @torch.no_grad()
@@ -114,7 +126,7 @@ def finish(model: nn.Module, cfg, device) -> dict:
     from safetensors.torch import save_file
 
     out = Path(cfg.out)
-    trainable = spt.trainable_count(model)
+    trainable = spt.trainable_count(model, exclude=("head", "cls_token"))
     acc = accuracy(model, cfg.data, model.cfg, device)
     merged = spt.merge(copy.deepcopy(model).cpu())
     merged_acc = accuracy(merged.to(device), cfg.data, model.cfg, device)
@@ -125,10 +137,14 @@ def finish(model: nn.Module, cfg, device) -> dict:
         "merged_accuracy": merged_acc,
         "trainable_without_head": trainable,
         "head": sum(p.numel() for n, p in model.named_parameters() if "head" in n),
+        "class_token": sum(
+            p.numel() for n, p in model.named_parameters() if "cls_token" in n and p.requires_grad
+        ),
     }
     (out / "spt.json").write_text(json.dumps(result, indent=1))
     if cfg.progress:
         print(f"spt: val accuracy {100 * acc:.2f}% (merged {100 * merged_acc:.2f}%), "
-              f"{trainable:,} trainable parameters + head; {out / 'merged.safetensors'}",
+              f"{trainable:,} trainable parameters + head and class token; "
+              f"{out / 'merged.safetensors'}",
               flush=True)  # fmt: skip
     return result

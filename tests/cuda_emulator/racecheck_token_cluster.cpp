@@ -1,6 +1,7 @@
 // Race check of the band kernels of csrc/token_cluster.cu: one EM iteration (band weights,
-// the per-centre gather of the M-step) and the reconstruction's apply, against float64 loops
-// over each pixel's explicit candidate list. Registered with racecheck.cpp's driver.
+// the per-centre gather of the M-step), the reconstruction's apply and the weight backward's
+// band dots, against float64 loops over each pixel's explicit candidate list. Registered
+// with racecheck.cpp's driver.
 #include <cmath>
 #include <random>
 
@@ -31,10 +32,11 @@ bool run(const Problem& p) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
   const int64_t N = p.height * p.width, M = p.h * p.w, C = p.channels, r = p.window / 2;
-  std::vector<float> x(N * C), s(M * C), v(M * 3);
+  std::vector<float> x(N * C), s(M * C), v(M * 3), dy(N * 3);
   for (auto& e : x) e = normal(rng);
   for (auto& e : s) e = normal(rng);
   for (auto& e : v) e = normal(rng);
+  for (auto& e : dy) e = normal(rng);
   const auto x_t = narrow<E>(x);
   const auto cy = cells(p.height, p.h), cx = cells(p.width, p.w);
   std::vector<int32_t> pixel_start(p.h), pixel_count(p.h), centre_start(p.h), centre_count(p.h);
@@ -63,12 +65,14 @@ bool run(const Problem& p) {
   // float64: weights over each pixel's explicit candidates, the M-step, the reconstruction.
   const double tau = 4.0;
   std::vector<double> w_ref(N * M, 0.0), s_ref(M * C, 0.0), tot(M, 0.0), y_ref(N * 3, 0.0);
+  std::vector<double> g_ref(N * M, 0.0);  // dy_p · v_i over the candidates
   for (int64_t q = 0; q < N; ++q) {
     const int64_t py = q / p.width, px = q % p.width;
     double top = -INFINITY;
     std::vector<double> logit(M, -INFINITY);
     for (int64_t i = 0; i < M; ++i) {
       if (std::abs(i / p.w - cy[py]) > r || std::abs(i % p.w - cx[px]) > r) continue;
+      for (int64_t d = 0; d < 3; ++d) g_ref[q * M + i] += double(dy[q * 3 + d]) * v[i * 3 + d];
       double d = 0;
       for (int64_t c = 0; c < C; ++c) d += std::pow(double(x[q * C + c]) - s[i * C + c], 2);
       logit[i] = -d / tau;
@@ -101,12 +105,24 @@ bool run(const Problem& p) {
   gp.a = a.data(), gp.v = v.data(), gp.y = y.data(), gp.batch = 1, gp.pixels = N, gp.centres = M;
   gp.dim = 3;
   if (stitchops::band_apply(t, gp, nullptr) != 0) return false;
+  std::vector<float> g(N * max_centres, NAN);
+  stitchops::BandDotArgs gd;
+  gd.dy = dy.data(), gd.v = v.data(), gd.g = g.data(), gd.batch = 1, gd.pixels = N;
+  gd.centres = M, gd.dim = 3;
+  if (stitchops::band_dots(t, gd, nullptr) != 0) return false;
+  std::vector<float> g_dense(N * M, 0.f);  // the band slots at their centres
+  for (int64_t q = 0; q < N; ++q) {
+    const int64_t band = cy[q / p.width];
+    for (int64_t k = 0; k < centre_count[band]; ++k)
+      g_dense[q * M + centre_start[band] + k] = g[q * max_centres + k];
+  }
 
   const std::string where = std::to_string(p.height) + "x" + std::to_string(p.width) + "->" +
                             std::to_string(p.h) + "x" + std::to_string(p.w) + " window " +
                             std::to_string(p.window);
   bool ok = check<E>(where, "centres", out, s_ref);
   ok &= check<E>(where, "y", y, y_ref);
+  ok &= check<float>(where, "band dots", g_dense, g_ref);
   return ok;
 }
 
