@@ -76,7 +76,12 @@ def _cuda_extension():
     ]
     ext = CUDAExtension(
         name="stitchops._C",
-        sources=["csrc/binding.cpp", *sorted(glob.glob("csrc/*.cu"))],
+        # the module, every op's binding (each registers itself) and every kernel source
+        sources=[
+            "csrc/binding.cpp",
+            *sorted(glob.glob("csrc/binding/bind_*.cpp")),
+            *sorted(glob.glob("csrc/*.cu")),
+        ],
         depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/*.cuh")),
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={

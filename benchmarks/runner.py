@@ -149,12 +149,13 @@ def measured_ceilings(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
 
 
 def write_results(name: str, device: str, payload: dict) -> Path:
-    """Merge ``payload`` under key ``name`` into results/<device>.json."""
+    """Merge ``payload`` under key ``name`` into results/<device>.json, with the environment
+    it was measured in (also the file's, as of its latest write: ops run at other times)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{device_slug(device)}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data["environment"] = environment(device)
-    data[name] = payload
+    data[name] = {**payload, "environment": data["environment"]}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
@@ -294,6 +295,21 @@ def print_table(rows: Sequence[dict]) -> None:
         print(f"{where}: {cells}")
 
 
+def quick() -> bool:
+    """The GPU round's quick mode (``STITCHOPS_BENCH_QUICK=1``): only the rows that the
+    acceptance targets read, at a quarter of the time budget."""
+    return os.environ.get("STITCHOPS_BENCH_QUICK") == "1"
+
+
+def targets_of(name: str, device: str) -> list[Target]:
+    """The acceptance targets of op ``name`` that a run on ``device`` measures (every
+    bench_<op>.py's TARGETS, found by acceptance.targets)."""
+    import acceptance  # a sibling script: imports the benches, which import this module
+
+    on_cpu = torch.device(device).type == "cpu"
+    return [t for t in acceptance.targets() if t.op == name and t.on_cpu == on_cpu]
+
+
 def run(
     name: str,
     cases: Sequence[Callable[[], Sequence[Case]]],
@@ -306,7 +322,12 @@ def run(
     setup, e.g. a shape's forward and forward+backward), saving after each; print the table.
 
     ``ceilings_for``: the dtypes whose matmul rate the rooflines need (measured first).
+    In quick mode (``quick()``) only the rows some acceptance target reads are measured, at a
+    quarter of ``budget_ms``, and the run stops once every target has its row.
     """
+    pending = targets_of(name, device) if quick() else None
+    if pending is not None:
+        budget_ms /= 4
     ceilings = None
     if ceilings_for:
         ceilings = measured_ceilings(device, tuple(ceilings_for))
@@ -318,7 +339,14 @@ def run(
         tqdm = None
     rows: list[dict] = []
     for make in tqdm(cases, desc=name) if tqdm else cases:
-        rows += [measure(case, device, budget_ms, ceilings) for case in make()]
+        if pending is not None and not pending:
+            break
+        built = make()
+        if pending is not None:
+            built = [c for c in built if any(t.matches(c.params) for t in pending)]
+        rows += [measure(case, device, budget_ms, ceilings) for case in built]
+        if pending is not None:
+            pending = [t for t in pending if not any(t.matches(row) for row in rows)]
         if save:  # after every case: a run cut short keeps what it measured
             result = {"rows": rows, **({"ceilings": ceilings} if ceilings else {})}
             path = write_results(name, device, result)
@@ -347,9 +375,15 @@ class Target:
     def on_cpu(self) -> bool:
         return self.where.get("device") == "cpu"
 
+    def matches(self, params: dict) -> bool:
+        """Whether a row (or a case's parameters) is the one this target reads ("cuda:0"
+        counts as "cuda")."""
+        device = str(params.get("device", "")).split(":")[0]
+        return all((device if k == "device" else params.get(k)) == v
+                   for k, v in self.where.items())  # fmt: skip
+
     def check(self, data: dict) -> tuple[list[str], bool]:
-        rows = [r for r in data.get(self.op, {}).get("rows", [])
-                if all(r.get(k) == v for k, v in self.where.items())]  # fmt: skip
+        rows = [r for r in data.get(self.op, {}).get("rows", []) if self.matches(r)]
         if not rows:
             return [f"{self.op}: no result at {self.where} (run its benchmark)"], False
         row, lines, met = rows[0], [], False

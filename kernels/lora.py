@@ -36,8 +36,6 @@ from stitchops._runtime import new_output, triton_interpreting
 from .partials import sum_ranges
 from .tuning import Tiling, TilingSpace, TunedKernel, dot_precision, programs_to_fill
 
-MAX_RANK = 128
-
 # The autotune space of both kernels. A forward tiling with column_tiles > 1 has a program
 # cover that many BLOCK_N-wide output tiles of its row tile in turn: it computes S = x·Aᵀ
 # with the first and reuses it, so the rank-R product costs R/(BLOCK_N·column_tiles) of the

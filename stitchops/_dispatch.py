@@ -30,6 +30,9 @@ from stitchops import _backends
 from stitchops._runtime import triton_interpreting
 
 BACKENDS = ("torch", "triton", "cuda")
+# The order for CUDA tensors: Triton's tuned tensor-core kernels, then the CUDA ones (second
+# until a GPU measurement says otherwise), then the reference. CPU tensors take the reference.
+GPU_PRIORITY = ("triton", "cuda", "torch")
 
 # Triton kernels form element offsets in int32 (row index × row stride): every tensor they
 # index must span fewer elements than this. The CUDA kernels use int64 offsets.
@@ -105,8 +108,6 @@ class Op:
     reference: str  # module of the torch backend
     triton: str  # module of the triton backend
     kernel_dtypes: tuple[torch.dtype, ...]  # what the triton and cuda kernels take
-    gpu_priority: tuple[str, ...] = ("triton", "cuda", "torch")  # for CUDA tensors
-    kernels: tuple[str, ...] = ("triton", "cuda")  # the backends that have its kernels
 
     def reasons(
         self,
@@ -121,8 +122,6 @@ class Op:
         or scratch tensor. ``limits``: the op's own reasons against its kernels."""
         if backend == "torch":
             return []  # the reference takes every call the op's checks let through
-        if backend not in self.kernels:
-            return [f"{self.name} has no {backend} kernels yet (the torch reference runs it)"]
         reasons = _backends.device_reasons(backend, tensors)
         if backend == "triton":
             widest = max(written, *map(span, tensors))
@@ -150,7 +149,7 @@ class Op:
             name: functools.partial(self.reasons, name, tensors, written=written, limits=limits)
             for name in BACKENDS
         }
-        priority = self.gpu_priority if tensors[0].is_cuda else ("torch",)
+        priority = GPU_PRIORITY if tensors[0].is_cuda else ("torch",)
         return choose(self.name, reasons, priority)
 
     def entry(self, backend: str, function: str) -> Callable:

@@ -1,12 +1,16 @@
 """Command line (also ``python -m stitchops``).
 
-stitchops demo     SN-Netv2 end to end on the bundled digits (the README's first command);
-                   stitchops demo seg: segmentation on generated shapes
-stitchops train    pretrain an anchor, train SN-Net / SN-Netv2 / ESTA, fine-tune with SPT
-                   (torchrun for DDP)
-stitchops eval     evaluate every stitch of a checkpoint: table, Pareto frontier, plot
-stitchops info     versions and which backends can run here
-stitchops bench    run every benchmark (correctness first), save, report
+stitchops demo          SN-Netv2 end to end on the bundled digits (the README's first command)
+stitchops demo seg      stitched segmentation on generated shapes
+stitchops demo spt      SPT against LoRA and full fine-tuning
+stitchops demo expedit  a trained Segmenter expedited without fine-tuning
+stitchops demo faseg    FASeg's decoder ablations in small
+stitchops train         pretrain an anchor, train SN-Net / SN-Netv2 / ESTA, fine-tune with
+                        SPT (torchrun for DDP); Ctrl-C saves, --resume continues
+stitchops eval          evaluate a checkpoint (every stitch, or the one model) or a weights
+                        file: table, Pareto frontier, plot
+stitchops info          versions and which backends can run here
+stitchops bench         run every benchmark (correctness first), save, report
 """
 
 from __future__ import annotations
@@ -45,10 +49,7 @@ def info(_args) -> int:
         print(f"triton kernels: {_runtime.triton_tuning()}")
     for op in _dispatch.OPS.values():
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in op.kernel_dtypes)
-        kernels = "no kernels yet"
-        if op.kernels:
-            kernels = f"{' and '.join(op.kernels)} kernels ({dtypes})"
-        print(f"op {op.name}: torch reference, {kernels}")
+        print(f"op {op.name}: torch reference, triton and cuda kernels ({dtypes})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device}:")
@@ -93,26 +94,19 @@ def _demo_threads(args) -> None:
 
 
 def demo(args) -> int:
-    _demo_threads(args)
-    if args.task == "seg":
-        from stitchops.train.segdemo import run_seg_demo as run
-    elif args.task == "spt":
-        from stitchops.train.sptdemo import run_spt_demo as run
-    elif args.task in ("expedit", "faseg"):
-        from stitchops.train.expeditdemo import run_expedit_demo
-        from stitchops.train.fasegdemo import run_faseg_demo
+    from stitchops.demos import demo as find
 
-        run = run_expedit_demo if args.task == "expedit" else run_faseg_demo
-        options = {"out": args.out, "epochs": args.anchor_epochs}
-        run(**{k: v for k, v in options.items() if v is not None},
-            progress=not args.no_progress, seed=args.seed)  # fmt: skip
-        return 0
-    else:
-        from stitchops.train.demo import run_demo as run
-    given = {"out": args.out, "anchor_epochs": args.anchor_epochs,
-             "stitch_epochs": args.stitch_epochs}  # fmt: skip
-    options = {k: v for k, v in given.items() if v is not None}
-    run(**options, progress=not args.no_progress, seed=args.seed)
+    _demo_threads(args)
+    module = find(args.task)
+    given = {"anchor_epochs": args.anchor_epochs, "stitch_epochs": args.stitch_epochs}
+    for option, value in given.items():
+        if value is not None and option not in module.OPTIONS:
+            print(f"stitchops demo: warning: --{option.replace('_', '-')} ignored: demo "
+                  f"{args.task} does not take it", file=sys.stderr)  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not None and k in module.OPTIONS}
+    if args.out is not None:
+        options["out"] = args.out
+    module.run(**options, progress=not args.no_progress, seed=args.seed)
     return 0
 
 
@@ -125,8 +119,16 @@ def train_cmd(args) -> int:
     values["amp"] = not args.no_amp
     values["nearest"] = not args.all_pairs
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in fields})
-    path = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+    main_process = int(os.environ.get("RANK", "0")) == 0  # say things once under torchrun
+    if args.resume is None and main_process:
+        ignored = TrainConfig(**vars(cfg)).resolved().ignored()
+        if ignored:
+            flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+            print(f"stitchops train: warning: {flags} ignored: mode {cfg.mode!r}, task "
+                  f"{cfg.task!r} does not use {'it' if len(ignored) == 1 else 'them'}",
+                  file=sys.stderr)  # fmt: skip
+    path = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if main_process:
         print(f"checkpoint: {path}")
     return 0
 
@@ -139,18 +141,58 @@ def eval_cmd(args) -> int:
 
     out = check_output_folder(args.out or Path(args.checkpoint).parent)
     device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg = load_trained(args.checkpoint, device)
-    if args.task is not None and args.task != cfg.task:
-        raise ValueError(f"{args.checkpoint} is a {cfg.task} model, not {args.task}")
-    table = (_eval_seg if cfg.task == "seg" else _eval_cls)(model, cfg, args, device)
+    if args.model is not None:  # plain weights (SPT's merged.safetensors, a timm file)
+        table, title = _eval_weights(args, device), f"{args.model}"
+    else:
+        model, cfg = load_trained(args.checkpoint, device)
+        if args.task is not None and args.task != cfg.task:
+            raise ValueError(f"{args.checkpoint} is a {cfg.task} model, not {args.task}")
+        table = (_eval_seg if cfg.task == "seg" else _eval_cls)(model, cfg, args, device)
+        title = f"{cfg.mode}: every stitch" if len(table.rows) > 1 else cfg.mode
     print(table.format())
+    print(
+        f"(latency: median of {args.latency_repeats} timed batches after a warm-up, "
+        f"{torch.get_num_threads()} CPU thread(s); {_load_note()})"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "stitches.json").write_text(table.to_json())
     from stitchops.train.evaluate import plot_stitches
 
-    plot_stitches(table, out / "stitches.png", title=f"{cfg.mode}: every stitch")
+    plot_stitches(table, out / "stitches.png", title=title)
     print(f"wrote {out / 'stitches.json'} and {out / 'stitches.png'}")
     return 0
+
+
+def _load_note() -> str:
+    """A word on the machine's load: latencies of a busy machine do not rank methods."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return "load unknown"
+    cores = os.cpu_count() or 1
+    if load > cores:
+        return (f"WARNING: the machine was busy (load {load:.1f} on {cores} cores): the "
+                "latencies are inflated and may not rank the stitches")  # fmt: skip
+    return f"load {load:.1f} on {cores} cores"
+
+
+def _eval_weights(args, device):
+    """The accuracy of a classifier from a weights file and its ``--model`` spec."""
+    import torch
+
+    from stitchops.train import build
+    from stitchops.train.data import load_dataset
+    from stitchops.train.evaluate import eval_classifier
+    from stitchops.train.loop import check_data_fits
+
+    if args.data is None:
+        raise ValueError("--model evaluates a weights file: give its --data too")
+    model = build.build_anchor(args.model, args.checkpoint).to(device)
+    data = load_dataset(args.data, "val", model.cfg.img_size, model.cfg.in_chans)
+    check_data_fits(data, model.cfg, args.data)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
+    return eval_classifier(model, loader, args.patch_size, device, args.latency_repeats,
+                           name=Path(args.checkpoint).name)  # fmt: skip
 
 
 def _check_ids(ids, known: set[int], checkpoint) -> None:
@@ -164,15 +206,18 @@ def _eval_cls(model, cfg, args, device):
     import torch
 
     from stitchops.train.data import load_dataset
-    from stitchops.train.evaluate import eval_stitches
+    from stitchops.train.evaluate import eval_classifier, eval_stitches
     from stitchops.train.loop import check_data_fits
 
-    if not hasattr(model, "stitches"):
-        raise ValueError(f"{args.checkpoint} holds a single anchor, not a stitched model")
-    first = model.anchors[0].cfg
+    first = model.anchors[0].cfg if hasattr(model, "stitches") else model.cfg
     data = load_dataset(args.data or cfg.data, "val", first.img_size, first.in_chans)
     check_data_fits(data, first, args.data or cfg.data)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
+    if not hasattr(model, "stitches"):  # an anchor or an SPT-tuned model
+        if args.ids:
+            raise ValueError(f"--ids: {args.checkpoint} holds one model, not stitches")
+        return eval_classifier(model, loader, args.patch_size, device, args.latency_repeats,
+                               name=f"{cfg.mode} model")  # fmt: skip
     _check_ids(args.ids, {s.id for s in model.stitches}, args.checkpoint)
     return eval_stitches(model, loader, ids=args.ids, patch_size=args.patch_size, device=device,
                          progress=not args.no_progress,
@@ -187,7 +232,9 @@ def _eval_seg(model, cfg, args, device):
 
     backbone = model.backbone
     first = (backbone.anchors[0] if hasattr(backbone, "anchors") else backbone).cfg
-    data = load_seg_dataset(args.data or cfg.data, "val", first, model.num_classes, cfg.seed)
+    reduce = args.reduce_zero_label if args.reduce_zero_label is not None else cfg.reduce_zero_label
+    data = load_seg_dataset(args.data or cfg.val_data or cfg.data, "val", first,
+                            model.num_classes, cfg.seed, reduce)  # fmt: skip
     # folder images differ in size: one at a time; generated ones stack
     batch = args.batch_size if (args.data or cfg.data) == "shapes" else 1
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=args.workers)
@@ -196,6 +243,7 @@ def _eval_seg(model, cfg, args, device):
     inference = {"mode": "whole"}
     if args.crop is not None or args.stride is not None:
         inference = {"mode": "slide", "crop": args.crop, "stride": args.stride}
+        model.check_sliding(args.crop, args.stride, args.patch_size)  # before any work
     return eval_seg_stitches(model, loader, ids=args.ids, device=device,
                              progress=not args.no_progress, latency_repeats=args.latency_repeats,
                              inference=inference)  # fmt: skip
@@ -307,7 +355,10 @@ _TRAIN_NUMBERS = (
     ("spt-dropout", float, "SPT: dropout on the LoRA branches' input (the official 0.1)"),
     ("spt-drop-path", float, "SPT: per-sample drop-path of the structured branches (official "
                              "0.1)"),
-    ("save-every", int, "also save a checkpoint every N steps (0: at the end of each epoch)"),
+    ("save-every", int, "also save a checkpoint every N steps (it is saved at each epoch's "
+                        "end anyway, and on Ctrl-C)"),
+    ("save-minutes", float, "also save a checkpoint when this many minutes passed since the "
+                            "last"),
     ("log-every", int, "write log.jsonl every N steps"),
     ("workers", int, "data-loading processes"),
     ("threads", int, "CPU intra-op threads (none: chosen for the model's work, one for small "
@@ -316,7 +367,7 @@ _TRAIN_NUMBERS = (
 
 
 def _default(name: str) -> str:
-    from stitchops.train.loop import MODE_DEFAULTS, TrainConfig
+    from stitchops.train.config import MODE_DEFAULTS, TrainConfig
 
     key = name.replace("-", "_")
     value = TrainConfig.__dataclass_fields__[key].default
@@ -378,10 +429,23 @@ def _add_train_parser(sub) -> None:
                    help="one .safetensors/.pth per anchor (timm or stitchops "
                    "checkpoints)")  # fmt: skip
     p.add_argument("--data", help="'digits' (bundled) or an ImageFolder folder; with --task seg "
-                   "'shapes' (generated) or an ADE20K-layout or images/ + masks/ folder "
-                   "[digits; shapes for seg]")  # fmt: skip
-    p.add_argument("--out", help=f"output folder: checkpoint, log.jsonl [{_default('out')}]")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from it")
+                   "'shapes' (generated) or an ADE20K-layout or images/ + masks/ folder. "
+                   "Split: a folder's train/ and val/ (ADE20K: training/ and validation/) "
+                   "sub-folders, else --val-data for seg; without either, evaluation reads "
+                   "the training images, with a warning [digits; shapes for seg]")  # fmt: skip
+    p.add_argument("--out", help="output folder: checkpoint, log.jsonl; a folder holding a run "
+                   "is refused (see --resume, --overwrite) [runs/stitchops; with --resume the "
+                   "checkpoint's folder]")  # fmt: skip
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from it, "
+                   "in its folder unless --out says otherwise")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder "
+                   "that holds one (its checkpoint and log are removed)")  # fmt: skip
+    p.add_argument("--val-data", help="seg: the evaluation folder, for data without a split "
+                   "of its own (images/ + masks/) [the data's validation split]")  # fmt: skip
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="seg: masks' 0 is 'other', ignored, and ids shift down by one "
+                   "(ADE20K; 255 stays ignored) [on for ADE20K's layout, off for "
+                   "images/ + masks/]")  # fmt: skip
     for name, kind, what in _TRAIN_NUMBERS:
         p.add_argument(f"--{name}", type=kind, help=f"{what} [{_default(name)}]")
     p.add_argument("--sampler", choices=["uniform", "ros", "esta"],
@@ -401,6 +465,9 @@ def _add_train_parser(sub) -> None:
                    f"file [{_default('distill')}]")  # fmt: skip
     p.add_argument("--teacher", metavar="SPEC", help="model spec of the teacher for --distill FILE")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: deterministic algorithms and cuBLAS workspace, so a resumed run "
+                   "equals an uninterrupted one [True]")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=train_cmd)
 
@@ -419,14 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = _ShowDefaults
-    p = sub.add_parser("demo", help="SN-Netv2 end to end: classification on the bundled "
-                       "digits, or segmentation (demo seg) on generated shapes; demo spt: "
-                       "SPT vs LoRA vs full fine-tuning", formatter_class=defaults)  # fmt: skip
-    p.add_argument("task", nargs="?", choices=["cls", "seg", "spt", "expedit", "faseg"],
-                   default="cls", help="cls: digits classification; seg: shapes "
-                   "segmentation; spt: fine-tune a digits ViT on shapes-cls; expedit: a "
-                   "trained Segmenter expedited without fine-tuning; faseg: FASeg's "
-                   "decoder ablations")  # fmt: skip
+    from stitchops.demos import DEMOS
+
+    p = sub.add_parser("demo", help="a method end to end on a laptop CPU: "
+                       + ", ".join(DEMOS), formatter_class=argparse.RawTextHelpFormatter,
+                       description="\n".join(f"{k:<8} {v}" for k, v in DEMOS.items()))  # fmt: skip
+    p.add_argument("task", nargs="?", choices=list(DEMOS), default="cls",
+                   help="which demo (default: cls)")  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg, "
                    "runs/demo-spt, runs/demo-expedit, runs/demo-faseg)")  # fmt: skip
     p.add_argument("--anchor-epochs", type=int,
@@ -441,9 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)
     _add_train_parser(sub)
-    p = sub.add_parser("eval", help="evaluate every stitch of a checkpoint; table and plot",
+    p = sub.add_parser("eval", help="evaluate a checkpoint (every stitch, or the one model) or "
+                       "a weights file: table and plot",
                        formatter_class=defaults)  # fmt: skip
-    p.add_argument("checkpoint", help="a stitched model's checkpoint (.safetensors)")
+    p.add_argument("checkpoint", help="a training checkpoint (.safetensors: a stitched model, "
+                   "an anchor, a segmentation or SPT model), or with --model a weights file "
+                   "(SPT's merged.safetensors, timm weights)")  # fmt: skip
+    p.add_argument("--model", metavar="SPEC", help="the model spec of a plain weights file "
+                   "(e.g. vit_small_test:embed_dim=48,depth=4,num_heads=3,num_classes=5); "
+                   "needs --data")  # fmt: skip
     p.add_argument("--task", choices=["cls", "seg"], help="what the checkpoint must be "
                    "(default: whatever it is: accuracy for cls, mIoU for seg)")  # fmt: skip
     p.add_argument("--data", help="'digits' or an ImageFolder folder (default: the data the "
@@ -461,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, help="seg: sliding-window inference with crop x crop "
                    "windows (default: whole images)")  # fmt: skip
     p.add_argument("--stride", type=int, help="seg: the sliding windows' stride in pixels")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="seg: as train's (default: the checkpoint's setting)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=eval_cmd)
     sub.add_parser("info", help="versions and which backends can run here").set_defaults(fn=info)
@@ -480,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader closed the pipe early (stitchops info | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt as stop:  # a training loop saved and said how to resume
+        if not hasattr(stop, "checkpoint"):
+            print(f"stitchops {args.command}: interrupted", file=sys.stderr)
+        return getattr(stop, "code", 130)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
         # Our errors explain themselves: no traceback from deep inside torch.
         print(f"stitchops {args.command}: error: {exc}", file=sys.stderr)

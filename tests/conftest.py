@@ -59,6 +59,7 @@ def _wants_emulated_cuda(request) -> bool:
         and callspec.params.get("backend") == "cuda"
         and not torch.cuda.is_available()
         and os.environ.get("STITCHOPS_EMULATE_CUDA", "1") != "0"
+        and not os.environ.get("STITCHOPS_TEST_AUDIT")  # the audit runs no kernel
     )
 
 

@@ -10,6 +10,8 @@ exactly).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import pytest
@@ -19,7 +21,12 @@ import stitchops
 from stitchops import _backends, _runtime
 from stitchops._dispatch import Op
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Where op tests put their tensors: the GPU when there is one, else the CPU (the kernels then
+# run through Triton's interpreter and the CUDA host emulator). STITCHOPS_TEST_DEVICE
+# overrides it; the device audit (test_device_audit.py) sets a stand-in, "meta".
+DEVICE = os.environ.get("STITCHOPS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available()
+                                                     else "cpu")  # fmt: skip
+AUDIT = os.environ.get("STITCHOPS_TEST_AUDIT")  # a file the audit's records go to
 
 # Relative error floors per dtype, for results whose same-dtype reference is itself exact.
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -41,13 +48,37 @@ def require_backend(
     op: Op | None, backend: str, *tensors: torch.Tensor, limits: Sequence[str] = ()
 ) -> None:
     """Skip (with the backend's own reasons) when ``backend`` cannot run a call of ``op`` on
-    ``tensors`` here; ``op=None``: only whether the backend runs on their device."""
+    ``tensors`` here; ``op=None``: only whether the backend runs on their device. Kernel
+    tests pass a tensor made where their data lives (``DEVICE``); under the device audit this
+    records that device and skips."""
+    if AUDIT:
+        record = {
+            "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+            "backend": backend,
+            "devices": sorted({t.device.type for t in tensors}),
+        }
+        with open(AUDIT, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        pytest.skip("device audit: recorded")
     if op is None:
         reasons = [] if backend == "torch" else _backends.device_reasons(backend, tensors)
     else:
         reasons = op.reasons(backend, tensors, limits=limits)
+    if reasons and backend != "torch" and not torch.cuda.is_available() and not _stand_in(backend):
+        pytest.skip(
+            f"no GPU: the {backend} backend needs one here (its CPU stand-in is off: "
+            f"{'TRITON_INTERPRET=1' if backend == 'triton' else 'STITCHOPS_EMULATE_CUDA'})"
+        )
     if reasons:
         pytest.skip(f"{backend} cannot run here: {'; '.join(reasons)}")
+
+
+def _stand_in(backend: str) -> bool:
+    """Whether this CPU machine runs ``backend``'s kernels anyway: Triton's interpreter, or
+    the CUDA host emulator (tests/conftest.py)."""
+    if backend == "triton":
+        return _runtime.triton_interpreting()
+    return os.environ.get("STITCHOPS_EMULATE_CUDA", "1") != "0"
 
 
 def float64_masters(

@@ -1,7 +1,12 @@
-"""benchmarks/acceptance.py reads every op's declared targets off a results file correctly."""
+"""benchmarks/acceptance.py reads every op's declared targets off a results file correctly.
+
+The op set and the rows come from the targets themselves (each bench_<op>.py's TARGETS):
+a results file is synthesised that meets every bound by 10%, then each bound is broken in
+turn, so a new op's targets are checked here without this file naming it."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -21,115 +26,104 @@ def acceptance():
     return module
 
 
-def impl(vs_baseline, vs_floor=None):
-    timing = {"ms": 1.0, "vs_baseline": vs_baseline, "of_roofline": 0.8}
-    return timing if vs_floor is None else {**timing, "vs_floor": vs_floor}
+def meeting(bounds, factor: float = 1.1) -> dict:
+    """An implementation's figures that meet every (metric, kind, bound) by ``factor``."""
+    figures = {"ms": 1.0}
+    for metric, kind, bound in bounds:
+        figures[metric] = bound * factor if kind == "min" else bound / factor
+    return figures
 
 
-def results(triton=(2.0, 1.05), cuda=(1.5, 1.4), least_squares=12.0, shape_tokens=256 * 197,
-            stitched=(0.99, 0.97), sparse=(1.6, 1.05), cluster=(25.0, 0.7),
-            focus=(6.0, 12.0)):  # fmt: skip
-    row = {"tokens": shape_tokens, "in": 384, "out": 1024, "rank": 16, "dtype": "bfloat16",
-           "pass": "fwd+bwd", "baseline_impl": "unfused", "triton": impl(*triton),
-           "cuda": impl(*cuda)}  # fmt: skip
-    other = {**row, "pass": "fwd", "triton": impl(9.0, 0.5)}
-    data = {"environment": {"device": "test"}, "lora_linear": {"rows": [other, row]}}
-    if least_squares is not None:
-        data["least_squares_init"] = {"rows": [
-            {"n": 19_700, "in": 384, "out": 384, "device": "cuda", "baseline_impl": "cpu_pinv",
-             "stitchops": impl(least_squares)}]}  # fmt: skip
-    data["sparse_delta_linear"] = {"rows": [
-        {"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cuda",
-         "baseline_impl": "dense_gather",
-         "triton": {**impl(sparse[0]), "vs_dense_gather": sparse[0], "vs_floor": sparse[1]}}
-        for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]}  # fmt: skip
-    data["token_cluster"] = {"rows": [
-        {"work": "cluster", "batch": b, "map": "40x40", "device": "cuda", "baseline_impl":
-         "official", "triton": {**impl(cluster[0]), "of_roofline": cluster[1]}}
-        for b in (1, 8)]}  # fmt: skip
-    data["focus_attention"] = {"rows": [
-        *({"kind": "hrca", "map": m, "work": "forward", "device": "cuda",
-           "baseline_impl": "official",
-           "triton": {**impl(focus[0]), "memory_vs_baseline": focus[1]}}
-          for m in ("128x128", "256x512")),
-        *({"kind": "masked", "map": m, "work": "forward", "device": "cuda",
-           "baseline_impl": "official", "triton": impl(focus[0])}
-          for m in ("64x64", "128x256"))]}  # fmt: skip
-    data["stitched_overhead"] = {"rows": [
-        {"device": "cuda", "pass": name, "baseline_impl": "anchor", "stitched": impl(ratio)}
-        for name, ratio in zip(("train step", "forward"), stitched, strict=True)]}  # fmt: skip
+def synthesise(targets) -> dict:
+    """A results file with one row per target's ``where``, every implementation of the
+    target meeting its bounds (targets on the same row share it)."""
+    data: dict = {"environment": {"device": "test"}}
+    for target in targets:
+        rows = data.setdefault(target.op, {"rows": []})["rows"]
+        row = next((r for r in rows if all(r.get(k) == v for k, v in target.where.items())),
+                   None)  # fmt: skip
+        if row is None:
+            row = {**target.where, "baseline_impl": "official"}
+            rows.append(row)
+        for name in target.implementations:
+            row.setdefault(name, {}).update(meeting(target.bounds))
     return data
 
 
-def test_every_op_declares_its_targets(acceptance):
-    ops = {target.op for target in acceptance.targets()}
-    assert ops == {"lora_linear", "least_squares_init", "stitched_overhead",
-                   "sparse_delta_linear", "token_cluster", "focus_attention"}  # fmt: skip
+def _row(data, target) -> dict:
+    return next(r for r in data[target.op]["rows"]
+                if all(r.get(k) == v for k, v in target.where.items()))  # fmt: skip
 
 
-def test_met_when_the_best_backend_meets_every_target(acceptance):
-    lines, ok = acceptance.check(results())
+def test_every_benchmark_declares_targets(acceptance):
+    declared = {target.op for target in acceptance.targets()}
+    benches = sorted(BENCHMARKS.glob("bench_*.py"))
+    assert declared and len(benches) >= len(declared)
+    for target in acceptance.targets():
+        assert target.what and target.implementations and target.bounds, target
+        for metric, kind, _ in target.bounds:
+            assert kind in ("min", "max"), (target.what, metric)
+
+
+@pytest.mark.parametrize("cpu", [False, True], ids=["gpu", "cpu"])
+def test_met_when_every_bound_holds(acceptance, cpu):
+    chosen = [t for t in acceptance.targets() if t.on_cpu == cpu]
+    lines, ok = acceptance.check(synthesise(chosen), cpu=cpu)
     assert ok, lines
-    assert any("lora_linear triton: vs_baseline 2.00 (min 1.8)" in line for line in lines), lines
+    assert sum(line.startswith("[met]") for line in lines) == len(chosen)
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"triton": (1.7, 1.05)},  # too little speedup (cuda's 1.5 does not rescue it)
-        {"triton": (2.0, 1.2)},  # too slow against the bare GEMM
-        {"triton": (2.0, 1.2), "cuda": (1.5, 1.05)},  # each backend meets only one target
-        {"least_squares": 9.0},
-        {"least_squares": None},  # missing figure
-        {"shape_tokens": 64 * 197},  # no row at the acceptance shape
-        {"stitched": (0.99, 0.9)},  # the forward 1.11x the anchor's time
-        {"sparse": (1.4, 1.05)},  # sparse delta: too little over dense-then-gather
-        {"sparse": (1.6, 1.2)},  # sparse delta: too slow against the frozen GEMM
-        {"cluster": (15.0, 0.7)},  # token clustering: too little over the dense algorithm
-        {"cluster": (25.0, 0.4)},  # token clustering: too far from the roofline
-    ],
-)
-def test_not_met(acceptance, change):
-    lines, ok = acceptance.check(results(**change))
-    assert not ok, lines
+def test_each_broken_bound_fails_its_target(acceptance):
+    """Every bound of every target, broken by 10% for all its implementations: not met."""
+    for cpu in (False, True):
+        chosen = [t for t in acceptance.targets() if t.on_cpu == cpu]
+        good = synthesise(chosen)
+        for target in chosen:
+            for metric, kind, bound in target.bounds:
+                data = copy.deepcopy(good)
+                for name in target.implementations:
+                    _row(data, target)[name][metric] = bound / 1.1 if kind == "min" else bound * 1.1
+                lines, ok = acceptance.check(data, cpu=cpu)
+                assert not ok and f"[NOT met] {target.what}" in lines, (target.what, metric)
 
 
-def test_cpu_targets_are_read_off_the_cpu_file(acceptance, tmp_path, capsys):
-    rows = [{"work": "delta_grad", "in": 768, "out": 3072, "nnz": 3000, "device": "cpu",
-             "baseline_impl": "official",
-             "torch": {**impl(12.0), "memory_vs_baseline": 2.0}}]  # fmt: skip
-    rows += [{"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cpu",
-              "baseline_impl": "dense_gather", "torch": {**impl(1.3), "vs_dense_gather": 1.3}}
-             for i, o in ((768, 3072), (3072, 768)) for d in (0.001, 0.01)]  # fmt: skip
-    clusters = [{"work": work, "batch": b, "map": m, "device": "cpu", "threads": t, "busy": 1,
-                 "baseline_impl": "official",
-                 **{name: {**impl(2.0), "memory_vs_baseline": 1.5}
-                    for name in ("torch", "torch_topk")}}
-                for work in ("cluster", "reconstruct") for b, m in ((1, "40x40"), (8, "40x40"),
-                                                                    (1, "32x32"))
-                for t in (1, 2)]  # fmt: skip
-    focus = [{"kind": "hrca", "map": m, "work": "forward", "device": "cpu",
-              "baseline_impl": "official", "torch": {**impl(4.0), "memory_vs_baseline": 5.0}}
-             for m in ("128x128", "256x512")]  # fmt: skip
-    path = tmp_path / "cpu.json"
+def test_one_implementation_must_meet_every_bound(acceptance):
+    """Two implementations each meeting only one of a target's two bounds: not met."""
+    pairs = [t for t in acceptance.targets() if len(t.implementations) > 1 and len(t.bounds) > 1]
+    assert pairs
+    for target in pairs:
+        data = synthesise([target])
+        first, second = target.implementations[:2]
+        (m0, k0, b0), (m1, k1, b1) = target.bounds[:2]
+        _row(data, target)[first][m1] = b1 / 1.1 if k1 == "min" else b1 * 1.1
+        _row(data, target)[second][m0] = b0 / 1.1 if k0 == "min" else b0 * 1.1
+        lines, ok = acceptance.check(data, [target])
+        assert not ok, lines
 
-    def write():
-        path.write_text(json.dumps({"environment": {}, "sparse_delta_linear": {"rows": rows},
-                                    "token_cluster": {"rows": clusters},
-                                    "focus_attention": {"rows": focus}}))  # fmt: skip
 
-    write()
-    assert acceptance.main([str(path)]) == 0
-    rows[0]["torch"]["memory_vs_baseline"] = 0.5
-    write()
-    assert acceptance.main([str(path)]) == 1
-    assert "with less peak memory" in capsys.readouterr().out
+def test_a_missing_row_or_implementation_fails(acceptance):
+    target = acceptance.targets()[0]
+    data = synthesise([target])
+    lines, ok = acceptance.check({"environment": {}}, [target])
+    assert not ok and "no result at" in lines[1]
+    for name in target.implementations:
+        del _row(data, target)[name]
+    lines, ok = acceptance.check(data, [target])
+    assert not ok and "was timed" in lines[1]
 
 
 def test_command_line_reads_a_file(acceptance, tmp_path, capsys):
+    gpu = [t for t in acceptance.targets() if not t.on_cpu]
     path = tmp_path / "gpu-test.json"
-    path.write_text(json.dumps(results()))
+    path.write_text(json.dumps(synthesise(gpu)))
     assert acceptance.main([str(path)]) == 0
     assert "all targets met" in capsys.readouterr().out
-    path.write_text(json.dumps(results(least_squares=1.0)))
+    data = synthesise(gpu)
+    metric, kind, bound = gpu[0].bounds[0]
+    for name in gpu[0].implementations:
+        _row(data, gpu[0])[name][metric] = bound / 2 if kind == "min" else bound * 2
+    path.write_text(json.dumps(data))
     assert acceptance.main([str(path)]) == 1
+    cpu = tmp_path / "cpu.json"  # the CPU targets are read off the file of that name
+    cpu.write_text(json.dumps(synthesise([t for t in acceptance.targets() if t.on_cpu])))
+    assert acceptance.main([str(cpu)]) == 0

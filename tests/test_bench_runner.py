@@ -3,6 +3,7 @@ and one table format for any op's rows."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,60 @@ def test_report_renders_any_ops_rows():
     assert lines[0] == "| n | dtype | ref ms | fast ms | other figures |"
     assert lines[2] == ("| 64 | float32 | 2.000 (1.00x vs ref) | 1.000 (2.00x vs ref, 1.25x "
                         "floor, 50% of roofline) | solve_ms 0.5 |")  # fmt: skip
+
+
+def test_quick_mode_measures_only_the_targets_rows_and_stops(monkeypatch):
+    """STITCHOPS_BENCH_QUICK=1: setups are built in order, only the rows an acceptance target
+    reads are timed, and nothing is built once every target has its row."""
+    target = runner.Target(op="toy", where={"n": 2, "device": "cpu"}, implementations=("fast",),
+                           bounds=(("vs_baseline", "min", 0.0),))  # fmt: skip
+    monkeypatch.setattr(runner, "targets_of", lambda name, device: [target])
+    monkeypatch.setenv("STITCHOPS_BENCH_QUICK", "1")
+    built = []
+
+    def setup(n):
+        def make():
+            built.append(n)
+            calls: list = []
+            return [runner.Case({**_case(calls).params, "n": n, "device": "cpu", "work": w},
+                                _case(calls).impls, baseline="official", floor="floor")
+                    for w in ("fwd", "bwd")]  # fmt: skip
+
+        return make
+
+    rows = runner.run("toy", [setup(1), setup(2), setup(3)], "cpu", 5.0, save=False)
+    assert built == [1, 2]  # the third setup is never built
+    assert [(r["n"], r["work"]) for r in rows] == [(2, "fwd"), (2, "bwd")]
+    assert target.matches({"n": 2, "device": "cuda:0"}) is False
+    assert target.matches({"n": 2, "device": "cpu", "extra": 1})
+
+
+def test_every_target_names_the_op_its_benchmark_saves_under():
+    """Quick mode finds a benchmark's targets by the name it passes to runner.run."""
+    import re
+
+    import acceptance
+
+    saved = set()
+    for script in acceptance.HERE.glob("bench_*.py"):
+        saved |= set(re.findall(r'runner\.run\(\s*"(\w+)"', script.read_text()))
+    ops = {target.op for target in acceptance.targets()}
+    assert ops and ops <= saved, ops - saved
+
+
+def test_headline_takes_one_target_row_per_op(tmp_path, monkeypatch):
+    """The README's headline: one row per op from its first target with a measured row, and
+    the GPU marked unmeasured while only the CPU file exists."""
+    rows = [{"work": "delta_grad", "in": 768, "out": 3072, "nnz": 3000, "device": "cpu",
+             "baseline_impl": "official", "official": {"ms": 1253.2, "vs_baseline": 1.0},
+             "torch": {"ms": 45.49, "vs_baseline": 27.55, "memory_vs_baseline": 10.4}}]  # fmt: skip
+    (tmp_path / "cpu.json").write_text(json.dumps(
+        {"environment": {"device": "x86_64"}, "sparse_delta_linear": {"rows": rows}}))  # fmt: skip
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.headline()
+    body = [line for line in text.splitlines() if line.startswith("| `")]
+    assert body == ["| `sparse_delta_linear` | work delta_grad, in 768, out 3072, nnz 3000 | CPU "
+                    "| 1250 | 45.5 (torch) | 27.6x | 10.4x less |"]  # fmt: skip
+    assert "GPU rows: unmeasured" in text
+    full = report.full_report()
+    assert "### `sparse_delta_linear`" in full and "Acceptance: NOT every target met" in full

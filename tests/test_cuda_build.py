@@ -95,7 +95,8 @@ def test_every_cu_compiles_for_blackwell(source: str, tmp_path):
 
 
 def test_binding_links_and_imports(objects, tmp_path):
-    """Compile csrc/binding.cpp against this torch, link the kernels, import, call."""
+    """Compile the binding (csrc/binding.cpp and every csrc/binding/bind_<op>.cpp) against this
+    torch, link the kernels, import, call."""
     cuda_lib = _cuda_lib_dir(_nvcc(), tmp_path)
     if cuda_lib is None:
         pytest.skip("nvcc's toolkit has no libcudart_static.a")
@@ -103,10 +104,10 @@ def test_binding_links_and_imports(objects, tmp_path):
         build.compiler()
     except RuntimeError as err:
         pytest.skip(str(err))
-    binding = tmp_path / "binding.o"
-    build.compile_binding(binding, "_C", "test", '-DSTITCHOPS_CUDA_ARCHS="80;90a"')
+    binding = build.compile_binding(tmp_path / "binding", "_C", "test",
+                                    '-DSTITCHOPS_CUDA_ARCHS="80;90a"')  # fmt: skip
     module = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
-    ext = build.link_and_import(module, "_C", [binding, *objects], f"-L{cuda_lib}",
+    ext = build.link_and_import(module, "_C", [*binding, *objects], f"-L{cuda_lib}",
                                 "-lcudart_static", "-lrt", "-lpthread", "-ldl")  # fmt: skip
     assert ext.torch_version() == torch.__version__ and ext.cuda_version() == "test"
     assert ext.cuda_archs() == "80;90a"

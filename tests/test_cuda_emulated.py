@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from cuda_emulator import build, supported
-from op_tables import CUDA_OPS
+from op_tables import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,9 @@ def test_cuda_suite_under_address_sanitizer(tmp_path, emulated_cuda_extension):
         "LD_PRELOAD": f"{libasan} {libstdcxx}" if os.path.isabs(libstdcxx) else libasan,
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}",
     }
-    selection = " or ".join(f"({op.asan_select})" for op in CUDA_OPS)
+    selection = " or ".join(f"({op.asan_select})" for op in ops())
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-           *(str(ROOT / "tests" / op.test_file) for op in CUDA_OPS)]  # fmt: skip
+           *(str(ROOT / "tests" / op.test_file) for op in ops())]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     reports = "\n".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert not reports, reports[:6000]
@@ -113,7 +113,7 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]
     assert result.returncode == 0 and "racecheck: all results match" in output, output[-3000:]
-    for op in CUDA_OPS:  # each op's driver ran
+    for op in ops():  # each op's driver ran
         assert f"racecheck: {op.name}" in output, output[-3000:]
     # The check itself can fail: a barrier left out, and two blocks on one element.
     for race, kernel in (("missing-barrier", "missing_barrier"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness import require_backend
-from op_tables import CUDA_OPS
+from op_tables import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 TOOLS = ("memcheck", "synccheck", "racecheck")
 
 
-@pytest.mark.parametrize("op", CUDA_OPS, ids=lambda op: op.name)
+@pytest.mark.parametrize("op", ops(), ids=lambda op: op.name)
 @pytest.mark.parametrize("tool", TOOLS)
 def test_cuda_kernels_under_compute_sanitizer(tool: str, op, tmp_path):
     if not torch.cuda.is_available():

@@ -234,9 +234,9 @@ def test_timm_vision_transformer():
 
 
 def test_expedit_demo_end_to_end(tmp_path):
-    from stitchops.train.expeditdemo import VARIANTS, run_expedit_demo
+    from stitchops.demos.expedit import VARIANTS, run
 
-    summary = run_expedit_demo(out=tmp_path, epochs=1, progress=False,
+    summary = run(out=tmp_path, anchor_epochs=1, progress=False,
                                settings=((2, (8, 8)),))  # fmt: skip
     rows = summary["rows"]
     assert {r["variant"] for r in rows} == set(VARIANTS)

@@ -3,13 +3,16 @@ windows, DFPQ), Mask2Former's set loss (stitchops.models.mask_loss), training fr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_train import SEG_LARGE, assert_same_tensors, tensors, torchrun
 
 from stitchops.cli import main
 from stitchops.models import FASeg, vit_small_test
-from stitchops.models.faseg import FASegDecoder, Prediction, default_levels, semantic_scores
+from stitchops.models.decoders import default_levels
+from stitchops.models.faseg import FASegDecoder, Prediction, semantic_scores
 from stitchops.models.mask_loss import LossWeights, mask_classification_loss, match, targets_of
 
 SMALL = {"hidden": 32, "heads": 4, "queries": 6, "ffn": 64}
@@ -134,7 +137,7 @@ def test_semantic_inference_and_the_segmenter():
     vit = vit_small_test(img_size=32, patch_size=4, in_chans=3, num_classes=5, depth=4,
                          embed_dim=32, num_heads=2)  # fmt: skip
     model = FASeg(vit, 5, layers=5, **SMALL)
-    assert model.out_indices == default_levels(4) == (1, 2, 3, 3)
+    assert model.out_indices == default_levels(4, 4) == (1, 2, 3, 3)
     images = torch.randn(2, 3, 32, 32)
     out = model(images)
     assert out.shape == (2, 5, 32, 32)
@@ -235,9 +238,9 @@ def test_faseg_train_and_eval_through_the_cli(tmp_path, capsys):
 
 def test_faseg_demo_end_to_end(tmp_path):
     """Two of the demo's variants for one epoch: the table's figures and the picture."""
-    from stitchops.train.fasegdemo import VARIANTS, run_faseg_demo
+    from stitchops.demos.faseg import VARIANTS, run
 
-    summary = run_faseg_demo(out=tmp_path, epochs=1, progress=False,
+    summary = run(out=tmp_path, anchor_epochs=1, progress=False,
                              variants=(VARIANTS[0], VARIANTS[3]))  # fmt: skip
     rows = summary["rows"]
     assert [r["variant"] for r in rows] == ["Mask2Former", "FASeg (DFPQ + HRCA)"]
@@ -344,13 +347,10 @@ def test_sine_positions_are_mask2formers():
 
     pos = sine_positions(torch.zeros(1, 8, 3, 4), 8)
     assert pos.shape == (1, 8, 3, 4)
-    y, x = 2 * torch.pi * 2 / (3 + 1e-6), 2 * torch.pi * 4 / (4 + 1e-6)  # row 1, column 3
-    freq = torch.tensor([1.0, 1.0, 100.0, 100.0])
-    want = [y / freq[0], y / freq[1], y / freq[2], y / freq[3]]
-    want = [torch.sin(torch.tensor(want[0])), torch.cos(torch.tensor(want[1])),
-            torch.sin(torch.tensor(want[2])), torch.cos(torch.tensor(want[3]))]  # fmt: skip
-    assert torch.allclose(pos[0, :4, 1, 3], torch.stack(want), atol=1e-6)
-    assert torch.allclose(pos[0, 4, 1, 3], torch.sin(torch.tensor(x)), atol=1e-6)
+    y, x = 2 * math.pi * 2 / (3 + 1e-6), 2 * math.pi * 4 / (4 + 1e-6)  # row 1, column 3
+    want = torch.tensor([math.sin(y), math.cos(y), math.sin(y / 100), math.cos(y / 100)])
+    assert torch.allclose(pos[0, :4, 1, 3], want, atol=1e-6)
+    assert torch.allclose(pos[0, 4, 1, 3], torch.tensor(math.sin(x)), atol=1e-6)
 
 
 def test_inference_upsamples_the_masks_before_their_sigmoid():

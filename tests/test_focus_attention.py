@@ -9,11 +9,46 @@ import harness
 import pytest
 import torch
 from harness import rel_err
+from op_tables import AotPlain, OpTests
 
 import stitchops
 from stitchops.nn import FocusCrossAttention
 from stitchops.ops import focus_attention as focus_ops
 from stitchops.reference import focus_attention as reference
+
+# What the test machinery every op shares takes from this op (tests/op_tables.py).
+_FOCUS_BLOCKS = {"BLOCK_Q": 32, "BLOCK_N": 64, "BLOCK_D": 32}
+_FOCUS_SETS = {"BLOCK_Q": 16, "BLOCK_N": 16, "BLOCK_D": 32}
+_POS = {"BLOCK_P": 256, "BLOCK_Q": 16, "BLOCK_N": 32}  # kernels.focus_attention.WIDE_POS
+OP_TESTS = OpTests(
+    name="focus_attention",
+    kernels="focus_attention",
+    # SIMT kernels: every cuda test under ASan and memcheck, a few under the others.
+    asan_select="cuda",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and float64_reference and fp32",
+        "racecheck": "cuda and (deterministic or float64_reference and fp32)",
+    },
+    # D 32 and P 256 (FASeg: hidden 256, 8 heads); the shared-slot kernels in mask mode (its
+    # extra loads), the per-query ones with their 3-D gathers and atomics.
+    aot_plain=(
+        AotPlain("_forward_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS}),
+        AotPlain("_forward_kernel", {"MODE": 3, "DOT": "tf32", **_FOCUS_SETS}),
+        AotPlain("_mean_kernel", {"MODE": 2, "HAS_POS": True, "SCORES": True, "DOT": "tf32",
+                                  **_FOCUS_BLOCKS, **_POS}),
+        AotPlain("_delta_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}),
+        AotPlain("_dkdv_kernel", {"MODE": 1, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS,
+                                  **_POS}),
+        AotPlain("_dq_kernel", {"MODE": 2, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS,
+                                **_POS}),
+        AotPlain("_dpos_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}),
+        AotPlain("_query_sets_backward_kernel", {"HAS_POS": True, **_FOCUS_SETS, **_POS}),
+    ),
+    fp32_pointers=frozenset({"lse_ptr", "delta_ptr", "pos_out32_ptr", "colsum_ptr", "dk32_ptr",
+                             "dv32_ptr", "dpos32_ptr"}),
+    arg_types={"win_ptr": "*i32", "mask_ptr": "*i8", "reset_ptr": "*i8"},
+)  # fmt: skip
 
 B, H, Q, D, P = 2, 3, 7, 16, 5
 MAP, WS = (9, 12), 3
@@ -52,7 +87,13 @@ def dense_allowed(mode: str, keys: dict) -> torch.Tensor | None:
     return allowed
 
 
-def mode_arguments(mode: str, seed: int = 3) -> dict:
+def mode_arguments(mode: str, seed: int = 3, device=harness.DEVICE) -> dict:
+    """The mask or window arguments of a mode, on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in _mode_arguments(mode, seed).items()}  # fmt: skip
+
+
+def _mode_arguments(mode: str, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     if mode in ("mask", "head_mask"):
         shape = (B, Q, N) if mode == "mask" else (B, H, Q, N)
@@ -71,10 +112,10 @@ def mode_arguments(mode: str, seed: int = 3) -> dict:
     return {"windows": windows, "window_size": WS, "map_size": MAP}
 
 
-def masters(seed: int = 0) -> dict:
+def masters(seed: int = 0, device=harness.DEVICE) -> dict:
     return harness.float64_masters(
         {"q": ((B, H, Q, D), 1.0), "k": ((B, H, N, D), 1.0), "v": ((B, H, N, D), 1.0),
-         "pos": ((B, N, P), 1.0)}, seed=seed, device="cpu")  # fmt: skip
+         "pos": ((B, N, P), 1.0)}, seed=seed, device=device)  # fmt: skip
 
 
 def combined(result) -> torch.Tensor:
@@ -85,8 +126,8 @@ def combined(result) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_reference_matches_the_dense_formulation(mode):
     """out, pos_out, scores and the gradients of q, k, v, pos, to float64 rounding."""
-    m = {name: t.requires_grad_() for name, t in masters().items()}
-    keys = mode_arguments(mode)
+    m = {name: t.requires_grad_() for name, t in masters(device="cpu").items()}
+    keys = mode_arguments(mode, device="cpu")
     allowed = dense_allowed(mode, keys)
     out, pos_out, scores = dense(m["q"], m["k"], m["v"], m["pos"], allowed, D**-0.5)
     result = stitchops.focus_attention(m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True,
@@ -105,8 +146,8 @@ def test_reference_matches_the_dense_formulation(mode):
 
 def test_per_query_windows_in_several_chunks(monkeypatch):
     """The reference's per-query chunks (a bounded slice of gathered keys each)."""
-    m = masters()
-    keys = mode_arguments("query_windows")
+    m = masters(device="cpu")
+    keys = mode_arguments("query_windows", device="cpu")
     whole = stitchops.focus_attention(m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True,
                                       **keys)  # fmt: skip
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", B * H * 27 * D * 2)  # 2 queries a chunk
@@ -117,8 +158,8 @@ def test_per_query_windows_in_several_chunks(monkeypatch):
 
 
 def test_window_mode_equals_gather_then_dense_attention():
-    m = masters()
-    keys = mode_arguments("shared_windows")
+    m = masters(device="cpu")
+    keys = mode_arguments("shared_windows", device="cpu")
     ids = reference.window_keys(keys["windows"][:, None], WS, MAP[1])[:, 0]  # [B, L]
     pick = ids[:, None, :, None].expand(-1, H, -1, D)
     k, v = torch.gather(m["k"], 2, pick), torch.gather(m["v"], 2, pick)
@@ -138,7 +179,8 @@ BACKENDS = ["torch", *KERNELS]
 
 
 def require(backend: str, dtype: torch.dtype, head_dim: int = D, pos_dim: int = P) -> None:
-    harness.require_backend(focus_ops.FOCUS_ATTENTION, backend, torch.empty(1, dtype=dtype),
+    probe = torch.empty(1, dtype=dtype, device=harness.DEVICE)
+    harness.require_backend(focus_ops.FOCUS_ATTENTION, backend, probe,
                             limits=focus_ops.kernel_limits(head_dim, pos_dim))  # fmt: skip
 
 
@@ -149,7 +191,7 @@ def test_op_matches_float64_reference(mode, backend, dtype):
     """out and pos_out, and the gradients of q, k, v and pos, against float64."""
     require(backend, dtype)
     keys = mode_arguments(mode)
-    grad = torch.randn(B, Q, H * D + P, dtype=torch.float64)
+    grad = torch.randn(B, Q, H * D + P, dtype=torch.float64, device=harness.DEVICE)
     grads = harness.check_against_float64(
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
@@ -185,6 +227,7 @@ def test_kernel_head_and_pos_widths(mode, head_dim, pos_dim, backend):
          "k": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
          "v": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
          "pos": torch.randn(b, n, pos_dim, generator=g, dtype=torch.float64)}  # fmt: skip
+    m = {name: t.to(harness.DEVICE) for name, t in m.items()}
     if mode == "mask":
         keys = {"mask": torch.rand(b, q_count, n, generator=g) < 0.8}
     else:
@@ -193,7 +236,9 @@ def test_kernel_head_and_pos_widths(mode, head_dim, pos_dim, backend):
                                             for _ in range(sets)]) for _ in range(b)])  # fmt: skip
         keys = {"windows": windows[:, 0] if sets == 1 else windows, "window_size": ws,
                 "map_size": hw}  # fmt: skip
-    grad = torch.randn(b, q_count, h * head_dim + pos_dim, dtype=torch.float64)
+    keys = {k: v.to(harness.DEVICE) if isinstance(v, torch.Tensor) else v for k, v in keys.items()}
+    grad = torch.randn(b, q_count, h * head_dim + pos_dim, dtype=torch.float64,
+                       device=harness.DEVICE)  # fmt: skip
     harness.check_against_float64(
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
@@ -208,7 +253,7 @@ def test_kernels_are_deterministic_where_promised(mode, backend):
     with atomics whose order a GPU does not fix (equal to rounding there)."""
     require(backend, torch.float32)
     keys = mode_arguments(mode)
-    grad = torch.randn(B, Q, H * D + P)
+    grad = torch.randn(B, Q, H * D + P, device=harness.DEVICE)
 
     def run():
         args = {name: t.float().requires_grad_() for name, t in masters().items()}
@@ -225,11 +270,12 @@ def test_kernels_are_deterministic_where_promised(mode, backend):
         harness.assert_same_bits(first, second)
 
 
-@pytest.mark.parametrize("forced", KERNELS)
-def test_kernels_refuse_a_head_wider_than_their_blocks(forced):
-    q = torch.randn(1, 1, 3, 160)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernels_refuse_a_head_wider_than_their_blocks(backend):
+    harness.require_backend(None, backend, torch.empty(1, device=harness.DEVICE))
+    q = torch.randn(1, 1, 3, 160, device=harness.DEVICE)
     with pytest.raises(stitchops.BackendUnavailableError, match="head dim D = 160 > 128"), \
-            stitchops.use_backend(forced):  # fmt: skip
+            stitchops.use_backend(backend):  # fmt: skip
         stitchops.focus_attention(q, q, q)
 
 
@@ -237,7 +283,7 @@ def test_kernels_refuse_a_head_wider_than_their_blocks(forced):
 def test_a_fully_blocked_row_attends_everything_and_is_never_nan(backend):
     require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}
-    mask = torch.ones(B, Q, N, dtype=torch.bool)
+    mask = torch.ones(B, Q, N, dtype=torch.bool, device=harness.DEVICE)
     with harness.poisoned(backend):
         result = stitchops.focus_attention(m["q"], m["k"], m["v"], mask=mask, return_scores=True)
         plain = stitchops.focus_attention(m["q"], m["k"], m["v"], return_scores=True)
@@ -289,7 +335,7 @@ def test_non_contiguous_inputs(backend, mode):
 
 
 def _bad(change: str) -> dict:
-    m = {name: t.float() for name, t in masters().items()}
+    m = {name: t.float() for name, t in masters(device="cpu").items()}
     args = {"q": m["q"], "k": m["k"], "v": m["v"]}
     windows = {"windows": torch.tensor([[0, 3], [5, 1]]), "window_size": WS, "map_size": MAP}
     mask = {"mask": torch.zeros(B, Q, N, dtype=torch.bool)}
@@ -396,7 +442,7 @@ def test_module_window_mode_equals_attention_to_the_gathered_keys(per_query):
     ours, mha = layers()
     g = torch.Generator().manual_seed(5)
     query, memory = torch.randn(2, 7, 48, generator=g), torch.randn(2, N, 48, generator=g)
-    keys = mode_arguments("query_windows" if per_query else "shared_windows")
+    keys = mode_arguments("query_windows" if per_query else "shared_windows", device="cpu")
     got = ours(query, memory, key_pos=memory, return_scores=True, **keys)
     allowed = dense_allowed("query_windows" if per_query else "shared_windows", keys)[:, 0]
     expected, weights = mha(query, memory, memory, need_weights=True,

@@ -1,10 +1,10 @@
 """Imports point down the layers of DESIGN.md, read from every module's source (ast).
 
 From the bottom: the backends and what they share (reference/, kernels/, the extension's
-call path, the runtime switches), then the op plumbing and the ops, then nn, models, train,
-and the command line beside ``stitchops/__init__.py`` (the facade, which loads the upper
-layers lazily). An import, even inside a function, may point at its own layer or one
-below, never above.
+call path, the runtime switches), then the op plumbing and the ops, then nn, models, train
+(and spt, spvit), the demos, and the command line beside ``stitchops/__init__.py`` (the
+facade, which loads the upper layers lazily). An import, even inside a function, may point
+at its own layer or one below, never above; and inside a layer the imports form no circle.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ LAYERS = (
     ("stitchops._backends", "stitchops._dispatch", "stitchops.ops"),
     ("stitchops.nn",),
     ("stitchops.models",),
-    ("stitchops.train", "stitchops.spt"),
+    ("stitchops.train", "stitchops.spt", "stitchops.spvit"),
+    ("stitchops.demos",),
     ("stitchops.cli", "stitchops.__main__", "stitchops"),
 )  # fmt: skip
 
@@ -85,6 +86,46 @@ def test_every_import_points_down_the_layers():
         if layer_of(target) > layer_of(name)
     ]
     assert not upward, "\n".join(upward)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of imports in ``graph`` (module -> the modules it imports), or None."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if state.get(target) is None:
+                found = visit(target, [*path, target])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if state.get(start) is None:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_no_import_circles_inside_a_layer():
+    """Modules import each other in one direction: none needs an import inside a function
+    to break a circle (packages' ``__init__`` re-exports left out: they only gather)."""
+    found = modules()
+    known = set(found) | {"stitchops._C"}
+    graph = {name: {t for t in imports(name, path, known)
+                    if t != name and t in found and found[t].name != "__init__.py"}
+             for name, path in found.items() if path.name != "__init__.py"}  # fmt: skip
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_check_sees_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_the_check_sees_an_upward_import():

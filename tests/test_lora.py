@@ -8,10 +8,59 @@ import harness
 import pytest
 import torch
 from harness import DEVICE, assert_accurate, poisoned, rel_err, run_with_grads
+from op_tables import AotKernel, AotVariant, OpTests
 
 import stitchops
 from stitchops.ops import lora as lora_ops
 from stitchops.reference import lora as reference
+
+# What the test machinery every op shares takes from this op (tests/op_tables.py).
+OP_TESTS = OpTests(
+    name="lora_linear",
+    kernels="lora",
+    # A few shapes cover every kernel instantiation kind (odd sizes, several K steps, the
+    # widest rank) in fp32 and bf16, and the forward's column groups (fp32 and fp16).
+    # Under ASan: every cuda test but the float16 / bfloat16 runs of the main case table (the
+    # tensor-core kernels keep their edge shapes, column groups and strided inputs there).
+    asan_select="cuda and not (test_matches_float64_reference and (fp16 or bf16))",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and (fp32 or bf16 or column_groups)",
+        "racecheck": "cuda and ((T77-IN50 or IN96 or R70) and (fp32 or bf16) or column_groups)",
+    },
+    aot_kernels=(
+        AotKernel(
+            "LOWRANK_MATMUL",
+            dict(HAS_LORA=True, HAS_BIAS=True, HAS_BIAS2=True, STORE_S=True, SPLIT_K=False,
+                 BLOCK_R=16),
+            ("stride_xk", "stride_wk", "stride_l1k", "stride_l2r", "stride_on"),
+        ),
+        AotKernel(
+            "LORA_BACKWARD",
+            dict(HAS_LORA=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_BIAS=True,
+                 BLOCK_R=16),
+            ("stride_dyo", "stride_wi", "stride_ai", "stride_br", "stride_xi", "stride_dxi"),
+        ),
+    ),
+    aot_variants=(
+        AotVariant("forward no LoRA", "LOWRANK_MATMUL", dict(HAS_LORA=False, STORE_S=False)),
+        AotVariant("forward rank 64", "LOWRANK_MATMUL", dict(BLOCK_R=64)),
+        AotVariant("forward rank 128", "LOWRANK_MATMUL", dict(BLOCK_R=128)),
+        AotVariant(
+            "dW split-K", "LOWRANK_MATMUL",
+            dict(HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True),
+            ("stride_xm", "stride_wn", "stride_on"),
+        ),
+        AotVariant("backward no LoRA", "LORA_BACKWARD",
+                   dict(HAS_LORA=False, NEED_DA=False, NEED_DB=False)),
+        AotVariant("backward rank 128", "LORA_BACKWARD", dict(BLOCK_R=128)),
+        AotVariant("backward dx only", "LORA_BACKWARD",
+                   dict(NEED_DA=False, NEED_DB=False, NEED_BIAS=False)),
+        AotVariant("backward no dx", "LORA_BACKWARD", dict(NEED_DX=False)),
+    ),
+    aot_fallback_flags={"BLOCK_R": 128},  # the most shared memory: rank 128
+    fp32_pointers=frozenset({"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr"}),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -230,6 +279,7 @@ def test_cuda_column_groups_match_float64_reference(tiles: int, dtype: torch.dty
     (S is computed in the same order either way. The bitwise check also sees errors in the
     low-rank term, 2% of y here, that bf16's tolerance would let through.)
     """
+    require_backend(backend, torch.zeros(1, dtype=dtype, device=DEVICE), 16)
     for case in COLUMN_GROUP_CASES:
         with lora_ops.pinned_column_tiles(tiles):
             check_against_float64(case, dtype, backend)

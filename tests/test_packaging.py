@@ -8,7 +8,9 @@ a package left out of the wheel; this test builds one (without the CUDA extensio
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +109,29 @@ def test_installed_wheel_imports_and_runs_outside_the_checkout(built, tmp_path):
     assert "backends on cpu:" in _run([str(script), "info"], elsewhere, env)
     help_text = _run([str(script), "--help"], elsewhere, env)
     assert all(command in help_text for command in ("demo", "train", "eval", "info", "bench"))
+
+
+# Import names whose distribution is called otherwise.
+DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn"}
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party module the package imports (stitchops/, kernels/) is a dependency in
+    pyproject.toml (triton: its extra; the backend reports it missing otherwise)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    declared |= {re.split(r"[<>=\[ ]", d)[0].lower()
+                 for d in project["optional-dependencies"]["triton"]}  # fmt: skip
+    imported = set()
+    for folder in (ROOT / "stitchops", ROOT / "kernels"):
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    ours = ("stitchops", "kernels")
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ours}
+    missing = {DISTRIBUTION.get(m, m).lower() for m in third_party} - declared
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from stitchops.models import StitchedViT, vit_small_test
-from stitchops.models.segmentation import FPNDecoder, MultiScaleNeck, Segmenter
+from stitchops.models.necks import FPNDecoder, MultiScaleNeck
+from stitchops.models.segmentation import Segmenter
 
 
 def _vit(**kw):
@@ -92,8 +93,10 @@ def test_neck_and_fpn_shapes():
 def test_segmentation_bad_input():
     model = Segmenter(_vit(), num_classes=3)
     x = torch.randn(1, 3, 16, 16)
-    with pytest.raises(ValueError, match="crop 32 is larger than the image 16x16"):
-        model.predict(x, mode="slide", crop=32, stride=8)
+    small = model.predict(x, mode="slide", crop=32, stride=8)  # padded to the crop, as mmseg
+    assert small.shape == (1, 3, 16, 16) and torch.isfinite(small).all()
+    with pytest.raises(ValueError, match="crop 10 is not a multiple of the patch size"):
+        model.predict(x, mode="slide", crop=10, stride=8)
     with pytest.raises(ValueError, match="crop >= 1 and stride >= 1"):
         model.predict(x, mode="slide", crop=16, stride=0)
     with pytest.raises(ValueError, match="mode must be"):

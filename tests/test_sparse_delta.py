@@ -9,10 +9,32 @@ import harness
 import pytest
 import torch
 from harness import DEVICE, rel_err
+from op_tables import AotPlain, OpTests
 
 import stitchops
 from stitchops.ops import sparse_delta as sparse_ops
 from stitchops.reference import sparse_delta as reference
+
+# What the test machinery every op shares takes from this op (tests/op_tables.py).
+OP_TESTS = OpTests(
+    name="sparse_delta_linear",
+    kernels="sparse_delta",
+    # Small kernels: every cuda test under ASan and memcheck; the split runs for the others.
+    asan_select="cuda",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and token_splits",
+        "racecheck": "cuda and (token_splits or deterministic)",
+    },
+    aot_plain=(
+        AotPlain("_scatter_delta_kernel", {"BLOCK": 256}),
+        AotPlain(
+            "_sddmm_kernel", {"BLOCK_J": 64, "BLOCK_T": 32}, unit_strides=("stride_go", "stride_xi")
+        ),
+    ),
+    fp32_pointers=frozenset({"part_ptr"}),
+    arg_types={"index_ptr": "*i64"},
+)
 
 BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -177,55 +199,58 @@ def test_non_contiguous_inputs(backend: str):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_index_and_delta(backend: str):
     """index and delta as every-other-element views (the kernels read them contiguously)."""
-    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))
-    x, w = torch.randn(20, 6), torch.randn(5, 6)
-    index = torch.tensor([0, 99, 7, 99, 29, 99])[::2]
-    delta = harness.every_other_element(torch.randn(3)).requires_grad_()
-    want = reference.sparse_delta_linear(x, w, delta.detach().clone(), index.clone())
-    with harness.poisoned(backend):
-        got = stitchops.sparse_delta_linear(x, w, delta, index)
-        got.square().sum().backward()
-    assert rel_err(got, want) < 1e-5 and torch.isfinite(delta.grad).all()
+    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0, device=DEVICE))
+    with torch.device(DEVICE):  # every tensor where the kernels run
+        x, w = torch.randn(20, 6), torch.randn(5, 6)
+        index = torch.tensor([0, 99, 7, 99, 29, 99])[::2]
+        delta = harness.every_other_element(torch.randn(3)).requires_grad_()
+        want = reference.sparse_delta_linear(x, w, delta.detach().clone(), index.clone())
+        with harness.poisoned(backend):
+            got = stitchops.sparse_delta_linear(x, w, delta, index)
+            got.square().sum().backward()
+        assert rel_err(got, want) < 1e-5 and torch.isfinite(delta.grad).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_a_million_tokens(backend: str):
     """T = 2^19 tokens: the SDDMM's token splits and int64 token offsets, against float64."""
-    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(1 << 19, 3, generator=g, dtype=torch.float64)
-    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    grad = torch.randn(1 << 19, 2, generator=g, dtype=torch.float64)
-    index = torch.tensor([0, 2, 4, 5])
-    delta = torch.randn(4, generator=g, dtype=torch.float64)
-    want = reference.sparse_delta_grad(grad, x, index)
-    d32 = delta.float().requires_grad_()
-    with harness.poisoned(backend):
-        y = stitchops.sparse_delta_linear(x.float(), w.float(), d32, index)
-        y.backward(grad.float())
-    assert rel_err(d32.grad, want) < 1e-5
+    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0, device=DEVICE))
+    with torch.device(DEVICE):  # every tensor where the kernels run
+        g = torch.Generator(DEVICE).manual_seed(4)
+        x = torch.randn(1 << 19, 3, generator=g, dtype=torch.float64)
+        w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+        grad = torch.randn(1 << 19, 2, generator=g, dtype=torch.float64)
+        index = torch.tensor([0, 2, 4, 5])
+        delta = torch.randn(4, generator=g, dtype=torch.float64)
+        want = reference.sparse_delta_grad(grad, x, index)
+        d32 = delta.float().requires_grad_()
+        with harness.poisoned(backend):
+            y = stitchops.sparse_delta_linear(x.float(), w.float(), d32, index)
+            y.backward(grad.float())
+        assert rel_err(d32.grad, want) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["T0", "3x0"])
 def test_empty_batch_and_no_entries(backend: str, lead):
-    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))
-    w = torch.randn(7, 5)
-    for index in (torch.tensor([3, 9]), torch.empty(0, dtype=torch.int64)):
-        delta = torch.zeros(index.numel(), requires_grad=True)
-        x = torch.randn(*lead, 5, requires_grad=True)
+    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0, device=DEVICE))
+    with torch.device(DEVICE):  # every tensor where the kernels run
+        w = torch.randn(7, 5)
+        for index in (torch.tensor([3, 9]), torch.empty(0, dtype=torch.int64)):
+            delta = torch.zeros(index.numel(), requires_grad=True)
+            x = torch.randn(*lead, 5, requires_grad=True)
+            with harness.poisoned(backend):
+                y = stitchops.sparse_delta_linear(x, w, delta, index)
+                y.sum().backward()
+            assert y.shape == (*lead, 7)
+            assert torch.equal(delta.grad, torch.zeros_like(delta))
+        # nnz = 0 with tokens: the plain linear layer, a zero-length delta gradient.
+        x = torch.randn(4, 5, requires_grad=True)
+        delta = torch.zeros(0, requires_grad=True)
         with harness.poisoned(backend):
-            y = stitchops.sparse_delta_linear(x, w, delta, index)
+            y = stitchops.sparse_delta_linear(x, w, delta, torch.empty(0, dtype=torch.int64))
             y.sum().backward()
-        assert y.shape == (*lead, 7)
-        assert torch.equal(delta.grad, torch.zeros_like(delta))
-    # nnz = 0 with tokens: the plain linear layer, a zero-length delta gradient.
-    x = torch.randn(4, 5, requires_grad=True)
-    delta = torch.zeros(0, requires_grad=True)
-    with harness.poisoned(backend):
-        y = stitchops.sparse_delta_linear(x, w, delta, torch.empty(0, dtype=torch.int64))
-        y.sum().backward()
-    assert rel_err(y, x @ w.t()) < 1e-6 and delta.grad.shape == (0,)
+        assert rel_err(y, x @ w.t()) < 1e-6 and delta.grad.shape == (0,)
 
 
 def test_frozen_weight_gets_no_dense_gradient(monkeypatch):
@@ -296,15 +321,16 @@ def test_bad_inputs_raise_clear_errors(change):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend: str):
-    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0))
-    x, w = torch.randn(9, 6, requires_grad=True), torch.randn(5, 6)
-    delta, bias = torch.randn(3, requires_grad=True), torch.randn(5, requires_grad=True)
-    index = torch.tensor([0, 7, 29])
-    harness.opcheck(backend, torch.ops.stitchops.sparse_delta_linear.default,
-                    x, w, delta, index, bias)  # fmt: skip
-    harness.opcheck(backend, torch.ops.stitchops.sparse_delta_linear_backward.default,
-                    torch.randn(9, 5), x.detach(), w, delta.detach(), index,
-                    [True, False, True, True])  # fmt: skip
+    harness.require_backend(sparse_ops.SPARSE_DELTA, backend, torch.empty(0, device=DEVICE))
+    with torch.device(DEVICE):  # every tensor where the kernels run
+        x, w = torch.randn(9, 6, requires_grad=True), torch.randn(5, 6)
+        delta, bias = torch.randn(3, requires_grad=True), torch.randn(5, requires_grad=True)
+        index = torch.tensor([0, 7, 29])
+        harness.opcheck(backend, torch.ops.stitchops.sparse_delta_linear.default,
+                        x, w, delta, index, bias)  # fmt: skip
+        harness.opcheck(backend, torch.ops.stitchops.sparse_delta_linear_backward.default,
+                        torch.randn(9, 5), x.detach(), w, delta.detach(), index,
+                        [True, False, True, True])  # fmt: skip
 
 
 class _Tuned(torch.nn.Module):

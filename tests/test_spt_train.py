@@ -129,9 +129,9 @@ def test_cli_spt_mistakes_are_one_line_with_exit_code_2(tmp_path, pretrained, ca
 
 
 def test_spt_demo_end_to_end(tmp_path):
-    from stitchops.train.sptdemo import run_spt_demo
+    from stitchops.demos.spt import run
 
-    summary = run_spt_demo(out=tmp_path, anchor_epochs=1, stitch_epochs=1, progress=False)
+    summary = run(out=tmp_path, anchor_epochs=1, stitch_epochs=1, progress=False)
     rows = {r["method"]: r for r in summary["rows"]}
     assert list(rows) == ["full", "lora-8", "spt", "spt-half"]
     assert rows["full"]["trainable"] > rows["lora-8"]["trainable"] >= rows["spt"]["trainable"]

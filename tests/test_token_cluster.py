@@ -12,11 +12,51 @@ import torch
 import torch.nn.functional as F
 from harness import rel_err
 from official_expedit import dense_candidates, official_cluster, official_topk, realistic_tokens
+from op_tables import AotPlain, OpTests
 
 import stitchops
 from stitchops.nn import TokenClustering, TokenReconstruction
 from stitchops.ops import token_cluster as cluster_ops
 from stitchops.reference import token_cluster as reference
+
+# What the test machinery every op shares takes from this op (tests/op_tables.py).
+_BANDS = {name: "*i32" for name in ("pixel_start_ptr", "pixel_count_ptr", "centre_start_ptr",
+                                    "centre_count_ptr", "cell_column_ptr",
+                                    "column_start_ptr")}  # fmt: skip
+OP_TESTS = OpTests(
+    name="token_cluster",
+    kernels="token_cluster",
+    # Small band kernels: every cuda test under ASan and memcheck, a few under the others.
+    asan_select="cuda",
+    sanitizer_select={
+        "memcheck": "cuda",
+        "synccheck": "cuda and 13x17",
+        "racecheck": "cuda and (13x17-5x7-5-5 or deterministic)",
+    },
+    aot_plain=(
+        AotPlain("_affinity_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_C": 32}),
+        AotPlain(
+            "_apply_kernel", {"ACCUMULATE": True, "BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_D": 32}
+        ),
+        AotPlain("_gather_kernel", {"M_STEP": True, "BLOCK_W": 1, "BLOCK_P": 32, "BLOCK_C": 32}),
+        AotPlain("_band_dot_kernel", {"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_D": 32}),
+    ),
+    fp32_pointers=frozenset(
+        {
+            "s_ptr",
+            "mean_ptr",
+            "a_ptr",
+            "y_ptr",
+            "prev_ptr",
+            "out_ptr",
+            "totals_ptr",
+            "dy_ptr",
+            "v_ptr",
+            "g_ptr",
+        }
+    ),
+    arg_types={**_BANDS, "inv_temperature": "fp32", "total_floor": "fp32"},
+)
 
 # ------------------------------------------------------------ float64 dense formulation
 
@@ -163,7 +203,7 @@ BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 
 
 def require(backend: str, dtype: torch.dtype, mode: str = "local") -> None:
-    probe = torch.empty(1, dtype=dtype)
+    probe = torch.empty(1, dtype=dtype, device=harness.DEVICE)
     harness.require_backend(cluster_ops.TOKEN_CLUSTER, backend, probe,
                             limits=cluster_ops.kernel_limits(mode))  # fmt: skip
 
@@ -183,8 +223,8 @@ CLUSTER_CASES = [((13, 17), (5, 7), 5, 5), ((13, 17), (5, 7), 3, 1), ((40, 40), 
 def test_cluster_op_matches_float64_reference(size, grid, window, iters, dtype, backend):
     require(backend, dtype)
     batch = 1 if size[0] * size[1] > 1000 else 2  # the interpreter runs programs one by one
-    masters = {"x": tokens(size, scale=1.0, batch=batch)}
-    grad = torch.randn(batch, *grid, 6, dtype=torch.float64)
+    masters = {"x": tokens(size, scale=1.0, batch=batch).to(harness.DEVICE)}
+    grad = torch.randn(batch, *grid, 6, dtype=torch.float64, device=harness.DEVICE)
     harness.check_against_float64(
         lambda x: stitchops.token_cluster(x, grid, window=window, iters=iters, temperature=5.0),
         lambda x: reference.token_cluster(x, grid, window, iters, 5.0),
@@ -207,10 +247,11 @@ def test_reconstruct_op_matches_float64_reference(mode, numerics, weight_grad, d
     official code) or of values only. (The kernels refuse topk mode:
     test_kernels_refuse_topk_with_a_reason.)"""
     require(backend, dtype, mode)
-    x = tokens((13, 17), scale=1.0)
+    x = tokens((13, 17), scale=1.0).to(harness.DEVICE)
     centres = reference.token_cluster(x, (5, 7), 5, 2, 5.0)
-    masters = {"x": x, "centres": centres, "values": torch.randn(2, 5, 7, 4, dtype=torch.float64)}
-    grad = torch.randn(2, 13, 17, 4, dtype=torch.float64)
+    values = torch.randn(2, 5, 7, 4, dtype=torch.float64, device=harness.DEVICE)
+    masters = {"x": x, "centres": centres, "values": values}
+    grad = torch.randn(2, 13, 17, 4, dtype=torch.float64, device=harness.DEVICE)
 
     def reference_fn(x, centres, values):
         if not weight_grad:
@@ -231,28 +272,28 @@ def test_bf16_against_float64(backend):
     """bf16 tokens (fp32 math inside): a clustering and a reconstruction. Triton's CPU
     interpreter computes bf16 wrongly (skipped there); the CUDA emulator runs it."""
     require(backend, torch.bfloat16)
-    x = tokens((13, 17), scale=1.0)
+    x = tokens((13, 17), scale=1.0).to(harness.DEVICE)
+    f64 = {"dtype": torch.float64, "device": harness.DEVICE}
     harness.check_against_float64(
         lambda x: stitchops.token_cluster(x, (5, 7), window=5, iters=2, temperature=5.0),
         lambda x: reference.token_cluster(x, (5, 7), 5, 2, 5.0),
-        {"x": x}, torch.bfloat16, lambda name: True, backend,
-        torch.randn(2, 5, 7, 6, dtype=torch.float64),
+        {"x": x}, torch.bfloat16, lambda name: True, backend, torch.randn(2, 5, 7, 6, **f64),
     )  # fmt: skip
     masters = {"x": x, "centres": reference.token_cluster(x, (5, 7), 5, 2, 5.0),
-               "values": torch.randn(2, 5, 7, 4, dtype=torch.float64)}  # fmt: skip
+               "values": torch.randn(2, 5, 7, 4, **f64)}  # fmt: skip
     harness.check_against_float64(
-        lambda **a: stitchops.token_reconstruct(**a, temperature=5.0),
+        lambda **a: stitchops.token_reconstruct(**a, temperature=5.0, weight_grad=False),
         lambda **a: reference.token_reconstruct(**a, window=5, temperature=5.0),
         masters, torch.bfloat16, lambda name: name == "values", backend,
-        torch.randn(2, 13, 17, 4, dtype=torch.float64),
+        torch.randn(2, 13, 17, 4, **f64),
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernels_are_deterministic(backend):
     require(backend, torch.float32)
-    x = tokens((13, 17), scale=1.0).float().requires_grad_()
-    grad = torch.randn(2, 5, 7, 6)
+    x = tokens((13, 17), scale=1.0).float().to(harness.DEVICE).requires_grad_()
+    grad = torch.randn(2, 5, 7, 6, device=harness.DEVICE)
 
     def once():
         with stitchops.use_backend(backend):
@@ -269,8 +310,8 @@ def test_cluster_backward_walks_back_through_kept_centres(backend):
     previous iteration, and at the start to the pooling; against autograd of the reference."""
     dtype = torch.float64 if backend == "torch" else torch.float32
     require(backend, dtype)
-    x = losing_centre_map().to(dtype).requires_grad_()
-    g = torch.randn(1, 1, 3, 1, dtype=torch.float64).to(dtype)
+    x = losing_centre_map().to(dtype=dtype, device=harness.DEVICE).requires_grad_()
+    g = torch.randn(1, 1, 3, 1, dtype=torch.float64).to(dtype=dtype, device=harness.DEVICE)
     with stitchops.use_backend(backend):
         centres = stitchops.token_cluster(x, (1, 3), window=3, iters=3, temperature=1e-3)
         (got,) = torch.autograd.grad(centres, x, g, retain_graph=True)
@@ -342,7 +383,8 @@ def test_modules_pass_the_state_and_refuse_without_one():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernels_refuse_topk_with_a_reason(backend):
     require(backend, torch.float32)
-    x, centres = torch.randn(1, 8, 8, 4), torch.randn(1, 4, 4, 4)
+    x = torch.randn(1, 8, 8, 4, device=harness.DEVICE)
+    centres = torch.randn(1, 4, 4, 4, device=harness.DEVICE)
     refused = pytest.raises(stitchops.BackendUnavailableError,
                             match="mode 'topk' runs on the torch backend")  # fmt: skip
     with stitchops.use_backend(backend), refused:
@@ -352,7 +394,7 @@ def test_kernels_refuse_topk_with_a_reason(backend):
 @BACKENDS
 def test_empty_batch(backend):
     require(backend, torch.float32)
-    x = torch.randn(0, 8, 9, 4, requires_grad=True)
+    x = torch.randn(0, 8, 9, 4, device=harness.DEVICE, requires_grad=True)
     with harness.poisoned(backend):
         centres = stitchops.token_cluster(x, (3, 4))
         y = stitchops.token_reconstruct(x, centres.detach(), centres)
@@ -363,7 +405,7 @@ def test_empty_batch(backend):
 @BACKENDS
 def test_nan_in_x_gives_nan_out(backend):
     require(backend, torch.float32)
-    x = torch.randn(1, 8, 9, 4)
+    x = torch.randn(1, 8, 9, 4, device=harness.DEVICE)
     x[0, 3, 3, 1] = float("nan")
     with stitchops.use_backend(backend):
         centres = stitchops.token_cluster(x, (3, 4))
@@ -374,8 +416,8 @@ def test_nan_in_x_gives_nan_out(backend):
 @BACKENDS
 def test_non_contiguous_inputs(backend):
     require(backend, torch.float32)
-    x = harness.every_other_element(tokens((13, 17), scale=1.0).float())
-    values = harness.every_other_element(torch.randn(2, 5, 7, 3))
+    x = harness.every_other_element(tokens((13, 17), scale=1.0).float().to(harness.DEVICE))
+    values = harness.every_other_element(torch.randn(2, 5, 7, 3, device=harness.DEVICE))
     want = reference.token_cluster(x.contiguous(), (5, 7), 5, 3, 5.0)
     with harness.poisoned(backend):
         got = stitchops.token_cluster(x, (5, 7), iters=3, temperature=5.0)
@@ -492,5 +534,6 @@ def test_float32_centres_no_worse_than_the_official_float32(backend):
 
     official = error(official_cluster(x.float(), (8, 8), 5, 5, 50.0))
     with stitchops.use_backend(backend):
-        ours = error(stitchops.token_cluster(x.float(), (8, 8), numerics="official"))
+        ours = error(stitchops.token_cluster(x.float().to(harness.DEVICE), (8, 8),
+                                             numerics="official").cpu())  # fmt: skip
     assert ours <= official / 3, (ours, official)

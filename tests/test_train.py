@@ -272,6 +272,8 @@ def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls", extr
     root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    if torch.cuda.device_count() < 2:  # a process per GPU, or CPU processes (gloo): never cuda:1
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("checkpoint: ") == 1, proc.stdout  # rank 0 alone says where
@@ -321,8 +323,13 @@ def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
                  "--latency-repeats", "1", "--out", str(tmp_path / "slide")]) == 0  # fmt: skip
     slide = json.loads((tmp_path / "slide" / "stitches.json").read_text())
     assert slide["rows"][0]["accuracy"] == pytest.approx(rows["rows"][0]["accuracy"])
-    assert main(["eval", checkpoint, "--crop", "64", "--stride", "8"]) == 2
-    assert "crop 64 is larger than the image 16x16" in capsys.readouterr().err
+    # a crop larger than the images: they are padded to it (mmseg's sliding inference)
+    assert main(["eval", checkpoint, "--crop", "64", "--stride", "8", "--no-progress",
+                 "--latency-repeats", "1", "--out", str(tmp_path / "big")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", checkpoint, "--crop", "18", "--stride", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "crop 18 is not a multiple of the patch size 4x4" in err and len(err.splitlines()) == 1
     for args, words in (
         (["--mode", "snnet", "--anchors", SEG_SMALL, SEG_SMALL, SEG_LARGE],
          "stitched to the largest anchor"),
@@ -361,9 +368,9 @@ def test_torchrun_anchor_pretraining(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from stitchops.train.demo import run_demo
+    from stitchops.demos.cls import run
 
-    summary = run_demo(out=tmp_path, anchor_epochs=1, stitch_epochs=1, progress=False)
+    summary = run(out=tmp_path, anchor_epochs=1, stitch_epochs=1, progress=False)
     assert summary["stitches"] == 14
     assert summary["anchor_small"]["mflops"] < summary["anchor_large"]["mflops"]
     assert summary["stitches_between_anchors_in_flops"] == 12

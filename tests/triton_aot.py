@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # op_tables
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/ as package "kernels"
 
 import triton
-from op_tables import OPS, SUM_RANGES, fallback_archs, fallback_variant, plain_variant
+from op_tables import SUM_RANGES, fallback_archs, fallback_variant, ops, plain_variant
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -102,7 +102,7 @@ def jobs() -> list[tuple]:
     """What main() compiles, in its output order: (op, kernel attr, flags, unit strides,
     dtype, arch, config, variant or None)."""
     out = []
-    for op in OPS:
+    for op in ops():
         module = importlib.import_module(f"kernels.{op.kernels}")
         main = {k.attr: k for k in op.aot_kernels}
         for kernel in op.aot_kernels:
@@ -151,7 +151,7 @@ def run_job(job: tuple) -> str:
     if op_name == SUM_RANGES:
         fn, fp32 = partials._sum_ranges_kernel, PARTIAL_POINTERS
     else:
-        op = next(o for o in OPS if o.name == op_name)
+        op = next(o for o in ops() if o.name == op_name)
         kernel = getattr(importlib.import_module(f"kernels.{op.kernels}"), attr)
         fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn
         fp32, arg_types = op.fp32_pointers, op.arg_types

@@ -1,12 +1,18 @@
-// The torch side every op's binding shares: tensor checks, dtype mapping, poisoned output
-// allocation, status checks, device queries and the range-sum step (common.h).
+// The torch side every op's binding shares: how a binding registers itself, tensor checks,
+// dtype mapping, poisoned output allocation, status checks, device queries and the
+// range-sum step (common.h).
 //
-// Included by csrc/binding.cpp only (one translation unit with torch's headers). The stream
-// comes from Python as an integer (torch.cuda.current_stream().cuda_stream, passed by
-// stitchops._cuda with a device guard), so nothing here needs a CUDA header.
+// Each csrc/binding/bind_<op>.cpp is its own translation unit (setup.py compiles every one it
+// finds) and adds its functions to stitchops._C with ``STITCHOPS_BIND(<op>) { m.def(...); }``:
+// a static registrar that csrc/binding.cpp runs when the module is imported, so no shared
+// file names an op. The stream comes from Python as an integer
+// (torch.cuda.current_stream().cuda_stream, passed by stitchops._cuda with a device guard),
+// so nothing here needs a CUDA header; ATen and torch's pybind11 casters are all the torch
+// it takes (lighter to compile than torch/extension.h).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <limits>
 #include <optional>
@@ -24,6 +30,15 @@ constexpr bool kHostEmulation = false;
 #endif
 
 namespace stitchops::binding {
+
+// The functions that add each op's entry points to the module, in registration order
+// (defined in csrc/binding.cpp; a function-local static, so any static initialiser may use it).
+using Definer = void (*)(pybind11::module_&);
+std::vector<Definer>& definers();
+
+struct Registrar {
+  explicit Registrar(Definer define) { definers().push_back(define); }
+};
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -92,3 +107,10 @@ inline std::vector<at::Tensor> sum_ranges(const std::vector<std::pair<at::Tensor
 }
 
 }  // namespace stitchops::binding
+
+// ``STITCHOPS_BIND(op) { m.def(...); }``: the body runs on ``m``, the stitchops._C module,
+// when it is imported.
+#define STITCHOPS_BIND(op)                                                                      \
+  static void stitchops_define_##op(pybind11::module_& m);                                      \
+  static const ::stitchops::binding::Registrar stitchops_registrar_##op(stitchops_define_##op); \
+  static void stitchops_define_##op(pybind11::module_& m)

@@ -1,11 +1,12 @@
 """Models: the timm-compatible ViT (DeiT / DeiT-III, FlexiViT patch sizes) and stitched ViTs."""
 
 from stitchops.models.expedit import expedite, expedited, expedition, unexpedite
-from stitchops.models.faseg import FASeg, FASegDecoder, FASegHead
+from stitchops.models.faseg import FASegDecoder, FASegHead
 from stitchops.models.flexi import pi_resize_patch_embed, resize_pos_embed
 from stitchops.models.flops import vit_flops
+from stitchops.models.necks import FPNDecoder, MultiScaleNeck
 from stitchops.models.official import OfficialLoad, load_official_checkpoint
-from stitchops.models.segmentation import FPNDecoder, MultiScaleNeck, Segmenter
+from stitchops.models.segmentation import FASeg, Segmenter
 from stitchops.models.stitched import Stitch, StitchedViT
 from stitchops.models.vit import (
     MODELS,

@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitchops.models.segmentation import FPNDecoder, MultiScaleNeck, Segmenter
+from stitchops.models.mask_loss import Prediction, mask_classification_loss
+from stitchops.models.necks import FPNDecoder, MultiScaleNeck
 from stitchops.nn.focus import FocusCrossAttention
 
 HRCA_MODES = ("topk", "full", "random")
@@ -62,12 +62,6 @@ FIRST_POS = ("thesis", "code")
 HRCA_POS = ("learned", "dfpq")
 HRCA_WINDOWS = ("at_least_one", "floor")
 KEY_POS = ("auto", "conv", "sine")
-
-
-@dataclass
-class Prediction:
-    classes: torch.Tensor  # [B, Q, K + 1] logits, the last is "no object"
-    masks: torch.Tensor  # [B, Q, H/4, W/4] logits
 
 
 class MLP(nn.Module):
@@ -267,6 +261,8 @@ class FASegHead(nn.Module):
     ``"sine"`` (Mask2Former's), ``"auto"``: sine for Mask2Former's setting (``dfpq=False``,
     ``hrca=None``), else conv."""
 
+    levels = 4  # the backbone levels it reads (Segmenter's out_indices)
+
     def __init__(self, dim: int, num_classes: int, hidden: int = 256, key_pos: str = "auto",
                  **decoder) -> None:  # fmt: skip
         super().__init__()
@@ -299,6 +295,13 @@ class FASegHead(nn.Module):
                                         positions)  # fmt: skip
         return semantic_scores(self.predictions[-1])
 
+    def loss(self, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+             **options) -> torch.Tensor:  # fmt: skip
+        """Mask2Former's set loss on every prediction of the last forward (``options``:
+        ``mask_classification_loss``'s ``points``, ``sampling``, ``generator``)."""
+        return mask_classification_loss(self.predictions, labels, num_classes,
+                                        ignore_index=ignore_index, **options)  # fmt: skip
+
     def to_image(self, scores: torch.Tensor, size) -> torch.Tensor:
         """The last prediction's semantic scores at ``size``: its mask logits upsampled
         (bilinear) before the sigmoid, as the official inference. ``scores`` (this head's
@@ -312,19 +315,3 @@ def semantic_scores(prediction: Prediction) -> torch.Tensor:
     """Mask2Former's semantic inference: Σ_q p(class | q)·sigmoid(mask_q), [B, K, h, w]."""
     probabilities = prediction.classes.softmax(-1)[..., :-1]
     return torch.einsum("bqk,bqhw->bkhw", probabilities, prediction.masks.sigmoid())
-
-
-def default_levels(depth: int) -> tuple[int, ...]:
-    """Four blocks ending at the last: the fractions (5/12, 5/8, 5/6, 1) of the depth, as
-    StitchedViT.default_out_indices (SN-Netv2's choice at depth 24: 9, 14, 19, 23)."""
-    return tuple(max(0, math.ceil(depth * f) - 1) for f in (5 / 12, 5 / 8, 5 / 6, 1))
-
-
-class FASeg(Segmenter):
-    """A ``Segmenter`` with the FASeg head: ``FASeg(backbone, num_classes, **options)``,
-    options as ``FASegHead`` / ``FASegDecoder`` (hidden, key_pos, heads, queries, layers,
-    ffn, dfpq, hrca, hrca_ratio, mask_threshold, first_pos, hrca_pos, hrca_windows);
-    backbone as ``Segmenter``'s."""
-
-    def __init__(self, backbone, num_classes: int, out_indices=None, **options) -> None:
-        super().__init__(backbone, num_classes, "faseg", out_indices, decoder_options=options)

@@ -22,9 +22,16 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from stitchops.models.faseg import Prediction
-
 SAMPLINGS = ("importance", "uniform")
+
+
+@dataclass
+class Prediction:
+    """One decoder layer's output: ``classes`` [B, Q, K + 1] logits (the last is "no
+    object"), ``masks`` [B, Q, h, w] logits."""
+
+    classes: torch.Tensor
+    masks: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ FOCUS_ATTENTION = _dispatch.register(
         reference="stitchops.reference.focus_attention",
         triton="stitchops.kernels.focus_attention",
         kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kernels=("triton", "cuda"),
     )
 )
 

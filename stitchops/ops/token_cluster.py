@@ -48,7 +48,6 @@ TOKEN_CLUSTER = _dispatch.register(
         reference="stitchops.reference.token_cluster",
         triton="stitchops.kernels.token_cluster",
         kernel_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kernels=("triton", "cuda"),
     )
 )
 

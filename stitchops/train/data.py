@@ -20,12 +20,18 @@ from pathlib import Path
 
 import torch
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from stitchops.train.images import (
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    pixel_centres,
+    read_image,
+    shape_mask,
+)
 
-
-class DataError(ValueError):
-    """The training or evaluation data cannot be used (the message says why)."""
+__all__ = ["DataError", "ImageFolder", "TensorDataset", "load_dataset", "load_digits",
+           "load_shapes_cls"]  # fmt: skip
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -64,18 +70,16 @@ SHAPE_NAMES = ("disc", "square", "triangle", "ring", "cross")
 def load_shapes_cls(split: str) -> TensorDataset:
     """The ``shapes-cls`` task as [N, 1, 8, 8] float32 (standardised) and int64 labels; the
     same images on every run (seeded per split)."""
-    from stitchops.train.segdata import GeneratedShapes
-
     count, seed = (2000, 11) if split == "train" else (500, 12)
     g = torch.Generator().manual_seed(seed)
-    shapes = GeneratedShapes(length=1, size=8)
+    ys, xs = pixel_centres(8)
     labels = torch.randint(0, len(SHAPE_NAMES), (count,), generator=g)
     images = torch.empty(count, 1, 8, 8)
     for i, label in enumerate(labels.tolist()):
         cy, cx = (3.0 + 2 * torch.rand(2, generator=g)).tolist()
         radius = 2.6 + 0.9 * torch.rand((), generator=g).item()
         angle = 3.1416 * torch.rand((), generator=g).item()
-        mask = shapes._shape(label + 1, cy, cx, radius, angle).float()
+        mask = shape_mask(label + 1, cy, cx, radius, angle, ys, xs).float()
         images[i, 0] = mask + 0.1 * torch.randn(8, 8, generator=g)
     images = (images - 0.3) / 0.5
     return TensorDataset(images, labels, list(SHAPE_NAMES))
@@ -129,6 +133,8 @@ class ImageFolder(torch.utils.data.Dataset):
                     modes.add(img.mode)
             except (OSError, UnidentifiedImageError) as exc:
                 raise DataError(f"cannot read image {path}: {exc}; remove or replace it") from exc
+            if img.mode in ("I", "F"):
+                read_image(path)  # the reason such an image is refused
         found = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (
             f" and {len(sizes) - 3} more sizes" if len(sizes) > 3 else ""
         )
@@ -138,16 +144,13 @@ class ImageFolder(torch.utils.data.Dataset):
                 "in_chans")  # fmt: skip
 
     def __getitem__(self, i):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB" if self.in_chans == 3 else "L")
-                img = img.resize((self.img_size, self.img_size), Image.BILINEAR)
-                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+        pixels = read_image(path, 3 if self.in_chans == 3 else 1)
+        img = Image.fromarray(pixels if self.in_chans == 3 else pixels[..., 0])
+        img = img.resize((self.img_size, self.img_size), Image.BILINEAR)
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         x = data.reshape(self.img_size, self.img_size, -1).permute(2, 0, 1).float() / 255
         if self.in_chans == 3:
             mean = torch.tensor(IMAGENET_MEAN)[:, None, None]

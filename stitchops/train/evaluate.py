@@ -169,16 +169,46 @@ def eval_seg_stitches(
         if first is None:
             raise ValueError("eval_seg_stitches got an empty loader")
         matrix.all_reduce()
-        img_size = tuple(first.shape[-2:])
+        ph, pw = model.patch_size()  # FLOPs at the first image's size, padded to the grid
+        img_size = (first.shape[-2] + -first.shape[-2] % ph,
+                    first.shape[-1] + -first.shape[-1] % pw)  # fmt: skip
         rows.append(StitchResult(
             sid, stitch.kind if stitch else "anchor", stitch.describe() if stitch else "model",
             segmenter_flops(model, img_size), segmenter_params(model), matrix.scores()["mIoU"],
-            median_latency_ms(model, first, None, latency_repeats),
+            median_latency_ms(model.predict, first, None, latency_repeats),
         ))  # fmt: skip
     if stitched is not None:
         model.backbone.select(previous)
     model.train(was_training)
     return _table(rows, device, "mIoU")
+
+
+@torch.no_grad()
+def eval_classifier(model, loader, patch_size=None, device=None, latency_repeats=5,
+                    name: str = "model") -> StitchTable:  # fmt: skip
+    """Top-1 accuracy, FLOPs, params and batch latency of one classifier (an anchor, SPT's
+    fine-tuned or merged model), as a one-row table (id 0)."""
+    from stitchops.models.flops import vit_flops
+
+    _check_repeats(latency_repeats)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    first = None
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        first = images if first is None else first
+        correct += int((model(images, patch_size=patch_size).argmax(-1) == labels).sum())
+        total += labels.numel()
+    if total == 0:
+        raise ValueError("eval_classifier got an empty loader")
+    flops = vit_flops(model.cfg, img_size=tuple(first.shape[-2:]), patch_size=patch_size)
+    params = sum(p.numel() for p in model.parameters())
+    row = StitchResult(0, "anchor", name, flops, params, correct / total,
+                       median_latency_ms(model, first, patch_size, latency_repeats))  # fmt: skip
+    model.train(was_training)
+    return _table([row], device, "top-1 accuracy")
 
 
 def _table(rows: list[StitchResult], device, metric: str) -> StitchTable:
@@ -239,3 +269,43 @@ def plot_stitches(table: StitchTable, path, title: str = "stitches") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+@torch.no_grad()
+def validation_accuracy(model, data: str, device, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier on ``data``'s validation split."""
+    from stitchops.train.data import load_dataset
+
+    cfg = model.cfg
+    loader = torch.utils.data.DataLoader(load_dataset(data, "val", cfg.img_size, cfg.in_chans),
+                                         batch_size=batch_size)  # fmt: skip
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for images, labels in loader:
+        logits = model(images.to(device))
+        right += (logits.argmax(1) == labels.to(device)).sum().item()
+        total += len(labels)
+    model.train(was_training)
+    return right / max(total, 1)
+
+
+def segmentation_loader(data: str, model, num_classes: int, seed: int,
+                        reduce_zero_label=None, batch_size: int = 16):  # fmt: skip
+    """The validation images of ``data`` for a segmentation model: batches of the generated
+    shapes, or one image at a time from a folder (their sizes differ)."""
+    from stitchops.train.segdata import load_seg_dataset
+
+    backbone = model.backbone
+    first = (backbone.anchors[0] if hasattr(backbone, "anchors") else backbone).cfg
+    dataset = load_seg_dataset(data, "val", first, num_classes, seed, reduce_zero_label)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size if data == "shapes" else 1)
+
+
+@torch.no_grad()
+def segmentation_miou(model, cfg, device) -> float:
+    """mIoU of a (not stitched) segmentation model on its validation data, whole images."""
+    loader = segmentation_loader(cfg.val_data or cfg.data, model, model.num_classes, cfg.seed,
+                                 cfg.reduce_zero_label)  # fmt: skip
+    table = eval_seg_stitches(model, loader, device=device, progress=False, latency_repeats=1)
+    return table.rows[0].accuracy

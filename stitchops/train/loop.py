@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,143 +28,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stitchops import _memory, spt
-from stitchops.models.segmentation import DECODERS, Segmenter
+from stitchops.models.segmentation import Segmenter
 from stitchops.models.stitched import StitchedViT
 from stitchops.train import build, spt_mode, threads
 from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
+from stitchops.train.config import MODE_DEFAULTS, MODES, TASKS, TrainConfig  # noqa: F401
 from stitchops.train.data import DataError, load_dataset
+from stitchops.train.images import IGNORE_INDEX
+from stitchops.train.interrupt import StopRequests, TrainingInterrupted
 from stitchops.train.outdir import check_output_folder
 from stitchops.train.samplers import SAMPLERS, ESTASampler, ROSSampler, snip_score
-from stitchops.train.segdata import IGNORE_INDEX, load_seg_dataset
+from stitchops.train.segdata import has_split, load_seg_dataset
 
-MODES = ("anchor", "snnet", "snnetv2", "esta", "spt")
-TASKS = ("cls", "seg")
-SCHEDULES = ("cosine", "poly")
-MODE_DEFAULTS = {
-    "snnet": dict(two_way=False, rank=0, sampler="uniform"),
-    "snnetv2": dict(two_way=True, rank=16, sampler="ros"),
-    "esta": dict(two_way=False, rank=-1, sampler="esta", stitch_biases=True),
-}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved in every checkpoint. ``rank = -1``: ESTA's d_out / 4."""
-
-    mode: str = "snnetv2"
-    task: str = "cls"  # "cls" (classification) or "seg" (semantic segmentation)
-    decoder: str = "linear"  # seg: Segmenter's "linear" or "mask", SETR's "setr", or "faseg"
-    # seg with decoder "faseg": the head's keyword arguments (FASegHead: hidden, heads,
-    # queries, layers, ffn, dfpq, hrca, hrca_ratio, mask_threshold, first_pos) and the set
-    # loss's (points, sampling)
-    decoder_options: dict = field(default_factory=dict)
-    schedule: str | None = None  # "cosine" or "poly" (default: cosine for cls, poly for seg)
-    head_weights: str | None = None  # seg: a segmentation checkpoint whose decoder to start from
-    anchors: list[str] = field(default_factory=list)
-    anchor_weights: list[str] | None = None
-    data: str = "digits"
-    out: str = "runs/stitchops"
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    clip_grad: float | None = 1.0
-    amp: bool = True
-    seed: int = 0
-    sampler: str | None = None
-    ros_step: float | None = None
-    esta_intervals: int = 15
-    esta_momentum: float = 0.9
-    esta_warmup: int = 0
-    kernel_size: int = 2
-    stride: int = 1
-    partial_windows: bool = False
-    nearest: bool = True
-    two_way: bool | None = None
-    rank: int | None = None
-    alpha: float = 1.0
-    stitch_biases: bool | None = None
-    pst_rank: int = 16
-    patch_sizes: list[int] | None = None
-    distill: str = "none"  # "none", "inplace" or the path of a teacher anchor's weights
-    teacher: str | None = None  # model spec of an external teacher
-    init_images: int = 100
-    save_every: int = 0
-    log_every: int = 1
-    workers: int = 0
-    threads: int | None = None  # CPU intra-op threads (default: chosen for the work)
-    progress: bool = True
-    # SPT (mode "spt", stitchops/train/spt_mode.py): trainable parameters without the head
-    budget: float | None = None
-    spt_structured: str = "lora"  # "lora" or "adapter"
-    spt_rank: int = 8
-    spt_alpha: float = 10.0  # structured when sensitive count >= structured cost / alpha
-    spt_beta: float = 5.0  # vectors whole when sensitive count >= length / beta
-    spt_batches: int = 16  # batches of the sensitivity pass
-    spt_per_sample: bool = False
-    spt_plan: str | None = None  # a plan.json, or "lora-all" (the LoRA baseline); else computed
-    spt_dropout: float = 0.1  # on the LoRA branches' input (the official recipe's 0.1)
-    spt_drop_path: float = 0.1  # per sample on the structured branches (official: 0.1)
-    spt_train_cls: bool = True  # the class token trains with the head (official)
-    spt_tau_search: str = "exact"  # "exact" or "official" (the official τ sweep)
-    spt_split_fused: bool = True  # a fused qkv ranked as q, k and v (official)
-
-    def _check_spt(self) -> None:
-        if self.task != "cls":
-            raise ValueError("mode 'spt' fine-tunes classifiers (task cls)")
-        if self.spt_plan is None and not (self.budget and self.budget > 0):
-            raise ValueError("mode 'spt' needs --budget (trainable parameters, e.g. 0.4M) or "
-                             "--spt-plan")  # fmt: skip
-        if self.spt_structured not in ("lora", "adapter"):
-            raise ValueError(f"spt_structured must be 'lora' or 'adapter', got "
-                             f"{self.spt_structured!r}")  # fmt: skip
-        if self.spt_batches < 1 or self.spt_rank < 1:
-            raise ValueError("spt_batches and spt_rank must be >= 1")
-        for name in ("spt_dropout", "spt_drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.spt_tau_search not in ("exact", "official"):
-            raise ValueError(f"spt_tau_search must be 'exact' or 'official', got "
-                             f"{self.spt_tau_search!r}")  # fmt: skip
-        if self.spt_plan not in (None, "lora-all"):
-            spt.SPTPlan.load(self.spt_plan)  # a foreign or broken file: refused before any work
-
-    def resolved(self) -> TrainConfig:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not self.anchors:
-            raise ValueError("give at least one model spec in anchors")
-        if self.mode in ("anchor", "spt") and len(self.anchors) != 1:
-            raise ValueError(f"mode {self.mode!r} trains one model: give exactly one spec")
-        if self.mode == "spt":
-            self._check_spt()
-        if self.mode not in ("anchor", "spt") and len(self.anchors) < 2:
-            raise ValueError(f"mode {self.mode!r} stitches anchors: give at least two specs")
-        for key, value in MODE_DEFAULTS.get(self.mode, {}).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.task == "seg":
-            if self.decoder not in DECODERS:
-                raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
-            if self.decoder == "faseg" and self.distill != "none":
-                raise ValueError("distillation compares per-pixel logits; the FASeg head is "
-                                 "trained with its set loss only (distill 'none')")  # fmt: skip
-            if self.data == "digits":
-                self.data = "shapes"
-        self.schedule = self.schedule or ("poly" if self.task == "seg" else "cosine")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        return self
+# What a resumed run takes from the command line instead of its checkpoint: where to stop,
+# how to save and show it, and the machine's settings. Everything else (the schedule
+# included) comes from the checkpoint, so the resumed run is the uninterrupted one.
+RUN_SETTINGS = ("max_steps", "progress", "save_every", "save_minutes", "workers", "threads",
+                "deterministic")  # fmt: skip
+# The files of a run in its folder (``--overwrite`` removes them before a new run).
+RUN_FILES = ("checkpoint.safetensors", "config.json", "log.jsonl", "usage.json", "plan.json",
+             "spt.json", "merged.safetensors", "result.json")  # fmt: skip
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -199,11 +83,13 @@ class _Step(torch.nn.Module):
 
 class _Batches(torch.utils.data.Sampler):
     """Index batches of steps [start, stop): epoch e is a permutation seeded by seed + e, split
-    round-robin over the processes, last partial batch dropped. Deterministic in the step."""
+    round-robin over the processes, last partial batch dropped. Deterministic in the step.
+    ``keyed``: each item is (index, draw), draw numbering every sample the run draws (an
+    augmented dataset seeds its random draws with it, so resuming draws the same)."""
 
-    def __init__(self, n, batch_size, rank, world, seed, start, stop) -> None:
+    def __init__(self, n, batch_size, rank, world, seed, start, stop, keyed=False) -> None:
         self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.keyed = start, stop, keyed
         self.per_epoch = (n // world) // batch_size
 
     def __len__(self) -> int:
@@ -217,7 +103,11 @@ class _Batches(torch.utils.data.Sampler):
                 gen = torch.Generator().manual_seed(self.seed + e)
                 order = torch.randperm(self.n, generator=gen)[self.rank :: self.world]
                 epoch = e
-            yield order[b * self.bs : (b + 1) * self.bs].tolist()
+            batch = order[b * self.bs : (b + 1) * self.bs].tolist()
+            if self.keyed:
+                first = (step * self.world + self.rank) * self.bs
+                batch = [(i, first + j) for j, i in enumerate(batch)]
+            yield batch
 
 
 def _lr(cfg: TrainConfig, step: int, total: int) -> float:
@@ -313,179 +203,362 @@ def check_data_fits(dataset, model_cfg, data: str) -> str:
     return f"{len(dataset)} images, {classes} classes; {scan()}"
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
-    """Run (or resume) training; returns the path of the final checkpoint."""
+@dataclass
+class _Run:
+    """One training run's state, filled in by the phases of ``train``."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    state: tuple | None = None  # (model, optimizer, meta) of the checkpoint resumed from
+    model: Any = None
+    stitched: Any = None
+    train_set: Any = None
+    plan: Any = None
+    optimizer: Any = None
+    params: list = field(default_factory=list)
+    sampler: Any = None
+    patch_rng: random.Random | None = None
+    start: int = 0
+    per_epoch: int = 0
+    total: int = 0
+    stop: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run (or resume from the checkpoint ``resume``) training; returns the path of the final
+    checkpoint.
+
+    A new run refuses a folder that holds one (``overwrite`` starts over there); a resumed
+    run continues in the checkpoint's folder unless ``cfg.out`` names another. Checkpoints
+    are written atomically at each epoch's end, every ``save_minutes`` and every
+    ``save_every`` steps; on SIGINT / SIGTERM the step finishes, a checkpoint is saved and
+    ``TrainingInterrupted`` is raised (module stitchops.train.interrupt).
+    """
+    run = _start(cfg, resume, overwrite)
+    _build(run)
+    _optimisation(run)
+    path = _loop(run)
+    _finish(run)
+    return path
+
+
+def _start(cfg: TrainConfig, resume: str | None, overwrite: bool) -> _Run:
+    """The run's config (from the checkpoint when resuming), its output folder checked, the
+    processes and the device."""
     rank, world, local_rank = _dist_info()
-    meta = None
+    state = None
     if resume:
-        model_state, optim_state, meta = read_checkpoint(resume)
-        saved = TrainConfig(**meta["config"])
-        # The run's own settings (schedule included) come from the checkpoint, so the resumed
-        # run is exactly the uninterrupted one; only where to stop and how to show it change.
-        for key in ("max_steps", "out", "progress", "save_every", "workers", "threads"):
+        state = read_checkpoint(resume)
+        saved = TrainConfig.from_dict(state[2]["config"])
+        for key in RUN_SETTINGS:
             setattr(saved, key, getattr(cfg, key))
+        saved.out = cfg.out or str(Path(resume).parent)
         cfg = saved
     cfg = cfg.resolved()
     check_output_folder(cfg.out)
+    if resume is None:
+        _claim_folder(Path(cfg.out), overwrite)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and cfg.deterministic:
+        deterministic_cuda()
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, with_weights=meta is None).to(device)
-    if device.type == "cpu":
-        count, why = threads.choose(model, threads.token_rows(model, cfg.batch_size), cfg.threads)
-        torch.set_num_threads(count)
-        if rank == 0 and cfg.progress:
-            print(f"cpu threads: {count} ({why})", flush=True)
-    stitched = stitched_part(model)  # the StitchedViT that routes run through, or None
-    backbone = model.backbone if isinstance(model, Segmenter) else model
-    in_cfg = (backbone.anchors[0] if stitched is not None else backbone).cfg
-    seg = cfg.task == "seg"
-    if seg:
-        train_set = load_seg_dataset(cfg.data, "train", in_cfg, in_cfg.num_classes, cfg.seed)
-        policy = f"{len(train_set)} images; {train_set.describe()}"
-    else:
-        train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
-        policy = check_data_fits(train_set, in_cfg, cfg.data)  # before anything is written
-    if rank == 0 and cfg.progress:
-        print(f"data: {policy}", flush=True)
-    if stitched is not None and meta is None and cfg.init_images > 0:
-        count = min(cfg.init_images, len(train_set))
-        images = torch.stack([train_set[i][0] for i in range(count)]).to(device)
-        stitched.init_stitching_layers(images.split(cfg.batch_size))
-    plan = None
-    if cfg.mode == "spt":  # sensitivity, allocation and the tuned layers (or the saved plan)
-        plan = spt_mode.prepare(model, cfg, train_set, meta, rank)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = spt.param_groups(model, cfg.weight_decay) if plan is not None else params
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = make_sampler(cfg, stitched, cfg.seed + rank) if stitched is not None else None
-    patch_rng = random.Random(cfg.seed + 1000 + rank)
-    start = 0
-    if meta is not None:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        start = meta["step"]
-        if sampler is not None:
-            sampler.load_state_dict(meta["samplers"][rank])
-        version, internal, gauss = meta["patch_rngs"][rank]
-        patch_rng.setstate((version, tuple(internal), gauss))
-    step_module = _Step(model)
     if world > 1:
+        dist.barrier()  # every process checked the folder before any writes to it
+    return _Run(cfg, rank, world, device, state)
+
+
+def deterministic_cuda() -> None:
+    """The training loop's deterministic mode on CUDA: cuBLAS's fixed workspace (read when
+    cuBLAS starts: set before the first GEMM of the process) and PyTorch's deterministic
+    algorithms (a warning, not an error, where an op has none). Our kernels are
+    deterministic but for Triton's focus_attention with per-query windows (atomics), which
+    FASeg's HRCA does not use; a resumed run then equals an uninterrupted one bit for bit."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def _claim_folder(out: Path, overwrite: bool) -> None:
+    """A new run's folder must not hold another run, unless ``overwrite`` (which removes
+    that run's files)."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with "
+                         f"--resume {out / 'checkpoint.safetensors'}, or start over there with "
+                         "--overwrite")  # fmt: skip
+    if _dist_info()[0] == 0:
+        for name in found:
+            (out / name).unlink()
+
+
+def _build(run: _Run) -> None:
+    """The model (threads chosen for it on the CPU), the training data, the SPT plan."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed)
+    run.model = build_model(cfg, with_weights=run.state is None).to(run.device)
+    if run.device.type == "cpu":
+        count, why = threads.choose(run.model, threads.token_rows(run.model, cfg.batch_size),
+                                    cfg.threads)  # fmt: skip
+        torch.set_num_threads(count)
+        if run.main:
+            print(f"cpu threads: {count} ({why})", flush=True)
+    run.stitched = stitched_part(run.model)
+    in_cfg = input_config(run.model)
+    if cfg.task == "seg":
+        run.train_set = load_seg_dataset(cfg.data, "train", in_cfg, in_cfg.num_classes, cfg.seed,
+                                         cfg.reduce_zero_label)  # fmt: skip
+        policy = f"{len(run.train_set)} images; {run.train_set.describe()}"
+    else:
+        run.train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
+        policy = check_data_fits(run.train_set, in_cfg, cfg.data)  # before anything is written
+    if run.main:
+        print(f"data: {policy}", flush=True)
+        note = evaluation_note(cfg)
+        if note:
+            print(f"note: {note}", flush=True)
+    if run.stitched is not None and run.state is None and cfg.init_images > 0:
+        count = min(cfg.init_images, len(run.train_set))
+        images = torch.stack([run.train_set[i][0] for i in range(count)]).to(run.device)
+        run.stitched.init_stitching_layers(images.split(cfg.batch_size))
+    if cfg.mode == "spt":  # sensitivity, allocation and the tuned layers (or the saved plan)
+        meta = run.state[2] if run.state else None
+        run.plan = spt_mode.prepare(run.model, cfg, run.train_set, meta, run.rank)
+
+
+def _optimisation(run: _Run) -> None:
+    """Optimizer, stitch sampler, patch-size stream and the schedule's length, restored from
+    the checkpoint when resuming."""
+    cfg = run.cfg
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    groups = spt.param_groups(run.model, cfg.weight_decay) if run.plan is not None else run.params
+    run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if run.stitched is not None:
+        run.sampler = make_sampler(cfg, run.stitched, cfg.seed + run.rank)
+    run.patch_rng = random.Random(cfg.seed + 1000 + run.rank)
+    if run.state is not None:
+        model_state, optim_state, meta = run.state
+        run.model.load_state_dict(model_state)
+        run.optimizer.load_state_dict(optim_state)
+        run.start = meta["step"]
+        if run.sampler is not None:
+            run.sampler.load_state_dict(meta["samplers"][run.rank])
+        version, internal, gauss = meta["patch_rngs"][run.rank]
+        run.patch_rng.setstate((version, tuple(internal), gauss))
+    run.per_epoch = (len(run.train_set) // run.world) // cfg.batch_size
+    if run.per_epoch == 0:
+        raise ValueError(
+            f"the training data has {len(run.train_set)} images: fewer than one batch of "
+            f"{cfg.batch_size} per process ({run.world}); lower --batch-size"
+        )
+    run.total = cfg.epochs * run.per_epoch
+    run.stop = run.total if cfg.max_steps is None else min(run.total, cfg.max_steps)
+
+
+def _save(run: _Run, step: int) -> Path:
+    """The checkpoint of step ``step`` (every process's sampler and patch streams)."""
+    states = [run.sampler.state_dict() if run.sampler else None]
+    version, internal, gauss = run.patch_rng.getstate()
+    rngs = [[version, list(internal), gauss]]
+    if run.world > 1:
+        states, rngs = _gather(states[0]), _gather(rngs[0])
+    path = run.out / "checkpoint.safetensors"
+    if run.main:
+        meta = {"config": asdict(run.cfg), "step": step, "samplers": states, "patch_rngs": rngs}
+        if run.plan is not None:
+            meta["spt_plan"] = run.plan.to_dict()
+        save_checkpoint(path, run.model, run.optimizer, meta)
+    return path
+
+
+def _due(run: _Run, step: int, last_save: float) -> bool:
+    """Whether to save after ``step``: an epoch's end, every save_every steps, or
+    save_minutes since the last save (decided by the main process for all)."""
+    cfg = run.cfg
+    due = step % run.per_epoch == 0 or (cfg.save_every and step % cfg.save_every == 0)
+    due = due or time.time() - last_save >= 60 * cfg.save_minutes
+    if run.world > 1:
+        flag = torch.tensor([float(due)], device=run.device)
+        dist.broadcast(flag, 0)
+        due = bool(flag.item())
+    return bool(due) and step != run.stop
+
+
+def _loop(run: _Run) -> Path:
+    """The training steps from the checkpoint's (or 0) to the stop; returns the final
+    checkpoint's path."""
+    cfg, model, device = run.cfg, run.model, run.device
+    step_module = _Step(model)
+    if run.world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module,
             device_ids=[device] if device.type == "cuda" else None,
             # a sampled route leaves the other anchors' blocks without gradients (and a
             # segmentation backbone its classifier's norm and head); an anchor classifier
             # trains every parameter
-            find_unused_parameters=stitched is not None or seg,
+            find_unused_parameters=run.stitched is not None or cfg.task == "seg",
         )
-    teacher = None
-    if cfg.distill not in ("none", "inplace"):
-        if not cfg.teacher:
-            raise ValueError("distillation from a weights file needs the teacher's model spec")
-        teacher = build.build_anchor(cfg.teacher, cfg.distill).to(device).eval()
-    per_epoch = (len(train_set) // world) // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"the training data has {len(train_set)} images: fewer than one batch of "
-            f"{cfg.batch_size} per process ({world}); lower --batch-size"
-        )
-    total = cfg.epochs * per_epoch
-    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
-    batches = _Batches(len(train_set), cfg.batch_size, rank, world, cfg.seed, start, stop)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=cfg.workers)
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    log = (out / "log.jsonl").open("a") if rank == 0 else None
-    amp = cfg.amp and device.type == "cuda"
-    inplace = stitched is not None and cfg.distill == "inplace"
-    teacher_id = len(stitched.anchors) - 1 if inplace else None
-    model.train()
+    teacher = _teacher(cfg, device)
+    keyed = getattr(run.train_set, "transform", None) is not None
+    batches = _Batches(len(run.train_set), cfg.batch_size, run.rank, run.world, cfg.seed,
+                       run.start, run.stop, keyed)  # fmt: skip
+    loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches,
+                                         num_workers=cfg.workers)  # fmt: skip
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = (run.out / "log.jsonl").open("a") if run.main else None
     usage = _Usage(device)
-    bar = tqdm(
-        total=stop, initial=start, desc=f"train {cfg.mode}", disable=not cfg.progress or rank != 0
-    )
-    step = start
-
-    def checkpoint(path):
-        states = [sampler.state_dict() if sampler else None]
-        version, internal, gauss = patch_rng.getstate()
-        rngs = [[version, list(internal), gauss]]
-        if world > 1:
-            states, rngs = _gather(states[0]), _gather(rngs[0])
-        if rank == 0:
-            meta_out = {"config": asdict(cfg), "step": step, "samplers": states, "patch_rngs": rngs}
-            if plan is not None:
-                meta_out["spt_plan"] = plan.to_dict()
-            save_checkpoint(path, model, optimizer, meta_out)
-
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(cfg, step, total)
-        sid = sampler.sample(step) if sampler else None
-        patch = patch_rng.choice(cfg.patch_sizes) if cfg.patch_sizes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, teacher_logits = step_module(images, sid, teacher_id, patch)
-            # labels [B] or masks [B, H, W] (pixels of 255 ignored); argmax(1) is over classes
-            loss = _task_loss(model, logits, labels, cfg, step, rank)
-            if teacher_logits is not None:
-                hard = teacher_logits.detach().argmax(1)
-                loss = F.cross_entropy(teacher_logits.float(), labels, ignore_index=IGNORE_INDEX)
-                loss = loss + F.cross_entropy(logits.float(), hard)
-            elif teacher is not None:
-                with torch.no_grad():
-                    hard = teacher(images, patch_size=patch).argmax(1)
-                loss = 0.5 * loss + 0.5 * F.cross_entropy(logits.float(), hard)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step} (stitch {sid}); "
-                "lower --lr or enable --clip-grad"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        if isinstance(sampler, ESTASampler):
-            route = stitched.route_parameters(sid)
-            score = snip_score(stitched.get_parameter(n) for n in route)
-            for s, q in _gather((sid, score)) if world > 1 else [(sid, score)]:
-                sampler.update(s, q)
-        optimizer.step()
-        usage.step_done()
-        step += 1
-        bar.update(1)
-        if log is not None and (step % cfg.log_every == 0 or step == stop):
-            record = {
-                "step": step,
-                "epoch": (step - 1) // per_epoch,
-                "stitch": sid,
-                "patch_size": patch,
-                "loss": round(loss.item(), 6),
-                "lr": optimizer.param_groups[0]["lr"],
-                "time": round(time.time(), 3),
-            }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss.item():.3f}", stitch=sid)
-        if cfg.save_every and step % cfg.save_every == 0 and step != stop:
-            checkpoint(out / "checkpoint.safetensors")
+    bar = tqdm(total=run.stop, initial=run.start, desc=f"train {cfg.mode}",
+               disable=not cfg.progress or not run.main)  # fmt: skip
+    step, last_save = run.start, time.time()
+    model.train()
+    with StopRequests(run.world) as stops:
+        for images, labels in loader:
+            loss, sid, patch = _step(run, step_module, teacher, step, images, labels)
+            usage.step_done()
+            step += 1
+            bar.update(1)
+            if log is not None and (step % cfg.log_every == 0 or step == run.stop):
+                _log(log, run, step, loss, sid, patch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", stitch=sid)
+            signum = stops.requested(device)
+            if signum:
+                bar.close()
+                path = _save(run, step)
+                if run.main:
+                    print(f"interrupted after step {step} of {run.stop}: saved {path}; continue "
+                          f"with: stitchops train --resume {path}", flush=True)  # fmt: skip
+                raise TrainingInterrupted(path, signum)
+            if _due(run, step, last_save):
+                _save(run, step)
+                last_save = time.time()
     bar.close()
-    checkpoint(out / "checkpoint.safetensors")
-    if rank == 0:
-        (out / "usage.json").write_text(json.dumps(usage.summary(model), indent=1))
-        if plan is not None:
-            spt_mode.finish(model, cfg, device)
+    path = _save(run, step)
+    if run.main:
+        (run.out / "usage.json").write_text(json.dumps(usage.summary(model), indent=1))
     if log is not None:
         log.close()
-    if world > 1:
+    return path
+
+
+def _teacher(cfg: TrainConfig, device):
+    """An external teacher for ``--distill FILE`` (None otherwise)."""
+    if cfg.distill in ("none", "inplace"):
+        return None
+    if not cfg.teacher:
+        raise ValueError("distillation from a weights file needs the teacher's model spec")
+    return build.build_anchor(cfg.teacher, cfg.distill).to(device).eval()
+
+
+def _step(run: _Run, step_module, teacher, step: int, images, labels):
+    """One optimizer step; (loss, the sampled stitch, the patch size)."""
+    cfg, device, sampler = run.cfg, run.device, run.sampler
+    images, labels = images.to(device), labels.to(device)
+    for group in run.optimizer.param_groups:
+        group["lr"] = _lr(cfg, step, run.total)
+    sid = sampler.sample(step) if sampler else None
+    patch = run.patch_rng.choice(cfg.patch_sizes) if cfg.patch_sizes else None
+    inplace = run.stitched is not None and cfg.distill == "inplace"
+    teacher_id = len(run.stitched.anchors) - 1 if inplace else None
+    amp = cfg.amp and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        logits, teacher_logits = step_module(images, sid, teacher_id, patch)
+        # labels [B] or masks [B, H, W] (pixels of 255 ignored); argmax(1) is over classes
+        loss = _task_loss(run.model, logits, labels, cfg, step, run.rank)
+        if teacher_logits is not None:
+            hard = teacher_logits.detach().argmax(1)
+            loss = F.cross_entropy(teacher_logits.float(), labels, ignore_index=IGNORE_INDEX)
+            loss = loss + F.cross_entropy(logits.float(), hard)
+        elif teacher is not None:
+            with torch.no_grad():
+                hard = teacher(images, patch_size=patch).argmax(1)
+            loss = 0.5 * loss + 0.5 * F.cross_entropy(logits.float(), hard)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at step {step} (stitch {sid}); "
+                                 "lower --lr or enable --clip-grad")  # fmt: skip
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_grad)
+    if isinstance(sampler, ESTASampler):
+        route = run.stitched.route_parameters(sid)
+        score = snip_score(run.stitched.get_parameter(n) for n in route)
+        for s, q in _gather((sid, score)) if run.world > 1 else [(sid, score)]:
+            sampler.update(s, q)
+    run.optimizer.step()
+    return loss, sid, patch
+
+
+def _log(log, run: _Run, step: int, loss, sid, patch) -> None:
+    record = {"step": step, "epoch": (step - 1) // run.per_epoch, "stitch": sid,
+              "patch_size": patch, "loss": round(loss.item(), 6),
+              "lr": run.optimizer.param_groups[0]["lr"], "time": round(time.time(), 3)}  # fmt: skip
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+def _finish(run: _Run) -> None:
+    """The final validation figure (SPT: its accuracies and the merged weights)."""
+    if run.main:
+        if run.plan is not None:
+            spt_mode.finish(run.model, run.cfg, run.device)
+        else:
+            print(final_validation(run.model, run.cfg, run.device), flush=True)
+    if run.world > 1:
         dist.barrier()
-    return out / "checkpoint.safetensors"
+
+
+def input_config(model):
+    """The ViTConfig whose images the model takes (the first anchor of a stitched model)."""
+    backbone = model.backbone if isinstance(model, Segmenter) else model
+    stitched = stitched_part(model)
+    return (backbone.anchors[0] if stitched is not None else backbone).cfg
+
+
+def evaluation_note(cfg: TrainConfig) -> str | None:
+    """What to say when the evaluation data are the training data (no validation split)."""
+    if cfg.task == "seg":
+        if cfg.val_data or has_split(cfg.data):
+            return None
+        return (f"{cfg.data} has no validation split (images/ + masks/): evaluation would read "
+                "the training images; give --val-data FOLDER")  # fmt: skip
+    root = Path(cfg.data)
+    if cfg.data in ("digits", "shapes-cls") or (root / "val").is_dir():
+        return None
+    return (f"{cfg.data} has no val/ sub-folder: the same images serve training and evaluation "
+            "(split them into train/ and val/)")  # fmt: skip
+
+
+@torch.no_grad()
+def final_validation(model, cfg: TrainConfig, device) -> str:
+    """One line: the trained model's validation accuracy or mIoU (a stitched model: how to
+    evaluate its stitches)."""
+    if stitched_part(model) is not None:
+        return (f"trained {len(stitched_part(model).stitches)} stitches: evaluate them with "
+                f"stitchops eval {Path(cfg.out) / 'checkpoint.safetensors'}")  # fmt: skip
+    from stitchops.train.evaluate import segmentation_miou, validation_accuracy
+
+    model.eval()
+    if cfg.task == "seg":
+        miou = segmentation_miou(model, cfg, device)
+        return f"validation mIoU {100 * miou:.2f}% ({cfg.val_data or cfg.data})"
+    accuracy = validation_accuracy(model, cfg.data, device)
+    return f"validation accuracy {100 * accuracy:.2f}% ({cfg.data})"
 
 
 class _Usage:
@@ -522,7 +595,7 @@ def _gather(obj) -> list:
 def load_trained(path, device="cpu"):
     """(model, config) of a training checkpoint, ready for evaluation."""
     model_state, _, meta = read_checkpoint(path)
-    cfg = TrainConfig(**meta["config"]).resolved()
+    cfg = TrainConfig.from_dict(meta["config"]).resolved()
     model = build_model(cfg, with_weights=False)
     if cfg.mode == "spt":
         spt_mode.apply_saved(model, meta, cfg)

@@ -2,10 +2,15 @@
 
 * ``SegmentationFolder``: the ADE20K layout (``images/{training,validation}/*.jpg`` with
   ``annotations/{training,validation}/*.png`` of class ids, paired by file stem;
-  ``reduce_zero_label`` as ADE20K needs: 0 "other" becomes the ignore index 255 and every
-  other id drops by one, as mmseg does) or a plain one (``images/`` + ``masks/``).
+  ``reduce_zero_label`` as ADE20K needs, on by default there: 0 "other" and 255 become the
+  ignore index 255 and every other id drops by one, as mmseg's ``LoadAnnotations``) or a
+  plain one (``images/`` + ``masks/``, no split of its own: ``--val-data`` names the
+  evaluation folder). Images of any size and mode (``stitchops.train.images``).
 * ``SegAugment``: random resize within a ratio range, random crop padded with the ignore
-  label, horizontal flip, photometric jitter; the image and its mask move together.
+  label, horizontal flip, photometric jitter; the image and its mask move together. Its
+  random draws come from a generator seeded by the run's seed and the draw's number (the
+  training loop asks for item ``(index, draw)``), so a resumed run draws what an
+  uninterrupted one would.
 * ``GeneratedShapes``: a segmentation set made on the fly, deterministic by seed, with no
   files: five object classes of distinct shapes and textures (disc, square, triangle, ring,
   cross) in random colours, sizes and positions, drawn over a textured background (class 0)
@@ -20,13 +25,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stitchops.train.data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, DataError
+from stitchops.train.images import (
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    pixel_centres,
+    read_image,
+    read_label_map,
+    shape_mask,
+)
 
-IGNORE_INDEX = 255
 ADE20K_SPLITS = {"train": "training", "val": "validation"}
 
 
@@ -36,10 +49,13 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     return (image - mean) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-def _files(folder: Path) -> dict[str, Path]:
+def _files(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise DataError(f"{folder} does not exist or is not a folder")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+        raise DataError(f"{folder} ({what}) does not exist or is not a folder")
+    found = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if not found:
+        raise DataError(f"{folder} ({what}) holds no image files")
+    return found
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -51,16 +67,17 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, split: str = "train", layout: str = "ade20k",
                  reduce_zero_label: bool | None = None, num_classes: int | None = None,
-                 transform=None) -> None:  # fmt: skip
+                 transform=None, seed: int = 0) -> None:  # fmt: skip
         root = Path(root)
         if layout == "ade20k":
             if split not in ADE20K_SPLITS:
                 raise DataError(f"split must be 'train' or 'val', got {split!r}")
-            images = _files(root / "images" / ADE20K_SPLITS[split])
-            masks = _files(root / "annotations" / ADE20K_SPLITS[split])
+            folder = ADE20K_SPLITS[split]
+            images = _files(root / "images" / folder, f"the {folder} split's images")
+            masks = _files(root / "annotations" / folder, f"the {folder} split's masks")
             reduce_zero_label = True if reduce_zero_label is None else reduce_zero_label
         elif layout == "plain":
-            images, masks = _files(root / "images"), _files(root / "masks")
+            images, masks = _files(root / "images", "images"), _files(root / "masks", "masks")
             reduce_zero_label = bool(reduce_zero_label)
         else:
             raise DataError(f"layout must be 'ade20k' or 'plain', got {layout!r}")
@@ -73,24 +90,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
             )
         self.pairs = [(images[n], masks[n]) for n in sorted(images)]
         self.reduce_zero_label, self.num_classes = reduce_zero_label, num_classes
-        self.transform = transform
+        self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image, UnidentifiedImageError
-
         image_path, mask_path = self.pairs[i]
-        try:
-            with Image.open(image_path) as img:
-                rgb = np.asarray(img.convert("RGB"))
-            with Image.open(mask_path) as m:
-                if m.mode not in ("L", "P", "I", "I;16"):
-                    raise DataError(f"mask {mask_path} is {m.mode}, not a map of class ids")
-                ids = np.asarray(m, dtype=np.int64)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read {image_path} or {mask_path}: {exc}") from exc
+        rgb = read_image(image_path)
+        ids = read_label_map(mask_path)
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
         mask = torch.from_numpy(ids.copy())
         if tuple(mask.shape) != tuple(image.shape[-2:]):
@@ -98,20 +106,26 @@ class SegmentationFolder(torch.utils.data.Dataset):
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                 f"{image_path} is {image.shape[2]}x{image.shape[1]}"
             )
-        if self.reduce_zero_label:
-            mask = torch.where(mask == 0, IGNORE_INDEX + 1, mask) - 1
         self._check_labels(mask, mask_path)
+        if self.reduce_zero_label:  # mmseg: 0 → 255, then −1, and 255 stays 255
+            ignored = (mask == 0) | (mask == IGNORE_INDEX)
+            mask = torch.where(ignored, IGNORE_INDEX, mask - 1)
         return image, mask
 
     def _check_labels(self, mask: torch.Tensor, path) -> None:
+        """The ids as the file stores them: below num_classes (num_classes + 1 with
+        reduce_zero_label, whose 0 is ignored), or the ignore index."""
         if self.num_classes is None:
             return
-        bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= self.num_classes))
+        top = self.num_classes + (1 if self.reduce_zero_label else 0)
+        bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= top))
         if bad.any():
-            raise DataError(
-                f"mask {path} holds class id {int(mask[bad][0])}: ids must be below "
-                f"num_classes {self.num_classes} or the ignore index {IGNORE_INDEX}"
-            )
+            rule = (f"1..{self.num_classes} (0 and {IGNORE_INDEX} ignored: reduce_zero_label, "
+                    "--no-reduce-zero-label to turn it off)" if self.reduce_zero_label else
+                    f"0..{self.num_classes - 1} ({IGNORE_INDEX} ignored)")  # fmt: skip
+            raise DataError(f"mask {path} holds class id {int(mask[bad][0])}: the model has "
+                            f"{self.num_classes} classes, so the file's ids must be in "
+                            f"{rule}")  # fmt: skip
 
     def scan(self) -> None:
         """Read every pair once (before training): DataError naming the first bad file."""
@@ -123,10 +137,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return (f"image-mask pairs of {self.pairs[0][0].parent.parent}, {aug}"
                 + (", zero label ignored" if self.reduce_zero_label else ""))  # fmt: skip
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """Item ``i``, or ``(i, draw)``: with its augmentation drawn from a generator seeded
+        by the dataset's seed and ``draw`` (the training loop's draws, so resuming draws the
+        same)."""
+        i, draw = key if isinstance(key, tuple) else (key, None)
         image, mask = self._read(i)
         if self.transform is not None:
-            image, mask = self.transform(image, mask)
+            g = None if draw is None else torch.Generator().manual_seed(
+                self.seed * 1_000_003 + draw)  # fmt: skip
+            image, mask = self.transform(image, mask, g)
         return normalize(image), mask
 
 
@@ -143,31 +163,34 @@ class SegAugment:
         self.flip, self.jitter = flip, jitter
         self.generator = generator or torch.Generator().manual_seed(0)
 
-    def _uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * torch.rand((), generator=self.generator).item()
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, generator=None):
+        """One draw, from ``generator`` (default: this augmentation's own)."""
+        g = generator or self.generator
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor):
+        def uniform(low: float, high: float) -> float:
+            return low + (high - low) * torch.rand((), generator=g).item()
+
         h, w = image.shape[-2:]
-        factor = self._uniform(*self.ratio_range) * self.scale / max(h, w)
+        factor = uniform(*self.ratio_range) * self.scale / max(h, w)
         size = (max(1, round(h * factor)), max(1, round(w * factor)))
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
         pad_h, pad_w = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
         mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = int(self._uniform(0, image.shape[1] - self.crop + 1 - 1e-9))
-        left = int(self._uniform(0, image.shape[2] - self.crop + 1 - 1e-9))
+        top = int(uniform(0, image.shape[1] - self.crop + 1 - 1e-9))
+        left = int(uniform(0, image.shape[2] - self.crop + 1 - 1e-9))
         image = image[:, top : top + self.crop, left : left + self.crop]
         mask = mask[top : top + self.crop, left : left + self.crop]
-        if self._uniform(0, 1) < self.flip:
+        if uniform(0, 1) < self.flip:
             image, mask = image.flip(-1), mask.flip(-1)
         if self.jitter:
             j = self.jitter
-            image = image * self._uniform(1 - j, 1 + j)  # brightness
+            image = image * uniform(1 - j, 1 + j)  # brightness
             mean = image.mean()
-            image = (image - mean) * self._uniform(1 - j, 1 + j) + mean  # contrast
+            image = (image - mean) * uniform(1 - j, 1 + j) + mean  # contrast
             gray = image.mean(0, keepdim=True)
-            image = (image - gray) * self._uniform(1 - j, 1 + j) + gray  # saturation
+            image = (image - gray) * uniform(1 - j, 1 + j) + gray  # saturation
             image = image.clamp(0, 1)
         return image, mask
 
@@ -187,8 +210,7 @@ class GeneratedShapes(torch.utils.data.Dataset):
             raise ValueError(f"length must be >= 1 and size >= 8, got {length}, {size}")
         self.length, self.size, self.seed, self.max_objects = length, size, seed, max_objects
         self.transform = transform
-        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        self.ys, self.xs = ys.float() + 0.5, xs.float() + 0.5
+        self.ys, self.xs = pixel_centres(size)
 
     def __len__(self) -> int:
         return self.length
@@ -198,19 +220,7 @@ class GeneratedShapes(torch.utils.data.Dataset):
                 f"seed {self.seed}")  # fmt: skip
 
     def _shape(self, kind: int, cy: float, cx: float, r: float, angle: float) -> torch.Tensor:
-        dy, dx = self.ys - cy, self.xs - cx
-        c, s = math.cos(angle), math.sin(angle)
-        u, v = c * dx + s * dy, -s * dx + c * dy  # rotated coordinates
-        dist = torch.sqrt(dx**2 + dy**2)
-        if kind == 1:  # disc
-            return dist <= r
-        if kind == 2:  # square
-            return (u.abs() <= r * 0.8) & (v.abs() <= r * 0.8)
-        if kind == 3:  # triangle
-            return (v <= r * 0.5) & (v >= -r + 2 * u.abs() * 0.9)
-        if kind == 4:  # ring
-            return (dist <= r) & (dist >= r * 0.55)
-        return ((u.abs() <= r * 0.3) & (v.abs() <= r)) | ((v.abs() <= r * 0.3) & (u.abs() <= r))
+        return shape_mask(kind, cy, cx, r, angle, self.ys, self.xs)
 
     def _texture(self, kind: int, g: torch.Generator) -> torch.Tensor:
         """A [size, size] pattern in [0, 1], one family per class: stripes, checks, dots..."""
@@ -227,6 +237,7 @@ class GeneratedShapes(torch.utils.data.Dataset):
         return patterns[kind]
 
     def __getitem__(self, i):
+        i = i[0] if isinstance(i, tuple) else i  # a training draw: the images are fixed
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} images")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
@@ -251,11 +262,20 @@ class GeneratedShapes(torch.utils.data.Dataset):
         return normalize(image), mask
 
 
-def load_seg_dataset(data: str, split: str, model_cfg, num_classes: int, seed: int = 0):
+def has_split(data: str) -> bool:
+    """Whether ``data`` holds a validation split of its own (the generated shapes and the
+    ADE20K layout do; a plain ``images/`` + ``masks/`` folder does not)."""
+    return data == "shapes" or (Path(data) / "images" / "training").is_dir()
+
+
+def load_seg_dataset(data: str, split: str, model_cfg, num_classes: int, seed: int = 0,
+                     reduce_zero_label: bool | None = None, scan: bool = True):  # fmt: skip
     """``"shapes"`` (generated: 512 training and 128 validation images at the model's
     img_size, disjoint seeds) or a folder (ADE20K layout if it has ``images/training``, else
-    ``images/`` + ``masks/``; training crops of img_size with ``SegAugment``). Checked now:
-    RGB input, the classes against ``num_classes``, every pair readable (``scan``)."""
+    ``images/`` + ``masks/``, the whole folder for either split; training crops of img_size
+    with ``SegAugment``). ``reduce_zero_label``: None for the layout's default (ADE20K on,
+    plain off). Checked now: RGB input, the classes against ``num_classes``, every pair
+    readable (``scan``)."""
     if model_cfg.in_chans != 3:
         raise DataError(
             f"segmentation images are RGB but the model takes in_chans={model_cfg.in_chans}: "
@@ -274,7 +294,9 @@ def load_seg_dataset(data: str, split: str, model_cfg, num_classes: int, seed: i
     layout = "ade20k" if (root / "images" / "training").is_dir() else "plain"
     transform = SegAugment(model_cfg.img_size, generator=torch.Generator().manual_seed(seed))
     dataset = SegmentationFolder(root, split if layout == "ade20k" else "train", layout,
-                                 num_classes=num_classes,
-                                 transform=transform if split == "train" else None)  # fmt: skip
-    dataset.scan()
+                                 reduce_zero_label=reduce_zero_label, num_classes=num_classes,
+                                 transform=transform if split == "train" else None,
+                                 seed=seed)  # fmt: skip
+    if scan:
+        dataset.scan()
     return dataset

@@ -27,7 +27,7 @@ from torch import nn
 
 from stitchops import spt
 from stitchops.spt.allocate import PlanEntry, SPTPlan, linear_weights
-from stitchops.train.data import load_dataset
+from stitchops.train.evaluate import validation_accuracy
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -108,17 +108,9 @@ def apply_saved(model: nn.Module, meta: dict, cfg) -> None:
     _apply(model, SPTPlan.from_dict(meta["spt_plan"]), cfg)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: str, cfg_model, device, batch_size: int = 256) -> float:
-    val = load_dataset(data, "val", cfg_model.img_size, cfg_model.in_chans)
-    loader = torch.utils.data.DataLoader(val, batch_size=batch_size)
-    model.eval()
-    right = total = 0
-    for images, labels in loader:
-        logits = model(images.to(device))
-        right += (logits.argmax(1) == labels.to(device)).sum().item()
-        total += len(labels)
-    return right / max(total, 1)
+    """Validation accuracy (``stitchops.train.evaluate.validation_accuracy``)."""
+    return validation_accuracy(model, data, device, batch_size)
 
 
 def finish(model: nn.Module, cfg, device) -> dict:

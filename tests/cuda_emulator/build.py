@@ -1,7 +1,8 @@
 """Build and install the host emulation of ``stitchops._C`` (see include/cuda_runtime.h).
 
 ``build()`` compiles every ``csrc/*.cu`` as plain C++ against the emulated CUDA runtime in
-``include/``, and ``csrc/binding.cpp`` against the installed (CPU) torch with
+``include/``, and the binding (``csrc/binding.cpp``, ``csrc/binding/bind_*.cpp``) against the
+installed (CPU) torch with
 ``-DSTITCHOPS_HOST_EMULATION`` (its tensors then live on the CPU); it links them into an
 extension module and imports it. ``install(ext, monkeypatch)`` points the ``cuda`` backend
 at that module for CPU tensors. tests/conftest.py does both for every ``backend="cuda"``
@@ -146,15 +147,26 @@ def build_selftest(out: Path) -> Path:
     return exe
 
 
-def compile_binding(obj: Path, name: str, cuda_version: str, *flags: str) -> None:
-    """csrc/binding.cpp against the installed torch, as extension module ``name``."""
+def binding_sources() -> list[Path]:
+    """csrc/binding.cpp and every op's csrc/binding/bind_<op>.cpp, as setup.py finds them."""
+    return [CSRC / "binding.cpp", *sorted((CSRC / "binding").glob("bind_*.cpp"))]
+
+
+def compile_binding(out: Path, name: str, cuda_version: str, *flags: str) -> list[Path]:
+    """The binding's sources against the installed torch, for extension module ``name``, as
+    objects under ``out`` (compiled at once, one per core)."""
     from torch.utils.cpp_extension import include_paths
 
-    run([compiler(), "-c", "-std=c++20", "-O0", "-fPIC", *flags,
-         f"-DTORCH_EXTENSION_NAME={name}", f'-DSTITCHOPS_CUDA_VERSION="{cuda_version}"',
-         f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
-         *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
-         f"-I{CSRC}", str(CSRC / "binding.cpp"), "-o", str(obj)])  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    command = [compiler(), "-c", "-std=c++20", "-O0", "-fPIC", *flags,
+               f"-DTORCH_EXTENSION_NAME={name}", f'-DSTITCHOPS_CUDA_VERSION="{cuda_version}"',
+               f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
+               *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+               f"-I{CSRC}"]  # fmt: skip
+    objects = [out / (src.stem + ".o") for src in binding_sources()]
+    run_all([[*command, str(src), "-o", str(obj)]
+             for src, obj in zip(binding_sources(), objects, strict=True)])  # fmt: skip
+    return objects
 
 
 def link_and_import(module: Path, name: str, objects: list[Path], *flags: str):
@@ -174,11 +186,17 @@ def load(module: Path, name: str):
     return ext
 
 
-def _compile_binding_once(obj: Path) -> None:
-    if not obj.exists():
-        partial = obj.with_suffix(f".{os.getpid()}.partial")
+def _compile_binding_once(directory: Path) -> list[Path]:
+    """The emulated binding's objects in ``directory``, compiled unless they are there (whole
+    or absent: built aside and renamed, for another process on the same cache)."""
+    if not directory.exists():
+        partial = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
         compile_binding(partial, MODULE_NAME, "emulated", "-DSTITCHOPS_HOST_EMULATION")
-        partial.rename(obj)  # whole or absent, for another process on the same cache
+        try:
+            partial.rename(directory)
+        except OSError:  # another process renamed its own first: the same objects
+            shutil.rmtree(partial)
+    return [directory / (src.stem + ".o") for src in binding_sources()]
 
 
 def build(cache_dir: Path) -> object:
@@ -192,11 +210,11 @@ def build(cache_dir: Path) -> object:
         out.mkdir(parents=True, exist_ok=True)
         # The binding is built without the sanitizer, so the plain and the ASan build of one
         # cache directory share it (it is the longest compile: torch's headers).
-        binding = Path(cache_dir) / f"binding-{_fingerprint('')}.o"
+        binding = Path(cache_dir) / f"binding-{_fingerprint('')}"
         with ThreadPoolExecutor(max_workers=1) as side:  # the binding beside the kernels
             compiled = side.submit(_compile_binding_once, binding)
-            objects = [binding, *_compile_kernels(out, sanitize)]
-            compiled.result()
+            kernels = _compile_kernels(out, sanitize)
+            objects = [*compiled.result(), *kernels]
         san = [f"-fsanitize={sanitize}"] if sanitize else []
         ext = link_and_import(module, MODULE_NAME, objects, "-pthread", *san)
     if ext.cuda_version() != "emulated":

@@ -20,8 +20,11 @@ import json
 import time
 from pathlib import Path
 
+from stitchops.demos.common import pyplot, table, timing_note
+from stitchops.train.evaluate import validation_accuracy
 from stitchops.train.loop import TrainConfig, load_trained, train
-from stitchops.train.spt_mode import accuracy
+
+OPTIONS = ("anchor_epochs", "stitch_epochs")
 
 BACKBONE = "vit_small_test:embed_dim=48,depth=4,num_heads=3"
 DOWNSTREAM = BACKBONE + ",num_classes=5"
@@ -29,23 +32,19 @@ DOWNSTREAM = BACKBONE + ",num_classes=5"
 
 def _run(name: str, out: Path, epochs: int, common: dict, **cfg) -> dict:
     path = train(TrainConfig(anchors=[DOWNSTREAM], data="shapes-cls", out=str(out / name),
-                             epochs=epochs, **common, **cfg))  # fmt: skip
+                             epochs=epochs, **common, **cfg), overwrite=True)  # fmt: skip
     model, _ = load_trained(path)
     usage = json.loads((out / name / "usage.json").read_text())
     # Every method trains the head and the class token (SPT's official recipe): not counted.
     shared = sum(p.numel() for n, p in model.named_parameters()
                  if n.startswith("head.") or n == "cls_token")  # fmt: skip
-    return {"method": name, "accuracy": accuracy(model, "shapes-cls", model.cfg, "cpu"),
+    return {"method": name, "accuracy": validation_accuracy(model, "shapes-cls", "cpu"),
             "trainable": usage["trainable"] - shared, "peak_mb": usage["peak_mb"],
             "step_ms": usage["step_ms_median"]}  # fmt: skip
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, r in enumerate(rows):  # labels alternately above and below: close points stay legible
         ax.scatter(r["trainable"], 100 * r["accuracy"], s=60)
@@ -65,15 +64,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_spt_demo(out="runs/demo-spt", anchor_epochs=30, stitch_epochs=12, progress=True,
-                 seed=0) -> dict:  # fmt: skip
+def run(out="runs/demo-spt", anchor_epochs=30, stitch_epochs=12, progress=True,
+        seed=0) -> dict:  # fmt: skip
     """Run the demo (``stitch_epochs``: the fine-tuning epochs); returns its rows."""
     out, start = Path(out), time.time()
     common = dict(batch_size=64, progress=progress, seed=seed, warmup_steps=10)
     print(f"[demo spt] pretraining {BACKBONE} on the digits", flush=True)
     pretrained = str(train(TrainConfig(mode="anchor", anchors=[BACKBONE], data="digits",
                                        out=str(out / "pretrained"), epochs=anchor_epochs,
-                                       lr=2e-3, **common)))  # fmt: skip
+                                       lr=2e-3, **common), overwrite=True))  # fmt: skip
     tune = dict(anchor_weights=[pretrained], **common)
     rows = []
     print("[demo spt] fine-tuning on shapes-cls: full", flush=True)
@@ -86,12 +85,12 @@ def run_spt_demo(out="runs/demo-spt", anchor_epochs=30, stitch_epochs=12, progre
         print(f"[demo spt] fine-tuning: SPT at {budget:,.0f} parameters", flush=True)
         rows.append(_run(name, out, stitch_epochs, tune, mode="spt", budget=budget, spt_rank=8,
                          lr=3e-3))  # fmt: skip
-    lines = [f"{'method':<10} {'accuracy':>9} {'trainable':>10} {'peak MB':>8} {'step ms':>8}"]
-    for r in rows:
-        peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "n/a"
-        lines.append(f"{r['method']:<10} {100 * r['accuracy']:>8.1f}% {r['trainable']:>10,} "
-                     f"{peak:>8} {r['step_ms']:>8.1f}")  # fmt: skip
-    print("\n".join(lines))
+    cells = [(r["method"], f"{100 * r['accuracy']:.1f}%", f"{r['trainable']:,}",
+              f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "n/a", f"{r['step_ms']:.1f}")
+             for r in rows]  # fmt: skip
+    print(table(("method", "accuracy", "trainable", "peak MB", "step ms"), cells,
+                (10, 9, 10, 8, 8)))  # fmt: skip
+    print(timing_note())
     _plot(rows, out / "spt.png")
     summary = {"rows": rows, "seconds": round(time.time() - start, 1), "plot": str(out / "spt.png")}
     (out / "spt.json").write_text(json.dumps(summary, indent=1))

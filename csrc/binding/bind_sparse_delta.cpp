@@ -1,19 +1,18 @@
 // The torch side of the sparse-delta linear's kernels (csrc/sparse_delta.h): argument
 // checks, outputs, the token splits of the SDDMM, and the Python functions it adds to
 // stitchops._C. The GEMMs around them are PyTorch's (stitchops/ops/sparse_delta.py).
-#pragma once
-
 #include <algorithm>
 
 #include "binding/helpers.h"
 #include "sparse_delta.h"
 
 namespace stitchops::binding {
+namespace {
 
 // A split keeps at least this many tokens, so its fixed cost stays small against its work.
-inline int64_t g_min_tokens_per_split = 256;
+int64_t g_min_tokens_per_split = 256;
 
-inline void check_index(const at::Tensor& index, const at::Tensor& like) {
+void check_index(const at::Tensor& index, const at::Tensor& like) {
   TORCH_CHECK(index.device() == like.device(), "index is on ", index.device(), " but x is on ",
               like.device());
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index must be int64, got ",
@@ -22,8 +21,8 @@ inline void check_index(const at::Tensor& index, const at::Tensor& like) {
 }
 
 // W' = W + S(δ) as a new contiguous tensor.
-inline at::Tensor sparse_delta_weight(const at::Tensor& weight, const at::Tensor& delta,
-                                      const at::Tensor& index, int64_t stream) {
+at::Tensor sparse_delta_weight(const at::Tensor& weight, const at::Tensor& delta,
+                               const at::Tensor& index, int64_t stream) {
   check_like(weight, "weight", weight);
   check_like(delta, "delta", weight);
   check_index(index, weight);
@@ -42,15 +41,15 @@ inline at::Tensor sparse_delta_weight(const at::Tensor& weight, const at::Tensor
 
 // Token splits of the SDDMM: four blocks per multiprocessor, each split keeping at least
 // g_min_tokens_per_split tokens.
-inline int64_t token_splits(int64_t tokens, int64_t nnz) {
+int64_t token_splits(int64_t tokens, int64_t nnz) {
   const int64_t blocks = (nnz + kSddmmEntries - 1) / kSddmmEntries;
   const int64_t wanted = (4 * multiprocessors() + blocks - 1) / blocks;
   return std::max<int64_t>(1, std::min(wanted, tokens / g_min_tokens_per_split));
 }
 
 // dδ_j = Σ_t G[t, r_j]·x[t, c_j] for 2-D G [T, OUT] and x [T, IN] (any strides).
-inline at::Tensor sparse_delta_grad(const at::Tensor& grad_y, const at::Tensor& x,
-                                    const at::Tensor& index, int64_t stream) {
+at::Tensor sparse_delta_grad(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& index,
+                             int64_t stream) {
   TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
               "grad_y [T, OUT] and x [T, IN] must be 2-D with the same T");
   check_like(x, "x", x);
@@ -80,7 +79,9 @@ inline at::Tensor sparse_delta_grad(const at::Tensor& grad_y, const at::Tensor& 
   return sum_ranges({{part, 1.0}}, x, stream)[0];
 }
 
-inline void define_sparse_delta(pybind11::module_& m) {
+}  // namespace
+
+STITCHOPS_BIND(sparse_delta) {
   m.def(
       "pin_min_tokens_per_split",
       [](int64_t tokens) {

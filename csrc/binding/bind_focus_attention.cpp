@@ -1,8 +1,6 @@
 // The torch side of FASeg's focus cross-attention (csrc/focus_attention.h): the call's
 // geometry, the output buffers and the order of the kernels, with the same entry points as
 // the torch and triton backends (stitchops/reference/focus_attention.py has the math).
-#pragma once
-
 #include <tuple>
 #include <vector>
 
@@ -10,6 +8,7 @@
 #include "focus_attention.h"
 
 namespace stitchops::binding {
+namespace {
 
 using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -20,9 +19,9 @@ struct FocusCall {
   std::vector<at::Tensor> tables;  // keeps the window table, mask and reset flags alive
 };
 
-inline FocusCall focus_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const OptTensor& mask, const OptTensor& windows, int64_t window_size,
-                            int64_t map_width, const OptTensor& pos, double scale) {
+FocusCall focus_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const OptTensor& mask, const OptTensor& windows, int64_t window_size,
+                     int64_t map_width, const OptTensor& pos, double scale) {
   check_like(q, "q", q);
   check_like(k, "k", q);
   check_like(v, "v", q);
@@ -54,19 +53,19 @@ inline FocusCall focus_call(const at::Tensor& q, const at::Tensor& k, const at::
   return c;
 }
 
-inline FocusTensors focus_tensors(const FocusCall& c) {
+FocusTensors focus_tensors(const FocusCall& c) {
   FocusTensors t;
   t.q = c.q.data_ptr(), t.k = c.k.data_ptr(), t.v = c.v.data_ptr();
   t.pos = c.pos.defined() ? c.pos.data_ptr() : nullptr;
   return t;
 }
 
-inline at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
+at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
 
-inline Four focus_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const OptTensor& mask, const OptTensor& windows,
-                                    int64_t window_size, int64_t map_width, const OptTensor& pos,
-                                    double scale, bool return_scores, int64_t stream) {
+Four focus_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const OptTensor& mask, const OptTensor& windows, int64_t window_size,
+                             int64_t map_width, const OptTensor& pos, double scale,
+                             bool return_scores, int64_t stream) {
   auto c = focus_call(q, k, v, mask, windows, window_size, map_width, pos, scale);
   const FocusGeometry& g = c.g;
   const DType dtype = dtype_of(q);
@@ -94,12 +93,11 @@ inline Four focus_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   return {out, pos_out, scores, lse};
 }
 
-inline Four focus_attention_backward(const at::Tensor& dout, const at::Tensor& dpos_out,
-                                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const OptTensor& mask, const OptTensor& windows,
-                                     int64_t window_size, int64_t map_width, const OptTensor& pos,
-                                     double scale, const at::Tensor& out, const at::Tensor& lse,
-                                     int64_t stream) {
+Four focus_attention_backward(const at::Tensor& dout, const at::Tensor& dpos_out,
+                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const OptTensor& mask, const OptTensor& windows, int64_t window_size,
+                              int64_t map_width, const OptTensor& pos, double scale,
+                              const at::Tensor& out, const at::Tensor& lse, int64_t stream) {
   auto c = focus_call(q, k, v, mask, windows, window_size, map_width, pos, scale);
   check_like(dout, "dout", q);
   check_like(out, "out", q);
@@ -128,7 +126,9 @@ inline Four focus_attention_backward(const at::Tensor& dout, const at::Tensor& d
   return {dq, dk, dv, dpos};
 }
 
-inline void define_focus_attention(pybind11::module_& m) {
+}  // namespace
+
+STITCHOPS_BIND(focus_attention) {
   m.def("focus_attention_forward", &focus_attention_forward, "FASeg focus cross-attention");
   m.def("focus_attention_backward", &focus_attention_backward, "its backward");
 }

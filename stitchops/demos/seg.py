@@ -10,17 +10,19 @@ small anchor, a middle stitch and the large anchor, with the class colours).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from stitchops.train.data import DataError
+from stitchops.demos.common import pyplot, require, timing_note
 from stitchops.train.evaluate import eval_seg_stitches, plot_stitches
+from stitchops.train.images import IMAGENET_MEAN, IMAGENET_STD
 from stitchops.train.loop import TrainConfig, load_trained, train
-from stitchops.train.segdata import IMAGENET_MEAN, IMAGENET_STD, GeneratedShapes
+from stitchops.train.segdata import GeneratedShapes
+
+OPTIONS = ("anchor_epochs", "stitch_epochs")
 
 SPEC = "vit_small_test:img_size=32,patch_size=4,in_chans=3,num_classes=6,num_heads={h},"
 SMALL = SPEC.format(h=2) + "embed_dim=32,depth=4"
@@ -29,14 +31,10 @@ COLOURS = torch.tensor([[70, 70, 70], [230, 25, 75], [60, 180, 75], [255, 225, 2
                         [0, 130, 200], [245, 130, 48]], dtype=torch.uint8)  # fmt: skip
 
 
-def run_seg_demo(out="runs/demo-seg", anchor_epochs=20, stitch_epochs=8, progress=True,
-                 seed=0) -> dict:  # fmt: skip
+def run(out="runs/demo-seg", anchor_epochs=20, stitch_epochs=8, progress=True,
+        seed=0) -> dict:  # fmt: skip
     """Run the demo; returns the summary it prints (also saved as ``summary.json``)."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise DataError(
-            "the demo needs matplotlib (the plots), a dependency of stitchops: "
-            "pip install matplotlib"
-        )
+    require("matplotlib")
     out, start = Path(out), time.time()
     common = dict(task="seg", data="shapes", batch_size=32, progress=progress, seed=seed,
                   warmup_steps=20, lr=2e-3)  # fmt: skip
@@ -45,16 +43,17 @@ def run_seg_demo(out="runs/demo-seg", anchor_epochs=20, stitch_epochs=8, progres
         print(f"[demo seg] pretraining {name}: {spec}", flush=True)
         cfg = TrainConfig(mode="anchor", anchors=[spec], out=str(out / name),
                           epochs=anchor_epochs, **common)  # fmt: skip
-        weights.append(str(train(cfg)))
+        weights.append(str(train(cfg, overwrite=True)))
     print("[demo seg] stitching them two-way (SN-Netv2) with one shared head", flush=True)
     cfg = TrainConfig(mode="snnetv2", anchors=[SMALL, LARGE], anchor_weights=weights,
                       head_weights=weights[1], out=str(out / "stitched"), epochs=stitch_epochs,
                       rank=8, **{**common, "lr": 1e-3})  # fmt: skip
-    model, _ = load_trained(train(cfg))
+    model, _ = load_trained(train(cfg, overwrite=True))
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
     table = eval_seg_stitches(model, torch.utils.data.DataLoader(val, batch_size=64),
                               progress=progress)  # fmt: skip
     print(table.format())
+    print(timing_note())
     plot_stitches(table, out / "stitches.png", title="SN-Netv2 segmentation on generated shapes")
     (out / "stitches.json").write_text(table.to_json())
     by_flops = sorted(table.rows, key=lambda r: r.flops)
@@ -88,11 +87,9 @@ def run_seg_demo(out="runs/demo-seg", anchor_epochs=20, stitch_epochs=8, progres
 @torch.no_grad()
 def plot_predictions(model, dataset, shown, path, count: int = 4) -> None:
     """A grid: image, ground truth, then each (title, stitch id)'s prediction, per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    plt = pyplot()
 
     images, masks = zip(*(dataset[i] for i in range(count)), strict=True)
     images = torch.stack(images)

@@ -2,8 +2,6 @@
 // the band table, the EM iterations and the backward adjoints around the band kernels, and
 // the Python functions it adds to stitchops._C (the same entry points as the torch and triton
 // backends: stitchops/reference/token_cluster.py has the math).
-#pragma once
-
 #include <optional>
 #include <string>
 #include <vector>
@@ -12,10 +10,11 @@
 #include "token_cluster.h"
 
 namespace stitchops::binding {
+namespace {
 
 // The source index of each of ``out`` positions under PyTorch's nearest interpolation from
 // ``in`` (taken from ATen's own upsample_nearest1d).
-inline at::Tensor cell_index(int64_t out, int64_t in) {
+at::Tensor cell_index(int64_t out, int64_t in) {
   auto source = at::arange(in, at::TensorOptions().dtype(at::kFloat)).view({1, 1, in});
   const std::vector<int64_t> size{out};
   return at::upsample_nearest1d(source, at::IntArrayRef(size)).view({out}).to(at::kLong);
@@ -26,8 +25,8 @@ struct Bands {
   BandTable table;
 };
 
-inline Bands make_bands(int64_t height, int64_t width, int64_t h, int64_t w, int64_t window,
-                        const at::Tensor& like) {
+Bands make_bands(int64_t height, int64_t width, int64_t h, int64_t w, int64_t window,
+                 const at::Tensor& like) {
   const int64_t r = window / 2;
   auto cy = cell_index(height, h), cx = cell_index(width, w);
   const auto* rows = cy.data_ptr<int64_t>();
@@ -75,11 +74,11 @@ inline Bands make_bands(int64_t height, int64_t width, int64_t h, int64_t w, int
   return b;
 }
 
-inline at::TensorOptions fp32_like(const at::Tensor& t) { return t.options().dtype(at::kFloat); }
+at::TensorOptions fp32_like(const at::Tensor& t) { return t.options().dtype(at::kFloat); }
 
 // a [B, N, max_centres] fp32: each pixel's softmax weights over its band's candidates.
-inline at::Tensor affinities(const at::Tensor& x3, const at::Tensor& s3, const Bands& bands,
-                             double temperature, int64_t stream) {
+at::Tensor affinities(const at::Tensor& x3, const at::Tensor& s3, const Bands& bands,
+                      double temperature, int64_t stream) {
   auto a = new_output({x3.size(0), x3.size(1), bands.table.max_centres}, fp32_like(x3));
   AffinityArgs g;
   g.x = x3.data_ptr();
@@ -95,8 +94,8 @@ inline at::Tensor affinities(const at::Tensor& x3, const at::Tensor& s3, const B
 }
 
 // Σ_q a·v per pixel (added to ``into`` when given): [B, N, D] fp32.
-inline at::Tensor apply_weights(const at::Tensor& a, const at::Tensor& v3, const Bands& bands,
-                                int64_t stream, const OptTensor& into = std::nullopt) {
+at::Tensor apply_weights(const at::Tensor& a, const at::Tensor& v3, const Bands& bands,
+                         int64_t stream, const OptTensor& into = std::nullopt) {
   auto y = into.has_value() ? *into : new_output({a.size(0), a.size(1), v3.size(2)}, a.options());
   ApplyArgs g;
   g.a = a.data_ptr<float>();
@@ -112,7 +111,7 @@ inline at::Tensor apply_weights(const at::Tensor& a, const at::Tensor& v3, const
 }
 
 // The official M-step's floor on Σ_p a (``reference.OFFICIAL_TOTAL_FLOOR``), else 0.
-inline float total_floor(const std::string& numerics) {
+float total_floor(const std::string& numerics) {
   TORCH_CHECK(numerics == "exact" || numerics == "official",
               "numerics must be 'exact' or 'official', got '", numerics, "'");
   return numerics == "official" ? 1e-16f : 0.f;
@@ -121,9 +120,9 @@ inline float total_floor(const std::string& numerics) {
 // Each centre's Σ_p a·x and Σ_p a over the pixels that may pick it: (out [B, M, C] fp32,
 // totals [B, M]); with m_step the M-step's mean (by max(total, floor) when floor > 0, else
 // ``previous`` where no pixel weighs on the centre).
-inline std::pair<at::Tensor, at::Tensor> sums(const at::Tensor& a, const at::Tensor& x3f,
-                                              const at::Tensor& previous, const Bands& bands,
-                                              bool m_step, int64_t stream, float floor = 0.f) {
+std::pair<at::Tensor, at::Tensor> sums(const at::Tensor& a, const at::Tensor& x3f,
+                                       const at::Tensor& previous, const Bands& bands, bool m_step,
+                                       int64_t stream, float floor = 0.f) {
   auto out = new_output(previous.sizes(), a.options());
   auto totals = new_output({a.size(0), previous.size(1)}, a.options());
   GatherArgs g;
@@ -142,8 +141,7 @@ inline std::pair<at::Tensor, at::Tensor> sums(const at::Tensor& a, const at::Ten
 }
 
 // g [B, N, max_centres] fp32: dy_p · v_q over each pixel's candidates.
-inline at::Tensor dots(const at::Tensor& dy, const at::Tensor& v3, const Bands& bands,
-                       int64_t stream) {
+at::Tensor dots(const at::Tensor& dy, const at::Tensor& v3, const Bands& bands, int64_t stream) {
   auto g = new_output({dy.size(0), dy.size(1), bands.table.max_centres}, dy.options());
   BandDotArgs args;
   args.dy = dy.data_ptr<float>();
@@ -157,7 +155,7 @@ inline at::Tensor dots(const at::Tensor& dy, const at::Tensor& v3, const Bands& 
   return g;
 }
 
-inline void check_grid(const at::Tensor& x, const std::vector<int64_t>& grid) {
+void check_grid(const at::Tensor& x, const std::vector<int64_t>& grid) {
   check_like(x, "x", x);
   TORCH_CHECK(x.dim() == 4, "x must be [B, H, W, C]");
   TORCH_CHECK(grid.size() == 2 && grid[0] >= 1 && grid[1] >= 1 && grid[0] <= x.size(1) &&
@@ -166,10 +164,9 @@ inline void check_grid(const at::Tensor& x, const std::vector<int64_t>& grid) {
 }
 
 // The EM iterations from the pooled start; with ``keep`` every iteration's (a, totals).
-inline at::Tensor iterate(const at::Tensor& x3, const at::Tensor& x3f, const Bands& bands,
-                          int64_t height, int64_t width, double temperature, int64_t iters,
-                          float floor, int64_t stream,
-                          std::vector<std::pair<at::Tensor, at::Tensor>>* keep) {
+at::Tensor iterate(const at::Tensor& x3, const at::Tensor& x3f, const Bands& bands, int64_t height,
+                   int64_t width, double temperature, int64_t iters, float floor, int64_t stream,
+                   std::vector<std::pair<at::Tensor, at::Tensor>>* keep) {
   const int64_t batch = x3.size(0), channels = x3.size(2);
   const int64_t h = bands.table.grid_h, w = bands.table.grid_w;
   auto s = at::adaptive_avg_pool2d(x3f.view({batch, height, width, channels}).permute({0, 3, 1, 2}),
@@ -186,9 +183,9 @@ inline at::Tensor iterate(const at::Tensor& x3, const at::Tensor& x3f, const Ban
   return s;
 }
 
-inline at::Tensor token_cluster_forward(const at::Tensor& x, const std::vector<int64_t>& grid,
-                                        int64_t window, int64_t iters, double temperature,
-                                        const std::string& numerics, int64_t stream) {
+at::Tensor token_cluster_forward(const at::Tensor& x, const std::vector<int64_t>& grid,
+                                 int64_t window, int64_t iters, double temperature,
+                                 const std::string& numerics, int64_t stream) {
   check_grid(x, grid);
   const float floor = total_floor(numerics);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
@@ -199,10 +196,9 @@ inline at::Tensor token_cluster_forward(const at::Tensor& x, const std::vector<i
   return s.view({batch, grid[0], grid[1], channels}).to(x.scalar_type());
 }
 
-inline at::Tensor token_cluster_backward(const at::Tensor& grad, const at::Tensor& x,
-                                         const std::vector<int64_t>& grid, int64_t window,
-                                         int64_t iters, double temperature,
-                                         const std::string& numerics, int64_t stream) {
+at::Tensor token_cluster_backward(const at::Tensor& grad, const at::Tensor& x,
+                                  const std::vector<int64_t>& grid, int64_t window, int64_t iters,
+                                  double temperature, const std::string& numerics, int64_t stream) {
   check_grid(x, grid);
   check_like(grad, "grad", x);
   const float floor = total_floor(numerics);
@@ -237,9 +233,8 @@ inline at::Tensor token_cluster_backward(const at::Tensor& grad, const at::Tenso
   return dx.view(x.sizes()).to(x.scalar_type());
 }
 
-inline void check_reconstruct(const at::Tensor& x, const at::Tensor& centres,
-                              const at::Tensor& values, const std::string& mode,
-                              const std::string& numerics) {
+void check_reconstruct(const at::Tensor& x, const at::Tensor& centres, const at::Tensor& values,
+                       const std::string& mode, const std::string& numerics) {
   check_like(x, "x", x);
   check_like(centres, "centres", x);
   check_like(values, "values", x);
@@ -250,10 +245,9 @@ inline void check_reconstruct(const at::Tensor& x, const at::Tensor& centres,
 }
 
 // The band table and the reconstruction weights of a call: (bands, a [B, N, max_centres]).
-inline std::pair<Bands, at::Tensor> reconstruction_weights(const at::Tensor& x,
-                                                           const at::Tensor& centres,
-                                                           int64_t window, double temperature,
-                                                           int64_t stream) {
+std::pair<Bands, at::Tensor> reconstruction_weights(const at::Tensor& x, const at::Tensor& centres,
+                                                    int64_t window, double temperature,
+                                                    int64_t stream) {
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
   const int64_t h = centres.size(1), w = centres.size(2);
   auto bands = make_bands(height, width, h, w, window, x);
@@ -263,10 +257,10 @@ inline std::pair<Bands, at::Tensor> reconstruction_weights(const at::Tensor& x,
   return {std::move(bands), a};
 }
 
-inline at::Tensor token_reconstruct_forward(const at::Tensor& x, const at::Tensor& centres,
-                                            const at::Tensor& values, int64_t window,
-                                            double temperature, const std::string& mode, int64_t k,
-                                            const std::string& numerics, int64_t stream) {
+at::Tensor token_reconstruct_forward(const at::Tensor& x, const at::Tensor& centres,
+                                     const at::Tensor& values, int64_t window, double temperature,
+                                     const std::string& mode, int64_t k,
+                                     const std::string& numerics, int64_t stream) {
   check_reconstruct(x, centres, values, mode, numerics);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2);
   const int64_t h = centres.size(1), w = centres.size(2), dim = values.size(3);
@@ -277,11 +271,10 @@ inline at::Tensor token_reconstruct_forward(const at::Tensor& x, const at::Tenso
       .to(values.scalar_type());
 }
 
-inline at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::Tensor& x,
-                                             const at::Tensor& centres, const at::Tensor& values,
-                                             int64_t window, double temperature,
-                                             const std::string& mode, int64_t k,
-                                             const std::string& numerics, int64_t stream) {
+at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::Tensor& x,
+                                      const at::Tensor& centres, const at::Tensor& values,
+                                      int64_t window, double temperature, const std::string& mode,
+                                      int64_t k, const std::string& numerics, int64_t stream) {
   check_reconstruct(x, centres, values, mode, numerics);
   check_like(grad, "grad", x);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2);
@@ -296,7 +289,7 @@ inline at::Tensor token_reconstruct_backward(const at::Tensor& grad, const at::T
 // (dx, d centres) through the local weights: g = −(a/τ)(G − Σ_q a·G) from the band dots
 // G = dy·vᵀ, then dx = 2(x̃·Σ_q g − Σ_q g·s̃) and ds = −2(Σ_p g·x̃ − s̃·Σ_p g), x̃ and s̃
 // centred on the image's mean token (reference.token_reconstruct_weight_backward).
-inline std::tuple<at::Tensor, at::Tensor> token_reconstruct_weight_backward(
+std::tuple<at::Tensor, at::Tensor> token_reconstruct_weight_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& centres,
     const at::Tensor& values, int64_t window, double temperature, const std::string& mode,
     int64_t k, const std::string& numerics, int64_t stream) {
@@ -320,7 +313,9 @@ inline std::tuple<at::Tensor, at::Tensor> token_reconstruct_weight_backward(
           ds.view(centres.sizes()).to(centres.scalar_type())};
 }
 
-inline void define_token_cluster(pybind11::module_& m) {
+}  // namespace
+
+STITCHOPS_BIND(token_cluster) {
   m.def("token_cluster_forward", &token_cluster_forward, "Expedit token clustering");
   m.def("token_cluster_backward", &token_cluster_backward, "its backward (constant weights)");
   m.def("token_reconstruct_forward", &token_reconstruct_forward, "local reconstruction");

@@ -2,8 +2,6 @@
 // outputs, launch sizes, and the Python functions it adds to stitchops._C.
 //
 //   y = x · Wᵀ + b + b_s + scale · (x · Aᵀ) · Bᵀ        (SN-Netv2 LoRA SL, ESTA stitch bias)
-#pragma once
-
 #include <algorithm>
 #include <vector>
 
@@ -11,17 +9,18 @@
 #include "lora.h"
 
 namespace stitchops::binding {
+namespace {
 
 // Tests pin this to run every forward launch with that many column tiles per block (0: the
 // choice below).
-inline int64_t g_pinned_column_tiles = 0;
+int64_t g_pinned_column_tiles = 0;
 
 // Output column tiles per forward block (lora.h: LowRankMatmulArgs::column_tiles). Each
 // extra tile saves a recompute of S, R / kBlockN of the tile's MMA work, but the grid
 // shrinks: take 4 or 2 while the grid keeps 8 blocks per multiprocessor (several waves, so
 // the last one's tail stays short), else 1. At 256×197 tokens, OUT 1024 on 132 SMs: 788 row
 // blocks × 4 groups of 4 tiles = 3,152 blocks.
-inline int64_t forward_column_tiles(int64_t tokens, int64_t out_f, int64_t rank) {
+int64_t forward_column_tiles(int64_t tokens, int64_t out_f, int64_t rank) {
   if (g_pinned_column_tiles > 0) return g_pinned_column_tiles;
   if (rank == 0) return 1;
   const int64_t row_blocks = (tokens + kBlockM - 1) / kBlockM;
@@ -33,11 +32,10 @@ inline int64_t forward_column_tiles(int64_t tokens, int64_t out_f, int64_t rank)
 }
 
 // out = x · Wᵀ + bias + extra_bias + scale · (x · Aᵀ) · Bᵀ for 2-D x; returns {y, S}.
-inline std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
-                                            const OptTensor& bias, const OptTensor& lora_a,
-                                            const OptTensor& lora_b, double scale,
-                                            const OptTensor& extra_bias, bool save_s,
-                                            int64_t stream) {
+std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                     const OptTensor& bias, const OptTensor& lora_a,
+                                     const OptTensor& lora_b, double scale,
+                                     const OptTensor& extra_bias, bool save_s, int64_t stream) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x and weight must be 2-D");
   TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1),
               " features but weight has IN = ", weight.size(1));
@@ -98,8 +96,8 @@ inline std::vector<at::Tensor> lora_forward(const at::Tensor& x, const at::Tenso
 }
 
 // dW = dyᵀ · x [OUT, IN], split over tokens so a small [OUT, IN] still fills the device.
-inline at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                              int64_t stream) {
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t stream) {
   const int64_t tokens = x.size(0), in_f = x.size(1), out_f = dy.size(1);
   if (tokens == 0) return at::zeros_like(weight);
   const int64_t tiles = ((out_f + 63) / 64) * ((in_f + 63) / 64);
@@ -131,11 +129,10 @@ inline at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, const a
 
 // Returns {dx, dW, dA, dB, dbias}, each where its flag in ``needs`` (same order) is set; a
 // gradient not asked for is an empty tensor.
-inline std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x,
-                                             const at::Tensor& weight, const OptTensor& lora_a,
-                                             const OptTensor& lora_b, const at::Tensor& s,
-                                             double scale, const std::vector<bool>& needs,
-                                             int64_t stream) {
+std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& weight, const OptTensor& lora_a,
+                                      const OptTensor& lora_b, const at::Tensor& s, double scale,
+                                      const std::vector<bool>& needs, int64_t stream) {
   TORCH_CHECK(needs.size() == 5, "needs must be 5 flags (x, weight, lora_a, lora_b, bias)");
   const bool need_x = needs[0], need_weight = needs[1], need_bias = needs[4];
   check_like(grad_y, "grad_y", x);
@@ -215,7 +212,9 @@ inline std::vector<at::Tensor> lora_backward(const at::Tensor& grad_y, const at:
   return {dx, dw, sums[0], sums[1], sums[2]};
 }
 
-inline void define_lora(pybind11::module_& m) {
+}  // namespace
+
+STITCHOPS_BIND(lora) {
   m.def(
       "pin_column_tiles",
       [](int64_t tiles) {

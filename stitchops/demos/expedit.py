@@ -25,17 +25,20 @@ the exact ones' result; the variants differ by their reconstruction.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from stitchops.demos.common import pyplot, table, timing_note
 from stitchops.models.expedit import expedited
+from stitchops.train.evaluate import median_latency_ms
 from stitchops.train.loop import TrainConfig, load_trained, train
 from stitchops.train.segdata import GeneratedShapes
 from stitchops.train.segmetrics import ConfusionMatrix
+
+OPTIONS = ("anchor_epochs",)
 
 SPEC = ("vit_small_test:img_size=32,patch_size=2,in_chans=3,num_classes=6,num_heads=4,"
         "embed_dim=64,depth=6")  # fmt: skip
@@ -64,16 +67,10 @@ def measure(model, loader, plain_labels=None) -> dict:
     images = next(iter(loader))[0]
     with FlopCounterMode(display=False) as counter:
         model(images[:1])
-    model(images)  # warm-up
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        model(images)
-        times.append((time.perf_counter() - start) / len(images))
+    latency = median_latency_ms(lambda x, patch_size=None: model(x), images) / len(images)
     agree = 1.0 if plain_labels is None else (labels == plain_labels).float().mean().item()
     return {"miou": matrix.scores()["mIoU"], "gflops": counter.get_total_flops() / 1e9,
-            "ms_per_image": 1e3 * statistics.median(times), "agreement": agree,
-            "labels": labels}  # fmt: skip
+            "ms_per_image": latency, "agreement": agree, "labels": labels}  # fmt: skip
 
 
 def temperature_at(model, images, alpha: int) -> float:
@@ -86,11 +83,7 @@ def temperature_at(model, images, alpha: int) -> float:
 
 
 def _plot(plain: dict, rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter([plain["gflops"]], [100 * plain["miou"]], marker="*", s=160, color="black",
                label="plain Segmenter", zorder=3)  # fmt: skip
@@ -116,28 +109,28 @@ def _plot(plain: dict, rows: list[dict], path: Path) -> None:
 
 
 def _table(plain: dict, rows: list[dict]) -> str:
-    lines = [f"{'setting':<22} {'variant':<9} {'GFLOPs':>7} {'ms/img':>7} {'mIoU':>6} "
-             f"{'agree':>6}",
-             f"{'plain':<22} {'':<9} {plain['gflops']:>7.4f} {plain['ms_per_image']:>7.2f} "
-             f"{100 * plain['miou']:>5.1f}% {100:>5.1f}%"]  # fmt: skip
-    for r in rows:
-        setting = f"a={r['alpha']} {r['grid']} tau={r['temperature']:g}"
-        lines.append(f"{setting:<22} {r['variant']:<9} {r['gflops']:>7.4f} "
-                     f"{r['ms_per_image']:>7.2f} {100 * r['miou']:>5.1f}% "
-                     f"{100 * r['agreement']:>5.1f}%")  # fmt: skip
-    return "\n".join(lines)
+    def cells(setting, variant, r):
+        return (setting, variant, f"{r['gflops']:.4f}", f"{r['ms_per_image']:.2f}",
+                f"{100 * r['miou']:.1f}%", f"{100 * r['agreement']:.1f}%")  # fmt: skip
+
+    lines = [cells("plain", "", plain)]
+    lines += [cells(f"a={r['alpha']} {r['grid']} tau={r['temperature']:g}", r["variant"], r)
+              for r in rows]  # fmt: skip
+    header = ("setting", "variant", "GFLOPs", "ms/img", "mIoU", "agree")
+    return table(header, lines, (22, 9, 7, 7, 6, 6)) + "\n" + timing_note()
 
 
-def run_expedit_demo(out="runs/demo-expedit", epochs=20, progress=True, seed=0,
-                     settings=SETTINGS) -> dict:  # fmt: skip
+def run(out="runs/demo-expedit", anchor_epochs=20, progress=True, seed=0,
+        settings=SETTINGS) -> dict:  # fmt: skip
     """Train (``epochs``), expedite at ``settings`` ((α, (h, w)), ...) in every variant at
     both τ, print, plot."""
     out, start = Path(out), time.time()
     print(f"[demo expedit] training a Segmenter: {SPEC}", flush=True)
-    cfg = TrainConfig(mode="anchor", task="seg", data="shapes", anchors=[SPEC], epochs=epochs,
+    cfg = TrainConfig(mode="anchor", task="seg", data="shapes", anchors=[SPEC],
+                      epochs=anchor_epochs,
                       batch_size=32, lr=2e-3, warmup_steps=20, progress=progress, seed=seed,
                       out=str(out / "segmenter"))  # fmt: skip
-    model, _ = load_trained(train(cfg))
+    model, _ = load_trained(train(cfg, overwrite=True))
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
     loader = torch.utils.data.DataLoader(val, batch_size=64)
     plain = measure(model, loader)

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+from stitchops.demos.common import miou, pyplot, table, timing_note
 from stitchops.train.loop import TrainConfig, load_trained, train
 from stitchops.train.segdata import GeneratedShapes
-from stitchops.train.segmetrics import ConfusionMatrix
+
+OPTIONS = ("anchor_epochs",)
 
 SPEC = ("vit_small_test:img_size=32,patch_size=4,in_chans=3,num_classes=6,num_heads=4,"
         "embed_dim=64,depth=6")  # fmt: skip
@@ -42,20 +44,8 @@ VARIANTS = (  # (name, table, decoder options)
 )
 
 
-@torch.no_grad()
-def miou(model, loader) -> float:
-    matrix = ConfusionMatrix(model.num_classes)
-    for images, masks in loader:
-        matrix.update(model(images).argmax(1), masks)
-    return matrix.scores()["mIoU"]
-
-
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.8))
     names = [r["variant"] for r in rows]
     colours = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:olive", "tab:purple"]
@@ -74,39 +64,40 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_faseg_demo(out="runs/demo-faseg", epochs=6, progress=True, seed=0, variants=VARIANTS,
-                   lr=5e-4) -> dict:  # fmt: skip
+def run(out="runs/demo-faseg", anchor_epochs=6, progress=True, seed=0, variants=VARIANTS,
+        lr=5e-4) -> dict:  # fmt: skip
     """Train each of ``variants`` for ``epochs`` on 512 generated images; print, plot."""
     out, start = Path(out), time.time()
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
     loader = torch.utils.data.DataLoader(val, batch_size=64)
     rows = []
-    for i, (name, table, options) in enumerate(variants):
+    for i, (name, section, options) in enumerate(variants):
         print(f"[demo faseg] {i + 1}/{len(variants)}: {name}", flush=True)
         run_dir = out / f"variant{i}"
         cfg = TrainConfig(mode="anchor", task="seg", decoder="faseg", data="shapes",
-                          anchors=[SPEC], decoder_options={**BASE, **options}, epochs=epochs,
+                          anchors=[SPEC], decoder_options={**BASE, **options},
+                          epochs=anchor_epochs,
                           batch_size=16, lr=lr, warmup_steps=20, progress=progress,
                           seed=seed, out=str(run_dir))  # fmt: skip
         # a fresh process each: its peak resident memory is this variant's alone
-        worker = multiprocessing.get_context("spawn").Process(target=train, args=(cfg,))
+        spawn = multiprocessing.get_context("spawn")
+        worker = spawn.Process(target=train, args=(cfg,), kwargs={"overwrite": True})
         worker.start()
         worker.join()
         if worker.exitcode != 0:
             raise RuntimeError(f"training {name!r} failed (exit code {worker.exitcode})")
         model, _ = load_trained(run_dir / "checkpoint.safetensors")
         usage = json.loads((run_dir / "usage.json").read_text())
-        rows.append({"variant": name, "table": table, "options": options,
+        rows.append({"variant": name, "table": section, "options": options,
                      "miou": miou(model, loader), "peak_mb": usage["peak_mb"],
                      "step_ms": usage["step_ms_median"]})  # fmt: skip
-    lines = [f"{'variant':<24} {'table':<9} {'mIoU':>6} {'peak MB':>8} {'step ms':>8}"]
-    for r in rows:
-        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-        lines.append(f"{r['variant']:<24} {r['table']:<9} {100 * r['miou']:>5.1f}% "
-                     f"{peak:>8} {r['step_ms']:>8.0f}")  # fmt: skip
-    print("\n".join(lines))
+    cells = [(r["variant"], r["table"], f"{100 * r['miou']:.1f}%",
+              f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-", f"{r['step_ms']:.0f}")
+             for r in rows]  # fmt: skip
+    print(table(("variant", "table", "mIoU", "peak MB", "step ms"), cells, (24, 9, 6, 8, 8)))
+    print(timing_note())
     _plot(rows, out / "faseg.png")
-    summary = {"rows": rows, "backbone": SPEC, "decoder": BASE, "epochs": epochs,
+    summary = {"rows": rows, "backbone": SPEC, "decoder": BASE, "epochs": anchor_epochs,
                "seconds": round(time.time() - start, 1)}  # fmt: skip
     (out / "faseg.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo faseg] {summary['seconds']} s; wrote {out / 'faseg.json'} and "

@@ -9,33 +9,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from stitchops.train.data import DataError, load_digits
+from stitchops.demos.common import require, timing_note
+from stitchops.train.data import load_digits
 from stitchops.train.evaluate import eval_stitches, plot_stitches
 from stitchops.train.loop import TrainConfig, load_trained, train
 
-# The demo's own needs among the package's dependencies, checked before it trains.
-EXTRAS = {"sklearn": "scikit-learn (the digits)", "matplotlib": "matplotlib (the plot)"}
-EXTRAS_PACKAGES = {what: what.split()[0] for what in EXTRAS.values()}
+OPTIONS = ("anchor_epochs", "stitch_epochs")
 
 SMALL = "vit_small_test:embed_dim=16,depth=4,num_heads=2"
 LARGE = "vit_small_test:embed_dim=64,depth=8,num_heads=4"
 
 
-def run_demo(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True, seed=0) -> dict:
+def run(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True, seed=0) -> dict:
     """Run the demo; returns the summary it prints (also saved as ``summary.json``)."""
-    missing = [what for module, what in EXTRAS.items() if importlib.util.find_spec(module) is None]
-    if missing:  # a broken environment: say so before any training, not after it
-        raise DataError(
-            f"the demo needs {' and '.join(missing)}, dependencies of stitchops that this "
-            f"environment lacks: pip install {' '.join(EXTRAS_PACKAGES[m] for m in missing)}"
-        )
+    require("sklearn", "matplotlib")  # a broken environment: said before any training
     out = Path(out)
     start = time.time()
     common = dict(data="digits", batch_size=64, progress=progress, seed=seed, warmup_steps=20)
@@ -50,7 +43,7 @@ def run_demo(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True,
             lr=2e-3,
             **common,
         )
-        weights.append(str(train(cfg)))
+        weights.append(str(train(cfg, overwrite=True)))
     print("[demo] stitching them two-way with LoRA stitching layers and ROS", flush=True)
     cfg = TrainConfig(
         mode="snnetv2",
@@ -62,11 +55,12 @@ def run_demo(out="runs/demo", anchor_epochs=30, stitch_epochs=10, progress=True,
         rank=8,
         **common,
     )
-    ckpt = train(cfg)
+    ckpt = train(cfg, overwrite=True)
     model, _ = load_trained(ckpt)
     val = torch.utils.data.DataLoader(load_digits("val"), batch_size=360)
     table = eval_stitches(model, val, progress=progress)
     print(table.format())
+    print(timing_note())
     plot_stitches(table, out / "stitches.png", title="SN-Netv2 on digits: two anchors, stitched")
     (out / "stitches.json").write_text(table.to_json())
     anchors = [r for r in table.rows if r.kind == "anchor"]
