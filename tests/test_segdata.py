@@ -53,7 +53,8 @@ def test_folder_bad_input(tmp_path):
     with pytest.raises(DataError, match=r"mask .*a\.png is 8x8 but its image .*a\.jpg is 12x10"):
         SegmentationFolder(tmp_path / "sizes", layout="plain")[0]
     _write(tmp_path / "ids", "images", "masks", ["a"])
-    with pytest.raises(DataError, match=r"holds class id 3: the model has 3 classes, so the file.s ids must be in 0\.\.2"):
+    ids_rule = r"holds class id 3: the model has 3 classes, so the file.s ids must be in 0\.\.2"
+    with pytest.raises(DataError, match=ids_rule):
         SegmentationFolder(tmp_path / "ids", layout="plain", num_classes=3).scan()
     with pytest.raises(DataError, match="does not exist"):
         SegmentationFolder(tmp_path / "none")
