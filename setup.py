@@ -94,9 +94,4 @@ def _cuda_extension():
 
 
 ext_modules, cmdclass = _cuda_extension()
-setup(
-    packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

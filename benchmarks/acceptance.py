@@ -44,8 +44,11 @@ def check(data: dict, wanted=None, cpu: bool = False) -> tuple[list[str], bool]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="?", help="default: the newest results/gpu-*.json; "
-                        "results/cpu.json checks the CPU targets")  # fmt: skip
+    parser.add_argument(
+        "results",
+        nargs="?",
+        help="default: the newest results/gpu-*.json; results/cpu.json checks the CPU targets",
+    )
     args = parser.parse_args(argv)
     if args.results:
         path = Path(args.results)

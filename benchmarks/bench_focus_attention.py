@@ -52,29 +52,45 @@ MASKED = ((64, 64), (128, 256))  # 1/8 of 512² and of 1024×2048
 HRCA = (((128, 128), 8), ((256, 512), 64))  # 1/4 maps and their K = n / 32
 
 TARGETS = (
-    *(Target(op="focus_attention",
-             where={"kind": "hrca", "map": f"{hw[0]}x{hw[1]}", "work": "forward",
-                    "device": "cpu"},
-             implementations=("torch",), bounds=(("memory_vs_baseline", "min", 3.0),),
-             what=f"CPU: HRCA window mode holds <= 1/3 of the official way's peak memory "
-                  f"(1/4 map {hw[0]}x{hw[1]}, K {k})")
-      for hw, k in HRCA),
-    *(Target(op="focus_attention",
-             where={"kind": "hrca", "map": f"{hw[0]}x{hw[1]}", "work": "forward",
-                    "device": "cuda"},
-             implementations=("triton", "cuda"),
-             bounds=(("vs_baseline", "min", 5.0), ("memory_vs_baseline", "min", 10.0)),
-             what=f"GPU: HRCA >= 5x faster than the official way with >= 10x less memory "
-                  f"(1/4 map {hw[0]}x{hw[1]}, K {k})")
-      for hw, k in HRCA),
-    *(Target(op="focus_attention",
-             where={"kind": "masked", "map": f"{hw[0]}x{hw[1]}", "work": "forward",
-                    "device": "cuda"},
-             implementations=("triton", "cuda"), bounds=(("vs_baseline", "min", 3.0),),
-             what=f"GPU: masked attention with both side outputs >= 3x faster than the "
-                  f"official way (1/8 map {hw[0]}x{hw[1]})")
-      for hw in MASKED),
-)  # fmt: skip
+    *(
+        Target(
+            op="focus_attention",
+            where={"kind": "hrca", "map": f"{hw[0]}x{hw[1]}", "work": "forward", "device": "cpu"},
+            implementations=("torch",),
+            bounds=(("memory_vs_baseline", "min", 3.0),),
+            what=f"CPU: HRCA window mode holds <= 1/3 of the official way's peak memory "
+            f"(1/4 map {hw[0]}x{hw[1]}, K {k})",
+        )
+        for hw, k in HRCA
+    ),
+    *(
+        Target(
+            op="focus_attention",
+            where={"kind": "hrca", "map": f"{hw[0]}x{hw[1]}", "work": "forward", "device": "cuda"},
+            implementations=("triton", "cuda"),
+            bounds=(("vs_baseline", "min", 5.0), ("memory_vs_baseline", "min", 10.0)),
+            what=f"GPU: HRCA >= 5x faster than the official way with >= 10x less memory "
+            f"(1/4 map {hw[0]}x{hw[1]}, K {k})",
+        )
+        for hw, k in HRCA
+    ),
+    *(
+        Target(
+            op="focus_attention",
+            where={
+                "kind": "masked",
+                "map": f"{hw[0]}x{hw[1]}",
+                "work": "forward",
+                "device": "cuda",
+            },
+            implementations=("triton", "cuda"),
+            bounds=(("vs_baseline", "min", 3.0),),
+            what=f"GPU: masked attention with both side outputs >= 3x faster than the "
+            f"official way (1/8 map {hw[0]}x{hw[1]})",
+        )
+        for hw in MASKED
+    ),
+)
 
 
 def layers(device, dtype):
@@ -162,8 +178,15 @@ def masked_cases(hw, device) -> list[Case]:
     def run_ours(backend):
         def run():
             with stitchops.use_backend(backend):
-                r = ours(args[0], args[2], args[1], args[3], mask=mask, key_pos=args[3],
-                         return_scores=True)  # fmt: skip
+                r = ours(
+                    args[0],
+                    args[2],
+                    args[1],
+                    args[3],
+                    mask=mask,
+                    key_pos=args[3],
+                    return_scores=True,
+                )
             return r.out, r.pos_out, r.scores
 
         return run
@@ -173,8 +196,7 @@ def masked_cases(hw, device) -> list[Case]:
         return out.transpose(0, 1), pos_out.transpose(0, 1), scores
 
     backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
-    return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, n,
-                 ours, official)  # fmt: skip
+    return _rows(params, run_official, {b: run_ours(b) for b in backends}, truth, n, ours, official)
 
 
 def hrca_cases(hw, k, device) -> list[Case]:
@@ -197,15 +219,17 @@ def hrca_cases(hw, k, device) -> list[Case]:
         def run():
             top = scores.topk(k, dim=-1).indices
             with stitchops.use_backend(backend):
-                r = ours(args[0], args[2], args[1], args[3], windows=top, window_size=WINDOW,
-                         map_size=hw)  # fmt: skip
+                r = ours(
+                    args[0], args[2], args[1], args[3], windows=top, window_size=WINDOW, map_size=hw
+                )
             return (r.out,)
 
         return run
 
     def run_official():
-        return (official_hrca(official, query, query_pos, fg_src, fg_pos, scores,
-                              k).transpose(0, 1),)  # fmt: skip
+        return (
+            official_hrca(official, query, query_pos, fg_src, fg_pos, scores, k).transpose(0, 1),
+        )
 
     def run_project_map():
         top = scores.topk(k, dim=-1).indices
@@ -213,14 +237,14 @@ def hrca_cases(hw, k, device) -> list[Case]:
         q = ours._project(query + query_pos, 0)
         keys, values = ours._project(memory + memory_pos, 1), ours._project(memory, 2)
         with stitchops.use_backend("torch"):
-            r = stitchops.focus_attention(q, keys, values, windows=top, window_size=WINDOW,
-                                          map_size=hw)  # fmt: skip
+            r = stitchops.focus_attention(
+                q, keys, values, windows=top, window_size=WINDOW, map_size=hw
+            )
         return (ours.out_proj(r.out.transpose(1, 2).reshape(BATCH, QUERIES, E)),)
 
     backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
     impls = {**{b: run_ours(b) for b in backends}, "torch_project_map": run_project_map}
-    return _rows(params, run_official, impls, truth, k * WINDOW**2,
-                 ours, official)  # fmt: skip
+    return _rows(params, run_official, impls, truth, k * WINDOW**2, ours, official)
 
 
 def _rows(params, official, ours: dict, truth, keys, our_layer, official_layer) -> list[Case]:
@@ -245,16 +269,32 @@ def _rows(params, official, ours: dict, truth, keys, our_layer, official_layer) 
 
         return run
 
-    forward = {name: Impl(forward_only(fn), check(fn))
-               for name, fn in {"official": official, **ours}.items()}  # fmt: skip
+    forward = {
+        name: Impl(forward_only(fn), check(fn))
+        for name, fn in {"official": official, **ours}.items()
+    }
     train = {
         "official": Impl(trained(official, official_layer), None),
         **{name: Impl(trained(fn, our_layer), None) for name, fn in ours.items()},
     }
-    return [Case({**params, "work": "forward"}, forward, baseline="official", flops=flops,
-                 dtype="float32", peak_memory=True),
-            Case({**params, "work": "train"}, train, baseline="official", flops=3 * flops,
-                 dtype="float32", peak_memory=True)]  # fmt: skip
+    return [
+        Case(
+            {**params, "work": "forward"},
+            forward,
+            baseline="official",
+            flops=flops,
+            dtype="float32",
+            peak_memory=True,
+        ),
+        Case(
+            {**params, "work": "train"},
+            train,
+            baseline="official",
+            flops=3 * flops,
+            dtype="float32",
+            peak_memory=True,
+        ),
+    ]
 
 
 def main(argv=None) -> int:
@@ -263,8 +303,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     device = args.device
-    factories = [*(lambda hw=hw: masked_cases(hw, device) for hw in MASKED),
-                 *(lambda hw=hw, k=k: hrca_cases(hw, k, device) for hw, k in HRCA)]  # fmt: skip
+    factories = [
+        *(lambda hw=hw: masked_cases(hw, device) for hw in MASKED),
+        *(lambda hw=hw, k=k: hrca_cases(hw, k, device) for hw, k in HRCA),
+    ]
     runner.run("focus_attention", factories, args.device, 500.0, save=not args.no_save)
     return 0
 

@@ -64,8 +64,10 @@ def phase_times(x: torch.Tensor, y: torch.Tensor, device: str, budget_ms: float)
     phases = {"accumulate_ms": accumulate, "solve_ms": lambda: eq.solve(0.0, DEFAULT_RTOL)}
     if device != "cpu":
         phases["solve_on_cpu_ms"] = solve_on_cpu
-    return {name: runner.time_impl(Impl(fn, clock="wall"), device, budget_ms)["ms"]
-            for name, fn in phases.items()}  # fmt: skip
+    return {
+        name: runner.time_impl(Impl(fn, clock="wall"), device, budget_ms)["ms"]
+        for name, fn in phases.items()
+    }
 
 
 def make_data(n: int, in_f: int, out_f: int, device: str):
@@ -105,16 +107,19 @@ def cases(n: int, in_f: int, out_f: int, device: str, budget_ms: float) -> list[
         w, b = stitchops.least_squares_init(x, y)
         residuals["stitchops"] = residual(x_cpu, y_cpu, w.cpu(), b.cpu())
         if residuals["stitchops"] > residuals["pinv"] * (1 + 1e-3):
-            raise AssertionError(f"residual {residuals['stitchops']:.6f} worse than pinv's "
-                                 f"{residuals['pinv']:.6f}: refusing to time")  # fmt: skip
+            raise AssertionError(
+                f"residual {residuals['stitchops']:.6f} worse than pinv's "
+                f"{residuals['pinv']:.6f}: refusing to time"
+            )
         return residuals["stitchops"]
 
     # Both on the wall clock: pinv runs on the CPU, stitchops' eigh may too.
     impls = {
         "cpu_pinv": Impl(lambda: pinv_solution(x_cpu, y_cpu), check_pinv, clock="wall"),
-        "stitchops": Impl(lambda: stitchops.least_squares_init(x, y), check_stitchops,
-                          clock="wall"),
-    }  # fmt: skip
+        "stitchops": Impl(
+            lambda: stitchops.least_squares_init(x, y), check_stitchops, clock="wall"
+        ),
+    }
     flops = 2 * n * in_f * (in_f + out_f)  # the float64 normal equations
     min_bytes = 4 * n * (in_f + out_f)  # x and y read once (fp32)
 
@@ -122,9 +127,17 @@ def cases(n: int, in_f: int, out_f: int, device: str, budget_ms: float) -> list[
         residual_of = {f"residual_{k}": v for k, v in residuals.items()}
         return {**phase_times(x, y, device, budget_ms / 2), **residual_of}
 
-    return [Case({"n": n, "in": in_f, "out": out_f, "device": device}, impls,
-                 baseline="cpu_pinv", flops=flops, min_bytes=min_bytes, dtype="float64",
-                 details=details)]  # fmt: skip
+    return [
+        Case(
+            {"n": n, "in": in_f, "out": out_f, "device": device},
+            impls,
+            baseline="cpu_pinv",
+            flops=flops,
+            min_bytes=min_bytes,
+            dtype="float64",
+            details=details,
+        )
+    ]
 
 
 def main(argv=None) -> int:
@@ -134,9 +147,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     budget = 2000.0
-    runner.run("least_squares_init", [lambda: cases(args.tokens, 384, 384, args.device, budget)],
-               args.device, budget, save=not args.no_save,
-               ceilings_for=(torch.float64,))  # fmt: skip
+    runner.run(
+        "least_squares_init",
+        [lambda: cases(args.tokens, 384, 384, args.device, budget)],
+        args.device,
+        budget,
+        save=not args.no_save,
+        ceilings_for=(torch.float64,),
+    )
     return 0
 
 

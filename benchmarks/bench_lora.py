@@ -38,8 +38,14 @@ import stitchops
 
 # SN-Netv2's stitching layer between DeiT3-S and DeiT3-L (384 → 1024, LoRA rank 16) on a
 # batch of 256 images of 197 tokens, in bf16, forward + backward with W frozen.
-ACCEPTANCE_SHAPE = {"tokens": 256 * 197, "in": 384, "out": 1024, "rank": 16,
-                    "dtype": "bfloat16", "pass": "fwd+bwd"}  # fmt: skip
+ACCEPTANCE_SHAPE = {
+    "tokens": 256 * 197,
+    "in": 384,
+    "out": 1024,
+    "rank": 16,
+    "dtype": "bfloat16",
+    "pass": "fwd+bwd",
+}
 TARGETS = (
     Target(
         op="lora_linear",
@@ -162,32 +168,51 @@ def shape_cases(tokens, in_f, out_f, rank, dtype, device, extra=None) -> list[Ca
     every gradient against the fp32 unfused code. ``extra``: more implementations by name."""
     case = make_case(tokens, in_f, out_f, rank, dtype, device)
     grad = torch.randn(tokens, out_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    ref32 = {k: v.float().detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
-             for k, v in case.items()}  # fmt: skip
+    ref32 = {
+        k: v.float().detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
+        for k, v in case.items()
+    }
     ref = outputs(unfused, ref32, grad.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     fns = {"unfused": unfused, **{b: fused(b) for b in backends_for(device)}, **(extra or {})}
-    errors = {name: runner.relative_error(outputs(fn, case, grad), ref, tol)
-              for name, fn in fns.items()}  # fmt: skip
+    errors = {
+        name: runner.relative_error(outputs(fn, case, grad), ref, tol) for name, fn in fns.items()
+    }
     cases = []
     for backward in (False, True):
-        impls = {name: Impl(step(fn, case, grad, backward), check=lambda n=name: errors[n])
-                 for name, fn in fns.items()}  # fmt: skip
+        impls = {
+            name: Impl(step(fn, case, grad, backward), check=lambda n=name: errors[n])
+            for name, fn in fns.items()
+        }
         impls["floor"] = Impl(floor_step(case, grad, backward))
-        params = {"tokens": tokens, "in": in_f, "out": out_f, "rank": rank,
-                  "dtype": str(dtype).removeprefix("torch."),
-                  "pass": "fwd+bwd" if backward else "fwd"}  # fmt: skip
-        cases.append(Case(params, impls, baseline="unfused", floor="floor",
-                          flops=flops(tokens, in_f, out_f, rank, backward),
-                          min_bytes=min_bytes(tokens, in_f, out_f, rank, dtype.itemsize, backward),
-                          dtype=params["dtype"]))  # fmt: skip
+        params = {
+            "tokens": tokens,
+            "in": in_f,
+            "out": out_f,
+            "rank": rank,
+            "dtype": str(dtype).removeprefix("torch."),
+            "pass": "fwd+bwd" if backward else "fwd",
+        }
+        cases.append(
+            Case(
+                params,
+                impls,
+                baseline="unfused",
+                floor="floor",
+                flops=flops(tokens, in_f, out_f, rank, backward),
+                min_bytes=min_bytes(tokens, in_f, out_f, rank, dtype.itemsize, backward),
+                dtype=params["dtype"],
+            )
+        )
     return cases
 
 
 def run_case(tokens, in_f, out_f, rank, dtype, device, budget_ms, ceilings, extra=None):
     """The measured rows (fwd, fwd+bwd) of one shape."""
-    return [runner.measure(c, device, budget_ms, ceilings)
-            for c in shape_cases(tokens, in_f, out_f, rank, dtype, device, extra)]  # fmt: skip
+    return [
+        runner.measure(c, device, budget_ms, ceilings)
+        for c in shape_cases(tokens, in_f, out_f, rank, dtype, device, extra)
+    ]
 
 
 def main(argv=None) -> int:
@@ -203,10 +228,14 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
-    grid = list(itertools.product(
-        GPU_TOKENS if gpu else CPU_TOKENS, GPU_FEATURES if gpu else CPU_FEATURES,
-        GPU_RANKS if gpu else CPU_RANKS, GPU_DTYPES if gpu else CPU_DTYPES,
-    ))  # fmt: skip
+    grid = list(
+        itertools.product(
+            GPU_TOKENS if gpu else CPU_TOKENS,
+            GPU_FEATURES if gpu else CPU_FEATURES,
+            GPU_RANKS if gpu else CPU_RANKS,
+            GPU_DTYPES if gpu else CPU_DTYPES,
+        )
+    )
     grid.sort(key=lambda case: not _is_acceptance_case(*case))  # the headline shape first
     compiled = gpu if args.compiled is None else args.compiled
     backends = backends_for(args.device)
@@ -219,9 +248,14 @@ def main(argv=None) -> int:
             extra["cuda_1tile"] = cuda_with_column_tiles(1)
         return shape_cases(tokens, *features, rank, dtype, args.device, extra)
 
-    runner.run("lora_linear", [functools.partial(cases, *shape) for shape in grid], args.device,
-               args.budget_ms or (200.0 if gpu else 300.0), save=not args.no_save,
-               ceilings_for=tuple(dict.fromkeys(g[3] for g in grid)))  # fmt: skip
+    runner.run(
+        "lora_linear",
+        [functools.partial(cases, *shape) for shape in grid],
+        args.device,
+        args.budget_ms or (200.0 if gpu else 300.0),
+        save=not args.no_save,
+        ceilings_for=tuple(dict.fromkeys(g[3] for g in grid)),
+    )
     return 0
 
 
@@ -238,8 +272,10 @@ def _is_acceptance_row(tokens, features, dtype) -> bool:
     """The acceptance shape's tokens, IN → OUT and dtype, at any rank."""
     want = ACCEPTANCE_SHAPE
     return (tokens, features, str(dtype).removeprefix("torch.")) == (
-        want["tokens"], (want["in"], want["out"]), want["dtype"]
-    )  # fmt: skip
+        want["tokens"],
+        (want["in"], want["out"]),
+        want["dtype"],
+    )
 
 
 def _is_acceptance_case(tokens, features, rank, dtype) -> bool:
@@ -250,9 +286,10 @@ def _is_acceptance_case(tokens, features, rank, dtype) -> bool:
 def test_lora_forward_backward(benchmark):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens, in_f, out_f, rank, dtype = (
-        (256 * 197, 384, 1024, 16, torch.bfloat16) if device == "cuda"
+        (256 * 197, 384, 1024, 16, torch.bfloat16)
+        if device == "cuda"
         else (8 * 197, 384, 1024, 16, torch.float32)
-    )  # fmt: skip
+    )
     case = make_case(tokens, in_f, out_f, rank, dtype, device)
     grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
     fn = step(stitchops.lora_linear, case, grad, backward=True)

@@ -45,29 +45,47 @@ FRACTIONS = (0.001, 0.01, 0.05)
 OFFICIAL_MAX_NNZ = 4_000
 
 TARGETS = (
-    Target(op="sparse_delta_linear",
-           where={"work": "delta_grad", "in": 768, "out": 3072, "nnz": 3000, "device": "cpu"},
-           implementations=("torch",),
-           bounds=(("vs_baseline", "min", 10.0), ("memory_vs_baseline", "min", 1.0)),
-           what="CPU: delta gradient >= 10x the official nnz x nnz formulation at nnz 3,000, "
-                "with less peak memory"),
-    *(Target(op="sparse_delta_linear",
-             where={"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cpu"},
-             implementations=("torch",), bounds=(("vs_dense_gather", "min", 1.0),),
-             what=f"CPU: forward+backward faster than dense-then-gather, {i}->{o} at {d:.1%}")
-      for i, o in SHAPES for d in (0.001, 0.01)),
-    *(Target(op="sparse_delta_linear",
-             where={"work": "fwd_bwd", "in": i, "out": o, "density": 0.01, "device": "cuda"},
-             implementations=("triton", "cuda"), bounds=(("vs_dense_gather", "min", 1.5),),
-             what=f"GPU: forward+backward >= 1.5x dense-then-gather, {i}->{o} at 1%")
-      for i, o in SHAPES),
-    *(Target(op="sparse_delta_linear",
-             where={"work": "fwd_bwd", "in": i, "out": o, "density": 0.001, "device": "cuda"},
-             implementations=("triton", "cuda"), bounds=(("vs_floor", "max", 1.1),),
-             what=f"GPU: forward+backward within 1.1x a frozen GEMM's forward + dx, {i}->{o} "
-                  "at 0.1%")
-      for i, o in SHAPES),
-)  # fmt: skip
+    Target(
+        op="sparse_delta_linear",
+        where={"work": "delta_grad", "in": 768, "out": 3072, "nnz": 3000, "device": "cpu"},
+        implementations=("torch",),
+        bounds=(("vs_baseline", "min", 10.0), ("memory_vs_baseline", "min", 1.0)),
+        what="CPU: delta gradient >= 10x the official nnz x nnz formulation at nnz 3,000, "
+        "with less peak memory",
+    ),
+    *(
+        Target(
+            op="sparse_delta_linear",
+            where={"work": "fwd_bwd", "in": i, "out": o, "density": d, "device": "cpu"},
+            implementations=("torch",),
+            bounds=(("vs_dense_gather", "min", 1.0),),
+            what=f"CPU: forward+backward faster than dense-then-gather, {i}->{o} at {d:.1%}",
+        )
+        for i, o in SHAPES
+        for d in (0.001, 0.01)
+    ),
+    *(
+        Target(
+            op="sparse_delta_linear",
+            where={"work": "fwd_bwd", "in": i, "out": o, "density": 0.01, "device": "cuda"},
+            implementations=("triton", "cuda"),
+            bounds=(("vs_dense_gather", "min", 1.5),),
+            what=f"GPU: forward+backward >= 1.5x dense-then-gather, {i}->{o} at 1%",
+        )
+        for i, o in SHAPES
+    ),
+    *(
+        Target(
+            op="sparse_delta_linear",
+            where={"work": "fwd_bwd", "in": i, "out": o, "density": 0.001, "device": "cuda"},
+            implementations=("triton", "cuda"),
+            bounds=(("vs_floor", "max", 1.1),),
+            what=f"GPU: forward+backward within 1.1x a frozen GEMM's forward + dx, {i}->{o} "
+            "at 0.1%",
+        )
+        for i, o in SHAPES
+    ),
+)
 
 
 def make_data(tokens: int, in_f: int, out_f: int, nnz: int, device: str, dtype: torch.dtype):
@@ -79,8 +97,14 @@ def make_data(tokens: int, in_f: int, out_f: int, nnz: int, device: str, dtype: 
     delta = torch.randn(nnz, generator=g) * 0.01
     bias = torch.randn(out_f, generator=g)
     cast = {"device": device, "dtype": dtype}
-    return (x.to(**cast), w.to(**cast), delta.to(**cast), index.to(device), bias.to(**cast),
-            grad.to(**cast))  # fmt: skip
+    return (
+        x.to(**cast),
+        w.to(**cast),
+        delta.to(**cast),
+        index.to(device),
+        bias.to(**cast),
+        grad.to(**cast),
+    )
 
 
 def official_delta_grad(grad, x, index):
@@ -155,8 +179,14 @@ def cases(tokens: int, in_f: int, out_f: int, nnz: int, device: str, fwd_bwd: bo
     x, w, delta, index, bias, grad = make_data(tokens, in_f, out_f, nnz, device, dtype)
     size = 2 if dtype == torch.bfloat16 else 4
     official = nnz <= OFFICIAL_MAX_NNZ
-    params = {"in": in_f, "out": out_f, "nnz": nnz, "density": round(nnz / (in_f * out_f), 4),
-              "tokens": tokens, "device": device}  # fmt: skip
+    params = {
+        "in": in_f,
+        "out": out_f,
+        "nnz": nnz,
+        "density": round(nnz / (in_f * out_f), 4),
+        "tokens": tokens,
+        "device": device,
+    }
     rows = []
     # float64 truths, computed on the CPU from the same values.
     x64, w64, d64, b64, g64 = (t.double().cpu() for t in (x, w, delta, bias, grad))
@@ -165,15 +195,23 @@ def cases(tokens: int, in_f: int, out_f: int, nnz: int, device: str, fwd_bwd: bo
     impls = {}
     if official:
         impls["official"] = _checked(official_delta_grad, (grad, x, index), [dd_truth], tol)
-    impls["dense_gather"] = _checked(lambda g, xx, ii: (g.t() @ xx).flatten()[ii],
-                                     (grad, x, index), [dd_truth], tol)  # fmt: skip
+    impls["dense_gather"] = _checked(
+        lambda g, xx, ii: (g.t() @ xx).flatten()[ii], (grad, x, index), [dd_truth], tol
+    )
     for backend in backends(device):
         grad_fn = sparse_ops.SPARSE_DELTA.entry(backend, "sparse_delta_grad")
         impls[backend] = _checked(grad_fn, (grad, x, index), [dd_truth], tol)
-    rows.append(Case({"work": "delta_grad", **params}, impls,
-                     baseline="official" if official else "dense_gather",
-                     flops=2 * tokens * nnz, min_bytes=tokens * (in_f + out_f) * size + 8 * nnz,
-                     dtype=str(dtype).removeprefix("torch."), peak_memory=True))  # fmt: skip
+    rows.append(
+        Case(
+            {"work": "delta_grad", **params},
+            impls,
+            baseline="official" if official else "dense_gather",
+            flops=2 * tokens * nnz,
+            min_bytes=tokens * (in_f + out_f) * size + 8 * nnz,
+            dtype=str(dtype).removeprefix("torch."),
+            peak_memory=True,
+        )
+    )
     if not fwd_bwd:
         return rows
     y_truth = F.linear(x64, reference.sparse_delta_weight(w64, d64, i64), b64)
@@ -191,10 +229,19 @@ def cases(tokens: int, in_f: int, out_f: int, nnz: int, device: str, fwd_bwd: bo
     impls["frozen_gemm"] = Impl(lambda: frozen_gemm_fwd_bwd(*args))
     flops = 4 * tokens * in_f * out_f + 2 * tokens * nnz
     min_bytes = (2 * tokens * (in_f + out_f) + 2 * in_f * out_f) * size
-    rows.append(Case({"work": "fwd_bwd", **params}, impls,
-                     baseline="official" if official else "dense_gather", floor="frozen_gemm",
-                     flops=flops, min_bytes=min_bytes, dtype=str(dtype).removeprefix("torch."),
-                     peak_memory=True, compare_to=("dense_gather",)))  # fmt: skip
+    rows.append(
+        Case(
+            {"work": "fwd_bwd", **params},
+            impls,
+            baseline="official" if official else "dense_gather",
+            floor="frozen_gemm",
+            flops=flops,
+            min_bytes=min_bytes,
+            dtype=str(dtype).removeprefix("torch."),
+            peak_memory=True,
+            compare_to=("dense_gather",),
+        )
+    )
     return rows
 
 
@@ -206,11 +253,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setups = [(i, o, 3000, False) for i, o in SHAPES[:1]]
     setups += [(i, o, round(f * i * o), True) for i, o in SHAPES for f in FRACTIONS]
-    factories = [lambda s=s: cases(args.tokens, s[0], s[1], s[2], args.device, s[3])
-                 for s in setups]  # fmt: skip
+    factories = [
+        lambda s=s: cases(args.tokens, s[0], s[1], s[2], args.device, s[3]) for s in setups
+    ]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    runner.run("sparse_delta_linear", factories, args.device, 300.0, save=not args.no_save,
-               ceilings_for=(dtype,))  # fmt: skip
+    runner.run(
+        "sparse_delta_linear",
+        factories,
+        args.device,
+        300.0,
+        save=not args.no_save,
+        ceilings_for=(dtype,),
+    )
     return 0
 
 

@@ -96,16 +96,24 @@ def cases(device: str) -> list[Case]:
 
         return run
 
-    params = {"anchors": "/".join(info["anchors"]), "img_size": info["img_size"],
-              "batch": info["batch"], "device": device}  # fmt: skip
+    params = {
+        "anchors": "/".join(info["anchors"]),
+        "img_size": info["img_size"],
+        "batch": info["batch"],
+        "device": device,
+    }
     return [
-        Case({**params, "pass": "train step"},
-             {"anchor": Impl(training(plain)), "stitched": Impl(training(stitched), check)},
-             baseline="anchor"),
-        Case({**params, "pass": "forward"},
-             {"anchor": Impl(inference(anchor)), "stitched": Impl(inference(model), check)},
-             baseline="anchor"),
-    ]  # fmt: skip
+        Case(
+            {**params, "pass": "train step"},
+            {"anchor": Impl(training(plain)), "stitched": Impl(training(stitched), check)},
+            baseline="anchor",
+        ),
+        Case(
+            {**params, "pass": "forward"},
+            {"anchor": Impl(inference(anchor)), "stitched": Impl(inference(model), check)},
+            baseline="anchor",
+        ),
+    ]
 
 
 def main(argv=None) -> int:
@@ -114,8 +122,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     budget = 3000.0 if args.device == "cpu" else 400.0
-    runner.run("stitched_overhead", [lambda: cases(args.device)], args.device, budget,
-               save=not args.no_save)  # fmt: skip
+    runner.run(
+        "stitched_overhead",
+        [lambda: cases(args.device)],
+        args.device,
+        budget,
+        save=not args.no_save,
+    )
     return 0
 
 

@@ -50,25 +50,40 @@ SHAPES = (  # (batch, (H, W), (h, w), C)
     (1, (32, 32), (16, 16), 768),
 )
 
-TARGETS = (*(
-    Target(op="token_cluster",
-           where={"work": work, "batch": b, "map": f"{hw[0]}x{hw[1]}", "device": "cpu",
-                  "threads": threads, "busy": 1},
-           implementations=(impl,),
-           bounds=(("vs_baseline", "min", speedup), ("memory_vs_baseline", "min", 1.0)),
-           what=f"CPU with a busy neighbour, {threads} thread(s): {impl} {work} >= "
-                f"{speedup}x the official algorithm, no more peak memory (B {b}, "
-                f"{hw[0]}x{hw[1]} -> {grid[0]}x{grid[1]}, C {c})")
-    for b, hw, grid, c in SHAPES[:2] for threads in (1, 2)
-    for work, impl, speedup in (("cluster", "torch", 1.5), ("reconstruct", "torch_topk", 1.0))),
-    *(Target(op="token_cluster",
-             where={"work": "cluster", "batch": b, "map": "40x40", "device": "cuda"},
-             implementations=("triton", "cuda"), bounds=(("vs_baseline", "min", 20.0),
-                                                         ("of_roofline", "min", 0.6)),
-             what=f"GPU: clustering >= 20x the official dense algorithm and >= 60% of the "
-                  f"roofline (B {b}, 40x40 -> 28x28, C 1024)")
-      for b in (1, 8)),
-)  # fmt: skip
+TARGETS = (
+    *(
+        Target(
+            op="token_cluster",
+            where={
+                "work": work,
+                "batch": b,
+                "map": f"{hw[0]}x{hw[1]}",
+                "device": "cpu",
+                "threads": threads,
+                "busy": 1,
+            },
+            implementations=(impl,),
+            bounds=(("vs_baseline", "min", speedup), ("memory_vs_baseline", "min", 1.0)),
+            what=f"CPU with a busy neighbour, {threads} thread(s): {impl} {work} >= "
+            f"{speedup}x the official algorithm, no more peak memory (B {b}, "
+            f"{hw[0]}x{hw[1]} -> {grid[0]}x{grid[1]}, C {c})",
+        )
+        for b, hw, grid, c in SHAPES[:2]
+        for threads in (1, 2)
+        for work, impl, speedup in (("cluster", "torch", 1.5), ("reconstruct", "torch_topk", 1.0))
+    ),
+    *(
+        Target(
+            op="token_cluster",
+            where={"work": "cluster", "batch": b, "map": "40x40", "device": "cuda"},
+            implementations=("triton", "cuda"),
+            bounds=(("vs_baseline", "min", 20.0), ("of_roofline", "min", 0.6)),
+            what=f"GPU: clustering >= 20x the official dense algorithm and >= 60% of the "
+            f"roofline (B {b}, 40x40 -> 28x28, C 1024)",
+        )
+        for b in (1, 8)
+    ),
+)
 
 
 def official_mask(size, grid, window, device) -> torch.Tensor:
@@ -92,8 +107,11 @@ def official_cluster(x, grid, mask, iters=ITERS, temperature=TEMPERATURE):
     permuted = pixels.permute(0, 2, 1)
     t = 1.0 / temperature
     for _ in range(iters):
-        d = ((pixels * pixels).sum(dim=1).unsqueeze(1) + (s * s).sum(dim=1).unsqueeze(2)
-             - 2 * torch.einsum("bcm,bcn->bmn", s, pixels))  # fmt: skip
+        d = (
+            (pixels * pixels).sum(dim=1).unsqueeze(1)
+            + (s * s).sum(dim=1).unsqueeze(2)
+            - 2 * torch.einsum("bcm,bcn->bmn", s, pixels)
+        )
         d += mask
         a = (-d * t).softmax(1)
         s = torch.bmm(a.detach(), permuted)
@@ -106,8 +124,11 @@ def official_reconstruct(x, centres, values, k=K, temperature=TEMPERATURE):
     """The official top-k reconstruction as written (module docstring)."""
     b, height, width, c = x.shape
     feat, sfeat = x.reshape(b, -1, c), centres.reshape(b, -1, c)
-    ds = ((feat * feat).sum(dim=2).unsqueeze(2) + (sfeat * sfeat).sum(dim=2).unsqueeze(1)
-          - 2 * torch.einsum("bnc,bmc->bnm", feat, sfeat))  # fmt: skip
+    ds = (
+        (feat * feat).sum(dim=2).unsqueeze(2)
+        + (sfeat * sfeat).sum(dim=2).unsqueeze(1)
+        - 2 * torch.einsum("bnc,bmc->bnm", feat, sfeat)
+    )
     weight = torch.exp(-(1.0 / temperature) * ds)
     topk, _ = torch.topk(weight, k=k, dim=2)
     mink = torch.min(topk, dim=-1).values.unsqueeze(-1).repeat(1, 1, weight.shape[-1])
@@ -128,86 +149,117 @@ def make_tokens(batch, size, channels, device, dtype):
 
 
 def cases(batch, size, grid, channels, device, threads=None, busy=0) -> list[Case]:
+    """The clustering row and the reconstruction row of one shape (checked in float64)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    dtype = torch.float32
-    x = make_tokens(batch, size, channels, device, dtype)
-    mask = official_mask(size, grid, WINDOW, device)
-    x64 = x.double().cpu()
-    truth = reference.token_cluster(x64, grid, WINDOW, ITERS, TEMPERATURE, numerics="official")
-    n, m = size[0] * size[1], grid[0] * grid[1]
-    size_b = 4
+    setup = _Setup(batch, size, grid, channels, device)
     params = {"batch": batch, "map": f"{size[0]}x{size[1]}", "grid": f"{grid[0]}x{grid[1]}",
               "channels": channels, "device": device,
               **({"threads": threads, "busy": busy} if threads is not None else {})}  # fmt: skip
+    return [_cluster_case(setup, params), _reconstruct_case(setup, params)]
 
+
+class _Setup:
+    """One shape's float32 tokens, the official mask and the float64 truths."""
+
+    def __init__(self, batch, size, grid, channels, device) -> None:
+        self.batch, self.size, self.grid, self.channels = batch, size, grid, channels
+        self.x = make_tokens(batch, size, channels, device, torch.float32)
+        self.mask = official_mask(size, grid, WINDOW, device)
+        self.x64 = self.x.double().cpu()
+        self.truth = reference.token_cluster(
+            self.x64, grid, WINDOW, ITERS, TEMPERATURE, numerics="official"
+        )
+        self.backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
+        self.n, self.m = size[0] * size[1], grid[0] * grid[1]
+
+    @staticmethod
     def check(fn, want, tol=1e-3):
         return lambda: runner.relative_error([fn().cpu()], [want], tol)
+
+
+def _cluster_case(setup: _Setup, params: dict) -> Case:
+    x, grid, truth = setup.x, setup.grid, setup.truth
+
+    options = {"window": WINDOW, "iters": ITERS, "temperature": TEMPERATURE}
 
     def ours(backend):
         def run():
             with stitchops.use_backend(backend):
-                return stitchops.token_cluster(x, grid, window=WINDOW, iters=ITERS,
-                                               temperature=TEMPERATURE,
-                                               numerics="official")  # fmt: skip
+                return stitchops.token_cluster(x, grid, **options, numerics="official")
 
-        return Impl(run, check(run, truth))
+        return Impl(run, setup.check(run, truth))
 
-    official = lambda: official_cluster(x, grid, mask)  # noqa: E731
-    backends = ["torch", "triton", "cuda"] if device == "cuda" else ["torch"]
-    rows = [Case({"work": "cluster", **params},
-                 {"official": Impl(official, check(official, truth)),
-                  **{backend: ours(backend) for backend in backends}},
-                 baseline="official", flops=batch * local_flops(n, channels, WINDOW, ITERS),
-                 min_bytes=batch * ITERS * (n + m) * channels * size_b, dtype="float32",
-                 peak_memory=True,
-                 details=lambda: {"official_gflop": batch * dense_flops(n, m, channels, ITERS)
-                                  / 1e9})]  # fmt: skip
-    centres = truth.to(device=device, dtype=dtype)
-    values = make_tokens(batch, grid, channels, device, dtype)
-    want_local = reference.token_reconstruct(x64, truth, values.double().cpu(), WINDOW,
-                                             TEMPERATURE)  # fmt: skip
-    want_topk = reference.token_reconstruct(x64, truth, values.double().cpu(), WINDOW,
-                                            TEMPERATURE, mode="topk", k=K,
-                                            numerics="official")  # fmt: skip
+    official = lambda: official_cluster(x, grid, setup.mask)  # noqa: E731
+    b, n, m, c = setup.batch, setup.n, setup.m, setup.channels
+    return Case(
+        {"work": "cluster", **params},
+        {"official": Impl(official, setup.check(official, truth)),
+         **{backend: ours(backend) for backend in setup.backends}},
+        baseline="official", flops=b * local_flops(n, c, WINDOW, ITERS),
+        min_bytes=b * ITERS * (n + m) * c * 4, dtype="float32", peak_memory=True,
+        details=lambda: {"official_gflop": b * dense_flops(n, m, c, ITERS) / 1e9},
+    )  # fmt: skip
+
+
+def _reconstruct_case(setup: _Setup, params: dict) -> Case:
+    x, device = setup.x, setup.x.device
+    centres = setup.truth.to(device=device, dtype=torch.float32)
+    values = make_tokens(setup.batch, setup.grid, setup.channels, device, torch.float32)
+    values64 = values.double().cpu()
+    want_local = reference.token_reconstruct(setup.x64, setup.truth, values64, WINDOW, TEMPERATURE)
+    want_topk = reference.token_reconstruct(setup.x64, setup.truth, values64, WINDOW, TEMPERATURE,
+                                            mode="topk", k=K, numerics="official")  # fmt: skip
 
     def local(backend):
         def run():
             with stitchops.use_backend(backend):
                 return stitchops.token_reconstruct(x, centres, values)
 
-        return Impl(run, check(run, want_local))
+        return Impl(run, setup.check(run, want_local))
 
     def topk():
         return stitchops.token_reconstruct(x, centres, values, mode="topk", k=K,
                                            numerics="official")  # fmt: skip
 
-    official_r = lambda: official_reconstruct(x, centres, values)  # noqa: E731
-    rows.append(Case({"work": "reconstruct", **params},
-                     {"official": Impl(official_r, check(official_r, want_topk, 2e-3)),
-                      **{backend: local(backend) for backend in backends},
-                      "torch_topk": Impl(topk, check(topk, want_topk))},
-                     baseline="official", flops=2 * batch * n * WINDOW**2 * channels * 2,
-                     min_bytes=batch * (2 * n + 2 * m) * channels * size_b, dtype="float32",
-                     peak_memory=True))  # fmt: skip
-    return rows
+    official = lambda: official_reconstruct(x, centres, values)  # noqa: E731
+    b, n, m, c = setup.batch, setup.n, setup.m, setup.channels
+    return Case(
+        {"work": "reconstruct", **params},
+        {"official": Impl(official, setup.check(official, want_topk, 2e-3)),
+         **{backend: local(backend) for backend in setup.backends},
+         "torch_topk": Impl(topk, setup.check(topk, want_topk))},
+        baseline="official", flops=2 * b * n * WINDOW**2 * c * 2,
+        min_bytes=b * (2 * n + 2 * m) * c * 4, dtype="float32", peak_memory=True,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--busy", type=int, default=0, help="CPU: other processes spinning a "
-                        "core while the cases run (the CPU targets: 1)")  # fmt: skip
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="CPU: other processes spinning a core while the cases run (the CPU targets: 1)",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.device == "cpu":
-        factories = [lambda s=s, t=t: cases(*s, "cpu", t, args.busy)
-                     for s in SHAPES for t in (1, 2)]  # fmt: skip
+        factories = [
+            lambda s=s, t=t: cases(*s, "cpu", t, args.busy) for s in SHAPES for t in (1, 2)
+        ]
     else:
         factories = [lambda s=s: cases(*s, args.device) for s in SHAPES]
     with runner.busy_neighbours(args.busy if args.device == "cpu" else 0):
-        runner.run("token_cluster", factories, args.device, 500.0, save=not args.no_save,
-                   ceilings_for=(torch.float32,))  # fmt: skip
+        runner.run(
+            "token_cluster",
+            factories,
+            args.device,
+            500.0,
+            save=not args.no_save,
+            ceilings_for=(torch.float32,),
+        )
     return 0
 
 

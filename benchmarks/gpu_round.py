@@ -70,8 +70,10 @@ class Outcome:
 def gpu_arch() -> str:
     """The visible GPU's architecture for STITCHOPS_CUDA_ARCHS ("90a" on an H100; "90a" too
     where no GPU answers, as for a dry run on a CPU machine)."""
-    code = ("import torch; print('%d%d' % torch.cuda.get_device_capability() "
-            "if torch.cuda.is_available() else '90')")  # fmt: skip
+    code = (
+        "import torch; print('%d%d' % torch.cuda.get_device_capability() "
+        "if torch.cuda.is_available() else '90')"
+    )
     try:
         out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
         arch = out.stdout.strip() or "90"
@@ -89,15 +91,30 @@ def kernel_test_files() -> list[str]:
     sys.path.insert(0, str(ROOT / "tests"))
     from op_tables import declares_op  # reads the modules without importing them
 
-    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
-            if declares_op(p)]  # fmt: skip
+    return [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "tests").glob("test_*.py"))
+        if declares_op(p)
+    ]
 
 
 def sanitizer_commands(tools: tuple[str, ...]) -> list[list[str]]:
     """compute-sanitizer over every op's cuda tests (tests/test_cuda_sanitizer.py)."""
     selection = " or ".join(tools)
-    return [[PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-             "tests/test_cuda_sanitizer.py", "-k", selection]]  # fmt: skip
+    return [
+        [
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_cuda_sanitizer.py",
+            "-k",
+            selection,
+        ]
+    ]
 
 
 def first_part(out: Path) -> list[Step]:
@@ -111,17 +128,45 @@ def first_part(out: Path) -> list[Step]:
     build_env = {"STITCHOPS_CUDA_ARCHS": gpu_arch(), "MAX_JOBS": str(os.cpu_count() or 8)}
     return [
         Step("versions", 30, [[PY, "-c", versions]]),
-        Step("build", 170, [[PY, "-m", "pip", "install", "-q", "--no-deps",
-                             "--no-build-isolation", "-e", "."]], env=build_env),
+        Step(
+            "build",
+            170,
+            [[PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]],
+            env=build_env,
+        ),
         Step("info", 30, [[PY, "-m", "stitchops", "info"]]),
-        Step("kernels", 200, [[PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n",
-                               workers, "--dist", "load", "-k", "triton or cuda",
-                               f"--junitxml={junit}", *kernel_test_files()]],
-             background=sanitizer_commands(("memcheck",))),
-        Step("bench", 240, [[PY, s, "--device", "cuda"] for s in _bench_scripts()],
-             env={"STITCHOPS_BENCH_QUICK": "1", "STITCHOPS_AUTOTUNE": "0"}),
+        Step(
+            "kernels",
+            200,
+            [
+                [
+                    PY,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-rs",
+                    "-p",
+                    "no:cacheprovider",
+                    "-n",
+                    workers,
+                    "--dist",
+                    "load",
+                    "-k",
+                    "triton or cuda",
+                    f"--junitxml={junit}",
+                    *kernel_test_files(),
+                ]
+            ],
+            background=sanitizer_commands(("memcheck",)),
+        ),
+        Step(
+            "bench",
+            240,
+            [[PY, s, "--device", "cuda"] for s in _bench_scripts()],
+            env={"STITCHOPS_BENCH_QUICK": "1", "STITCHOPS_AUTOTUNE": "0"},
+        ),
         Step("acceptance", 30, [[PY, "benchmarks/acceptance.py"]]),
-    ]  # fmt: skip
+    ]
 
 
 def second_part(out: Path) -> list[Step]:
@@ -129,18 +174,43 @@ def second_part(out: Path) -> list[Step]:
     workers = str(max(1, (os.cpu_count() or 2) - 2))
     return [
         Step("sanitizers", 200, sanitizer_commands(("synccheck", "racecheck"))),
-        Step("suite", 240, [[PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n",
-                             workers, "--dist", "load", "--ignore=tests/test_cuda_sanitizer.py",
-                             f"--junitxml={junit}"]]),
+        Step(
+            "suite",
+            240,
+            [
+                [
+                    PY,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-rs",
+                    "-p",
+                    "no:cacheprovider",
+                    "-n",
+                    workers,
+                    "--dist",
+                    "load",
+                    "--ignore=tests/test_cuda_sanitizer.py",
+                    f"--junitxml={junit}",
+                ]
+            ],
+        ),
         Step("bench", 120, [[PY, s, "--device", "cuda"] for s in _bench_scripts()]),
         Step("acceptance", 30, [[PY, "benchmarks/acceptance.py"]]),
-    ]  # fmt: skip
+    ]
 
 
 def stand_in_plan(path: str) -> list[Step]:
     entries = json.loads(Path(path).read_text())
-    return [Step(e["name"], float(e["budget"]), [e["command"]],
-                 [e["background"]] if e.get("background") else []) for e in entries]  # fmt: skip
+    return [
+        Step(
+            e["name"],
+            float(e["budget"]),
+            [e["command"]],
+            [e["background"]] if e.get("background") else [],
+        )
+        for e in entries
+    ]
 
 
 class Round:
@@ -168,16 +238,20 @@ class Round:
             began = time.monotonic()
             status = self._run_step(step, cap)
             self.outcomes.append(Outcome(step.name, status, time.monotonic() - began, cap))
-            print(f"=== {step.name}: {status} ({time.monotonic() - began:.0f} s of {cap:.0f})",
-                  flush=True)  # fmt: skip
+            print(
+                f"=== {step.name}: {status} ({time.monotonic() - began:.0f} s of {cap:.0f})",
+                flush=True,
+            )
 
     def _run_step(self, step: Step, cap: float) -> str:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}
         end = time.monotonic() + cap
         self.log.write(f"\n=== {step.name} (cap {cap:.0f} s)\n")
         self.log.flush()
-        helpers = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
-                   for c in step.background]  # fmt: skip
+        helpers = [
+            subprocess.Popen(c, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
+            for c in step.background
+        ]
         status = "ok"
         for command in step.commands:
             remaining = end - time.monotonic()
@@ -187,8 +261,9 @@ class Round:
             self.log.write(f"$ {' '.join(command)}\n")
             self.log.flush()
             try:
-                code = subprocess.run(command, cwd=ROOT, env=env, stdout=self.log,
-                                      stderr=self.log, timeout=remaining).returncode  # fmt: skip
+                code = subprocess.run(
+                    command, cwd=ROOT, env=env, stdout=self.log, stderr=self.log, timeout=remaining
+                ).returncode
             except subprocess.TimeoutExpired:
                 status = "timed out"
                 break
@@ -206,10 +281,13 @@ class Round:
         return status
 
     def summary(self) -> str:
-        lines = [f"GPU round: {time.monotonic() - self.start:.0f} s of a {self.deadline:.0f} s "
-                 "deadline", f"{'step':<12} {'status':<28} {'seconds':>8} {'cap':>6}"]  # fmt: skip
-        lines += [f"{o.name:<12} {o.status:<28} {o.seconds:>8.0f} {o.cap:>6.0f}"
-                  for o in self.outcomes]  # fmt: skip
+        lines = [
+            f"GPU round: {time.monotonic() - self.start:.0f} s of a {self.deadline:.0f} s deadline",
+            f"{'step':<12} {'status':<28} {'seconds':>8} {'cap':>6}",
+        ]
+        lines += [
+            f"{o.name:<12} {o.status:<28} {o.seconds:>8.0f} {o.cap:>6.0f}" for o in self.outcomes
+        ]
         failed = failed_tests(self.out / "junit.xml")
         if failed:
             lines += [f"failed tests ({len(failed)}):", *(f"  {t}" for t in failed[:40])]
@@ -222,8 +300,9 @@ class Round:
         self.log.close()
         text = self.summary()
         (self.out / "summary.txt").write_text(text + "\n")
-        results = sorted((ROOT / "benchmarks" / "results").glob("gpu-*.json"),
-                         key=lambda p: p.stat().st_mtime)  # fmt: skip
+        results = sorted(
+            (ROOT / "benchmarks" / "results").glob("gpu-*.json"), key=lambda p: p.stat().st_mtime
+        )
         if results:
             shutil.copy(results[-1], self.out / "results.json")
         return text
@@ -237,8 +316,11 @@ def failed_tests(junit: Path) -> list[str]:
         tree = ElementTree.parse(junit)
     except ElementTree.ParseError:
         return ["(junit.xml unreadable: the test step was cut short)"]
-    return [f"{case.get('classname')}::{case.get('name')}" for case in tree.iter("testcase")
-            if case.find("failure") is not None or case.find("error") is not None]  # fmt: skip
+    return [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in tree.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
 
 
 def acceptance_lines(log: Path) -> list[str]:
@@ -248,14 +330,17 @@ def acceptance_lines(log: Path) -> list[str]:
     text = log.read_text(errors="replace").split("=== acceptance")
     if len(text) < 2:
         return []
-    return [x for x in text[-1].splitlines()
-            if x.startswith(("[met]", "[NOT met]", "acceptance:"))]  # fmt: skip
+    return [x for x in text[-1].splitlines() if x.startswith(("[met]", "[NOT met]", "acceptance:"))]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--deadline", type=float, default=560.0, help="seconds for the whole "
-                        "round, summary included (default: 560)")  # fmt: skip
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=560.0,
+        help="seconds for the whole round, summary included (default: 560)",
+    )
     parser.add_argument("--part", choices=["first", "second"], default="first")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its caps")
     args = parser.parse_args(argv)
@@ -267,8 +352,10 @@ def main(argv=None) -> int:
         steps = (first_part if args.part == "first" else second_part)(out)
     if args.dry_run:
         elapsed = 0.0
-        print(f"GPU round, part {args.part}: deadline {args.deadline:.0f} s, summary reserve "
-              f"{RESERVE_S} s")  # fmt: skip
+        print(
+            f"GPU round, part {args.part}: deadline {args.deadline:.0f} s, summary reserve "
+            f"{RESERVE_S} s"
+        )
         for step in steps:
             cap = max(0.0, min(step.budget, args.deadline - RESERVE_S - elapsed))
             elapsed += cap

@@ -63,9 +63,11 @@ def ceilings(c: dict | None) -> str:
     if not c:
         return ""
     rates = ", ".join(f"{k} {v:.3g}" for k, v in c["matmul_TFLOPs"].items())
-    return (f" (ceilings measured in the same run: copy {c['bandwidth_GBps']:.0f} GB/s read + "
-            f"write, {c['matmul_n']}³ matmul {rates} TFLOP/s; roofline of a row: max(FLOPs / "
-            "rate, minimum bytes / bandwidth))")  # fmt: skip
+    return (
+        f" (ceilings measured in the same run: copy {c['bandwidth_GBps']:.0f} GB/s read + "
+        f"write, {c['matmul_n']}³ matmul {rates} TFLOP/s; roofline of a row: max(FLOPs / "
+        "rate, minimum bytes / bandwidth))"
+    )
 
 
 def environment_line(env: dict) -> str:
@@ -111,8 +113,13 @@ def full_report() -> str:
                     out += [sentence[0].upper() + sentence[1:] + ".", ""]
                 out += [*table(result["rows"]), ""]
         lines, ok = acceptance.check(data, cpu=path.stem == "cpu")
-        out += ["Acceptance: " + ("every target met" if ok else "NOT every target met") + ".",
-                "", "```", *lines, "```"]  # fmt: skip
+        out += [
+            "Acceptance: " + ("every target met" if ok else "NOT every target met") + ".",
+            "",
+            "```",
+            *lines,
+            "```",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -132,9 +139,11 @@ def _headline_row(target, data: dict, device: str) -> str | None:
     best = max(impls, key=lambda i: row[i]["vs_baseline"])
     case = ", ".join(f"{k} {v}" for k, v in target.where.items() if k != "device")
     memory = row[best].get("memory_vs_baseline")
-    return (f"| `{target.op}` | {case} | {device} | {_rounded(row[baseline]['ms'])} | "
-            f"{_rounded(row[best]['ms'])} ({best}) | {row[best]['vs_baseline']:.1f}x | "
-            f"{f'{memory:.1f}x less' if memory else '-'} |")  # fmt: skip
+    return (
+        f"| `{target.op}` | {case} | {device} | {_rounded(row[baseline]['ms'])} | "
+        f"{_rounded(row[best]['ms'])} ({best}) | {row[best]['vs_baseline']:.1f}x | "
+        f"{f'{memory:.1f}x less' if memory else '-'} |"
+    )
 
 
 def headline() -> str:

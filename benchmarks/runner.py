@@ -55,8 +55,17 @@ def environment(device: str) -> dict:
         out = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent)
         commit = out.stdout.strip() or None
         # Results measured on uncommitted changes say so.
-        dirty = ["git", "status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels",
-                 "stitchops", "benchmarks/*.py"]  # fmt: skip
+        dirty = [
+            "git",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "csrc",
+            "kernels",
+            "stitchops",
+            "benchmarks/*.py",
+        ]
         changes = subprocess.run(dirty, capture_output=True, text=True, cwd=Path(__file__).parent)
         if commit and changes.stdout.strip():
             commit += "+changes"
@@ -81,8 +90,7 @@ def environment(device: str) -> dict:
 def busy_neighbours(count: int) -> Iterator[None]:
     """Inside the block, ``count`` other processes each keep a CPU core busy (a spinning
     Python loop): the loaded machine the CPU targets are measured on."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(count)]  # fmt: skip
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
     try:
         time.sleep(0.5 if count else 0.0)
         yield
@@ -144,8 +152,12 @@ def measured_ceilings(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
         b = torch.randn(n, n, device=device, dtype=dtype)
         matmul_ms = median_ms(lambda a=a, b=b: a @ b, device, 300.0)["ms"]
         rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / matmul_ms / 1e9
-    return {"bandwidth_GBps": 2 * n_bytes / copy_ms / 1e6, "matmul_TFLOPs": rates,
-            "matmul_n": n, "copy_bytes": n_bytes}  # fmt: skip
+    return {
+        "bandwidth_GBps": 2 * n_bytes / copy_ms / 1e6,
+        "matmul_TFLOPs": rates,
+        "matmul_n": n,
+        "copy_bytes": n_bytes,
+    }
 
 
 def write_results(name: str, device: str, payload: dict) -> Path:
@@ -259,8 +271,9 @@ def measure(case: Case, device: str, budget_ms: float, ceilings: dict | None = N
         for other in case.compare_to:
             row[name][f"vs_{other}"] = row[other]["ms"] / row[name]["ms"]
         if case.peak_memory:
-            row[name]["memory_vs_baseline"] = (row[case.baseline]["peak_mb"]
-                                               / max(row[name]["peak_mb"], 1e-6))  # fmt: skip
+            row[name]["memory_vs_baseline"] = row[case.baseline]["peak_mb"] / max(
+                row[name]["peak_mb"], 1e-6
+            )
     details = case.details()
     if details:
         row["details"] = details
@@ -269,8 +282,9 @@ def measure(case: Case, device: str, budget_ms: float, ceilings: dict | None = N
 
 def implementations(rows: Sequence[dict]) -> list[str]:
     """Every implementation timed in any row, in first-seen order (some rows lack some)."""
-    return list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict)
-                              and "ms" in v))  # fmt: skip
+    return list(
+        dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict) and "ms" in v)
+    )
 
 
 def params_of(row: dict) -> dict:
@@ -331,8 +345,10 @@ def run(
     ceilings = None
     if ceilings_for:
         ceilings = measured_ceilings(device, tuple(ceilings_for))
-        print(f"measured ceilings: {ceilings['bandwidth_GBps']:.0f} GB/s, matmul TFLOP/s "
-              f"{ceilings['matmul_TFLOPs']}")  # fmt: skip
+        print(
+            f"measured ceilings: {ceilings['bandwidth_GBps']:.0f} GB/s, matmul TFLOP/s "
+            f"{ceilings['matmul_TFLOPs']}"
+        )
     try:
         from tqdm import tqdm
     except ImportError:
@@ -379,8 +395,7 @@ class Target:
         """Whether a row (or a case's parameters) is the one this target reads ("cuda:0"
         counts as "cuda")."""
         device = str(params.get("device", "")).split(":")[0]
-        return all((device if k == "device" else params.get(k)) == v
-                   for k, v in self.where.items())  # fmt: skip
+        return all((device if k == "device" else params.get(k)) == v for k, v in self.where.items())
 
     def check(self, data: dict) -> tuple[list[str], bool]:
         rows = [r for r in data.get(self.op, {}).get("rows", []) if self.matches(r)]

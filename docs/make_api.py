@@ -30,11 +30,15 @@ WORDS = {
     "nn": "The modules (the section below), loaded on first use.",
     "spt": "Sensitivity-aware sparse tuning (the section below), loaded on first use.",
     "train": "Training, samplers and evaluation (the section below), loaded on first use.",
-    **{f"deit_{size}_patch16_224": f"DeiT-{size}, timm's parameter names; {_KWARGS}."
-       for size in ("tiny", "small", "base")},
-    **{f"deit3_{size}_patch16_224": f"DeiT-III {size} (layer scale), timm's names; {_KWARGS}."
-       for size in ("small", "medium", "base", "large")},
-}  # fmt: skip
+    **{
+        f"deit_{size}_patch16_224": f"DeiT-{size}, timm's parameter names; {_KWARGS}."
+        for size in ("tiny", "small", "base")
+    },
+    **{
+        f"deit3_{size}_patch16_224": f"DeiT-III {size} (layer scale), timm's names; {_KWARGS}."
+        for size in ("small", "medium", "base", "large")
+    },
+}
 
 
 def signature(obj) -> str:

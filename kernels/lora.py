@@ -77,8 +77,13 @@ pinned_tiling = SPACE.pinned
 
 
 def _forward_meta(tiling: Tiling) -> dict:
-    return {"BLOCK_M": tiling.block_m, "BLOCK_N": tiling.block_n, "BLOCK_K": tiling.block_k,
-            "GROUP_M": 8, "COLUMN_TILES": tiling.column_tiles}  # fmt: skip
+    return {
+        "BLOCK_M": tiling.block_m,
+        "BLOCK_N": tiling.block_n,
+        "BLOCK_K": tiling.block_k,
+        "GROUP_M": 8,
+        "COLUMN_TILES": tiling.column_tiles,
+    }
 
 
 def _backward_meta(tiling: Tiling) -> dict:
@@ -105,17 +110,45 @@ def _load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
 
 @triton.jit
 def _lowrank_matmul_kernel(
-    x_ptr, w_ptr, l1_ptr, l2_ptr, bias_ptr, bias2_ptr, out_ptr, s_ptr,
-    M, N, K, R, scale, k_per_split,
-    stride_xm, stride_xk, stride_wk, stride_wn,
-    stride_l1k, stride_l1r, stride_l2r, stride_l2n,
-    stride_oz, stride_om, stride_on, stride_sm,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
-    STORE_S: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    l1_ptr,
+    l2_ptr,
+    bias_ptr,
+    bias2_ptr,
+    out_ptr,
+    s_ptr,
+    M,
+    N,
+    K,
+    R,
+    scale,
+    k_per_split,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_l1k,
+    stride_l1r,
+    stride_l2r,
+    stride_l2n,
+    stride_oz,
+    stride_om,
+    stride_on,
+    stride_sm,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
+    STORE_S: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     COLUMN_TILES: tl.constexpr,
-):  # fmt: skip
+):
     """out[z] = X[:, Kz]·Wt[Kz, :] + scale·(X·L1)·L2 + bias + bias2, K split into ranges Kz.
 
     X [M, K], Wt [K, N], L1 [K, R], L2 [R, N] are addressed through strides, so the forward
@@ -183,16 +216,46 @@ def _lowrank_matmul_kernel(
 
 @triton.jit
 def _lora_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, s_ptr, x_ptr,
-    dx_ptr, da_part_ptr, db_part_ptr, dbias_part_ptr,
-    M, IN, OUT, R, scale, rows_per_range,
-    stride_dym, stride_dyo, stride_wo, stride_wi, stride_ar, stride_ai, stride_bo, stride_br,
-    stride_sm, stride_xm, stride_xi, stride_dxm, stride_dxi,
-    HAS_LORA: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
-    NEED_DB: tl.constexpr, NEED_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    dy_ptr,
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    s_ptr,
+    x_ptr,
+    dx_ptr,
+    da_part_ptr,
+    db_part_ptr,
+    dbias_part_ptr,
+    M,
+    IN,
+    OUT,
+    R,
+    scale,
+    rows_per_range,
+    stride_dym,
+    stride_dyo,
+    stride_wo,
+    stride_wi,
+    stride_ar,
+    stride_ai,
+    stride_bo,
+    stride_br,
+    stride_sm,
+    stride_xm,
+    stride_xi,
+    stride_dxm,
+    stride_dxi,
+    HAS_LORA: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    NEED_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One pass over dy for the token range z = program_id(0), IN tile j = program_id(1).
 
     Writes dx[rows, j] and da_part[z, :, j] (unscaled dSᵀ·x). The reductions over tokens,
@@ -272,14 +335,17 @@ def _lora_backward_kernel(
 
 
 LOWRANK_MATMUL = TunedKernel(
-    _lowrank_matmul_kernel, SPACE, key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
+    _lowrank_matmul_kernel,
+    SPACE,
+    key=["N", "K", "BLOCK_R", "HAS_LORA", "SPLIT_K"],
     meta=_forward_meta,
-)  # fmt: skip
+)
 LORA_BACKWARD = TunedKernel(
-    _lora_backward_kernel, SPACE,
+    _lora_backward_kernel,
+    SPACE,
     key=["IN", "OUT", "BLOCK_R", "HAS_LORA", "NEED_DX", "NEED_DA", "NEED_DB"],
     meta=_backward_meta,
-)  # fmt: skip
+)
 KERNELS = (LOWRANK_MATMUL, LORA_BACKWARD)
 
 
@@ -316,8 +382,9 @@ def lora_forward(
     rank = lora_a.shape[0] if has_lora else 0
     keep_s = save_s and has_lora
     y = new_output(tokens, out_features, device=x.device, dtype=x.dtype)
-    s = new_output(tokens if keep_s else 0, rank if keep_s else 0, device=x.device,
-                   dtype=torch.float32)  # fmt: skip
+    s = new_output(
+        tokens if keep_s else 0, rank if keep_s else 0, device=x.device, dtype=torch.float32
+    )
     if tokens == 0:
         return y, s
     a = lora_a if has_lora else _dummy(weight)
@@ -327,19 +394,42 @@ def lora_forward(
         return (triton.cdiv(tokens, meta["BLOCK_M"]) * _column_groups(out_features, meta), 1)
 
     LOWRANK_MATMUL.launch(
-        grid, x.device,
-        x, weight, a, b,
+        grid,
+        x.device,
+        x,
+        weight,
+        a,
+        b,
         bias if bias is not None else _dummy(weight),
         extra_bias if extra_bias is not None else _dummy(weight),
-        y, s if s.numel() else _dummy(y),
-        tokens, out_features, in_features, rank, scale, max(in_features, 1),
-        x.stride(0), x.stride(1), weight.stride(1), weight.stride(0),
-        a.stride(1), a.stride(0), b.stride(1), b.stride(0),
-        0, y.stride(0), y.stride(1), max(rank, 1),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_BIAS2=extra_bias is not None,
-        STORE_S=bool(s.numel()), SPLIT_K=False, BLOCK_R=_block_r(rank),
+        y,
+        s if s.numel() else _dummy(y),
+        tokens,
+        out_features,
+        in_features,
+        rank,
+        scale,
+        max(in_features, 1),
+        x.stride(0),
+        x.stride(1),
+        weight.stride(1),
+        weight.stride(0),
+        a.stride(1),
+        a.stride(0),
+        b.stride(1),
+        b.stride(0),
+        0,
+        y.stride(0),
+        y.stride(1),
+        max(rank, 1),
+        HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None,
+        HAS_BIAS2=extra_bias is not None,
+        STORE_S=bool(s.numel()),
+        SPLIT_K=False,
+        BLOCK_R=_block_r(rank),
         DOT_PRECISION=dot_precision(x.dtype),
-    )  # fmt: skip
+    )
     return y, s
 
 
@@ -356,19 +446,48 @@ def weight_grad(grad_y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> to
     partial = new_output(splits, out_features, in_features, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_M"]) * _column_groups(in_features, meta),
-                splits)  # fmt: skip
+        return (
+            triton.cdiv(out_features, meta["BLOCK_M"]) * _column_groups(in_features, meta),
+            splits,
+        )
 
     LOWRANK_MATMUL.launch(
-        grid, x.device,
-        grad_y, x, x, x, x, x, partial, partial,
-        out_features, in_features, tokens, 0, 1.0, k_per_split,
-        grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1),
-        0, 0, 0, 0,
-        partial.stride(0), partial.stride(1), partial.stride(2), 1,
-        HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True,
-        BLOCK_R=16, DOT_PRECISION=dot_precision(x.dtype),
-    )  # fmt: skip
+        grid,
+        x.device,
+        grad_y,
+        x,
+        x,
+        x,
+        x,
+        x,
+        partial,
+        partial,
+        out_features,
+        in_features,
+        tokens,
+        0,
+        1.0,
+        k_per_split,
+        grad_y.stride(1),
+        grad_y.stride(0),
+        x.stride(0),
+        x.stride(1),
+        0,
+        0,
+        0,
+        0,
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        1,
+        HAS_LORA=False,
+        HAS_BIAS=False,
+        HAS_BIAS2=False,
+        STORE_S=False,
+        SPLIT_K=True,
+        BLOCK_R=16,
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
     return sum_ranges([(partial, 1.0)], dtype)[0]
 
 
@@ -415,22 +534,15 @@ def lora_backward(
         def grid(meta):
             return (ranges, triton.cdiv(in_features, meta["BLOCK_N"]))
 
-        LORA_BACKWARD.launch(
-            grid, x.device,
-            grad_y, weight, a, b, s_arg, x,
-            dx_arg,
-            da_part if need_a else _dummy(grad_y),
-            db_part if need_b else _dummy(grad_y),
-            dbias_part if need_bias else _dummy(grad_y),
-            tokens, in_features, out_features, rank, scale, rows_per_range,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            max(rank, 1), x.stride(0), x.stride(1),
-            dx_arg.stride(0), dx_arg.stride(1),
-            HAS_LORA=has_lora, NEED_DX=need_x, NEED_DA=need_a, NEED_DB=need_b,
-            NEED_BIAS=need_bias,
-            BLOCK_R=_block_r(rank), DOT_PRECISION=dot_precision(x.dtype),
-        )  # fmt: skip
+        parts = [p if p is not None else _dummy(grad_y) for p in (da_part, db_part, dbias_part)]
+        tensors = (grad_y, weight, a, b, s_arg, x, dx_arg, *parts)
+        sizes = (tokens, in_features, out_features, rank, scale, rows_per_range)
+        strides = (*grad_y.stride(), *weight.stride(), *a.stride(), *b.stride(), max(rank, 1),
+                   *x.stride(), *dx_arg.stride())  # fmt: skip
+        flags = dict(HAS_LORA=has_lora, NEED_DX=need_x, NEED_DA=need_a, NEED_DB=need_b,
+                     NEED_BIAS=need_bias, BLOCK_R=_block_r(rank),
+                     DOT_PRECISION=dot_precision(x.dtype))  # fmt: skip
+        LORA_BACKWARD.launch(grid, x.device, *tensors, *sizes, *strides, **flags)
     da, db, dbias = sum_ranges(
         [
             (da_part, scale) if need_a else None,

@@ -27,8 +27,9 @@ MAX_BUFFERS = 3
 
 
 @triton.jit
-def _sum_buffer(part_ptr, out_ptr, n, scale, ranges, block,
-                BLOCK_Z: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+def _sum_buffer(
+    part_ptr, out_ptr, n, scale, ranges, block, BLOCK_Z: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """Columns [block·BLOCK_C, +BLOCK_C) of one buffer: out = scale · Σ_z part[z, ·]."""
     offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < n
@@ -47,12 +48,22 @@ def _sum_buffer(part_ptr, out_ptr, n, scale, ranges, block,
 
 @triton.jit
 def _sum_ranges_kernel(
-    part0_ptr, out0_ptr, n0, scale0,
-    part1_ptr, out1_ptr, n1, scale1,
-    part2_ptr, out2_ptr, n2, scale2,
+    part0_ptr,
+    out0_ptr,
+    n0,
+    scale0,
+    part1_ptr,
+    out1_ptr,
+    n1,
+    scale1,
+    part2_ptr,
+    out2_ptr,
+    n2,
+    scale2,
     ranges,
-    BLOCK_Z: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    BLOCK_Z: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Programs take BLOCK_C columns each: those of buffer 0 first, then 1, then 2.
     The sum runs over ranges in a fixed order, so the result is deterministic."""
     pid = tl.program_id(0)
@@ -63,8 +74,9 @@ def _sum_ranges_kernel(
     elif pid < blocks0 + blocks1:
         _sum_buffer(part1_ptr, out1_ptr, n1, scale1, ranges, pid - blocks0, BLOCK_Z, BLOCK_C)
     else:
-        _sum_buffer(part2_ptr, out2_ptr, n2, scale2, ranges, pid - blocks0 - blocks1,
-                    BLOCK_Z, BLOCK_C)  # fmt: skip
+        _sum_buffer(
+            part2_ptr, out2_ptr, n2, scale2, ranges, pid - blocks0 - blocks1, BLOCK_Z, BLOCK_C
+        )
 
 
 def sum_ranges(
@@ -94,6 +106,5 @@ def sum_ranges(
     args += [dummy, dummy, 0, 1.0] * (MAX_BUFFERS - len(present))
     blocks = sum(triton.cdiv(out.numel(), BLOCK_C) for out in outs if out is not None)
     if blocks:
-        _sum_ranges_kernel[(blocks,)](*args, ranges, BLOCK_Z=BLOCK_Z, BLOCK_C=BLOCK_C,
-                                      num_warps=4)  # fmt: skip
+        _sum_ranges_kernel[(blocks,)](*args, ranges, BLOCK_Z=BLOCK_Z, BLOCK_C=BLOCK_C, num_warps=4)
     return outs

@@ -52,11 +52,21 @@ def _scatter_delta_kernel(w_ptr, delta_ptr, index_ptr, nnz, BLOCK: tl.constexpr)
 
 @triton.jit
 def _sddmm_kernel(
-    grad_ptr, x_ptr, index_ptr, part_ptr,
-    nnz, tokens, tokens_per_split, in_features,
-    stride_gt, stride_go, stride_xt, stride_xi,
-    BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    grad_ptr,
+    x_ptr,
+    index_ptr,
+    part_ptr,
+    nnz,
+    tokens,
+    tokens_per_split,
+    in_features,
+    stride_gt,
+    stride_go,
+    stride_xt,
+    stride_xi,
+    BLOCK_J: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """part[split, j] = Σ_{t in split} G[t, r_j]·x[t, c_j] (fp32)."""
     pid_j = tl.program_id(0)
     split = tl.program_id(1)
@@ -73,8 +83,7 @@ def _sddmm_kernel(
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         mask = (offs_t < t_end)[:, None] & mask_j[None, :]
-        g = tl.load(grad_ptr + offs_t[:, None] * stride_gt + g_cols[None, :], mask=mask,
-                    other=0.0)  # fmt: skip
+        g = tl.load(grad_ptr + offs_t[:, None] * stride_gt + g_cols[None, :], mask=mask, other=0.0)
         xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + x_cols[None, :], mask=mask, other=0.0)
         acc += g.to(tl.float32) * xv.to(tl.float32)
     tl.store(part_ptr + split.to(tl.int64) * nnz + offs_j, tl.sum(acc, axis=0), mask=mask_j)
@@ -112,8 +121,20 @@ def sparse_delta_grad(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor
     part = new_output(splits, nnz, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(nnz, BLOCK_J), splits)
     _sddmm_kernel[grid](
-        grad_y, x, index, part, nnz, tokens, per_split, in_features,
-        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
-        BLOCK_J=BLOCK_J, **launch_sizes({"BLOCK_T": BLOCK_T}, {"BLOCK_T": 128}), num_warps=4,
-    )  # fmt: skip
+        grad_y,
+        x,
+        index,
+        part,
+        nnz,
+        tokens,
+        per_split,
+        in_features,
+        grad_y.stride(0),
+        grad_y.stride(1),
+        x.stride(0),
+        x.stride(1),
+        BLOCK_J=BLOCK_J,
+        **launch_sizes({"BLOCK_T": BLOCK_T}, {"BLOCK_T": 128}),
+        num_warps=4,
+    )
     return sum_ranges([(part, 1.0)], x.dtype)[0]

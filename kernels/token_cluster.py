@@ -57,8 +57,7 @@ INTERPRETED = {"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_C": 32, "BLOCK_W": 32}
 
 def blocks() -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_Q, BLOCK_C) of this process's launches."""
-    sizes = launch_sizes({"BLOCK_P": BLOCK_P, "BLOCK_Q": BLOCK_Q, "BLOCK_C": BLOCK_C},
-                         INTERPRETED)  # fmt: skip
+    sizes = launch_sizes({"BLOCK_P": BLOCK_P, "BLOCK_Q": BLOCK_Q, "BLOCK_C": BLOCK_C}, INTERPRETED)
     return sizes["BLOCK_P"], sizes["BLOCK_Q"], sizes["BLOCK_C"]
 
 
@@ -86,14 +85,33 @@ def band_table(hw_in, grid, window, device) -> BandTable:
     centre_counts = torch.tensor([b.centres.stop - b.centres.start for b in bands], **i32)
     columns = reference.cell_index(hw_in[1], grid[1])
     column_start = torch.searchsorted(columns, torch.arange(grid[1] + 1))
-    return BandTable(starts, counts, centre_starts, centre_counts, columns.to(**i32),
-                     column_start.to(**i32), hw_in[1], int(counts.max()),
-                     int(centre_counts.max()))  # fmt: skip
+    return BandTable(
+        starts,
+        counts,
+        centre_starts,
+        centre_counts,
+        columns.to(**i32),
+        column_start.to(**i32),
+        hw_in[1],
+        int(counts.max()),
+        int(centre_counts.max()),
+    )
 
 
 @triton.jit
-def _distances(x_ptr, s_ptr, mean_ptr, rows, cols, mask_p, mask_q, channels,
-               BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+def _distances(
+    x_ptr,
+    s_ptr,
+    mean_ptr,
+    rows,
+    cols,
+    mask_p,
+    mask_q,
+    channels,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """[BLOCK_P, BLOCK_Q] ‖x_p − s_q‖² for pixel rows ``rows`` of x and centre rows ``cols``
     of s (both [*, channels] contiguous rows, int64 offsets), both centred on the image's
     mean token (``mean_ptr``: its [channels] fp32 row) before the products."""
@@ -106,8 +124,9 @@ def _distances(x_ptr, s_ptr, mean_ptr, rows, cols, mask_p, mask_q, channels,
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
         mask_x = mask_p[:, None] & mask_c[None, :]
         mask_s = mask_q[:, None] & mask_c[None, :]
-        xc = tl.load(x_ptr + rows[:, None] * channels + offs_c[None, :], mask=mask_x,
-                     other=0.0).to(tl.float32)  # fmt: skip
+        xc = tl.load(x_ptr + rows[:, None] * channels + offs_c[None, :], mask=mask_x, other=0.0).to(
+            tl.float32
+        )
         sc = tl.load(s_ptr + cols[:, None] * channels + offs_c[None, :], mask=mask_s, other=0.0)
         xc = tl.where(mask_x, xc - mean, 0.0)
         sc = tl.where(mask_s, sc - mean, 0.0)
@@ -118,8 +137,15 @@ def _distances(x_ptr, s_ptr, mean_ptr, rows, cols, mask_p, mask_q, channels,
 
 
 @triton.jit
-def _band_pixels(pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h,
-                 pixels, BLOCK_P: tl.constexpr):  # fmt: skip
+def _band_pixels(
+    pixel_start_ptr,
+    pixel_count_ptr,
+    centre_start_ptr,
+    centre_count_ptr,
+    grid_h,
+    pixels,
+    BLOCK_P: tl.constexpr,
+):
     """This program's band and pixel block (axes 0 and 1): (batch, flat pixel offset of the
     band, local pixel indices, their mask, flat row indices, first centre, centre count)."""
     batch, band = tl.program_id(0) // grid_h, tl.program_id(0) % grid_h
@@ -127,22 +153,52 @@ def _band_pixels(pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_coun
     local = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = local < tl.load(pixel_count_ptr + band)
     rows = batch.to(tl.int64) * pixels + p0 + local
-    return batch, p0, local, mask_p, rows, tl.load(centre_start_ptr + band), tl.load(
-        centre_count_ptr + band)  # fmt: skip
+    return (
+        batch,
+        p0,
+        local,
+        mask_p,
+        rows,
+        tl.load(centre_start_ptr + band),
+        tl.load(centre_count_ptr + band),
+    )
 
 
 @triton.jit
 def _affinity_kernel(
-    x_ptr, s_ptr, mean_ptr, a_ptr,
-    pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, cell_column_ptr,
-    grid_h, pixels, centres, channels, width, grid_w, radius, max_centres, inv_temperature,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    s_ptr,
+    mean_ptr,
+    a_ptr,
+    pixel_start_ptr,
+    pixel_count_ptr,
+    centre_start_ptr,
+    centre_count_ptr,
+    cell_column_ptr,
+    grid_h,
+    pixels,
+    centres,
+    channels,
+    width,
+    grid_w,
+    radius,
+    max_centres,
+    inv_temperature,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Program (b·h + band, pixel block): the softmax weights of the block's pixels over the
     band's centres, 0 off their ±r columns; a [B·N, max_centres]."""
     batch, p0, local, mask_p, rows, q0, q_count = _band_pixels(
-        pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h, pixels,
-        BLOCK_P)  # fmt: skip
+        pixel_start_ptr,
+        pixel_count_ptr,
+        centre_start_ptr,
+        centre_count_ptr,
+        grid_h,
+        pixels,
+        BLOCK_P,
+    )
     cell_col = tl.load(cell_column_ptr + (p0 + local) % width, mask=mask_p, other=0)
     s_base = s_ptr + batch.to(tl.int64) * centres * channels
     mean = mean_ptr + batch.to(tl.int64) * channels
@@ -152,8 +208,19 @@ def _affinity_kernel(
     for start in range(0, q_count, BLOCK_Q):  # pass 1: each pixel's max and sum
         offs_q = start + tl.arange(0, BLOCK_Q)
         mask_q = offs_q < q_count
-        d = _distances(x_ptr, s_base, mean, rows, q0 + offs_q, mask_p, mask_q, channels,
-                       BLOCK_P, BLOCK_Q, BLOCK_C)  # fmt: skip
+        d = _distances(
+            x_ptr,
+            s_base,
+            mean,
+            rows,
+            q0 + offs_q,
+            mask_p,
+            mask_q,
+            channels,
+            BLOCK_P,
+            BLOCK_Q,
+            BLOCK_C,
+        )
         near = tl.abs(cell_col[:, None] - ((q0 + offs_q) % grid_w)[None, :]) <= radius
         logits = tl.where(near & mask_q[None, :], -d * inv_t, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -163,29 +230,64 @@ def _affinity_kernel(
     for start in range(0, max_centres, BLOCK_Q):  # pass 2: the weights (0 past the band)
         offs_q = start + tl.arange(0, BLOCK_Q)
         mask_q = offs_q < q_count
-        d = _distances(x_ptr, s_base, mean, rows, q0 + offs_q, mask_p, mask_q, channels,
-                       BLOCK_P, BLOCK_Q, BLOCK_C)  # fmt: skip
+        d = _distances(
+            x_ptr,
+            s_base,
+            mean,
+            rows,
+            q0 + offs_q,
+            mask_p,
+            mask_q,
+            channels,
+            BLOCK_P,
+            BLOCK_Q,
+            BLOCK_C,
+        )
         near = tl.abs(cell_col[:, None] - ((q0 + offs_q) % grid_w)[None, :]) <= radius
         allowed = near & mask_q[None, :]
         a = tl.exp(tl.where(allowed, -d * inv_t, float("-inf")) - row_max[:, None])
         a = tl.where(allowed, a / row_sum[:, None], 0.0)
-        tl.store(a_ptr + rows[:, None] * max_centres + offs_q[None, :], a,
-                 mask=mask_p[:, None] & (offs_q < max_centres)[None, :])  # fmt: skip
+        tl.store(
+            a_ptr + rows[:, None] * max_centres + offs_q[None, :],
+            a,
+            mask=mask_p[:, None] & (offs_q < max_centres)[None, :],
+        )
 
 
 @triton.jit
 def _band_dot_kernel(
-    dy_ptr, v_ptr, g_ptr,
-    pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, cell_column_ptr,
-    grid_h, pixels, centres, dim, width, grid_w, radius, max_centres,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    v_ptr,
+    g_ptr,
+    pixel_start_ptr,
+    pixel_count_ptr,
+    centre_start_ptr,
+    centre_count_ptr,
+    cell_column_ptr,
+    grid_h,
+    pixels,
+    centres,
+    dim,
+    width,
+    grid_w,
+    radius,
+    max_centres,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Program (b·h + band, pixel block): g[p, q] = dy_p · v_{q0+q} over the band's
     candidates (0 off them and past the band), the weights' adjoint of ``_apply_kernel``;
     g [B·N, max_centres] fp32, dy [B·N, D] and v [B·M, D] fp32."""
     batch, p0, local, mask_p, rows, q0, q_count = _band_pixels(
-        pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h, pixels,
-        BLOCK_P)  # fmt: skip
+        pixel_start_ptr,
+        pixel_count_ptr,
+        centre_start_ptr,
+        centre_count_ptr,
+        grid_h,
+        pixels,
+        BLOCK_P,
+    )
     cell_col = tl.load(cell_column_ptr + (p0 + local) % width, mask=mask_p, other=0)
     v_base = v_ptr + batch.to(tl.int64) * centres * dim
     for start in range(0, max_centres, BLOCK_Q):
@@ -195,28 +297,55 @@ def _band_dot_kernel(
         for d0 in range(0, dim, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < dim
-            dy = tl.load(dy_ptr + rows[:, None] * dim + offs_d[None, :],
-                         mask=mask_p[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
-            v = tl.load(v_base + (q0 + offs_q)[:, None].to(tl.int64) * dim + offs_d[None, :],
-                        mask=mask_q[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+            dy = tl.load(
+                dy_ptr + rows[:, None] * dim + offs_d[None, :],
+                mask=mask_p[:, None] & mask_d[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + (q0 + offs_q)[:, None].to(tl.int64) * dim + offs_d[None, :],
+                mask=mask_q[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             acc = tl.dot(dy, tl.trans(v), acc, input_precision="ieee")
         near = tl.abs(cell_col[:, None] - ((q0 + offs_q) % grid_w)[None, :]) <= radius
         acc = tl.where(near & mask_q[None, :], acc, 0.0)
-        tl.store(g_ptr + rows[:, None] * max_centres + offs_q[None, :], acc,
-                 mask=mask_p[:, None] & (offs_q < max_centres)[None, :])  # fmt: skip
+        tl.store(
+            g_ptr + rows[:, None] * max_centres + offs_q[None, :],
+            acc,
+            mask=mask_p[:, None] & (offs_q < max_centres)[None, :],
+        )
 
 
 @triton.jit
 def _apply_kernel(
-    a_ptr, v_ptr, y_ptr, pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr,
-    grid_h, pixels, centres, dim, max_centres,
-    ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    a_ptr,
+    v_ptr,
+    y_ptr,
+    pixel_start_ptr,
+    pixel_count_ptr,
+    centre_start_ptr,
+    centre_count_ptr,
+    grid_h,
+    pixels,
+    centres,
+    dim,
+    max_centres,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """Program (b·h + band, pixel block, column block): y[p] (+)= Σ_q a[p, q]·v[q0 + q]."""
     batch, _p0, _local, mask_p, rows, q0, q_count = _band_pixels(
-        pixel_start_ptr, pixel_count_ptr, centre_start_ptr, centre_count_ptr, grid_h, pixels,
-        BLOCK_P)  # fmt: skip
+        pixel_start_ptr,
+        pixel_count_ptr,
+        centre_start_ptr,
+        centre_count_ptr,
+        grid_h,
+        pixels,
+        BLOCK_P,
+    )
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     v_base = v_ptr + batch.to(tl.int64) * centres * dim
@@ -224,10 +353,16 @@ def _apply_kernel(
     for start in range(0, q_count, BLOCK_Q):
         offs_q = start + tl.arange(0, BLOCK_Q)
         mask_q = offs_q < q_count
-        a = tl.load(a_ptr + rows[:, None] * max_centres + offs_q[None, :],
-                    mask=mask_p[:, None] & mask_q[None, :], other=0.0)  # fmt: skip
-        v = tl.load(v_base + (q0 + offs_q)[:, None].to(tl.int64) * dim + offs_d[None, :],
-                    mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        a = tl.load(
+            a_ptr + rows[:, None] * max_centres + offs_q[None, :],
+            mask=mask_p[:, None] & mask_q[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + (q0 + offs_q)[:, None].to(tl.int64) * dim + offs_d[None, :],
+            mask=mask_q[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(a, v, acc, input_precision="ieee")
     out = y_ptr + rows[:, None] * dim + offs_d[None, :]
     mask = mask_p[:, None] & mask_d[None, :]
@@ -238,10 +373,27 @@ def _apply_kernel(
 
 @triton.jit
 def _gather_kernel(
-    a_ptr, x_ptr, prev_ptr, out_ptr, totals_ptr, pixel_start_ptr, pixel_count_ptr,
-    column_start_ptr, grid_h, grid_w, radius, width, pixels, channels, max_centres, total_floor,
-    M_STEP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    x_ptr,
+    prev_ptr,
+    out_ptr,
+    totals_ptr,
+    pixel_start_ptr,
+    pixel_count_ptr,
+    column_start_ptr,
+    grid_h,
+    grid_w,
+    radius,
+    width,
+    pixels,
+    channels,
+    max_centres,
+    total_floor,
+    M_STEP: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Program (b·h + cell row, block of BLOCK_W centres of the row, channel block): per
     centre, Σ_p a[p, q]·x[p] and T = Σ_p a[p, q] over the pixels that may pick it (its
     ≤ 2r+1 bands, the pixel columns of its ±r cell columns), bands in order; the totals T
@@ -252,8 +404,9 @@ def _gather_kernel(
     ix = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_w = ix < grid_w
     column_lo = tl.load(column_start_ptr + tl.maximum(ix - radius, 0), mask=mask_w, other=0)
-    column_hi = tl.load(column_start_ptr + tl.minimum(ix + radius + 1, grid_w), mask=mask_w,
-                        other=0)  # fmt: skip
+    column_hi = tl.load(
+        column_start_ptr + tl.minimum(ix + radius + 1, grid_w), mask=mask_w, other=0
+    )
     band_span = column_hi - column_lo  # pixel columns per centre
     columns = tl.maximum(band_span, 1)
     widest = tl.max(band_span, axis=0)
@@ -268,12 +421,18 @@ def _gather_kernel(
         for start in range(0, band_rows * widest, BLOCK_P):
             local = start + tl.arange(0, BLOCK_P)
             mask = mask_w[:, None] & (local[None, :] < (band_rows * band_span)[:, None])
-            pixel = p0[:, None] + (local[None, :] // columns[:, None]) * width + (
-                local[None, :] % columns[:, None])  # fmt: skip
+            pixel = (
+                p0[:, None]
+                + (local[None, :] // columns[:, None]) * width
+                + (local[None, :] % columns[:, None])
+            )
             rows = batch.to(tl.int64) * pixels + pixel  # [BLOCK_W, BLOCK_P]
             a = tl.load(a_ptr + rows * max_centres + q[:, None], mask=mask, other=0.0)
-            x = tl.load(x_ptr + rows[:, :, None] * channels + offs_c[None, None, :],
-                        mask=mask[:, :, None] & mask_c[None, None, :], other=0.0)  # fmt: skip
+            x = tl.load(
+                x_ptr + rows[:, :, None] * channels + offs_c[None, None, :],
+                mask=mask[:, :, None] & mask_c[None, None, :],
+                other=0.0,
+            )
             acc += tl.sum(a[:, :, None] * x.to(tl.float32), axis=1)
             total += a
     centre = (batch * grid_h + iy).to(tl.int64) * grid_w + ix  # [BLOCK_W]
@@ -301,11 +460,28 @@ def affinities(x3, s3, mean, table, width, grid, radius, temperature) -> torch.T
     launch = (b * grid[0], triton.cdiv(table.max_pixels, block_p))
     if a.numel():
         _affinity_kernel[launch](
-            x3, s3, mean, a, table.pixel_start, table.pixel_count, table.centre_start,
-            table.centre_count, table.cell_column, grid[0], n, s3.shape[1], c, width, grid[1],
-            radius, table.max_centres, 1.0 / temperature,
-            BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_C=block_c,
-        )  # fmt: skip
+            x3,
+            s3,
+            mean,
+            a,
+            table.pixel_start,
+            table.pixel_count,
+            table.centre_start,
+            table.centre_count,
+            table.cell_column,
+            grid[0],
+            n,
+            s3.shape[1],
+            c,
+            width,
+            grid[1],
+            radius,
+            table.max_centres,
+            1.0 / temperature,
+            BLOCK_P=block_p,
+            BLOCK_Q=block_q,
+            BLOCK_C=block_c,
+        )
     return a
 
 
@@ -317,10 +493,26 @@ def band_dots(dy, v3, table, width, grid, radius) -> torch.Tensor:
     g = new_output(b, n, table.max_centres, device=dy.device, dtype=torch.float32)
     if g.numel():
         _band_dot_kernel[(b * grid[0], triton.cdiv(table.max_pixels, block_p))](
-            dy, v3, g, table.pixel_start, table.pixel_count, table.centre_start,
-            table.centre_count, table.cell_column, grid[0], n, v3.shape[1], dim, width, grid[1],
-            radius, table.max_centres, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_D=block_c,
-        )  # fmt: skip
+            dy,
+            v3,
+            g,
+            table.pixel_start,
+            table.pixel_count,
+            table.centre_start,
+            table.centre_count,
+            table.cell_column,
+            grid[0],
+            n,
+            v3.shape[1],
+            dim,
+            width,
+            grid[1],
+            radius,
+            table.max_centres,
+            BLOCK_P=block_p,
+            BLOCK_Q=block_q,
+            BLOCK_D=block_c,
+        )
     return g
 
 
@@ -333,10 +525,23 @@ def apply(a, v3, table, grid_h, out=None) -> torch.Tensor:
     launch = (b * grid_h, triton.cdiv(table.max_pixels, block_p), triton.cdiv(dim, block_c))
     if y.numel():
         _apply_kernel[launch](
-            a, v3, y, table.pixel_start, table.pixel_count, table.centre_start,
-            table.centre_count, grid_h, n, v3.shape[1], dim, table.max_centres,
-            ACCUMULATE=out is not None, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_D=block_c,
-        )  # fmt: skip
+            a,
+            v3,
+            y,
+            table.pixel_start,
+            table.pixel_count,
+            table.centre_start,
+            table.centre_count,
+            grid_h,
+            n,
+            v3.shape[1],
+            dim,
+            table.max_centres,
+            ACCUMULATE=out is not None,
+            BLOCK_P=block_p,
+            BLOCK_Q=block_q,
+            BLOCK_D=block_c,
+        )
     return y
 
 
@@ -354,11 +559,27 @@ def gather(a, x3, previous, table, grid, radius, m_step: bool, total_floor: floa
         block_w = launch_sizes({"BLOCK_W": GATHER_BLOCK_W}, INTERPRETED)["BLOCK_W"]
         launch = (b * grid[0], triton.cdiv(grid[1], block_w), max(1, triton.cdiv(c, block_c)))
         _gather_kernel[launch](
-            a, x3, previous, out, totals, table.pixel_start, table.pixel_count,
-            table.column_start, grid[0], grid[1], radius, table.width, x3.shape[1], c,
-            table.max_centres, total_floor, M_STEP=m_step, BLOCK_W=block_w, BLOCK_P=block_p,
+            a,
+            x3,
+            previous,
+            out,
+            totals,
+            table.pixel_start,
+            table.pixel_count,
+            table.column_start,
+            grid[0],
+            grid[1],
+            radius,
+            table.width,
+            x3.shape[1],
+            c,
+            table.max_centres,
+            total_floor,
+            M_STEP=m_step,
+            BLOCK_W=block_w,
+            BLOCK_P=block_p,
             BLOCK_C=block_c,
-        )  # fmt: skip
+        )
     return out, totals
 
 
@@ -405,8 +626,7 @@ def token_cluster_backward(grad, x, grid, window, iters, temperature, numerics) 
     b, height, width, c = x.shape
     x3 = x.reshape(b, height * width, c).contiguous()
     table = band_table((height, width), grid, window, x.device)
-    _, history = _iterate(x3, table, width, grid, window, iters, temperature, numerics,
-                          keep=True)  # fmt: skip
+    _, history = _iterate(x3, table, width, grid, window, iters, temperature, numerics, keep=True)
     g = grad.reshape(b, grid[0] * grid[1], c).float()
     dx = torch.zeros(b, height * width, c, device=x.device, dtype=torch.float32)
     for a, totals in reversed(history):
@@ -428,8 +648,9 @@ def _reconstruction_weights(x, centres, window, temperature):
     return table, a, x3, s3, mean
 
 
-def token_reconstruct_forward(x, centres, values, window, temperature, mode, k,
-                              numerics) -> torch.Tensor:  # fmt: skip
+def token_reconstruct_forward(
+    x, centres, values, window, temperature, mode, k, numerics
+) -> torch.Tensor:
     b, height, width, _ = x.shape
     grid = tuple(centres.shape[1:3])
     table, a, *_ = _reconstruction_weights(x, centres, window, temperature)
@@ -438,8 +659,7 @@ def token_reconstruct_forward(x, centres, values, window, temperature, mode, k,
     return y.reshape(b, height, width, values.shape[-1]).to(values.dtype)
 
 
-def token_reconstruct_backward(grad, x, centres, values, window, temperature, mode, k,
-                               numerics):  # fmt: skip
+def token_reconstruct_backward(grad, x, centres, values, window, temperature, mode, k, numerics):
     b, height, width, _ = x.shape
     grid = tuple(centres.shape[1:3])
     table, a, *_ = _reconstruction_weights(x, centres, window, temperature)
@@ -449,8 +669,9 @@ def token_reconstruct_backward(grad, x, centres, values, window, temperature, mo
     return dv.reshape(values.shape).to(values.dtype)
 
 
-def token_reconstruct_weight_backward(grad, x, centres, values, window, temperature, mode, k,
-                                      numerics):  # fmt: skip
+def token_reconstruct_weight_backward(
+    grad, x, centres, values, window, temperature, mode, k, numerics
+):
     """(dx, d centres) through the local weights (``reference.distance_gradient``): g from
     the band dots dy·vᵀ, then dx = 2(x̃·Σ_q g − Σ_q g·s̃) by the apply kernel and
     ds = −2(Σ_p g·x̃ − s̃·Σ_p g) by the gather kernel, x̃ and s̃ centred."""

@@ -138,11 +138,7 @@ class Op:
         return reasons + list(limits)
 
     def choose(
-        self,
-        tensors: Sequence[torch.Tensor],
-        *,
-        written: int = 0,
-        limits: Sequence[str] = (),
+        self, tensors: Sequence[torch.Tensor], *, written: int = 0, limits: Sequence[str] = ()
     ) -> str:
         """The backend for one call (arguments as for ``reasons``)."""
         reasons = {

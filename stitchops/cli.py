@@ -1,10 +1,6 @@
 """Command line (also ``python -m stitchops``).
 
-stitchops demo          SN-Netv2 end to end on the bundled digits (the README's first command)
-stitchops demo seg      stitched segmentation on generated shapes
-stitchops demo spt      SPT against LoRA and full fine-tuning
-stitchops demo expedit  a trained Segmenter expedited without fine-tuning
-stitchops demo faseg    FASeg's decoder ablations in small
+stitchops demo [NAME]   a method end to end on a laptop CPU (the demos below)
 stitchops train         pretrain an anchor, train SN-Net / SN-Netv2 / ESTA, fine-tune with
                         SPT (torchrun for DDP); Ctrl-C saves, --resume continues
 stitchops eval          evaluate a checkpoint (every stitch, or the one model) or a weights
@@ -61,8 +57,10 @@ def info(_args) -> int:
 def bench(args) -> int:
     folder = _benchmarks_dir()
     if folder is None:
-        msg = ("stitchops bench runs the scripts in a source checkout's benchmarks/ folder: run "
-               "it from the repository root (git clone, then pip install -e .)")  # fmt: skip
+        msg = (
+            "stitchops bench runs the scripts in a source checkout's benchmarks/ folder: run "
+            "it from the repository root (git clone, then pip install -e .)"
+        )
         print(msg, file=sys.stderr)
         return 2
     scripts = sorted(folder.glob("bench_*.py"))
@@ -101,8 +99,11 @@ def demo(args) -> int:
     given = {"anchor_epochs": args.anchor_epochs, "stitch_epochs": args.stitch_epochs}
     for option, value in given.items():
         if value is not None and option not in module.OPTIONS:
-            print(f"stitchops demo: warning: --{option.replace('_', '-')} ignored: demo "
-                  f"{args.task} does not take it", file=sys.stderr)  # fmt: skip
+            print(
+                f"stitchops demo: warning: --{option.replace('_', '-')} ignored: demo "
+                f"{args.task} does not take it",
+                file=sys.stderr,
+            )
     options = {k: v for k, v in given.items() if v is not None and k in module.OPTIONS}
     if args.out is not None:
         options["out"] = args.out
@@ -124,9 +125,11 @@ def train_cmd(args) -> int:
         ignored = TrainConfig(**vars(cfg)).resolved().ignored()
         if ignored:
             flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
-            print(f"stitchops train: warning: {flags} ignored: mode {cfg.mode!r}, task "
-                  f"{cfg.task!r} does not use {'it' if len(ignored) == 1 else 'them'}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"stitchops train: warning: {flags} ignored: mode {cfg.mode!r}, task "
+                f"{cfg.task!r} does not use {'it' if len(ignored) == 1 else 'them'}",
+                file=sys.stderr,
+            )
     path = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if main_process:
         print(f"checkpoint: {path}")
@@ -171,8 +174,10 @@ def _load_note() -> str:
         return "load unknown"
     cores = os.cpu_count() or 1
     if load > cores:
-        return (f"WARNING: the machine was busy (load {load:.1f} on {cores} cores): the "
-                "latencies are inflated and may not rank the stitches")  # fmt: skip
+        return (
+            f"WARNING: the machine was busy (load {load:.1f} on {cores} cores): the "
+            "latencies are inflated and may not rank the stitches"
+        )
     return f"load {load:.1f} on {cores} cores"
 
 
@@ -191,15 +196,22 @@ def _eval_weights(args, device):
     data = load_dataset(args.data, "val", model.cfg.img_size, model.cfg.in_chans)
     check_data_fits(data, model.cfg, args.data)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
-    return eval_classifier(model, loader, args.patch_size, device, args.latency_repeats,
-                           name=Path(args.checkpoint).name)  # fmt: skip
+    return eval_classifier(
+        model,
+        loader,
+        args.patch_size,
+        device,
+        args.latency_repeats,
+        name=Path(args.checkpoint).name,
+    )
 
 
 def _check_ids(ids, known: set[int], checkpoint) -> None:
     unknown = [i for i in ids or () if i not in known]
     if unknown:
-        raise ValueError(f"--ids {unknown}: {checkpoint} has stitches {sorted(known)[:3]} to "
-                         f"{max(known)}")  # fmt: skip
+        raise ValueError(
+            f"--ids {unknown}: {checkpoint} has stitches {sorted(known)[:3]} to {max(known)}"
+        )
 
 
 def _eval_cls(model, cfg, args, device):
@@ -216,12 +228,19 @@ def _eval_cls(model, cfg, args, device):
     if not hasattr(model, "stitches"):  # an anchor or an SPT-tuned model
         if args.ids:
             raise ValueError(f"--ids: {args.checkpoint} holds one model, not stitches")
-        return eval_classifier(model, loader, args.patch_size, device, args.latency_repeats,
-                               name=f"{cfg.mode} model")  # fmt: skip
+        return eval_classifier(
+            model, loader, args.patch_size, device, args.latency_repeats, name=f"{cfg.mode} model"
+        )
     _check_ids(args.ids, {s.id for s in model.stitches}, args.checkpoint)
-    return eval_stitches(model, loader, ids=args.ids, patch_size=args.patch_size, device=device,
-                         progress=not args.no_progress,
-                         latency_repeats=args.latency_repeats)  # fmt: skip
+    return eval_stitches(
+        model,
+        loader,
+        ids=args.ids,
+        patch_size=args.patch_size,
+        device=device,
+        progress=not args.no_progress,
+        latency_repeats=args.latency_repeats,
+    )
 
 
 def _eval_seg(model, cfg, args, device):
@@ -233,8 +252,9 @@ def _eval_seg(model, cfg, args, device):
     backbone = model.backbone
     first = (backbone.anchors[0] if hasattr(backbone, "anchors") else backbone).cfg
     reduce = args.reduce_zero_label if args.reduce_zero_label is not None else cfg.reduce_zero_label
-    data = load_seg_dataset(args.data or cfg.val_data or cfg.data, "val", first,
-                            model.num_classes, cfg.seed, reduce)  # fmt: skip
+    data = load_seg_dataset(
+        args.data or cfg.val_data or cfg.data, "val", first, model.num_classes, cfg.seed, reduce
+    )
     # folder images differ in size: one at a time; generated ones stack
     batch = args.batch_size if (args.data or cfg.data) == "shapes" else 1
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=args.workers)
@@ -244,9 +264,15 @@ def _eval_seg(model, cfg, args, device):
     if args.crop is not None or args.stride is not None:
         inference = {"mode": "slide", "crop": args.crop, "stride": args.stride}
         model.check_sliding(args.crop, args.stride, args.patch_size)  # before any work
-    return eval_seg_stitches(model, loader, ids=args.ids, device=device,
-                             progress=not args.no_progress, latency_repeats=args.latency_repeats,
-                             inference=inference)  # fmt: skip
+    return eval_seg_stitches(
+        model,
+        loader,
+        ids=args.ids,
+        device=device,
+        progress=not args.no_progress,
+        latency_repeats=args.latency_repeats,
+        inference=inference,
+    )
 
 
 def _device(name: str):
@@ -259,18 +285,34 @@ def _device(name: str):
         raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this machine has no CUDA GPU (torch "
-                             f"{torch.__version__}); use --device cpu")  # fmt: skip
+            raise ValueError(
+                f"--device {name}: this machine has no CUDA GPU (torch "
+                f"{torch.__version__}); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")  # fmt: skip
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return device
 
 
-FASEG_KEYS = {"hidden": int, "heads": int, "queries": int, "layers": int, "ffn": int,
-              "dfpq": "bool", "hrca": "hrca", "hrca_ratio": int, "mask_threshold": float,
-              "first_pos": str, "hrca_pos": str, "hrca_windows": str, "key_pos": str,
-              "points": int, "sampling": str}  # fmt: skip
+FASEG_KEYS = {
+    "hidden": int,
+    "heads": int,
+    "queries": int,
+    "layers": int,
+    "ffn": int,
+    "dfpq": "bool",
+    "hrca": "hrca",
+    "hrca_ratio": int,
+    "mask_threshold": float,
+    "first_pos": str,
+    "hrca_pos": str,
+    "hrca_windows": str,
+    "key_pos": str,
+    "points": int,
+    "sampling": str,
+}
 
 
 def _faseg_options(text: str) -> dict:
@@ -280,8 +322,9 @@ def _faseg_options(text: str) -> dict:
         key, _, value = item.partition("=")
         kind = FASEG_KEYS.get(key.strip())
         if kind is None or not value:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE with KEY one of "
-                                             f"{', '.join(FASEG_KEYS)}")  # fmt: skip
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(FASEG_KEYS)}"
+            )
         value = value.strip()
         if kind == "bool":
             if value.lower() not in ("true", "false"):
@@ -353,17 +396,22 @@ _TRAIN_NUMBERS = (
     ("spt-beta", float, "SPT: a vector is tuned whole at sensitive count >= its length / beta"),
     ("spt-batches", int, "SPT: training batches of the sensitivity pass"),
     ("spt-dropout", float, "SPT: dropout on the LoRA branches' input (the official 0.1)"),
-    ("spt-drop-path", float, "SPT: per-sample drop-path of the structured branches (official "
-                             "0.1)"),
-    ("save-every", int, "also save a checkpoint every N steps (it is saved at each epoch's "
-                        "end anyway, and on Ctrl-C)"),
-    ("save-minutes", float, "also save a checkpoint when this many minutes passed since the "
-                            "last"),
+    ("spt-drop-path", float, "SPT: per-sample drop-path of the structured branches (official 0.1)"),
+    (
+        "save-every",
+        int,
+        "also save a checkpoint every N steps (it is saved at each epoch's "
+        "end anyway, and on Ctrl-C)",
+    ),
+    ("save-minutes", float, "also save a checkpoint when this many minutes passed since the last"),
     ("log-every", int, "write log.jsonl every N steps"),
     ("workers", int, "data-loading processes"),
-    ("threads", int, "CPU intra-op threads (none: chosen for the model's work, one for small "
-                     "models)"),
-)  # fmt: skip
+    (
+        "threads",
+        int,
+        "CPU intra-op threads (none: chosen for the model's work, one for small models)",
+    ),
+)
 
 
 def _default(name: str) -> str:
@@ -387,89 +435,210 @@ def _add_train_parser(sub) -> None:
         "processes). Defaults in brackets; 'by mode' ones follow --mode.",
         epilog=SPEC_HELP,
     )
-    p.add_argument("--mode", choices=["anchor", "snnet", "snnetv2", "esta", "spt"],
-                   default="snnetv2", help="what to train; spt: sensitivity-aware sparse "
-                   "fine-tuning of one pretrained model (--anchor-weights) [snnetv2]")  # fmt: skip
-    p.add_argument("--budget", type=_budget, help="SPT: trainable parameters besides the head, "
-                   "e.g. 0.4M or 250k")  # fmt: skip
-    p.add_argument("--spt-structured", choices=["lora", "adapter"],
-                   help=f"SPT: structured tuning of sensitive matrices "
-                   f"[{_default('spt_structured')}]")  # fmt: skip
-    p.add_argument("--spt-plan", metavar="PLAN", help="SPT: a plan.json to apply instead of "
-                   "the sensitivity pass, or 'lora-all' (LoRA on every matrix, the "
-                   "baseline)")  # fmt: skip
-    p.add_argument("--spt-train-cls", action=argparse.BooleanOptionalAction, default=None,
-                   help="SPT: the class token trains with the head (the official recipe) "
-                   f"[{_default('spt_train_cls')}]")  # fmt: skip
-    p.add_argument("--spt-tau-search", choices=["exact", "official"],
-                   help="SPT: the largest tau within the budget, or the official tau sweep "
-                   f"(plans may exceed the budget) [{_default('spt_tau_search')}]")  # fmt: skip
-    p.add_argument("--spt-split-fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="SPT: rank a fused qkv as q, k and v, as the official code "
-                   f"[{_default('spt_split_fused')}]")  # fmt: skip
-    p.add_argument("--spt-per-sample", action="store_true", default=None,
-                   help="SPT: sum per-sample squared gradients (the thesis's "
-                   "Algorithm 1)")  # fmt: skip
-    p.add_argument("--task", choices=["cls", "seg"], help="classification, or semantic "
-                   "segmentation with a Segmenter head [cls]")  # fmt: skip
-    p.add_argument("--decoder", "--head", dest="decoder",
-                   choices=["linear", "mask", "setr", "faseg"], help="segmentation head: "
-                   "Segmenter's linear or mask transformer, SETR's naive, or FASeg's query "
-                   "decoder (Mask2Former + DFPQ + HRCA) [linear]")  # fmt: skip
-    p.add_argument("--faseg", type=_faseg_options, metavar="KEY=VALUE,...",
-                   dest="decoder_options", help="FASeg head and loss settings, e.g. "
-                   "queries=20,layers=5,hidden=64,dfpq=false,hrca=none,points=1024 (keys: "
-                   f"{', '.join(FASEG_KEYS)})")  # fmt: skip
-    p.add_argument("--schedule", choices=["cosine", "poly"],
-                   help="learning-rate decay [cosine for cls, poly for seg]")  # fmt: skip
-    p.add_argument("--anchors", nargs="+", metavar="SPEC",
-                   help="model specs, cheapest first, e.g. deit_small_patch16_224 or "
-                   "vit_small_test:embed_dim=64 (keys below)")  # fmt: skip
-    p.add_argument("--anchor-weights", nargs="+", metavar="FILE",
-                   help="one .safetensors/.pth per anchor (timm or stitchops "
-                   "checkpoints)")  # fmt: skip
-    p.add_argument("--data", help="'digits' (bundled) or an ImageFolder folder; with --task seg "
-                   "'shapes' (generated) or an ADE20K-layout or images/ + masks/ folder. "
-                   "Split: a folder's train/ and val/ (ADE20K: training/ and validation/) "
-                   "sub-folders, else --val-data for seg; without either, evaluation reads "
-                   "the training images, with a warning [digits; shapes for seg]")  # fmt: skip
-    p.add_argument("--out", help="output folder: checkpoint, log.jsonl; a folder holding a run "
-                   "is refused (see --resume, --overwrite) [runs/stitchops; with --resume the "
-                   "checkpoint's folder]")  # fmt: skip
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from it, "
-                   "in its folder unless --out says otherwise")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder "
-                   "that holds one (its checkpoint and log are removed)")  # fmt: skip
-    p.add_argument("--val-data", help="seg: the evaluation folder, for data without a split "
-                   "of its own (images/ + masks/) [the data's validation split]")  # fmt: skip
-    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
-                   help="seg: masks' 0 is 'other', ignored, and ids shift down by one "
-                   "(ADE20K; 255 stays ignored) [on for ADE20K's layout, off for "
-                   "images/ + masks/]")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=["anchor", "snnet", "snnetv2", "esta", "spt"],
+        default="snnetv2",
+        help="what to train; spt: sensitivity-aware sparse "
+        "fine-tuning of one pretrained model (--anchor-weights) [snnetv2]",
+    )
+    for options in (
+        _spt_options,
+        _task_options,
+        _model_and_data_options,
+        _stitch_options,
+        _run_options,
+    ):
+        options(p)
+    p.set_defaults(fn=train_cmd)
+
+
+def _spt_options(p) -> None:
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        help="SPT: trainable parameters besides the head, e.g. 0.4M or 250k",
+    )
+    p.add_argument(
+        "--spt-structured",
+        choices=["lora", "adapter"],
+        help=f"SPT: structured tuning of sensitive matrices [{_default('spt_structured')}]",
+    )
+    p.add_argument(
+        "--spt-plan",
+        metavar="PLAN",
+        help="SPT: a plan.json to apply instead of "
+        "the sensitivity pass, or 'lora-all' (LoRA on every matrix, the "
+        "baseline)",
+    )
+    p.add_argument(
+        "--spt-train-cls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SPT: the class token trains with the head (the official recipe) "
+        f"[{_default('spt_train_cls')}]",
+    )
+    p.add_argument(
+        "--spt-tau-search",
+        choices=["exact", "official"],
+        help="SPT: the largest tau within the budget, or the official tau sweep "
+        f"(plans may exceed the budget) [{_default('spt_tau_search')}]",
+    )
+    p.add_argument(
+        "--spt-split-fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SPT: rank a fused qkv as q, k and v, as the official code "
+        f"[{_default('spt_split_fused')}]",
+    )
+    p.add_argument(
+        "--spt-per-sample",
+        action="store_true",
+        default=None,
+        help="SPT: sum per-sample squared gradients (the thesis's Algorithm 1)",
+    )
+
+
+def _task_options(p) -> None:
+    p.add_argument(
+        "--task",
+        choices=["cls", "seg"],
+        help="classification, or semantic segmentation with a Segmenter head [cls]",
+    )
+    p.add_argument(
+        "--decoder",
+        "--head",
+        dest="decoder",
+        choices=["linear", "mask", "setr", "faseg"],
+        help="segmentation head: "
+        "Segmenter's linear or mask transformer, SETR's naive, or FASeg's query "
+        "decoder (Mask2Former + DFPQ + HRCA) [linear]",
+    )
+    p.add_argument(
+        "--faseg",
+        type=_faseg_options,
+        metavar="KEY=VALUE,...",
+        dest="decoder_options",
+        help="FASeg head and loss settings, e.g. "
+        "queries=20,layers=5,hidden=64,dfpq=false,hrca=none,points=1024 (keys: "
+        f"{', '.join(FASEG_KEYS)})",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "poly"],
+        help="learning-rate decay [cosine for cls, poly for seg]",
+    )
+
+
+def _model_and_data_options(p) -> None:
+    p.add_argument(
+        "--anchors",
+        nargs="+",
+        metavar="SPEC",
+        help="model specs, cheapest first, e.g. deit_small_patch16_224 or "
+        "vit_small_test:embed_dim=64 (keys below)",
+    )
+    p.add_argument(
+        "--anchor-weights",
+        nargs="+",
+        metavar="FILE",
+        help="one .safetensors/.pth per anchor (timm or stitchops checkpoints)",
+    )
+    p.add_argument(
+        "--data",
+        help="'digits' (bundled) or an ImageFolder folder; with --task seg "
+        "'shapes' (generated) or an ADE20K-layout or images/ + masks/ folder. "
+        "Split: a folder's train/ and val/ (ADE20K: training/ and validation/) "
+        "sub-folders, else --val-data for seg; without either, evaluation reads "
+        "the training images, with a warning [digits; shapes for seg]",
+    )
+    p.add_argument(
+        "--out",
+        help="output folder: checkpoint, log.jsonl; a folder holding a run "
+        "is refused (see --resume, --overwrite) [runs/stitchops; with --resume the "
+        "checkpoint's folder]",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue a run exactly from it, in its folder unless --out says otherwise",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out folder "
+        "that holds one (its checkpoint and log are removed)",
+    )
+    p.add_argument(
+        "--val-data",
+        help="seg: the evaluation folder, for data without a split "
+        "of its own (images/ + masks/) [the data's validation split]",
+    )
+    p.add_argument(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="seg: masks' 0 is 'other', ignored, and ids shift down by one "
+        "(ADE20K; 255 stays ignored) [on for ADE20K's layout, off for "
+        "images/ + masks/]",
+    )
     for name, kind, what in _TRAIN_NUMBERS:
         p.add_argument(f"--{name}", type=kind, help=f"{what} [{_default(name)}]")
-    p.add_argument("--sampler", choices=["uniform", "ros", "esta"],
-                   help=f"stitch sampling [{_default('sampler')}]")  # fmt: skip
-    p.add_argument("--two-way", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"SN-Netv2's FS/SF/FSF/SFS space [{_default('two_way')}]")  # fmt: skip
-    p.add_argument("--stitch-biases", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"ESTA's per-stitch biases [{_default('stitch_biases')}]")  # fmt: skip
-    p.add_argument("--partial-windows", action="store_true", default=None,
-                   help="SN-Net: also stitch the partial windows at the end (the "
-                   "official code's reading)")  # fmt: skip
-    p.add_argument("--all-pairs", action="store_true", help="stitch every anchor pair, not "
-                   "only neighbours (SN-Net's nearest stitching off)")  # fmt: skip
-    p.add_argument("--patch-sizes", type=_ints, metavar="P,P,...",
-                   help="FlexiViT: a random patch size per step from these")  # fmt: skip
-    p.add_argument("--distill", help="'inplace' (from the largest anchor) or a teacher's weights "
-                   f"file [{_default('distill')}]")  # fmt: skip
+
+
+def _stitch_options(p) -> None:
+    p.add_argument(
+        "--sampler",
+        choices=["uniform", "ros", "esta"],
+        help=f"stitch sampling [{_default('sampler')}]",
+    )
+    p.add_argument(
+        "--two-way",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"SN-Netv2's FS/SF/FSF/SFS space [{_default('two_way')}]",
+    )
+    p.add_argument(
+        "--stitch-biases",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"ESTA's per-stitch biases [{_default('stitch_biases')}]",
+    )
+    p.add_argument(
+        "--partial-windows",
+        action="store_true",
+        default=None,
+        help="SN-Net: also stitch the partial windows at the end (the official code's reading)",
+    )
+    p.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="stitch every anchor pair, not only neighbours (SN-Net's nearest stitching off)",
+    )
+    p.add_argument(
+        "--patch-sizes",
+        type=_ints,
+        metavar="P,P,...",
+        help="FlexiViT: a random patch size per step from these",
+    )
+    p.add_argument(
+        "--distill",
+        help="'inplace' (from the largest anchor) or a teacher's weights "
+        f"file [{_default('distill')}]",
+    )
     p.add_argument("--teacher", metavar="SPEC", help="model spec of the teacher for --distill FILE")
+
+
+def _run_options(p) -> None:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                   help="CUDA: deterministic algorithms and cuBLAS workspace, so a resumed run "
-                   "equals an uninterrupted one [True]")  # fmt: skip
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA: deterministic algorithms and cuBLAS workspace, so a resumed run "
+        "equals an uninterrupted one [True]",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(fn=train_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -481,70 +650,135 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: demo, train, eval, info, bench."""
-    parser = _Parser(
-        prog="stitchops", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    defaults = _ShowDefaults
     from stitchops.demos import DEMOS
 
-    p = sub.add_parser("demo", help="a method end to end on a laptop CPU: "
-                       + ", ".join(DEMOS), formatter_class=argparse.RawTextHelpFormatter,
-                       description="\n".join(f"{k:<8} {v}" for k, v in DEMOS.items()))  # fmt: skip
-    p.add_argument("task", nargs="?", choices=list(DEMOS), default="cls",
-                   help="which demo (default: cls)")  # fmt: skip
-    p.add_argument("--out", help="output folder (default: runs/demo, runs/demo-seg, "
-                   "runs/demo-spt, runs/demo-expedit, runs/demo-faseg)")  # fmt: skip
-    p.add_argument("--anchor-epochs", type=int,
-                   help="epochs of each anchor (default: 30 for cls and spt, 20 for "
-                   "seg and expedit, 6 for each faseg variant)")  # fmt: skip
-    p.add_argument("--stitch-epochs", type=int,
-                   help="epochs of the stitched model, or spt's fine-tuning (default: 10 for "
-                   "cls, 8 for seg, 12 for spt)")  # fmt: skip
+    demos = "\n".join(f"  demo {name:<8} {what}" for name, what in DEMOS.items())
+    parser = _Parser(
+        prog="stitchops",
+        description=f"{__doc__}\ndemos:\n{demos}",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_parser(sub)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    sub.add_parser("info", help="versions and which backends can run here").set_defaults(fn=info)
+    _add_bench_parser(sub)
+    return parser
+
+
+def _add_demo_parser(sub) -> None:
+    from stitchops.demos import DEFAULT, DEMOS
+
+    p = sub.add_parser(
+        "demo",
+        help="a method end to end on a laptop CPU: " + ", ".join(DEMOS),
+        formatter_class=argparse.RawTextHelpFormatter,
+        description="\n".join(f"{k:<8} {v}" for k, v in DEMOS.items()),
+    )
+    p.add_argument(
+        "task",
+        nargs="?",
+        choices=list(DEMOS),
+        default=DEFAULT,
+        help=f"which demo (default: {DEFAULT})",
+    )
+    p.add_argument("--out", help="output folder (default: the demo's, named above)")
+    p.add_argument(
+        "--anchor-epochs",
+        type=int,
+        help="epochs of each pretrained model (default: the demo's own)",
+    )
+    p.add_argument(
+        "--stitch-epochs",
+        type=int,
+        help="epochs of the second stage: the stitched "
+        "model, or a fine-tuning (default: the demo's own)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1, the demos' "
-                   "models are small: more only slows them)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU intra-op threads (default: 1, the demos' models are small: more only slows them)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)
-    _add_train_parser(sub)
-    p = sub.add_parser("eval", help="evaluate a checkpoint (every stitch, or the one model) or "
-                       "a weights file: table and plot",
-                       formatter_class=defaults)  # fmt: skip
-    p.add_argument("checkpoint", help="a training checkpoint (.safetensors: a stitched model, "
-                   "an anchor, a segmentation or SPT model), or with --model a weights file "
-                   "(SPT's merged.safetensors, timm weights)")  # fmt: skip
-    p.add_argument("--model", metavar="SPEC", help="the model spec of a plain weights file "
-                   "(e.g. vit_small_test:embed_dim=48,depth=4,num_heads=3,num_classes=5); "
-                   "needs --data")  # fmt: skip
-    p.add_argument("--task", choices=["cls", "seg"], help="what the checkpoint must be "
-                   "(default: whatever it is: accuracy for cls, mIoU for seg)")  # fmt: skip
-    p.add_argument("--data", help="'digits' or an ImageFolder folder (default: the data the "
-                   "model was trained on)")  # fmt: skip
-    p.add_argument("--ids", type=_ints, metavar="ID,ID,...", help="evaluate only these stitches "
-                   "(default: every one)")  # fmt: skip
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (every stitch, or the one model) or "
+        "a weights file: table and plot",
+        formatter_class=_ShowDefaults,
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a training checkpoint (.safetensors: a stitched model, "
+        "an anchor, a segmentation or SPT model), or with --model a weights file "
+        "(SPT's merged.safetensors, timm weights)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="the model spec of a plain weights file "
+        "(e.g. vit_small_test:embed_dim=48,depth=4,num_heads=3,num_classes=5); "
+        "needs --data",
+    )
+    p.add_argument(
+        "--task",
+        choices=["cls", "seg"],
+        help="what the checkpoint must be "
+        "(default: whatever it is: accuracy for cls, mIoU for seg)",
+    )
+    p.add_argument(
+        "--data",
+        help="'digits' or an ImageFolder folder (default: the data the model was trained on)",
+    )
+    p.add_argument(
+        "--ids",
+        type=_ints,
+        metavar="ID,ID,...",
+        help="evaluate only these stitches (default: every one)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--patch-size", type=int, help="FlexiViT patch size (default: the model's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--latency-repeats", type=int, default=5,
-                   help="timed forwards per stitch (median, after a warm-up)")  # fmt: skip
-    p.add_argument("--out", help="folder for stitches.json and stitches.png (default: the "
-                   "checkpoint's)")  # fmt: skip
-    p.add_argument("--crop", type=int, help="seg: sliding-window inference with crop x crop "
-                   "windows (default: whole images)")  # fmt: skip
+    p.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=5,
+        help="timed forwards per stitch (median, after a warm-up)",
+    )
+    p.add_argument(
+        "--out", help="folder for stitches.json and stitches.png (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--crop",
+        type=int,
+        help="seg: sliding-window inference with crop x crop windows (default: whole images)",
+    )
     p.add_argument("--stride", type=int, help="seg: the sliding windows' stride in pixels")
-    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
-                   help="seg: as train's (default: the checkpoint's setting)")  # fmt: skip
+    p.add_argument(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="seg: as train's (default: the checkpoint's setting)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=eval_cmd)
-    sub.add_parser("info", help="versions and which backends can run here").set_defaults(fn=info)
-    p = sub.add_parser("bench", help="run every benchmark (correctness first), save, report",
-                       formatter_class=defaults)  # fmt: skip
-    p.add_argument("--only", help="run only the benchmarks whose name contains this "
-                   "(default: all)")  # fmt: skip
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run every benchmark (correctness first), save, report",
+        formatter_class=_ShowDefaults,
+    )
+    p.add_argument("--only", help="run only the benchmarks whose name contains this (default: all)")
     p.add_argument("--no-save", action="store_true", help="print only; leave results/ alone")
     p.set_defaults(fn=bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

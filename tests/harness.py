@@ -24,14 +24,17 @@ from stitchops._dispatch import Op
 # Where op tests put their tensors: the GPU when there is one, else the CPU (the kernels then
 # run through Triton's interpreter and the CUDA host emulator). STITCHOPS_TEST_DEVICE
 # overrides it; the device audit (test_device_audit.py) sets a stand-in, "meta".
-DEVICE = os.environ.get("STITCHOPS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available()
-                                                     else "cpu")  # fmt: skip
+DEVICE = os.environ.get("STITCHOPS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 AUDIT = os.environ.get("STITCHOPS_TEST_AUDIT")  # a file the audit's records go to
 
 # Relative error floors per dtype, for results whose same-dtype reference is itself exact.
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
-             torch.bfloat16: "bf16"}  # fmt: skip
+DTYPE_IDS = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
 
 
 def case_id(sizes: Sequence[tuple[str, object]], flags: Mapping[str, bool] = ()) -> str:
@@ -212,8 +215,9 @@ def opcheck(backend: str, op, *args) -> None:
         torch.library.opcheck(op, args)
 
 
-def assert_compiles_fullgraph(model: torch.nn.Module, x: torch.Tensor, compiler: str,
-                              cache_dir, monkeypatch) -> None:  # fmt: skip
+def assert_compiles_fullgraph(
+    model: torch.nn.Module, x: torch.Tensor, compiler: str, cache_dir, monkeypatch
+) -> None:
     """torch.compile(model, fullgraph=True) runs with no graph break and gives eager's output
     and parameter gradients (loss: the output's sum of squares)."""
     # A private inductor cache: torch's FX-graph cache does not key on a custom op's schema,

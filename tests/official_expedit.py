@@ -35,8 +35,11 @@ def official_cluster(x, grid, window, iters, temperature):
     pixels = x.permute(0, 3, 1, 2).reshape(b, c, -1)  # [B, C, N]
     s = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), grid).reshape(b, c, -1)  # [B, C, M]
     for _ in range(iters):
-        d = (pixels.square().sum(1)[:, None, :] + s.square().sum(1)[:, :, None]
-             - 2 * torch.einsum("bcm,bcn->bmn", s, pixels))  # fmt: skip
+        d = (
+            pixels.square().sum(1)[:, None, :]
+            + s.square().sum(1)[:, :, None]
+            - 2 * torch.einsum("bcm,bcn->bmn", s, pixels)
+        )
         d = d + (~allowed) * 1e16
         a = torch.softmax(-d / temperature, dim=1)
         s = torch.bmm(a, pixels.transpose(1, 2)) / a.sum(2, keepdim=True).clamp(min=1e-16)
@@ -50,8 +53,11 @@ def official_topk(x, centres, values, k, temperature):
     largest kept, F.normalize over the row (its 1e−12 floor), then the product with values."""
     b, height, width, c = x.shape
     feat, sfeat = x.reshape(b, -1, c), centres.reshape(b, -1, c)
-    d = (feat.square().sum(2)[:, :, None] + sfeat.square().sum(2)[:, None, :]
-         - 2 * torch.einsum("bnc,bmc->bnm", feat, sfeat))  # fmt: skip
+    d = (
+        feat.square().sum(2)[:, :, None]
+        + sfeat.square().sum(2)[:, None, :]
+        - 2 * torch.einsum("bnc,bmc->bnm", feat, sfeat)
+    )
     weight = torch.exp(-d / temperature)
     kth = weight.topk(k, dim=2).values.min(dim=-1, keepdim=True).values
     attention = torch.where(weight >= kth, weight, torch.zeros_like(weight))
@@ -66,8 +72,11 @@ def realistic_tokens(size, channels, squared_norm, seed=0, regions=7, batch=1):
     g = torch.Generator().manual_seed(seed)
     height, width = size
     seeds = torch.rand(regions, 2, generator=g, dtype=torch.float64) * torch.tensor(size)
-    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float64),
-                            torch.arange(width, dtype=torch.float64), indexing="ij")  # fmt: skip
+    yy, xx = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64),
+        torch.arange(width, dtype=torch.float64),
+        indexing="ij",
+    )
     label = ((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2).argmin(-1)
     means = torch.randn(batch, regions, channels, generator=g, dtype=torch.float64)
     noise = torch.randn(batch, height, width, channels, generator=g, dtype=torch.float64)

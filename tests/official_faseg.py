@@ -74,11 +74,11 @@ def official_decoder(decoder, maps, mask_features, positions, omega=32):
     n, bs, c = src[0].shape
     query_embed_params = decoder.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
     output = decoder.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
-    classes, masks, attn_mask, pooling = prediction_heads(decoder, output, mask_features,
-                                                          sizes[0])  # fmt: skip
+    classes, masks, attn_mask, pooling = prediction_heads(decoder, output, mask_features, sizes[0])
     predictions = [(classes, masks)]
     query_embed = (pooling.permute(1, 2, 0).unsqueeze(-1) * pos[0].unsqueeze(0)).sum(1) / (
-        pooling.sum(-1).permute(1, 0)[..., None] + 1e-6)  # fmt: skip
+        pooling.sum(-1).permute(1, 0)[..., None] + 1e-6
+    )
     query_embed = decoder.pos_mlp(query_embed + query_embed_params)
     cg_attn = attn = None
     for i, layer in enumerate(decoder.layers):
@@ -95,16 +95,17 @@ def official_decoder(decoder, maps, mask_features, positions, omega=32):
             window_pos = torch.gather(window_pos, 1, pick).view(bs, -1, c).permute(1, 0, 2)
             output, _ = cross(layer, mha, output, windows, None, window_pos, query_embed_params)
         else:
-            output, attn = cross(layer, mha, output, src[level], attn_mask, pos[level],
-                                 query_embed)  # fmt: skip
+            output, attn = cross(layer, mha, output, src[level], attn_mask, pos[level], query_embed)
             if level == 0:
                 cg_attn = attn
         output = ffn(layer, self_attention(layer, output, query_embed))
-        classes, masks, attn_mask, _ = prediction_heads(decoder, output, mask_features,
-                                                        sizes[(i + 1) % 4])  # fmt: skip
+        classes, masks, attn_mask, _ = prediction_heads(
+            decoder, output, mask_features, sizes[(i + 1) % 4]
+        )
         predictions.append((classes, masks))
         if level != 3:
-            query_embed = (attn.flatten(2).permute(1, 2, 0).unsqueeze(-1)
-                           * pos[level].unsqueeze(0)).sum(1)  # fmt: skip
+            query_embed = (
+                attn.flatten(2).permute(1, 2, 0).unsqueeze(-1) * pos[level].unsqueeze(0)
+            ).sum(1)
             query_embed = decoder.pos_mlp(query_embed + query_embed_params)
     return predictions

@@ -97,16 +97,24 @@ def ops() -> tuple[OpTests, ...]:
 def declares_op(path: Path) -> bool:
     """Whether a test module assigns ``OP_TESTS`` at its top level (read, not imported)."""
     tree = ast.parse(path.read_text())
-    return any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "OP_TESTS"
-                                                    for t in node.targets)
-               for node in tree.body)  # fmt: skip
+    return any(
+        isinstance(node, ast.Assign)
+        and any(getattr(t, "id", None) == "OP_TESTS" for t in node.targets)
+        for node in tree.body
+    )
 
 
 # Shared memory one block may use per arch (opt-in): A100 163 KB; RTX 30 / 40 / 50, L4, L40,
 # A10 99 KB; H100 / H200 and B200 227 KB. tests/triton_aot.py compiles a family's fallback
 # tiling for every arch whose shared memory makes it the one the family falls back to.
-SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
-                 100: 227 * 1024, 120: 99 * 1024}  # fmt: skip
+SHARED_MEMORY = {
+    80: 163 * 1024,
+    86: 99 * 1024,
+    89: 99 * 1024,
+    90: 227 * 1024,
+    100: 227 * 1024,
+    120: 99 * 1024,
+}
 SUM_RANGES = "sum_ranges"  # tests/triton_aot.py's rows of the shared kernels/partials.py
 
 
@@ -117,5 +125,8 @@ def fallback_variant(tiling) -> str:
 
 def fallback_archs(space, tiling) -> list[int]:
     """The archs on which a TilingSpace falls back to ``tiling``."""
-    return [arch for arch, shared in SHARED_MEMORY.items()
-            if next(t for needed, t in space.fallbacks if shared >= needed) == tiling]  # fmt: skip
+    return [
+        arch
+        for arch, shared in SHARED_MEMORY.items()
+        if next(t for needed, t in space.fallbacks if shared >= needed) == tiling
+    ]

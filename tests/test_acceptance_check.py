@@ -40,8 +40,7 @@ def synthesise(targets) -> dict:
     data: dict = {"environment": {"device": "test"}}
     for target in targets:
         rows = data.setdefault(target.op, {"rows": []})["rows"]
-        row = next((r for r in rows if all(r.get(k) == v for k, v in target.where.items())),
-                   None)  # fmt: skip
+        row = next((r for r in rows if all(r.get(k) == v for k, v in target.where.items())), None)
         if row is None:
             row = {**target.where, "baseline_impl": "official"}
             rows.append(row)
@@ -51,8 +50,9 @@ def synthesise(targets) -> dict:
 
 
 def _row(data, target) -> dict:
-    return next(r for r in data[target.op]["rows"]
-                if all(r.get(k) == v for k, v in target.where.items()))  # fmt: skip
+    return next(
+        r for r in data[target.op]["rows"] if all(r.get(k) == v for k, v in target.where.items())
+    )
 
 
 def test_every_benchmark_declares_targets(acceptance):

@@ -29,8 +29,10 @@ def test_cuda_column_tile_variants_are_checked_then_timed(backend: str):
     assert not bench_lora._compares_column_tiles(*smaller, ["cuda"])
 
     ceilings = {"matmul_TFLOPs": {"float32": 1.0}, "bandwidth_GBps": 10.0}
-    extra = {name: bench_lora.cuda_with_column_tiles(tiles)
-             for name, tiles in (("cuda_1tile", 1), ("cuda_3tiles", 3))}  # fmt: skip
+    extra = {
+        name: bench_lora.cuda_with_column_tiles(tiles)
+        for name, tiles in (("cuda_1tile", 1), ("cuda_3tiles", 3))
+    }
     rows = bench_lora.run_case(40, 40, 200, 16, torch.float32, DEVICE, 1.0, ceilings, extra)
     assert [row["pass"] for row in rows] == ["fwd", "fwd+bwd"]
     for row in rows:

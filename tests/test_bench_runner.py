@@ -29,15 +29,23 @@ def _case(calls: list, wrong: bool = False) -> runner.Case:
     return runner.Case(
         {"n": 64, "dtype": "float32"},
         {
-            "official": runner.Impl(impl("official"), lambda: runner.relative_error(
-                (impl("check")(),), want, 1e-5)),
-            "fast": runner.Impl(impl("fast", 1.5 if wrong else 1.0), lambda: runner.relative_error(
-                (impl("check")() * (1.5 if wrong else 1.0),), want, 1e-5)),
+            "official": runner.Impl(
+                impl("official"), lambda: runner.relative_error((impl("check")(),), want, 1e-5)
+            ),
+            "fast": runner.Impl(
+                impl("fast", 1.5 if wrong else 1.0),
+                lambda: runner.relative_error(
+                    (impl("check")() * (1.5 if wrong else 1.0),), want, 1e-5
+                ),
+            ),
             "floor": runner.Impl(impl("floor")),
         },
-        baseline="official", floor="floor", flops=2 * 64**3, min_bytes=3 * 64 * 64 * 4,
+        baseline="official",
+        floor="floor",
+        flops=2 * 64**3,
+        min_bytes=3 * 64 * 64 * 4,
         dtype="float32",
-    )  # fmt: skip
+    )
 
 
 def test_checks_come_first_and_a_wrong_result_times_nothing():
@@ -64,21 +72,34 @@ def test_row_ratios_and_roofline():
 
 
 def test_report_renders_any_ops_rows():
-    rows = [{"n": 64, "dtype": "float32", "baseline_impl": "ref", "gflop": 1.0,
-             "ref": {"ms": 2.0, "vs_baseline": 1.0},
-             "fast": {"ms": 1.0, "vs_baseline": 2.0, "vs_floor": 1.25, "of_roofline": 0.5},
-             "details": {"solve_ms": 0.5}}]  # fmt: skip
+    rows = [
+        {
+            "n": 64,
+            "dtype": "float32",
+            "baseline_impl": "ref",
+            "gflop": 1.0,
+            "ref": {"ms": 2.0, "vs_baseline": 1.0},
+            "fast": {"ms": 1.0, "vs_baseline": 2.0, "vs_floor": 1.25, "of_roofline": 0.5},
+            "details": {"solve_ms": 0.5},
+        }
+    ]
     lines = report.table(rows)
     assert lines[0] == "| n | dtype | ref ms | fast ms | other figures |"
-    assert lines[2] == ("| 64 | float32 | 2.000 (1.00x vs ref) | 1.000 (2.00x vs ref, 1.25x "
-                        "floor, 50% of roofline) | solve_ms 0.5 |")  # fmt: skip
+    assert lines[2] == (
+        "| 64 | float32 | 2.000 (1.00x vs ref) | 1.000 (2.00x vs ref, 1.25x "
+        "floor, 50% of roofline) | solve_ms 0.5 |"
+    )
 
 
 def test_quick_mode_measures_only_the_targets_rows_and_stops(monkeypatch):
     """STITCHOPS_BENCH_QUICK=1: setups are built in order, only the rows an acceptance target
     reads are timed, and nothing is built once every target has its row."""
-    target = runner.Target(op="toy", where={"n": 2, "device": "cpu"}, implementations=("fast",),
-                           bounds=(("vs_baseline", "min", 0.0),))  # fmt: skip
+    target = runner.Target(
+        op="toy",
+        where={"n": 2, "device": "cpu"},
+        implementations=("fast",),
+        bounds=(("vs_baseline", "min", 0.0),),
+    )
     monkeypatch.setattr(runner, "targets_of", lambda name, device: [target])
     monkeypatch.setenv("STITCHOPS_BENCH_QUICK", "1")
     built = []
@@ -87,9 +108,15 @@ def test_quick_mode_measures_only_the_targets_rows_and_stops(monkeypatch):
         def make():
             built.append(n)
             calls: list = []
-            return [runner.Case({**_case(calls).params, "n": n, "device": "cpu", "work": w},
-                                _case(calls).impls, baseline="official", floor="floor")
-                    for w in ("fwd", "bwd")]  # fmt: skip
+            return [
+                runner.Case(
+                    {**_case(calls).params, "n": n, "device": "cpu", "work": w},
+                    _case(calls).impls,
+                    baseline="official",
+                    floor="floor",
+                )
+                for w in ("fwd", "bwd")
+            ]
 
         return make
 
@@ -116,16 +143,28 @@ def test_every_target_names_the_op_its_benchmark_saves_under():
 def test_headline_takes_one_target_row_per_op(tmp_path, monkeypatch):
     """The README's headline: one row per op from its first target with a measured row, and
     the GPU marked unmeasured while only the CPU file exists."""
-    rows = [{"work": "delta_grad", "in": 768, "out": 3072, "nnz": 3000, "device": "cpu",
-             "baseline_impl": "official", "official": {"ms": 1253.2, "vs_baseline": 1.0},
-             "torch": {"ms": 45.49, "vs_baseline": 27.55, "memory_vs_baseline": 10.4}}]  # fmt: skip
-    (tmp_path / "cpu.json").write_text(json.dumps(
-        {"environment": {"device": "x86_64"}, "sparse_delta_linear": {"rows": rows}}))  # fmt: skip
+    rows = [
+        {
+            "work": "delta_grad",
+            "in": 768,
+            "out": 3072,
+            "nnz": 3000,
+            "device": "cpu",
+            "baseline_impl": "official",
+            "official": {"ms": 1253.2, "vs_baseline": 1.0},
+            "torch": {"ms": 45.49, "vs_baseline": 27.55, "memory_vs_baseline": 10.4},
+        }
+    ]
+    (tmp_path / "cpu.json").write_text(
+        json.dumps({"environment": {"device": "x86_64"}, "sparse_delta_linear": {"rows": rows}})
+    )
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = report.headline()
     body = [line for line in text.splitlines() if line.startswith("| `")]
-    assert body == ["| `sparse_delta_linear` | work delta_grad, in 768, out 3072, nnz 3000 | CPU "
-                    "| 1250 | 45.5 (torch) | 27.6x | 10.4x less |"]  # fmt: skip
+    assert body == [
+        "| `sparse_delta_linear` | work delta_grad, in 768, out 3072, nnz 3000 | CPU "
+        "| 1250 | 45.5 (torch) | 27.6x | 10.4x less |"
+    ]
     assert "GPU rows: unmeasured" in text
     full = report.full_report()
     assert "### `sparse_delta_linear`" in full and "Acceptance: NOT every target met" in full

@@ -35,8 +35,18 @@ def _compile_command(nvcc: str, src: Path, obj: Path, archs: tuple[str, ...]) ->
     # The flags torch's CUDAExtension adds in setup.py's real build (no implicit half /
     # bf16 conversions or operators), so code that only builds without them fails here.
     # --threads 0: the archs compile side by side, one per core.
-    return [nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
-            "--threads", "0", *gencode, "-I", str(CSRC), str(src), "-o", str(obj)]  # fmt: skip
+    return [
+        nvcc,
+        *"-c -std=c++17 -O2 -Xcompiler -fPIC".split(),
+        *COMMON_NVCC_FLAGS,
+        *"--threads 0".split(),
+        *gencode,
+        "-I",
+        str(CSRC),
+        str(src),
+        "-o",
+        str(obj),
+    ]
 
 
 def _nvcc() -> str:
@@ -65,8 +75,12 @@ def objects(tmp_path_factory) -> list[Path]:
     """Every kernel source compiled once (position-independent, both archs)."""
     nvcc, out = _nvcc(), tmp_path_factory.mktemp("cu")
     built = [out / (src.stem + ".o") for src in KERNEL_SOURCES]
-    build.run_all([_compile_command(nvcc, src, obj, ARCHS)
-                   for src, obj in zip(KERNEL_SOURCES, built, strict=True)])  # fmt: skip
+    build.run_all(
+        [
+            _compile_command(nvcc, src, obj, ARCHS)
+            for src, obj in zip(KERNEL_SOURCES, built, strict=True)
+        ]
+    )
     return built
 
 
@@ -104,11 +118,20 @@ def test_binding_links_and_imports(objects, tmp_path):
         build.compiler()
     except RuntimeError as err:
         pytest.skip(str(err))
-    binding = build.compile_binding(tmp_path / "binding", "_C", "test",
-                                    '-DSTITCHOPS_CUDA_ARCHS="80;90a"')  # fmt: skip
+    binding = build.compile_binding(
+        tmp_path / "binding", "_C", "test", '-DSTITCHOPS_CUDA_ARCHS="80;90a"'
+    )
     module = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
-    ext = build.link_and_import(module, "_C", [*binding, *objects], f"-L{cuda_lib}",
-                                "-lcudart_static", "-lrt", "-lpthread", "-ldl")  # fmt: skip
+    ext = build.link_and_import(
+        module,
+        "_C",
+        [*binding, *objects],
+        f"-L{cuda_lib}",
+        "-lcudart_static",
+        "-lrt",
+        "-lpthread",
+        "-ldl",
+    )
     assert ext.torch_version() == torch.__version__ and ext.cuda_version() == "test"
     assert ext.cuda_archs() == "80;90a"
     ext.set_poison_outputs(False)

@@ -40,8 +40,9 @@ def test_translate_rewrites_only_launches():
 def test_kernels_use_only_what_the_emulator_supports():
     """Every CUDA identifier in csrc/ is one the emulator's headers define (supported.py)."""
     used = supported.used_in(sorted((ROOT / "csrc").glob("*.cu*")))
-    missing = {name: sorted(files) for name, files in used.items()
-               if name not in supported.all_supported()}  # fmt: skip
+    missing = {
+        name: sorted(files) for name, files in used.items() if name not in supported.all_supported()
+    }
     assert not missing, f"not emulated (extend tests/cuda_emulator, then supported.py): {missing}"
     include = ROOT / "tests" / "cuda_emulator" / "include"
     for header, names in supported.SUPPORTED.items():
@@ -65,10 +66,11 @@ def test_emulated_kernels_compute_and_count_launches(emulated_cuda_extension):
 def test_cuda_suite_under_address_sanitizer(tmp_path, emulated_cuda_extension):
     try:
         libasan, libstdcxx = (
-            subprocess.run([build.compiler(), f"-print-file-name={lib}"],
-                           capture_output=True, text=True).stdout.strip()
+            subprocess.run(
+                [build.compiler(), f"-print-file-name={lib}"], capture_output=True, text=True
+            ).stdout.strip()
             for lib in ("libasan.so", "libstdc++.so")
-        )  # fmt: skip
+        )
     except RuntimeError:
         libasan = libstdcxx = ""
     if not os.path.isabs(libasan):
@@ -86,8 +88,12 @@ def test_cuda_suite_under_address_sanitizer(tmp_path, emulated_cuda_extension):
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}",
     }
     selection = " or ".join(f"({op.asan_select})" for op in ops())
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-           *(str(ROOT / "tests" / op.test_file) for op in ops())]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *"-m pytest -q -p no:cacheprovider -k".split(),
+        selection,
+        *(str(ROOT / "tests" / op.test_file) for op in ops()),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     reports = "\n".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert not reports, reports[:6000]
@@ -107,8 +113,11 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
             raise
         pytest.skip(f"no ThreadSanitizer here: {str(err)[-300:]}")
     # Every block of a launch at once: races between blocks are races between host threads.
-    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1",
-           "STITCHOPS_EMULATE_CONCURRENT_BLOCKS": "1024"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TSAN_OPTIONS": "halt_on_error=1",
+        "STITCHOPS_EMULATE_CONCURRENT_BLOCKS": "1024",
+    }
     result = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert "ThreadSanitizer" not in output, output[-6000:]
@@ -116,10 +125,13 @@ def test_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     for op in ops():  # each op's driver ran
         assert f"racecheck: {op.name}" in output, output[-3000:]
     # The check itself can fail: a barrier left out, and two blocks on one element.
-    for race, kernel in (("missing-barrier", "missing_barrier"),
-                         ("blocks-collide", "blocks_collide")):  # fmt: skip
-        result = subprocess.run([str(exe), race], env=env, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+    for race, kernel in (
+        ("missing-barrier", "missing_barrier"),
+        ("blocks-collide", "blocks_collide"),
+    ):
+        result = subprocess.run(
+            [str(exe), race], env=env, capture_output=True, text=True, timeout=300
+        )
         output = result.stdout + result.stderr
         assert result.returncode != 0, (race, output[-3000:])
         summary = rf"SUMMARY: ThreadSanitizer: data race \S*racecheck\.cpp:\d+ in {kernel}\b"
@@ -134,7 +146,9 @@ def test_emulator_semantics_selftest(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the emulator selftest hung for 120 s: a deadlock in the emulator")
     assert result.returncode == 0 and "selftest: all passed" in result.stdout, result.stdout
-    for misuse, message in (("misaligned-wmma", "wmma: misaligned operand"),
-                            ("misaligned-cp-async", "cp.async: bad copy")):  # fmt: skip
+    for misuse, message in (
+        ("misaligned-wmma", "wmma: misaligned operand"),
+        ("misaligned-cp-async", "cp.async: bad copy"),
+    ):
         result = subprocess.run([str(exe), misuse], capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr, (misuse, result.stderr)

@@ -35,9 +35,15 @@ def test_cuda_kernels_under_compute_sanitizer(tool: str, op, tmp_path):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH (it ships with the CUDA toolkit)")
-    cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=97", "--target-processes=all",
-           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-           op.sanitizer_select[tool], str(ROOT / "tests" / op.test_file)]  # fmt: skip
+    cmd = [
+        sanitizer,
+        f"--tool={tool}",
+        *"--error-exitcode=97 --target-processes=all".split(),
+        sys.executable,
+        *"-m pytest -q -p no:cacheprovider -k".split(),
+        op.sanitizer_select[tool],
+        str(ROOT / "tests" / op.test_file),
+    ]
     # Without the caching allocator every tensor is its own allocation, so memcheck sees an
     # access past a tensor's end instead of landing in a neighbour inside the same pool.
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}

@@ -10,16 +10,22 @@ from stitchops.models import StitchedViT, vit_small_test
 
 def _model(depths=(12, 24), widths=(16, 32), **kw) -> StitchedViT:
     torch.manual_seed(0)
-    anchors = [vit_small_test(embed_dim=w, depth=d, num_heads=2)
-               for d, w in zip(depths, widths, strict=True)]  # fmt: skip
+    anchors = [
+        vit_small_test(embed_dim=w, depth=d, num_heads=2)
+        for d, w in zip(depths, widths, strict=True)
+    ]
     return StitchedViT(anchors, two_way=True, dense=True, **kw).eval()
 
 
 def _expected_levels(model: StitchedViT, stitch) -> list[tuple[int, int]]:
     """(anchor, block) of each level, in route order, from the route and the mapped ids."""
     levels = model.out_indices_of()
-    return [(seg.anchor, b) for seg in stitch.route for b in range(seg.start, seg.stop)
-            for _ in range(levels[seg.anchor].count(b))]  # fmt: skip
+    return [
+        (seg.anchor, b)
+        for seg in stitch.route
+        for b in range(seg.start, seg.stop)
+        for _ in range(levels[seg.anchor].count(b))
+    ]
 
 
 def test_levels_of_every_stitch_have_the_large_width():
@@ -47,8 +53,11 @@ def test_anchor_routes_give_the_anchors_own_features():
     small, large = model.anchors
     with torch.no_grad():
         model.select(1)
-        for got, want in zip(model.forward_features(x), large.forward_features(
-                x, out_indices=(9, 14, 19, 23)), strict=True):  # fmt: skip
+        for got, want in zip(
+            model.forward_features(x),
+            large.forward_features(x, out_indices=(9, 14, 19, 23)),
+            strict=True,
+        ):
             assert torch.equal(got, want)
         model.select(0)  # each level projected by the FS layer at its block
         own = small.forward_features(x, out_indices=(4, 7, 9, 11))
@@ -90,8 +99,10 @@ def test_snnet_space_levels_projected_by_its_stitching_layers(depths):
     """SN-Net's space: a small-anchor level goes through the layer of the stitch from that
     block that enters the large anchor latest; every stitch gives large-width maps."""
     torch.manual_seed(0)
-    anchors = [vit_small_test(embed_dim=w, depth=d, num_heads=2)
-               for d, w in zip(depths, (16, 32), strict=True)]  # fmt: skip
+    anchors = [
+        vit_small_test(embed_dim=w, depth=d, num_heads=2)
+        for d, w in zip(depths, (16, 32), strict=True)
+    ]
     model = StitchedViT(anchors, dense=True).eval()
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():

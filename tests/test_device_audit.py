@@ -25,14 +25,28 @@ def test_kernel_tests_put_their_tensors_on_the_harness_device(tmp_path):
     records, junit = tmp_path / "audit.jsonl", tmp_path / "junit.xml"
     files = sorted({f"tests/{op.test_file}" for op in ops()})
     env = {**os.environ, "STITCHOPS_TEST_DEVICE": "meta", "STITCHOPS_TEST_AUDIT": str(records)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "-k", "triton or cuda", f"--junitxml={junit}", *files], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
-    broken = [f"{c.get('classname')}::{c.get('name')}"
-              for c in ElementTree.parse(junit).iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]  # fmt: skip
-    assert not broken, f"kernel tests that mix devices under the audit: {broken}\n" + (
-        result.stdout[-3000:])  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            *"-m pytest -q -p no:cacheprovider -k".split(),
+            "triton or cuda",
+            f"--junitxml={junit}",
+            *files,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    broken = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in ElementTree.parse(junit).iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
+    assert not broken, (
+        f"kernel tests that mix devices under the audit: {broken}\n" + (result.stdout[-3000:])
+    )
     seen = [json.loads(line) for line in records.read_text().splitlines()]
     off_device = sorted({r["test"] for r in seen if r["devices"] != ["meta"]})
     assert not off_device, f"kernel tests probing the backend on the CPU: {off_device}"

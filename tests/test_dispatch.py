@@ -21,8 +21,13 @@ def _reasons(backend, x, tensors, rank, out_features):
 
 
 def _args(dtype=torch.float32, rank=2):
-    return (torch.randn(5, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype), None,
-            torch.randn(rank, 8, dtype=dtype), torch.randn(6, rank, dtype=dtype))  # fmt: skip
+    return (
+        torch.randn(5, 8, dtype=dtype),
+        torch.randn(6, 8, dtype=dtype),
+        None,
+        torch.randn(rank, 8, dtype=dtype),
+        torch.randn(6, rank, dtype=dtype),
+    )
 
 
 def test_available_backends_reports_every_backend():
@@ -35,16 +40,16 @@ def test_available_backends_reports_every_backend():
 def test_cpu_default_is_torch(monkeypatch):
     calls = []
     real = lora_ops.reference.lora_forward
-    monkeypatch.setattr(lora_ops.reference, "lora_forward",
-                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    monkeypatch.setattr(lora_ops.reference, "lora_forward", lambda *a: calls.append(1) or real(*a))
     stitchops.lora_linear(*_args())
     assert calls == [1]
 
 
 def test_forced_triton_really_runs_the_triton_kernels(monkeypatch):
     """Guards the CI claim: under TRITON_INTERPRET=1 the Triton launchers are executed."""
-    if _backends.triton_missing_reason() or not (_runtime.triton_interpreting()
-                                                 or torch.cuda.is_available()):  # fmt: skip
+    if _backends.triton_missing_reason() or not (
+        _runtime.triton_interpreting() or torch.cuda.is_available()
+    ):
         pytest.skip("triton cannot run here")
     from stitchops.kernels import lora as triton_lora
 
@@ -78,8 +83,10 @@ def test_forcing_an_unavailable_backend_lists_every_reason():
 
 def test_forced_triton_refuses_bf16_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with stitchops.use_backend("triton"), pytest.raises(stitchops.BackendUnavailableError,
-                                                        match="bfloat16"):  # fmt: skip
+    with (
+        stitchops.use_backend("triton"),
+        pytest.raises(stitchops.BackendUnavailableError, match="bfloat16"),
+    ):
         stitchops.lora_linear(*_args(torch.bfloat16))
 
 
@@ -199,9 +206,13 @@ def test_triton_older_than_the_tested_minimum_is_a_reason(monkeypatch, installed
 
 @pytest.mark.parametrize(
     ("triton_version", "numpy_version", "refused"),
-    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False),
-     ("3.9.0", "3.0.0", False)],
-)  # fmt: skip
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.1", "2.4.6", False),
+        ("3.9.0", "3.0.0", False),
+    ],
+)
 def test_triton_interpreter_refuses_numpy_it_cannot_run_with(
     monkeypatch, triton_version, numpy_version, refused
 ):
@@ -238,8 +249,13 @@ def test_op_declaration_derives_the_generic_reasons(monkeypatch):
     """An op's declaration alone gives the dtype and interpreter reasons, its limits are
     appended, and its entry points resolve per backend."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    op = _dispatch.Op(name="probe", entries=("probe_forward",), reference="math",
-                      triton="math", kernel_dtypes=(torch.float16,))  # fmt: skip
+    op = _dispatch.Op(
+        name="probe",
+        entries=("probe_forward",),
+        reference="math",
+        triton="math",
+        kernel_dtypes=(torch.float16,),
+    )
     half, double = torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float64)
     assert op.reasons("torch", [double], limits=["too wide"]) == []
     assert "float64 is not supported (float16)" in " ".join(op.reasons("triton", [double]))

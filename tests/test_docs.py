@@ -19,14 +19,22 @@ def test_readme_is_short():
 def test_every_public_name_is_on_the_api_page():
     page = (ROOT / "docs" / "api.md").read_text()
     headings = set(re.findall(r"^### `(\w+)", page, flags=re.M))
-    missing = [f"{m}.{name}" for m in PUBLIC for name in importlib.import_module(m).__all__
-               if name not in headings]  # fmt: skip
+    missing = [
+        f"{m}.{name}"
+        for m in PUBLIC
+        for name in importlib.import_module(m).__all__
+        if name not in headings
+    ]
     assert not missing, f"not on docs/api.md (run python docs/make_api.py): {missing}"
 
 
 def test_relative_links_resolve():
-    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md")),
-             ROOT / "benchmarks" / "README.md"]  # fmt: skip
+    pages = [
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "benchmarks" / "README.md",
+    ]
     broken = []
     for page in pages:
         for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):

@@ -16,6 +16,7 @@ from stitchops.models import (
     unexpedite,
     vit_small_test,
 )
+from stitchops.models.token_grid import clustered_grid
 from stitchops.train.data import load_digits
 
 
@@ -63,8 +64,9 @@ def test_beta_blocks_run_on_the_clustered_tokens_and_unexpedite_restores():
     plain = model(IMAGES)
     seen = []
     expedite(model, 1, (3, 5), beta=2)
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
-             for b in model.blocks]  # after expedite's: they see what the blocks get  # fmt: skip
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in model.blocks
+    ]  # after expedite's: they see what the blocks get
     assert expedition(model).grid == (3, 5)
     model(IMAGES)
     assert seen == [1 + 64, 1 + 15, 1 + 15, 1 + 64]  # class token + patch tokens
@@ -122,8 +124,11 @@ def test_reconstructed_features_beat_pooling_and_bilinear_upsampling(trained, al
 
         def similarity(method):
             with expedited(model, alpha, (4, 4), beta=4 - alpha, method=method, temperature=1.0):
-                return F.cosine_similarity(model.forward_features(images)[:, 1:], plain,
-                                           dim=-1).mean().item()  # fmt: skip
+                return (
+                    F.cosine_similarity(model.forward_features(images)[:, 1:], plain, dim=-1)
+                    .mean()
+                    .item()
+                )
 
         ours, pooled = similarity("cluster"), similarity("pool")
     assert ours > pooled, (ours, pooled)
@@ -205,7 +210,7 @@ def test_where_head_reconstructs_the_heads_logits(backbone):
         assert segmenter(IMAGES).shape == plain.shape
     hook.remove()
     assert maps[0][-2:] == (3, 5)
-    assert trunk.clustered_grid is None  # unexpedite cleared it
+    assert clustered_grid(trunk) is None  # unexpedite cleared it
     with pytest.raises(ValueError, match="beta must run to the end"):
         expedite(segmenter, 1, (3, 3), beta=1, where="head")
 
@@ -236,8 +241,7 @@ def test_timm_vision_transformer():
 def test_expedit_demo_end_to_end(tmp_path):
     from stitchops.demos.expedit import VARIANTS, run
 
-    summary = run(out=tmp_path, anchor_epochs=1, progress=False,
-                               settings=((2, (8, 8)),))  # fmt: skip
+    summary = run(out=tmp_path, anchor_epochs=1, progress=False, settings=((2, (8, 8)),))
     rows = summary["rows"]
     assert {r["variant"] for r in rows} == set(VARIANTS)
     assert {r["tau_rule"] for r in rows} == {"paper", "scaled"}
@@ -266,16 +270,18 @@ def official_insertion(segmenter, images, alpha, grid):
         tokens = block(tokens)
     logits = segmenter.decoder([tokens[:, 1:].transpose(1, 2).reshape(b, c, *grid)])
     y = official_topk(x, centres, logits.permute(0, 2, 3, 1), 20, 50.0)
-    return F.interpolate(y.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear",
-                         align_corners=False)  # fmt: skip
+    return F.interpolate(
+        y.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
 
 
 def large_token_segmenter():
     """A float64 Segmenter (mask transformer) whose patch tokens have squared norms of a few
     thousand, as ViT-L's: patch 2 on 32×32 images (a 16×16 token map)."""
     torch.manual_seed(0)
-    trunk = vit_small_test(patch_size=2, img_size=32, in_chans=3, embed_dim=32, depth=4,
-                           num_heads=2).double()  # fmt: skip
+    trunk = vit_small_test(
+        patch_size=2, img_size=32, in_chans=3, embed_dim=32, depth=4, num_heads=2
+    ).double()
     with torch.no_grad():
         trunk.patch_embed.proj.weight.mul_(60.0)
     return Segmenter(trunk, num_classes=5, decoder="mask").double().eval()
@@ -286,8 +292,9 @@ def test_defaults_are_the_official_segmenter_insertion():
     the official code's insertion to float64 rounding, at token scales where the official
     clamp and floor act (the exact numerics and the local reconstruction then differ)."""
     segmenter = large_token_segmenter()
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4),
-                         dtype=torch.float64)  # fmt: skip
+    images = torch.randn(
+        2, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
     with torch.no_grad():
         tokens = segmenter.backbone.blocks[0](segmenter.backbone.forward_embed(images))
         assert tokens[:, 1:].square().sum(-1).median() > 2e3
@@ -309,8 +316,9 @@ def test_training_gradients_reach_the_tokens_through_the_reconstruction_weights(
     """As the official code: the reconstruction weights are differentiable in the tokens
     and the centres (the patch embedding's gradient changes when they are made constants)."""
     segmenter = large_token_segmenter()
-    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5),
-                         dtype=torch.float64)  # fmt: skip
+    images = torch.randn(
+        1, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
 
     def embed_grad(**options):
         segmenter.zero_grad()

@@ -34,8 +34,13 @@ def run(model: FASegDecoder, levels, positions=None):
     """The decoder on maps [1/32, 1/16, 1/8, 1/4] (the 1/4 one also the mask features), with
     positions (default: other random maps of the same shapes)."""
     if positions is None:
-        positions = maps(levels[0].shape[0], tuple(levels[0].shape[-2:]), seed=7,
-                         channels=levels[0].shape[1], dtype=levels[0].dtype)  # fmt: skip
+        positions = maps(
+            levels[0].shape[0],
+            tuple(levels[0].shape[-2:]),
+            seed=7,
+            channels=levels[0].shape[1],
+            dtype=levels[0].dtype,
+        )
     return model(levels[:3], levels[3], levels[3], positions)
 
 
@@ -44,8 +49,14 @@ def record_layers(model: FASegDecoder):
     seen = []
 
     def hook(module, args, kwargs, output):
-        seen.append({"keys": args[2].shape[1], "query_pos": args[1].detach().clone(),
-                     "attend": kwargs, "result": output[1]})  # fmt: skip
+        seen.append(
+            {
+                "keys": args[2].shape[1],
+                "query_pos": args[1].detach().clone(),
+                "attend": kwargs,
+                "result": output[1],
+            }
+        )
 
     handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in model.layers]
     return seen, handles
@@ -130,12 +141,16 @@ def test_hrca_ablations_run(hrca):
 def test_semantic_inference_and_the_segmenter():
     prediction = Prediction(torch.randn(2, 4, 6), torch.randn(2, 4, 3, 5))
     scores = semantic_scores(prediction)
-    manual = sum(prediction.classes[:, q].softmax(-1)[:, :5, None, None]
-                 * prediction.masks[:, q, None].sigmoid() for q in range(4))  # fmt: skip
+    manual = sum(
+        prediction.classes[:, q].softmax(-1)[:, :5, None, None]
+        * prediction.masks[:, q, None].sigmoid()
+        for q in range(4)
+    )
     assert torch.allclose(scores, manual, atol=1e-6)
     torch.manual_seed(0)
-    vit = vit_small_test(img_size=32, patch_size=4, in_chans=3, num_classes=5, depth=4,
-                         embed_dim=32, num_heads=2)  # fmt: skip
+    vit = vit_small_test(
+        img_size=32, patch_size=4, in_chans=3, num_classes=5, depth=4, embed_dim=32, num_heads=2
+    )
     model = FASeg(vit, 5, layers=5, **SMALL)
     assert model.out_indices == default_levels(4, 4) == (1, 2, 3, 3)
     images = torch.randn(2, 3, 32, 32)
@@ -159,8 +174,7 @@ def test_targets_and_hungarian_matching():
     mask_logits = torch.full((1, 3, 2, 4), -6.0)
     mask_logits[0, 2] = masks[0] * 12 - 6
     mask_logits[0, 0] = masks[1] * 12 - 6
-    (rows, cols), = match(Prediction(logits, mask_logits), [(classes, masks)], 256,
-                          LossWeights())  # fmt: skip
+    ((rows, cols),) = match(Prediction(logits, mask_logits), [(classes, masks)], 256, LossWeights())
     assert dict(zip(cols.tolist(), rows.tolist(), strict=True)) == {0: 2, 1: 0}
 
 
@@ -176,14 +190,23 @@ def test_loss_prefers_the_right_prediction_and_sums_every_layer():
     bad = Prediction(torch.zeros(1, 3, 3), torch.zeros(1, 3, 8, 8))
     # uniform points: importance sampling would pick the boundary, blurred in both
     uniform = {"points": 256, "sampling": "uniform"}
-    assert (mask_classification_loss([good], labels, 2, **uniform)
-            < 0.25 * mask_classification_loss([bad], labels, 2, **uniform))  # fmt: skip
+    assert mask_classification_loss([good], labels, 2, **uniform) < 0.25 * mask_classification_loss(
+        [bad], labels, 2, **uniform
+    )
     for sampling in ("importance", "uniform"):  # deep supervision: a term per prediction
         g = torch.Generator().manual_seed(1)
-        one, two = (mask_classification_loss([p], labels, 2, points=256, sampling=sampling,
-                                             generator=g) for p in (bad, good))  # fmt: skip
-        both = mask_classification_loss([bad, good], labels, 2, points=256, sampling=sampling,
-                                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+        one, two = (
+            mask_classification_loss([p], labels, 2, points=256, sampling=sampling, generator=g)
+            for p in (bad, good)
+        )
+        both = mask_classification_loss(
+            [bad, good],
+            labels,
+            2,
+            points=256,
+            sampling=sampling,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert torch.allclose(both, one + two)
     with pytest.raises(ValueError, match="sampling must be one of"):
         mask_classification_loss([bad], labels, 2, sampling="grid")
@@ -217,18 +240,45 @@ def test_torchrun_faseg_two_processes_and_exact_resume(tmp_path):
 
 def test_faseg_train_and_eval_through_the_cli(tmp_path, capsys):
     out = tmp_path / "faseg"
-    assert main(["train", "--mode", "anchor", "--task", "seg", *FASEG, "--anchors", SEG_LARGE,
-                 "--max-steps", "2", "--batch-size", "4", "--out", str(out),
-                 "--no-progress"]) == 0  # fmt: skip
-    assert main(["eval", str(out / "checkpoint.safetensors"), "--no-progress",
-                 "--latency-repeats", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --task seg".split(),
+                *FASEG,
+                "--anchors",
+                SEG_LARGE,
+                *"--max-steps 2 --batch-size 4 --out".split(),
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["eval", str(out / "checkpoint.safetensors"), "--no-progress", "--latency-repeats", "1"]
+        )
+        == 0
+    )
     assert "mIoU %" in capsys.readouterr().out
-    assert main(["train", "--task", "seg", "--head", "faseg", "--faseg", "hrca=all",
-                 "--anchors", SEG_LARGE, "--mode", "anchor", "--out", str(tmp_path / "x"),
-                 "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --task seg --head faseg --faseg hrca=all --anchors".split(),
+                SEG_LARGE,
+                *"--mode anchor --out".split(),
+                str(tmp_path / "x"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "hrca must be one of" in capsys.readouterr().err
-    for option, words in (("queries", "expected KEY=VALUE"), ("queries=0", "must be >= 1"),
-                          ("layers=-2", "must be >= 1")):  # fmt: skip
+    for option, words in (
+        ("queries", "expected KEY=VALUE"),
+        ("queries=0", "must be >= 1"),
+        ("layers=-2", "must be >= 1"),
+    ):
         with pytest.raises(SystemExit) as stop:  # argparse's own error: one line too
             main(["train", "--task", "seg", "--head", "faseg", "--faseg", option])
         assert stop.value.code == 2
@@ -240,8 +290,9 @@ def test_faseg_demo_end_to_end(tmp_path):
     """Two of the demo's variants for one epoch: the table's figures and the picture."""
     from stitchops.demos.faseg import VARIANTS, run
 
-    summary = run(out=tmp_path, anchor_epochs=1, progress=False,
-                             variants=(VARIANTS[0], VARIANTS[3]))  # fmt: skip
+    summary = run(
+        out=tmp_path, anchor_epochs=1, progress=False, variants=(VARIANTS[0], VARIANTS[3])
+    )
     rows = summary["rows"]
     assert [r["variant"] for r in rows] == ["Mask2Former", "FASeg (DFPQ + HRCA)"]
     for r in rows:
@@ -255,8 +306,19 @@ OFFICIAL = {"first_pos": "code", "hrca_pos": "learned", "hrca_windows": "floor"}
 
 def official_setup(hidden=64, heads=8, queries=20, layers=13, coarse=(8, 8), **options):
     torch.manual_seed(3)
-    model = FASegDecoder(5, hidden=hidden, heads=heads, queries=queries, ffn=2 * hidden,
-                         layers=layers, **{**OFFICIAL, **options}).double().eval()  # fmt: skip
+    model = (
+        FASegDecoder(
+            5,
+            hidden=hidden,
+            heads=heads,
+            queries=queries,
+            ffn=2 * hidden,
+            layers=layers,
+            **{**OFFICIAL, **options},
+        )
+        .double()
+        .eval()
+    )
     levels = maps(batch=2, coarse=coarse, channels=hidden, dtype=torch.float64)
     positions = maps(batch=2, coarse=coarse, seed=9, channels=hidden, dtype=torch.float64)
     return model, levels, positions
@@ -333,11 +395,14 @@ def test_official_window_count_is_zero_on_a_small_map():
     for h in handles:
         h.remove()
     assert seen[3]["attend"]["windows"].shape == (2, 0)
-    assert decoder(layers=4)._hrca(torch.rand(2, 6), (16, 24), (2, 3), 2)["windows"].shape == (
-        2, 1)  # fmt: skip
-    empty = model.layers[3].cross(torch.randn(2, 6, 32), torch.randn(2, 384, 32),
-                                  windows=torch.zeros(2, 0, dtype=torch.long), window_size=8,
-                                  map_size=(16, 24))  # fmt: skip
+    assert decoder(layers=4)._hrca(torch.rand(2, 6), (16, 24), (2, 3), 2)["windows"].shape == (2, 1)
+    empty = model.layers[3].cross(
+        torch.randn(2, 6, 32),
+        torch.randn(2, 384, 32),
+        windows=torch.zeros(2, 0, dtype=torch.long),
+        window_size=8,
+        map_size=(16, 24),
+    )
     assert torch.equal(empty.out, model.layers[3].cross.out_proj.bias.expand(2, 6, 32))
 
 
@@ -355,14 +420,16 @@ def test_sine_positions_are_mask2formers():
 
 def test_inference_upsamples_the_masks_before_their_sigmoid():
     torch.manual_seed(0)
-    vit = vit_small_test(img_size=32, patch_size=4, in_chans=3, num_classes=5, depth=4,
-                         embed_dim=32, num_heads=2)  # fmt: skip
+    vit = vit_small_test(
+        img_size=32, patch_size=4, in_chans=3, num_classes=5, depth=4, embed_dim=32, num_heads=2
+    )
     model = FASeg(vit, 5, layers=2, **SMALL).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 32))
         last = model.decoder.predictions[-1]
-        masks = torch.nn.functional.interpolate(last.masks, size=(32, 32), mode="bilinear",
-                                                align_corners=False)  # fmt: skip
+        masks = torch.nn.functional.interpolate(
+            last.masks, size=(32, 32), mode="bilinear", align_corners=False
+        )
     assert torch.allclose(out, semantic_scores(Prediction(last.classes, masks)), atol=1e-6)
     assert model.decoder.key_pos == "conv"
     assert FASeg(vit, 5, layers=2, dfpq=False, hrca=None, **SMALL).decoder.key_pos == "sine"

@@ -80,8 +80,9 @@ def test_pi_matrix_is_big_visions(old, new):
 
 
 def test_flexi_model_from_a_32x32_kernel_gives_big_visions_kernel_at_patch_16():
-    model = vit_small_test(img_size=48, patch_size=16, in_chans=3, embed_dim=8, depth=1,
-                           flexi=True).double()  # fmt: skip
+    model = vit_small_test(
+        img_size=48, patch_size=16, in_chans=3, embed_dim=8, depth=1, flexi=True
+    ).double()
     stored = model.patch_embed.proj.weight.detach()  # [D, C, 32, 32]
     matrix = torch.from_numpy(_big_vision_pi_matrix((32, 32), (16, 16)))
     want = (stored.reshape(-1, 32 * 32) @ matrix.t()).reshape(8, 3, 16, 16)
@@ -98,8 +99,9 @@ def test_pos_embed_resize_antialiases_when_shrinking():
     pos = torch.randn(1, 1 + 64, 3, dtype=torch.float64)
     out = resize_pos_embed(pos, 8, 4, num_prefix=1)
     grid = pos[0, 1:].reshape(8, 8, 3).permute(2, 0, 1)[None]
-    smooth = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bilinear",
-                                             align_corners=False, antialias=True)[0]  # fmt: skip
+    smooth = torch.nn.functional.interpolate(
+        grid, size=(4, 4), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     assert torch.allclose(out[0, 1:].reshape(4, 4, 3).permute(2, 0, 1), smooth)
 
 

@@ -35,20 +35,33 @@ OP_TESTS = OpTests(
     aot_plain=(
         AotPlain("_forward_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS}),
         AotPlain("_forward_kernel", {"MODE": 3, "DOT": "tf32", **_FOCUS_SETS}),
-        AotPlain("_mean_kernel", {"MODE": 2, "HAS_POS": True, "SCORES": True, "DOT": "tf32",
-                                  **_FOCUS_BLOCKS, **_POS}),
+        AotPlain(
+            "_mean_kernel",
+            {"MODE": 2, "HAS_POS": True, "SCORES": True, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS},
+        ),
         AotPlain("_delta_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}),
-        AotPlain("_dkdv_kernel", {"MODE": 1, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS,
-                                  **_POS}),
-        AotPlain("_dq_kernel", {"MODE": 2, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS,
-                                **_POS}),
+        AotPlain(
+            "_dkdv_kernel", {"MODE": 1, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}
+        ),
+        AotPlain(
+            "_dq_kernel", {"MODE": 2, "HAS_POS": True, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}
+        ),
         AotPlain("_dpos_kernel", {"MODE": 1, "DOT": "tf32", **_FOCUS_BLOCKS, **_POS}),
         AotPlain("_query_sets_backward_kernel", {"HAS_POS": True, **_FOCUS_SETS, **_POS}),
     ),
-    fp32_pointers=frozenset({"lse_ptr", "delta_ptr", "pos_out32_ptr", "colsum_ptr", "dk32_ptr",
-                             "dv32_ptr", "dpos32_ptr"}),
+    fp32_pointers=frozenset(
+        {
+            "lse_ptr",
+            "delta_ptr",
+            "pos_out32_ptr",
+            "colsum_ptr",
+            "dk32_ptr",
+            "dv32_ptr",
+            "dpos32_ptr",
+        }
+    ),
     arg_types={"win_ptr": "*i32", "mask_ptr": "*i8", "reset_ptr": "*i8"},
-)  # fmt: skip
+)
 
 B, H, Q, D, P = 2, 3, 7, 16, 5
 MAP, WS = (9, 12), 3
@@ -89,8 +102,10 @@ def dense_allowed(mode: str, keys: dict) -> torch.Tensor | None:
 
 def mode_arguments(mode: str, seed: int = 3, device=harness.DEVICE) -> dict:
     """The mask or window arguments of a mode, on ``device``."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in _mode_arguments(mode, seed).items()}  # fmt: skip
+    return {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in _mode_arguments(mode, seed).items()
+    }
 
 
 def _mode_arguments(mode: str, seed: int) -> dict:
@@ -105,8 +120,12 @@ def _mode_arguments(mode: str, seed: int) -> dict:
     if mode == "shared_windows":
         windows = torch.stack([torch.randperm(COUNT, generator=g)[:4] for _ in range(B)])
     elif mode == "query_windows":
-        windows = torch.stack([torch.stack([torch.randperm(COUNT, generator=g)[:3]
-                                            for _ in range(Q)]) for _ in range(B)])  # fmt: skip
+        windows = torch.stack(
+            [
+                torch.stack([torch.randperm(COUNT, generator=g)[:3] for _ in range(Q)])
+                for _ in range(B)
+            ]
+        )
     else:
         return {}
     return {"windows": windows, "window_size": WS, "map_size": MAP}
@@ -114,8 +133,15 @@ def _mode_arguments(mode: str, seed: int) -> dict:
 
 def masters(seed: int = 0, device=harness.DEVICE) -> dict:
     return harness.float64_masters(
-        {"q": ((B, H, Q, D), 1.0), "k": ((B, H, N, D), 1.0), "v": ((B, H, N, D), 1.0),
-         "pos": ((B, N, P), 1.0)}, seed=seed, device=device)  # fmt: skip
+        {
+            "q": ((B, H, Q, D), 1.0),
+            "k": ((B, H, N, D), 1.0),
+            "v": ((B, H, N, D), 1.0),
+            "pos": ((B, N, P), 1.0),
+        },
+        seed=seed,
+        device=device,
+    )
 
 
 def combined(result) -> torch.Tensor:
@@ -130,8 +156,9 @@ def test_reference_matches_the_dense_formulation(mode):
     keys = mode_arguments(mode, device="cpu")
     allowed = dense_allowed(mode, keys)
     out, pos_out, scores = dense(m["q"], m["k"], m["v"], m["pos"], allowed, D**-0.5)
-    result = stitchops.focus_attention(m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True,
-                                       **keys)  # fmt: skip
+    result = stitchops.focus_attention(
+        m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True, **keys
+    )
     assert rel_err(result.out, out) < 1e-12
     assert rel_err(result.pos_out, pos_out) < 1e-12
     assert rel_err(result.scores, scores) < 1e-12
@@ -148,11 +175,13 @@ def test_per_query_windows_in_several_chunks(monkeypatch):
     """The reference's per-query chunks (a bounded slice of gathered keys each)."""
     m = masters(device="cpu")
     keys = mode_arguments("query_windows", device="cpu")
-    whole = stitchops.focus_attention(m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True,
-                                      **keys)  # fmt: skip
+    whole = stitchops.focus_attention(
+        m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True, **keys
+    )
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", B * H * 27 * D * 2)  # 2 queries a chunk
-    chunked = stitchops.focus_attention(m["q"], m["k"], m["v"], pos=m["pos"],
-                                        return_scores=True, **keys)  # fmt: skip
+    chunked = stitchops.focus_attention(
+        m["q"], m["k"], m["v"], pos=m["pos"], return_scores=True, **keys
+    )
     for a, b in zip(whole, chunked, strict=True):
         assert rel_err(b, a) < 1e-14
 
@@ -171,21 +200,25 @@ def test_window_mode_equals_gather_then_dense_attention():
 
 # The kernels take fp32, fp16 and bf16 (bf16 skips under Triton's CPU interpreter, which
 # computes it wrongly, and runs on the CUDA emulator).
-RUNS = [("torch", torch.float32), ("torch", torch.float16),
-        *((b, d) for b in ("triton", "cuda")
-          for d in (torch.float32, torch.float16, torch.bfloat16))]  # fmt: skip
+RUNS = [
+    ("torch", torch.float32),
+    ("torch", torch.float16),
+    *((b, d) for b in ("triton", "cuda") for d in (torch.float32, torch.float16, torch.bfloat16)),
+]
 KERNELS = ["triton", "cuda"]
 BACKENDS = ["torch", *KERNELS]
 
 
 def require(backend: str, dtype: torch.dtype, head_dim: int = D, pos_dim: int = P) -> None:
     probe = torch.empty(1, dtype=dtype, device=harness.DEVICE)
-    harness.require_backend(focus_ops.FOCUS_ATTENTION, backend, probe,
-                            limits=focus_ops.kernel_limits(head_dim, pos_dim))  # fmt: skip
+    harness.require_backend(
+        focus_ops.FOCUS_ATTENTION, backend, probe, limits=focus_ops.kernel_limits(head_dim, pos_dim)
+    )
 
 
-@pytest.mark.parametrize("backend, dtype", RUNS,
-                         ids=[f"{b}-{harness.DTYPE_IDS[d]}" for b, d in RUNS])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend, dtype", RUNS, ids=[f"{b}-{harness.DTYPE_IDS[d]}" for b, d in RUNS]
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_op_matches_float64_reference(mode, backend, dtype):
     """out and pos_out, and the gradients of q, k, v and pos, against float64."""
@@ -195,8 +228,12 @@ def test_op_matches_float64_reference(mode, backend, dtype):
     grads = harness.check_against_float64(
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
-        masters(), dtype, lambda name: True, backend, grad,
-    )  # fmt: skip
+        masters(),
+        dtype,
+        lambda name: True,
+        backend,
+        grad,
+    )
     assert set(grads) == {"q", "k", "v", "pos"}
 
 
@@ -208,8 +245,9 @@ def test_kernel_scores_match_float64(mode, backend):
     keys = mode_arguments(mode)
     want = stitchops.focus_attention(m["q"], m["k"], m["v"], return_scores=True, **keys).scores
     with harness.poisoned(backend):
-        got = stitchops.focus_attention(m["q"].float(), m["k"].float(), m["v"].float(),
-                                        return_scores=True, **keys).scores  # fmt: skip
+        got = stitchops.focus_attention(
+            m["q"].float(), m["k"].float(), m["v"].float(), return_scores=True, **keys
+        ).scores
     assert rel_err(got, want) < 1e-5
 
 
@@ -223,27 +261,41 @@ def test_kernel_head_and_pos_widths(mode, head_dim, pos_dim, backend):
     g = torch.Generator().manual_seed(7)
     b, h, q_count, hw, ws = 2, 2, 33, (12, 16), 4
     n = hw[0] * hw[1]
-    m = {"q": torch.randn(b, h, q_count, head_dim, generator=g, dtype=torch.float64),
-         "k": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
-         "v": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
-         "pos": torch.randn(b, n, pos_dim, generator=g, dtype=torch.float64)}  # fmt: skip
+    m = {
+        "q": torch.randn(b, h, q_count, head_dim, generator=g, dtype=torch.float64),
+        "k": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
+        "v": torch.randn(b, h, n, head_dim, generator=g, dtype=torch.float64),
+        "pos": torch.randn(b, n, pos_dim, generator=g, dtype=torch.float64),
+    }
     m = {name: t.to(harness.DEVICE) for name, t in m.items()}
     if mode == "mask":
         keys = {"mask": torch.rand(b, q_count, n, generator=g) < 0.8}
     else:
         sets = 1 if mode == "shared_windows" else q_count
-        windows = torch.stack([torch.stack([torch.randperm(12, generator=g)[:3]
-                                            for _ in range(sets)]) for _ in range(b)])  # fmt: skip
-        keys = {"windows": windows[:, 0] if sets == 1 else windows, "window_size": ws,
-                "map_size": hw}  # fmt: skip
+        windows = torch.stack(
+            [
+                torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(sets)])
+                for _ in range(b)
+            ]
+        )
+        keys = {
+            "windows": windows[:, 0] if sets == 1 else windows,
+            "window_size": ws,
+            "map_size": hw,
+        }
     keys = {k: v.to(harness.DEVICE) if isinstance(v, torch.Tensor) else v for k, v in keys.items()}
-    grad = torch.randn(b, q_count, h * head_dim + pos_dim, dtype=torch.float64,
-                       device=harness.DEVICE)  # fmt: skip
+    grad = torch.randn(
+        b, q_count, h * head_dim + pos_dim, dtype=torch.float64, device=harness.DEVICE
+    )
     harness.check_against_float64(
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
         lambda **a: combined(stitchops.focus_attention(**a, **keys)),
-        m, torch.float32, lambda name: True, backend, grad,
-    )  # fmt: skip
+        m,
+        torch.float32,
+        lambda name: True,
+        backend,
+        grad,
+    )
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -264,8 +316,9 @@ def test_kernels_are_deterministic_where_promised(mode, backend):
 
     first, second = run(), run()
     if backend == "triton" and mode == "query_windows" and torch.cuda.is_available():
-        assert all(rel_err(a, b) < 1e-6 for a, b in zip(first[1].values(), second[1].values(),
-                                                          strict=True))  # fmt: skip
+        assert all(
+            rel_err(a, b) < 1e-6 for a, b in zip(first[1].values(), second[1].values(), strict=True)
+        )
     else:
         harness.assert_same_bits(first, second)
 
@@ -274,8 +327,10 @@ def test_kernels_are_deterministic_where_promised(mode, backend):
 def test_kernels_refuse_a_head_wider_than_their_blocks(backend):
     harness.require_backend(None, backend, torch.empty(1, device=harness.DEVICE))
     q = torch.randn(1, 1, 3, 160, device=harness.DEVICE)
-    with pytest.raises(stitchops.BackendUnavailableError, match="head dim D = 160 > 128"), \
-            stitchops.use_backend(backend):  # fmt: skip
+    with (
+        pytest.raises(stitchops.BackendUnavailableError, match="head dim D = 160 > 128"),
+        stitchops.use_backend(backend),
+    ):
         stitchops.focus_attention(q, q, q)
 
 
@@ -295,13 +350,18 @@ def test_a_fully_blocked_row_attends_everything_and_is_never_nan(backend):
 def test_empty_queries_and_empty_batch(backend):
     require(backend, torch.float32)
     m = {name: t.float() for name, t in masters().items()}
-    for q, k, v, pos in ((m["q"][:, :, :0], m["k"], m["v"], m["pos"]),
-                         (m["q"][:0], m["k"][:0], m["v"][:0], m["pos"][:0])):  # fmt: skip
+    for q, k, v, pos in (
+        (m["q"][:, :, :0], m["k"], m["v"], m["pos"]),
+        (m["q"][:0], m["k"][:0], m["v"][:0], m["pos"][:0]),
+    ):
         q, k, v, pos = (t.clone().requires_grad_() for t in (q, k, v, pos))
         with harness.poisoned(backend):
             result = stitchops.focus_attention(q, k, v, pos=pos, return_scores=True)
-        assert result.out.shape == q.shape and result.pos_out.shape == (*q.shape[::2][:1],
-                                                                         q.shape[2], P)  # fmt: skip
+        assert result.out.shape == q.shape and result.pos_out.shape == (
+            *q.shape[::2][:1],
+            q.shape[2],
+            P,
+        )
         assert result.scores.shape == (q.shape[0], N) and not result.scores.any()
         with harness.poisoned(backend):
             (result.out.sum() + result.pos_out.sum()).backward()
@@ -400,11 +460,19 @@ def test_opcheck(backend):
     mask = mode_arguments("head_mask")["mask"]
     op = torch.ops.stitchops.focus_attention.default
     q, k, v, pos = m["q"], m["k"], m["v"], m["pos"]
-    for args in ((q, k, v, None, None, 0, 0, pos, 0.25, True),
-                 (q, k, v, mask, None, 0, 0, None, 0.25, False),
-                 (q, k, v, None, windows, WS, MAP[1], pos, 0.25, True)):  # fmt: skip
-        harness.opcheck(backend, op, *[a.requires_grad_() if isinstance(a, torch.Tensor)
-                                       and a.is_floating_point() else a for a in args])  # fmt: skip
+    for args in (
+        (q, k, v, None, None, 0, 0, pos, 0.25, True),
+        (q, k, v, mask, None, 0, 0, None, 0.25, False),
+        (q, k, v, None, windows, WS, MAP[1], pos, 0.25, True),
+    ):
+        harness.opcheck(
+            backend,
+            op,
+            *[
+                a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args
+            ],
+        )
 
 
 # ------------------------------------------------------------ FocusCrossAttention
@@ -428,10 +496,12 @@ def test_module_equals_multihead_attention_in_full_and_masked_modes():
     mask = torch.rand(2, 7, N, generator=g) < 0.5
     for m in (None, mask):
         heads_mask = None if m is None else m.repeat_interleave(3, 0)
-        expected, weights = mha(query + query_pos, memory + memory_pos, memory, need_weights=True,
-                                attn_mask=heads_mask)  # fmt: skip
-        got = ours(query, memory, query_pos, memory_pos, mask=m, key_pos=memory_pos,
-                   return_scores=True)  # fmt: skip
+        expected, weights = mha(
+            query + query_pos, memory + memory_pos, memory, need_weights=True, attn_mask=heads_mask
+        )
+        got = ours(
+            query, memory, query_pos, memory_pos, mask=m, key_pos=memory_pos, return_scores=True
+        )
         assert rel_err(got.out, expected) < 1e-5
         assert rel_err(got.pos_out, weights @ memory_pos) < 1e-5  # DFPQ as the official code
         assert rel_err(got.scores, weights.sum(1)) < 1e-5  # HRCA's score as the official code
@@ -445,8 +515,9 @@ def test_module_window_mode_equals_attention_to_the_gathered_keys(per_query):
     keys = mode_arguments("query_windows" if per_query else "shared_windows", device="cpu")
     got = ours(query, memory, key_pos=memory, return_scores=True, **keys)
     allowed = dense_allowed("query_windows" if per_query else "shared_windows", keys)[:, 0]
-    expected, weights = mha(query, memory, memory, need_weights=True,
-                            attn_mask=(~allowed).repeat_interleave(3, 0))  # fmt: skip
+    expected, weights = mha(
+        query, memory, memory, need_weights=True, attn_mask=(~allowed).repeat_interleave(3, 0)
+    )
     assert rel_err(got.out, expected) < 1e-5
     assert rel_err(got.pos_out, weights @ memory) < 1e-5
     assert rel_err(got.scores, weights.sum(1)) < 1e-5
@@ -465,5 +536,6 @@ def test_module_compiles_fullgraph(tmp_path, monkeypatch):
             result = self.attention(query, memory, key_pos=memory, return_scores=False)
             return result.out + result.pos_out.mean()
 
-    harness.assert_compiles_fullgraph(Wrapped(), torch.randn(2, 7, 48), "aot_eager", tmp_path,
-                                      monkeypatch)  # fmt: skip
+    harness.assert_compiles_fullgraph(
+        Wrapped(), torch.randn(2, 7, 48), "aot_eager", tmp_path, monkeypatch
+    )

@@ -16,16 +16,21 @@ ROUND = ROOT / "benchmarks" / "gpu_round.py"
 
 def test_dry_run_prints_the_plan_with_caps_quickly():
     start = time.monotonic()
-    out = subprocess.run([sys.executable, str(ROUND), "--dry-run"], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROUND), "--dry-run"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - start < 5
     names = [line.split()[0] for line in out.stdout.splitlines()[1:]]
     assert names == ["versions", "build", "info", "kernels", "bench", "acceptance"]
     caps = [int(line.split("cap")[1].split()[0]) for line in out.stdout.splitlines()[1:]]
     assert sum(caps) <= 560 - 15 and all(c >= 0 for c in caps)
-    second = subprocess.run([sys.executable, str(ROUND), "--dry-run", "--part", "second"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    second = subprocess.run(
+        [sys.executable, str(ROUND), "--dry-run", "--part", "second"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "sanitizers" in second.stdout and "suite" in second.stdout
 
 
@@ -37,17 +42,21 @@ def test_stand_in_round_caps_each_step_and_always_summarises(tmp_path):
         {"name": "slow", "budget": 3, "command": [*sleep, "30"]},
         {"name": "fine", "budget": 10, "command": [sys.executable, "-c", "print('hello')"]},
         {"name": "broken", "budget": 10, "command": [sys.executable, "-c", "raise SystemExit(3)"]},
-        {"name": "greedy", "budget": 600, "command": [*sleep, "30"],
-         "background": [*sleep, "1"]},
+        {"name": "greedy", "budget": 600, "command": [*sleep, "30"], "background": [*sleep, "1"]},
         {"name": "late", "budget": 10, "command": [sys.executable, "-c", "print('late')"]},
-    ]  # fmt: skip
+    ]
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan))
     out_dir = tmp_path / "out"
     env = {**os.environ, "STITCHOPS_ROUND_PLAN": str(plan_file), "OUT": str(out_dir)}
     start = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROUND), "--deadline", "24"], env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROUND), "--deadline", "24"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     took = time.monotonic() - start
     assert result.returncode == 1  # some step did not pass
     assert took < 24 + 5, took

@@ -19,15 +19,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = (
-    ("stitchops._runtime", "stitchops._memory", "stitchops.reference", "stitchops.kernels",
-     "stitchops._cuda", "stitchops._C"),
+    (
+        "stitchops._runtime",
+        "stitchops._memory",
+        "stitchops.reference",
+        "stitchops.kernels",
+        "stitchops._cuda",
+        "stitchops._C",
+    ),
     ("stitchops._backends", "stitchops._dispatch", "stitchops.ops"),
     ("stitchops.nn",),
     ("stitchops.models",),
     ("stitchops.train", "stitchops.spt", "stitchops.spvit"),
     ("stitchops.demos",),
     ("stitchops.cli", "stitchops.__main__", "stitchops"),
-)  # fmt: skip
+)
 
 
 def layer_of(module: str) -> int:
@@ -117,9 +123,15 @@ def test_no_import_circles_inside_a_layer():
     to break a circle (packages' ``__init__`` re-exports left out: they only gather)."""
     found = modules()
     known = set(found) | {"stitchops._C"}
-    graph = {name: {t for t in imports(name, path, known)
-                    if t != name and t in found and found[t].name != "__init__.py"}
-             for name, path in found.items() if path.name != "__init__.py"}  # fmt: skip
+    graph = {
+        name: {
+            t
+            for t in imports(name, path, known)
+            if t != name and t in found and found[t].name != "__init__.py"
+        }
+        for name, path in found.items()
+        if path.name != "__init__.py"
+    }
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
@@ -150,11 +162,19 @@ def test_lower_layers_load_no_training_code(module: str):
         f"import {module}; "
         "print('\\n'.join(sorted(set(sys.modules) - before)))"
     )
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True).stdout.split()  # fmt: skip
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
     upper = ("stitchops.train", "stitchops.models", "stitchops.nn")
-    unwanted = [m for m in loaded if m.startswith(upper) or (not m.startswith("stitchops")
-                and m.split(".")[0].lstrip("_") not in sys.stdlib_module_names)]  # fmt: skip
+    unwanted = [
+        m
+        for m in loaded
+        if m.startswith(upper)
+        or (
+            not m.startswith("stitchops")
+            and m.split(".")[0].lstrip("_") not in sys.stdlib_module_names
+        )
+    ]
     assert not unwanted, unwanted
     assert "stitchops.ops.lora" in loaded or module == "stitchops.reference.lora"
 

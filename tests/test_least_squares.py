@@ -51,8 +51,10 @@ def test_rank_deficient_source_gives_minimum_norm_solution():
 def test_batches_stream_to_the_same_answer():
     x, y = _data(n=512)
     whole = stitchops.least_squares_init(x, y)
-    batches = [(x[i : i + 64].reshape(-1, 2, x.shape[1]), y[i : i + 64].reshape(-1, 2, y.shape[1]))
-               for i in range(0, 512, 64)]  # fmt: skip
+    batches = [
+        (x[i : i + 64].reshape(-1, 2, x.shape[1]), y[i : i + 64].reshape(-1, 2, y.shape[1]))
+        for i in range(0, 512, 64)
+    ]
     streamed = stitchops.least_squares_init(iter(batches))
     assert rel_err(streamed[0], whole[0]) < 1e-10 and rel_err(streamed[1], whole[1]) < 1e-10
 

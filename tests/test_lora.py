@@ -31,14 +31,21 @@ OP_TESTS = OpTests(
     aot_kernels=(
         AotKernel(
             "LOWRANK_MATMUL",
-            dict(HAS_LORA=True, HAS_BIAS=True, HAS_BIAS2=True, STORE_S=True, SPLIT_K=False,
-                 BLOCK_R=16),
+            dict(
+                HAS_LORA=True,
+                HAS_BIAS=True,
+                HAS_BIAS2=True,
+                STORE_S=True,
+                SPLIT_K=False,
+                BLOCK_R=16,
+            ),
             ("stride_xk", "stride_wk", "stride_l1k", "stride_l2r", "stride_on"),
         ),
         AotKernel(
             "LORA_BACKWARD",
-            dict(HAS_LORA=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_BIAS=True,
-                 BLOCK_R=16),
+            dict(
+                HAS_LORA=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_BIAS=True, BLOCK_R=16
+            ),
             ("stride_dyo", "stride_wi", "stride_ai", "stride_br", "stride_xi", "stride_dxi"),
         ),
     ),
@@ -47,20 +54,23 @@ OP_TESTS = OpTests(
         AotVariant("forward rank 64", "LOWRANK_MATMUL", dict(BLOCK_R=64)),
         AotVariant("forward rank 128", "LOWRANK_MATMUL", dict(BLOCK_R=128)),
         AotVariant(
-            "dW split-K", "LOWRANK_MATMUL",
+            "dW split-K",
+            "LOWRANK_MATMUL",
             dict(HAS_LORA=False, HAS_BIAS=False, HAS_BIAS2=False, STORE_S=False, SPLIT_K=True),
             ("stride_xm", "stride_wn", "stride_on"),
         ),
-        AotVariant("backward no LoRA", "LORA_BACKWARD",
-                   dict(HAS_LORA=False, NEED_DA=False, NEED_DB=False)),
+        AotVariant(
+            "backward no LoRA", "LORA_BACKWARD", dict(HAS_LORA=False, NEED_DA=False, NEED_DB=False)
+        ),
         AotVariant("backward rank 128", "LORA_BACKWARD", dict(BLOCK_R=128)),
-        AotVariant("backward dx only", "LORA_BACKWARD",
-                   dict(NEED_DA=False, NEED_DB=False, NEED_BIAS=False)),
+        AotVariant(
+            "backward dx only", "LORA_BACKWARD", dict(NEED_DA=False, NEED_DB=False, NEED_BIAS=False)
+        ),
         AotVariant("backward no dx", "LORA_BACKWARD", dict(NEED_DX=False)),
     ),
     aot_fallback_flags={"BLOCK_R": 128},  # the most shared memory: rank 128
     fp32_pointers=frozenset({"s_ptr", "da_part_ptr", "db_part_ptr", "dbias_part_ptr"}),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -82,9 +92,13 @@ class Case:
     def id(self) -> str:
         sizes = [("T", self.lead), ("IN", self.in_f), ("OUT", self.out_f)]
         sizes.append(("R", self.rank) if self.rank else ("noLoRA", ""))
-        flags = {"bias": self.bias, "sbias": self.extra_bias, "trainW": self.train_weight,
-                 **{f"frozen_{name}": True for name in self.frozen},
-                 "lowrankonly": self.low_rank_only}  # fmt: skip
+        flags = {
+            "bias": self.bias,
+            "sbias": self.extra_bias,
+            "trainW": self.train_weight,
+            **{f"frozen_{name}": True for name in self.frozen},
+            "lowrankonly": self.low_rank_only,
+        }
         return harness.case_id(sizes, flags)
 
     def trains(self, name: str) -> bool:
@@ -117,8 +131,10 @@ CASES = [
 
 def make_params(case: Case, dtype: torch.dtype, device: str = DEVICE) -> dict[str, torch.Tensor]:
     """Float64 masters of every argument (B non-zero so the low-rank path is exercised)."""
-    shapes = {"x": ((*case.lead, case.in_f), 1.0),
-              "weight": ((case.out_f, case.in_f), case.in_f**-0.5)}  # fmt: skip
+    shapes = {
+        "x": ((*case.lead, case.in_f), 1.0),
+        "weight": ((case.out_f, case.in_f), case.in_f**-0.5),
+    }
     if case.bias:
         shapes["bias"] = ((case.out_f,), 1.0)
     if case.extra_bias:
@@ -331,8 +347,16 @@ def check_against_float64(case: Case, dtype: torch.dtype, backend: str) -> None:
     require_backend(backend, masters["x"].to(dtype), case.rank)
     scale = 2.0 / max(case.rank, 1)
     grad64 = torch.randn(*case.lead, case.out_f, dtype=torch.float64).to(DEVICE)
-    harness.check_against_float64(stitchops.lora_linear, reference.lora_linear, masters, dtype,
-                                  case.trains, backend, grad64, scale=scale)  # fmt: skip
+    harness.check_against_float64(
+        stitchops.lora_linear,
+        reference.lora_linear,
+        masters,
+        dtype,
+        case.trains,
+        backend,
+        grad64,
+        scale=scale,
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -380,8 +404,9 @@ def test_non_contiguous_everything_in_half_precision(backend: str):
     require_backend(backend, masters["x"].to(dtype), case.rank)
     grad64 = torch.randn(37, 52, dtype=torch.float64).to(DEVICE)
     ref64, grads64 = run(reference.lora_linear, leaves(masters, torch.float64, case), 0.5, grad64)
-    ref_dt, grads_dt = run(reference.lora_linear, leaves(masters, dtype, case), 0.5,
-                           grad64.to(dtype))  # fmt: skip
+    ref_dt, grads_dt = run(
+        reference.lora_linear, leaves(masters, dtype, case), 0.5, grad64.to(dtype)
+    )
     args = {name: harness.non_contiguous(t) for name, t in leaves(masters, dtype, case).items()}
     with poisoned(backend):
         y, grads = run(stitchops.lora_linear, args, 0.5, grad64.to(dtype))
@@ -436,9 +461,15 @@ def test_inference_saves_nothing_and_matches(backend: str):
     expected = reference.lora_linear(**args, scale=0.5)
     with torch.no_grad(), poisoned(backend):
         y, s = torch.ops.stitchops.lora_linear(
-            args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], 0.5,
-            args["extra_bias"], False,
-        )  # fmt: skip
+            args["x"],
+            args["weight"],
+            args["bias"],
+            args["lora_a"],
+            args["lora_b"],
+            0.5,
+            args["extra_bias"],
+            False,
+        )
     assert s.numel() == 0
     assert rel_err(y, expected) < 1e-5
 
@@ -477,15 +508,23 @@ def test_opcheck(backend: str):
     harness.opcheck(backend, torch.ops.stitchops.lora_linear.default, *fwd_args)
     with stitchops.use_backend(backend):
         _, s = torch.ops.stitchops.lora_linear(*fwd_args)
-    bwd_args = (torch.randn(13, 24, device=DEVICE), a["x"].detach(), a["weight"].detach(),
-                a["lora_a"].detach(), a["lora_b"].detach(), s.detach(), 0.5,
-                [True] * 5)  # fmt: skip
+    bwd_args = (
+        torch.randn(13, 24, device=DEVICE),
+        a["x"].detach(),
+        a["weight"].detach(),
+        a["lora_a"].detach(),
+        a["lora_b"].detach(),
+        s.detach(),
+        0.5,
+        [True] * 5,
+    )
     harness.opcheck(backend, torch.ops.stitchops.lora_linear_backward.default, *bwd_args)
     # Each gradient on its own: the others come back empty.
     for i, name in enumerate(reference.GRADIENTS):
         needs = [j == i for j in range(len(reference.GRADIENTS))]
-        harness.opcheck(backend, torch.ops.stitchops.lora_linear_backward.default,
-                        *bwd_args[:-1], needs)  # fmt: skip
+        harness.opcheck(
+            backend, torch.ops.stitchops.lora_linear_backward.default, *bwd_args[:-1], needs
+        )
         with stitchops.use_backend(backend):
             grads = torch.ops.stitchops.lora_linear_backward(*bwd_args[:-1], needs)
         assert [g.numel() > 0 for g in grads] == needs, name
@@ -531,8 +570,16 @@ BAD_INPUTS = {
     "x-not-tensor": ({"x": [[1.0] * 8]}, TypeError, "x must be a torch.Tensor"),
     "x-int": ({"x": torch.ones(5, 8, dtype=torch.int64)}, TypeError, "x must be a floating"),
     "weight-1d": ({"weight": torch.randn(8)}, ValueError, "weight must be 2-D"),
-    "zero-out": ({"weight": torch.randn(0, 8), "bias": None, "extra_bias": None,
-                  "lora_b": torch.randn(0, 2)}, ValueError, "must have OUT, IN >= 1"),
+    "zero-out": (
+        {
+            "weight": torch.randn(0, 8),
+            "bias": None,
+            "extra_bias": None,
+            "lora_b": torch.randn(0, 2),
+        },
+        ValueError,
+        "must have OUT, IN >= 1",
+    ),
     "in-mismatch": ({"x": torch.randn(5, 7)}, ValueError, "weight .OUT, IN. has IN = 8"),
     "bias-shape": ({"bias": torch.randn(5)}, ValueError, "bias must have shape"),
     "extra-bias-shape": ({"extra_bias": torch.randn(6, 1)}, ValueError, "extra_bias must be 1-D"),
@@ -540,21 +587,28 @@ BAD_INPUTS = {
     "rank-mismatch": ({"lora_b": torch.randn(6, 3)}, ValueError, "lora_b has rank 3"),
     "lora-a-in": ({"lora_a": torch.randn(2, 7)}, ValueError, "lora_a must have shape"),
     "lora-b-out": ({"lora_b": torch.randn(5, 2)}, ValueError, "lora_b must have shape"),
-    "mixed-dtype": ({"weight": torch.randn(6, 8, dtype=torch.float64)}, TypeError,
-                    "weight has dtype torch.float64 but x has torch.float32"),
-    "int-lora": ({"lora_a": torch.ones(2, 8, dtype=torch.int32)}, TypeError,
-                 "lora_a must be a floating"),
+    "mixed-dtype": (
+        {"weight": torch.randn(6, 8, dtype=torch.float64)},
+        TypeError,
+        "weight has dtype torch.float64 but x has torch.float32",
+    ),
+    "int-lora": (
+        {"lora_a": torch.ones(2, 8, dtype=torch.int32)},
+        TypeError,
+        "lora_a must be a floating",
+    ),
     "mixed-device": ({"bias": torch.randn(6, device="meta")}, ValueError, "bias is on meta"),
     "scale-bool": ({"scale": True}, TypeError, "scale must be a Python float"),
     "scale-nan": ({"scale": float("nan")}, ValueError, "scale must be finite"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("change", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_inputs_raise_clear_errors(change):
     updates, error, message = change
-    harness.assert_rejected_untouched(stitchops.lora_linear, {**_good_args(), **updates}, error,
-                                      message)  # fmt: skip
+    harness.assert_rejected_untouched(
+        stitchops.lora_linear, {**_good_args(), **updates}, error, message
+    )
 
 
 def test_integer_scale_is_accepted():

@@ -18,8 +18,10 @@ from stitchops.models.official import load_official_checkpoint
 
 def _anchors(depths, widths, **kw):
     torch.manual_seed(0)
-    return [vit_small_test(embed_dim=w, depth=d, num_heads=2, **kw)
-            for d, w in zip(depths, widths, strict=True)]  # fmt: skip
+    return [
+        vit_small_test(embed_dim=w, depth=d, num_heads=2, **kw)
+        for d, w in zip(depths, widths, strict=True)
+    ]
 
 
 def test_snnetv2_official_numbering_deit3_s_l_depths():
@@ -27,9 +29,12 @@ def test_snnetv2_official_numbering_deit3_s_l_depths():
     stitch of ours, 14-24 → 13-23, 25-79 → 79-133, 80-134 → 24-78; 121 of 134 ids differ."""
     model = StitchedViT(_anchors((12, 24), (16, 32)), two_way=True, stitch_ids="official")
     ours = StitchedViT(_anchors((12, 24), (16, 32)), two_way=True)
-    expected = {**{i: i for i in range(13)}, **{o: o - 1 for o in range(14, 25)},
-                **{o: o + 54 for o in range(25, 80)},
-                **{o: o - 56 for o in range(80, 135)}}  # fmt: skip
+    expected = {
+        **{i: i for i in range(13)},
+        **{o: o - 1 for o in range(14, 25)},
+        **{o: o + 54 for o in range(25, 80)},
+        **{o: o - 56 for o in range(80, 135)},
+    }
     assert len(expected) == len(ours.stitches) == 134
     for official, position in expected.items():
         assert model.our_id(official) == ours.our_id(official) == position
@@ -76,8 +81,10 @@ def test_snnet_checkpoint_loads_and_runs_as_the_official_forward(tmp_path):
         for p in trained.stitch_layers.parameters():
             p.normal_(0, 0.2)
     path = tmp_path / "checkpoint.pth"
-    torch.save({"model": _official_snnet_state(trained), "epoch": 3,
-                "args": argparse.Namespace(lr=1e-4)}, path)  # fmt: skip
+    torch.save(
+        {"model": _official_snnet_state(trained), "epoch": 3, "args": argparse.Namespace(lr=1e-4)},
+        path,
+    )
     model = StitchedViT(_anchors((4, 4, 4), (16, 24, 32))).eval()
     report = load_official_checkpoint(model, path)
     assert report.family == "snnet" and report.ignored == []
@@ -141,14 +148,17 @@ def test_snnetv2_checkpoint_with_lora_loads_every_stitch(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "snnetv2.safetensors"
-    save_file({k: v.contiguous() for k, v in _official_snnetv2_state(trained, extra).items()},
-              str(path))  # fmt: skip
-    model = StitchedViT(_anchors((4, 8), (16, 32), **kw), two_way=True, rank=2,
-                        stitch_ids="official").eval()  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in _official_snnetv2_state(trained, extra).items()}, str(path)
+    )
+    model = StitchedViT(
+        _anchors((4, 8), (16, 32), **kw), two_way=True, rank=2, stitch_ids="official"
+    ).eval()
     report = load_official_checkpoint(model, path)
     assert report.family == "snnetv2" and model.final_norm_on_stitches
-    assert report.ignored == [f"stitch_layers.0.3.transform.{n}"
-                              for n in ("bias", "lora_A", "lora_B", "weight")]  # fmt: skip
+    assert report.ignored == [
+        f"stitch_layers.0.3.transform.{n}" for n in ("bias", "lora_A", "lora_B", "weight")
+    ]
     trained.eval()
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():

@@ -45,8 +45,9 @@ def source_modules() -> set[str]:
 
 # Build products and caches of the checkout: a stale egg-info's file list would leak into the
 # sdist and hide a package that setup.py leaves out.
-NOT_SOURCE = shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "__pycache__",
-                                    ".*_cache", "runs", "*.so", "*.o")  # fmt: skip
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", "*.egg-info", "build", "dist", "__pycache__", ".*_cache", "runs", "*.so", "*.o"
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +59,23 @@ def built(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(ROOT, tree, ignore=NOT_SOURCE)
     env = {**os.environ, "STITCHOPS_SKIP_CUDA": "1"}
     hook = "import sys; from setuptools import build_meta as b; print(b.{}(sys.argv[1]))"
-    sdist = out / _run([sys.executable, "-c", hook.format("build_sdist"), str(out)], tree,
-                       env).strip().splitlines()[-1]  # fmt: skip
+    sdist = (
+        out
+        / _run([sys.executable, "-c", hook.format("build_sdist"), str(out)], tree, env)
+        .strip()
+        .splitlines()[-1]
+    )
     with tarfile.open(sdist) as archive:
         archive.extractall(out / "src", filter="data")
     (unpacked,) = (out / "src").iterdir()
     wheel_dir = out / "wheel"
     wheel_dir.mkdir()
-    wheel = wheel_dir / _run([sys.executable, "-c", hook.format("build_wheel"), str(wheel_dir)],
-                             unpacked, env).strip().splitlines()[-1]  # fmt: skip
+    wheel = (
+        wheel_dir
+        / _run([sys.executable, "-c", hook.format("build_wheel"), str(wheel_dir)], unpacked, env)
+        .strip()
+        .splitlines()[-1]
+    )
     return {"sdist": Path(sdist), "wheel": wheel}
 
 
@@ -93,8 +102,15 @@ def test_wheel_holds_every_source_module(built):
 @pytest.mark.slow
 def test_installed_wheel_imports_and_runs_outside_the_checkout(built, tmp_path):
     target = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
-          "--target", str(target), str(built["wheel"])], tmp_path)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            *"-m pip install --no-deps --no-compile --quiet --target".split(),
+            str(target),
+            str(built["wheel"]),
+        ],
+        tmp_path,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -121,8 +137,9 @@ def test_every_imported_package_is_declared():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
-    declared |= {re.split(r"[<>=\[ ]", d)[0].lower()
-                 for d in project["optional-dependencies"]["triton"]}  # fmt: skip
+    declared |= {
+        re.split(r"[<>=\[ ]", d)[0].lower() for d in project["optional-dependencies"]["triton"]
+    }
     imported = set()
     for folder in (ROOT / "stitchops", ROOT / "kernels"):
         for path in folder.rglob("*.py"):

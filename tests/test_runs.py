@@ -33,8 +33,14 @@ SEG = (
 def cli(*args: str) -> subprocess.Popen:
     """``stitchops`` in a fresh process (its own signals), output captured."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "stitchops", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "stitchops", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def logged_steps(folder: Path) -> int:
@@ -62,7 +68,8 @@ def ade20k_folder(root: Path, sizes=((40, 48), (48, 40), (44, 44)), val=((683, 5
             (root / "images" / split).mkdir(parents=True, exist_ok=True)
             (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-                root / "images" / split / f"{i}.jpg")  # fmt: skip
+                root / "images" / split / f"{i}.jpg"
+            )
             mask = rng.integers(1, 5, (h, w), dtype=np.uint8)
             mask[: h // 4] = 0
             mask[-3:] = 255
@@ -72,11 +79,17 @@ def ade20k_folder(root: Path, sizes=((40, 48), (48, 40), (44, 44)), val=((683, 5
 
 MODES = {
     "cls": ["--mode", "anchor", "--anchors", CLS, "--epochs", "2", "--batch-size", "64"],
-    "spt": ["--mode", "spt", "--anchors", CLS, "--budget", "300", "--spt-batches", "2",
-            "--epochs", "2", "--batch-size", "64"],
-    "seg": ["--mode", "anchor", "--task", "seg", "--anchors", SEG, "--epochs", "6",
-            "--batch-size", "1"],
-}  # fmt: skip
+    "spt": [
+        *"--mode spt --anchors".split(),
+        CLS,
+        *"--budget 300 --spt-batches 2 --epochs 2 --batch-size 64".split(),
+    ],
+    "seg": [
+        *"--mode anchor --task seg --anchors".split(),
+        SEG,
+        *"--epochs 6 --batch-size 1".split(),
+    ],
+}
 
 
 @pytest.mark.slow
@@ -89,8 +102,18 @@ def test_ctrl_c_then_resume_equals_a_straight_run(mode, tmp_path):
         args += ["--data", str(ade20k_folder(tmp_path / "ade"))]
     if mode == "spt":
         weights = tmp_path / "pretrained.safetensors"
-        assert main(["train", "--mode", "anchor", "--anchors", CLS, "--max-steps", "1",
-                     "--out", str(tmp_path / "pre"), "--no-progress"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    *"train --mode anchor --anchors".split(),
+                    CLS,
+                    *"--max-steps 1 --out".split(),
+                    str(tmp_path / "pre"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         from safetensors.torch import save_file
 
         from stitchops.train import load_trained
@@ -111,16 +134,23 @@ def test_ctrl_c_then_resume_equals_a_straight_run(mode, tmp_path):
     assert tensors(checkpoint)[1]["step"] < total
     resumed = cli("train", "--resume", str(checkpoint), "--no-progress")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    (a, meta_a), (b, meta_b) = tensors(tmp_path / "straight" / "checkpoint.safetensors"), tensors(
-        checkpoint)  # fmt: skip
+    (a, meta_a), (b, meta_b) = (
+        tensors(tmp_path / "straight" / "checkpoint.safetensors"),
+        tensors(checkpoint),
+    )
     assert meta_a["step"] == meta_b["step"] == total
     assert_same_tensors(a, b)
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
-    first = ["train", "--mode", "anchor", "--anchors", CLS, "--max-steps", "2", "--out", str(run),
-             "--no-progress"]  # fmt: skip
+    first = [
+        *"train --mode anchor --anchors".split(),
+        CLS,
+        *"--max-steps 2 --out".split(),
+        str(run),
+        "--no-progress",
+    ]
     assert main(first) == 0
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
@@ -136,11 +166,29 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
 
 def test_resume_continues_in_the_checkpoints_folder(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    assert main(["train", "--mode", "anchor", "--anchors", CLS, "--max-steps", "1", "--out",
-                 str(run), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --anchors".split(),
+                CLS,
+                *"--max-steps 1 --out".split(),
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     monkeypatch.chdir(tmp_path)  # a default folder here would be runs/stitchops
-    assert main(["train", "--resume", str(run / "checkpoint.safetensors"), "--max-steps", "2",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --resume".split(),
+                str(run / "checkpoint.safetensors"),
+                *"--max-steps 2 --no-progress".split(),
+            ]
+        )
+        == 0
+    )
     assert tensors(run / "checkpoint.safetensors")[1]["step"] == 2
     assert not (tmp_path / "runs").exists()
 
@@ -150,16 +198,36 @@ def test_ade20k_folder_with_a_683x512_image_and_255_labels_trains_and_evaluates(
     ignored; whole-image evaluation pads to the patch grid; sliding windows of any crop."""
     data = ade20k_folder(tmp_path / "ade")
     run = tmp_path / "run"
-    assert main(["train", "--mode", "anchor", "--task", "seg", "--anchors", SEG, "--data",
-                 str(data), "--max-steps", "2", "--batch-size", "1", "--out", str(run),
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --task seg --anchors".split(),
+                SEG,
+                "--data",
+                str(data),
+                *"--max-steps 2 --batch-size 1 --out".split(),
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "validation mIoU" in out and "zero label ignored" in out
     checkpoint = str(run / "checkpoint.safetensors")
     assert main(["eval", checkpoint, "--no-progress", "--latency-repeats", "1"]) == 0
     assert "mIoU" in capsys.readouterr().out
-    assert main(["eval", checkpoint, "--no-progress", "--latency-repeats", "1", "--crop", "32",
-                 "--stride", "24", "--out", str(tmp_path / "slide")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                checkpoint,
+                *"--no-progress --latency-repeats 1 --crop 32 --stride 24 --out".split(),
+                str(tmp_path / "slide"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_mask_ids_are_named_as_the_file_holds_them(tmp_path, capsys):
@@ -168,20 +236,11 @@ def test_mask_ids_are_named_as_the_file_holds_them(tmp_path, capsys):
     mask[5, 5] = 9
     Image.fromarray(mask).save(data / "annotations" / "training" / "0.png")
     args = [
-        "train",
-        "--mode",
-        "anchor",
-        "--task",
-        "seg",
-        "--anchors",
+        *"train --mode anchor --task seg --anchors".split(),
         SEG,
         "--data",
         str(data),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "1",
-        "--out",
+        *"--max-steps 1 --batch-size 1 --out".split(),
         str(tmp_path / "r"),
         "--no-progress",
     ]
@@ -215,11 +274,31 @@ def test_every_checkpoint_evaluates(tmp_path, capsys):
     """An anchor's checkpoint, SPT's training checkpoint and its merged weights (with the
     model spec): each gives a one-row table; training printed its validation figure."""
     anchor = tmp_path / "anchor"
-    assert main(["train", "--mode", "anchor", "--anchors", CLS, "--max-steps", "2", "--out",
-                 str(anchor), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --anchors".split(),
+                CLS,
+                *"--max-steps 2 --out".split(),
+                str(anchor),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "validation accuracy" in capsys.readouterr().out
-    assert main(["eval", str(anchor / "checkpoint.safetensors"), "--no-progress",
-                 "--latency-repeats", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(anchor / "checkpoint.safetensors"),
+                "--no-progress",
+                "--latency-repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "CPU thread" in out and "acc %" in out
     from safetensors.torch import save_file
@@ -230,12 +309,27 @@ def test_every_checkpoint_evaluates(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     spt = tmp_path / "spt"
-    assert main(["train", "--mode", "spt", "--anchors", CLS, "--anchor-weights", str(weights),
-                 "--budget", "300", "--spt-batches", "2", "--max-steps", "2", "--out", str(spt),
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode spt --anchors".split(),
+                CLS,
+                "--anchor-weights",
+                str(weights),
+                *"--budget 300 --spt-batches 2 --max-steps 2 --out".split(),
+                str(spt),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", str(spt / "checkpoint.safetensors"), "--no-progress",
-                 "--latency-repeats", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["eval", str(spt / "checkpoint.safetensors"), "--no-progress", "--latency-repeats", "1"]
+        )
+        == 0
+    )
     assert (
         main(
             [
@@ -243,12 +337,7 @@ def test_every_checkpoint_evaluates(tmp_path, capsys):
                 str(spt / "merged.safetensors"),
                 "--model",
                 CLS,
-                "--data",
-                "digits",
-                "--no-progress",
-                "--latency-repeats",
-                "1",
-                "--out",
+                *"--data digits --no-progress --latency-repeats 1 --out".split(),
                 str(tmp_path / "m"),
             ]
         )
@@ -259,9 +348,18 @@ def test_every_checkpoint_evaluates(tmp_path, capsys):
 
 
 def test_ignored_options_are_said_in_one_line(tmp_path, capsys):
-    assert main(["train", "--mode", "anchor", "--anchors", CLS, "--max-steps", "1", "--out",
-                 str(tmp_path / "r"), "--faseg", "queries=4", "--sampler", "ros",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --anchors".split(),
+                CLS,
+                *"--max-steps 1 --out".split(),
+                str(tmp_path / "r"),
+                *"--faseg queries=4 --sampler ros --no-progress".split(),
+            ]
+        )
+        == 0
+    )
     err = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
     assert len(err) == 1 and "--sampler" in err[0] and "--decoder-options" in err[0], err
 
@@ -280,11 +378,24 @@ def test_an_images_and_masks_folder_warns_that_it_evaluates_its_training_images(
         (tmp_path / "plain" / kind).mkdir(parents=True)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-            tmp_path / "plain" / "images" / f"{i}.png")  # fmt: skip
+            tmp_path / "plain" / "images" / f"{i}.png"
+        )
         Image.fromarray(rng.integers(0, 4, (32, 32), dtype=np.uint8)).save(
-            tmp_path / "plain" / "masks" / f"{i}.png")  # fmt: skip
-    assert main(["train", "--mode", "anchor", "--task", "seg", "--anchors", SEG, "--data",
-                 str(tmp_path / "plain"), "--max-steps", "1", "--batch-size", "1", "--out",
-                 str(tmp_path / "r"), "--no-progress"]) == 0  # fmt: skip
+            tmp_path / "plain" / "masks" / f"{i}.png"
+        )
+    assert (
+        main(
+            [
+                *"train --mode anchor --task seg --anchors".split(),
+                SEG,
+                "--data",
+                str(tmp_path / "plain"),
+                *"--max-steps 1 --batch-size 1 --out".split(),
+                str(tmp_path / "r"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "--val-data" in capsys.readouterr().out
     torch.manual_seed(0)

@@ -173,12 +173,13 @@ def main():
 }
 
 EXPORTS = (
-    ("from stitchops.ops.least_squares import least_squares_init\n",
-     "from stitchops.ops.least_squares import least_squares_init\n"
-     "from stitchops.ops.scratch_scale import scratch_scale\n"),
-    ('    "pi_resize_patch_embed",\n',
-     '    "pi_resize_patch_embed",\n    "scratch_scale",\n'),
-)  # fmt: skip
+    (
+        "from stitchops.ops.least_squares import least_squares_init\n",
+        "from stitchops.ops.least_squares import least_squares_init\n"
+        "from stitchops.ops.scratch_scale import scratch_scale\n",
+    ),
+    ('    "pi_resize_patch_embed",\n', '    "pi_resize_patch_embed",\n    "scratch_scale",\n'),
+)
 
 PROBE = """
 import json, sys
@@ -245,8 +246,14 @@ def test_the_scratch_op_touches_only_its_own_files_and_the_exports(scratch):
 
 
 def test_every_shared_piece_finds_the_scratch_op(scratch):
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=scratch, env=_env(scratch),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=scratch,
+        env=_env(scratch),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert "scratch_scale" in found["ops"]
@@ -257,15 +264,25 @@ def test_every_shared_piece_finds_the_scratch_op(scratch):
     assert found["value"] == [2.0, 2.0, 2.0] and found["registered"]
     setup = (scratch / "setup.py").read_text()
     assert 'glob.glob("csrc/binding/bind_*.cpp")' in setup and 'glob.glob("csrc/*.cu")' in setup
-    info = subprocess.run([sys.executable, "-m", "stitchops", "info"], cwd=scratch,
-                          env=_env(scratch), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    info = subprocess.run(
+        [sys.executable, "-m", "stitchops", "info"],
+        cwd=scratch,
+        env=_env(scratch),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "op scratch_scale: torch reference" in info.stdout, info.stderr[-3000:]
 
 
 def test_the_scratch_ops_own_tests_pass(scratch):
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_scratch_scale.py"], cwd=scratch, env=_env(scratch),
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *"-m pytest -q -p no:cacheprovider tests/test_scratch_scale.py".split()],
+        cwd=scratch,
+        env=_env(scratch),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     assert "2 passed" in result.stdout

@@ -14,8 +14,9 @@ from stitchops.models.segmentation import Segmenter
 
 def _vit(**kw):
     torch.manual_seed(0)
-    return vit_small_test(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=4,
-                          num_heads=2, **kw)  # fmt: skip
+    return vit_small_test(
+        img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=4, num_heads=2, **kw
+    )
 
 
 @pytest.mark.parametrize("decoder", ["linear", "mask", "setr"])
@@ -84,8 +85,12 @@ def test_neck_and_fpn_shapes():
     pyramid = MultiScaleNeck(32)(levels)
     assert [tuple(p.shape[-2:]) for p in pyramid] == [(16, 16), (8, 8), (4, 4), (2, 2)]
     maps = FPNDecoder(32, channels=64)(pyramid)
-    assert [tuple(m.shape) for m in maps] == [(2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4),
-                                              (2, 64, 2, 2)]  # fmt: skip
+    assert [tuple(m.shape) for m in maps] == [
+        (2, 64, 16, 16),
+        (2, 64, 8, 8),
+        (2, 64, 4, 4),
+        (2, 64, 2, 2),
+    ]
     with pytest.raises(ValueError, match="takes 4 levels, got 3"):
         MultiScaleNeck(32)(levels[:3])
 

@@ -54,8 +54,12 @@ class Case:
     @property
     def id(self) -> str:
         sizes = [("T", self.lead), ("IN", self.in_f), ("OUT", self.out_f), ("nnz", self.nnz)]
-        flags = {self.layout: self.layout != "uniform", "nobias": not self.bias,
-                 "trainW": self.train_weight, "frozenx": self.frozen_x}  # fmt: skip
+        flags = {
+            self.layout: self.layout != "uniform",
+            "nobias": not self.bias,
+            "trainW": self.train_weight,
+            "frozenx": self.frozen_x,
+        }
         return harness.case_id(sizes, flags)
 
     def trains(self, name: str) -> bool:
@@ -92,9 +96,11 @@ CASES = [
 
 def masters(case: Case) -> dict[str, torch.Tensor]:
     index = case.index()
-    shapes = {"x": ((*case.lead, case.in_f), 1.0),
-              "weight": ((case.out_f, case.in_f), case.in_f**-0.5),
-              "delta": ((index.numel(),), 0.5)}  # fmt: skip
+    shapes = {
+        "x": ((*case.lead, case.in_f), 1.0),
+        "weight": ((case.out_f, case.in_f), case.in_f**-0.5),
+        "delta": ((index.numel(),), 0.5),
+    }
     if case.bias:
         shapes["bias"] = ((case.out_f,), 1.0)
     return harness.float64_masters(shapes)
@@ -108,19 +114,26 @@ def run(case: Case, backend: str, dtype: torch.dtype) -> None:
     grads = harness.check_against_float64(
         lambda **a: stitchops.sparse_delta_linear(index=index, **a),
         lambda **a: reference.sparse_delta_linear(index=index, **a),
-        m, dtype, case.trains, backend, grad,
-    )  # fmt: skip
+        m,
+        dtype,
+        case.trains,
+        backend,
+        grad,
+    )
     assert "delta" in grads and ("weight" in grads) == case.train_weight
 
 
 # float64 on the torch backend; the kernels take fp32, fp16 and bf16 (bf16 skips under
 # Triton's CPU interpreter, which computes it wrongly, and runs on the CUDA emulator).
-RUNS = [("torch", torch.float64), *((b, d) for b in BACKENDS
-        for d in (torch.float32, torch.float16, torch.bfloat16))]  # fmt: skip
+RUNS = [
+    ("torch", torch.float64),
+    *((b, d) for b in BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)),
+]
 
 
-@pytest.mark.parametrize("backend, dtype", RUNS,
-                         ids=[f"{b}-{harness.DTYPE_IDS[d]}" for b, d in RUNS])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend, dtype", RUNS, ids=[f"{b}-{harness.DTYPE_IDS[d]}" for b, d in RUNS]
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_float64_reference(case: Case, dtype: torch.dtype, backend: str):
     run(case, backend, dtype)
@@ -283,34 +296,47 @@ W_SHAPE = (5, 6)
 
 
 def _args(**change):
-    args = {"x": torch.randn(4, 6), "weight": torch.randn(*W_SHAPE),
-            "delta": torch.randn(3), "index": torch.tensor([0, 7, 29]), "bias": None}  # fmt: skip
+    args = {
+        "x": torch.randn(4, 6),
+        "weight": torch.randn(*W_SHAPE),
+        "delta": torch.randn(3),
+        "index": torch.tensor([0, 7, 29]),
+        "bias": None,
+    }
     args.update(change)
     return args
 
 
 BAD_INPUTS = {
-    "unsorted": (_args(index=torch.tensor([7, 0, 29])), ValueError,
-                 r"strictly increasing.*index\[0\] = 7, index\[1\] = 0"),
+    "unsorted": (
+        _args(index=torch.tensor([7, 0, 29])),
+        ValueError,
+        r"strictly increasing.*index\[0\] = 7, index\[1\] = 0",
+    ),
     "repeated": (_args(index=torch.tensor([0, 7, 7])), ValueError, "strictly increasing"),
     "negative": (_args(index=torch.tensor([-1, 7, 29])), ValueError, r"\[0, 30\).*from -1"),
     "past_end": (_args(index=torch.tensor([0, 7, 30])), ValueError, r"\[0, OUT·IN\) = \[0, 30\)"),
     "float_index": (_args(index=torch.tensor([0.0, 7.0, 29.0])), TypeError, "int64"),
-    "int32_index": (_args(index=torch.tensor([0, 7, 29], dtype=torch.int32)), TypeError,
-                    "int64"),
+    "int32_index": (_args(index=torch.tensor([0, 7, 29], dtype=torch.int32)), TypeError, "int64"),
     "list_index": (_args(index=[0, 7, 29]), TypeError, "index must be a torch.Tensor"),
     "length": (_args(delta=torch.randn(2)), ValueError, "index has 3 entries but delta has 2"),
     "2d_index": (_args(index=torch.tensor([[0, 7, 29]])), ValueError, r"index must be 1-D"),
     "in_features": (_args(x=torch.randn(4, 5)), ValueError, "IN = 6"),
     "bias_shape": (_args(bias=torch.randn(4)), ValueError, r"bias must have shape \(5,\)"),
-    "dtype": (_args(delta=torch.randn(3, dtype=torch.float64)), TypeError,
-              "delta has dtype torch.float64 but x has torch.float32"),
+    "dtype": (
+        _args(delta=torch.randn(3, dtype=torch.float64)),
+        TypeError,
+        "delta has dtype torch.float64 but x has torch.float32",
+    ),
     "int_x": (_args(x=torch.ones(4, 6, dtype=torch.int64)), TypeError, "x must be a floating"),
     "2d_delta": (_args(delta=torch.randn(3, 1)), ValueError, "delta must be 1-D"),
     "weight_1d": (_args(weight=torch.randn(30)), ValueError, "weight must be 2-D"),
-    "index_device": (_args(index=torch.tensor([0, 7, 29], device="meta")), ValueError,
-                     "index is on meta"),
-}  # fmt: skip
+    "index_device": (
+        _args(index=torch.tensor([0, 7, 29], device="meta")),
+        ValueError,
+        "index is on meta",
+    ),
+}
 
 
 @pytest.mark.parametrize("change", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
@@ -326,11 +352,19 @@ def test_opcheck(backend: str):
         x, w = torch.randn(9, 6, requires_grad=True), torch.randn(5, 6)
         delta, bias = torch.randn(3, requires_grad=True), torch.randn(5, requires_grad=True)
         index = torch.tensor([0, 7, 29])
-        harness.opcheck(backend, torch.ops.stitchops.sparse_delta_linear.default,
-                        x, w, delta, index, bias)  # fmt: skip
-        harness.opcheck(backend, torch.ops.stitchops.sparse_delta_linear_backward.default,
-                        torch.randn(9, 5), x.detach(), w, delta.detach(), index,
-                        [True, False, True, True])  # fmt: skip
+        harness.opcheck(
+            backend, torch.ops.stitchops.sparse_delta_linear.default, x, w, delta, index, bias
+        )
+        harness.opcheck(
+            backend,
+            torch.ops.stitchops.sparse_delta_linear_backward.default,
+            torch.randn(9, 5),
+            x.detach(),
+            w,
+            delta.detach(),
+            index,
+            [True, False, True, True],
+        )
 
 
 class _Tuned(torch.nn.Module):
@@ -352,8 +386,9 @@ class _Tuned(torch.nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compiler: str, tmp_path, monkeypatch):
-    harness.assert_compiles_fullgraph(_Tuned(), torch.randn(2, 9, 12), compiler,
-                                      tmp_path, monkeypatch)  # fmt: skip
+    harness.assert_compiles_fullgraph(
+        _Tuned(), torch.randn(2, 9, 12), compiler, tmp_path, monkeypatch
+    )
 
 
 def test_flop_counter_counts_the_gemms_and_the_sddmm():

@@ -18,20 +18,29 @@ from stitchops.spt.sensitivity import EXCLUDE, ranked_parameters
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 16),
-                         nn.GELU(), nn.Linear(16, 5))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(10, 32),
+        nn.LayerNorm(32),
+        nn.GELU(),
+        nn.Linear(32, 16),
+        nn.GELU(),
+        nn.Linear(16, 5),
+    )
 
 
 def tiny_vit() -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2,
-                             num_classes=5)  # fmt: skip
+    return VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5
+    )
 
 
 def batches(n: int, shape: tuple[int, ...], classes: int = 5, size: int = 6):
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(size, *shape, generator=g),
-             torch.randint(0, classes, (size,), generator=g)) for _ in range(n)]  # fmt: skip
+    return [
+        (torch.randn(size, *shape, generator=g), torch.randint(0, classes, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -69,8 +78,13 @@ def test_sensitivity_leaves_the_model_as_it_was():
     model = mlp().eval()
     model[0].weight.requires_grad_(False)
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    sens = spt.sensitivity(model, batches(1, (10,)), exclude=(), progress=False,
-                           loss_fn=lambda m, x, y: m(x).square().mean())  # fmt: skip
+    sens = spt.sensitivity(
+        model,
+        batches(1, (10,)),
+        exclude=(),
+        progress=False,
+        loss_fn=lambda m, x, y: m(x).square().mean(),
+    )
     assert not model.training and not model[0].weight.requires_grad
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
@@ -138,8 +152,10 @@ def _brute_force_tau(sens, model, budget, **kw) -> int:
 @pytest.mark.parametrize("budget", [1, 25, 59, 61, 85, 97, 120, 300, 10**6])
 @pytest.mark.parametrize("structured", ["lora", "adapter"])
 def test_tau_search_lands_on_the_largest_total_within_budget(budget, structured):
-    sens = {n: torch.rand(s.shape, generator=torch.Generator().manual_seed(len(n)))
-            for n, s in toy_sensitivity().items()}  # fmt: skip
+    sens = {
+        n: torch.rand(s.shape, generator=torch.Generator().manual_seed(len(n)))
+        for n, s in toy_sensitivity().items()
+    }
     kw = {"rank": 2, "alpha": 1.0, "beta": 5.0, "structured": structured}
     plan = spt.allocate(sens, Toy(), budget, **kw)
     assert plan.total <= budget and plan.tau == _brute_force_tau(sens, Toy(), budget, **kw)
@@ -166,17 +182,26 @@ def test_plan_prints_a_table_and_round_trips_through_json(tmp_path):
 
 
 BAD_ALLOCATIONS = {
-    "unknown_name": (dict(sensitivity={"nope.weight": torch.zeros(3)}), ValueError,
-                     "'nope.weight', which the model does not have"),
-    "wrong_shape": (dict(sensitivity={"big.weight": torch.zeros(20, 10)}), ValueError,
-                    r"shape \(10, 20\), got \(20, 10\)"),
+    "unknown_name": (
+        dict(sensitivity={"nope.weight": torch.zeros(3)}),
+        ValueError,
+        "'nope.weight', which the model does not have",
+    ),
+    "wrong_shape": (
+        dict(sensitivity={"big.weight": torch.zeros(20, 10)}),
+        ValueError,
+        r"shape \(10, 20\), got \(20, 10\)",
+    ),
     "zero_budget": (dict(budget=0), ValueError, "budget must be a positive"),
     "negative_budget": (dict(budget=-5), ValueError, "budget must be a positive"),
     "structured": (dict(structured="prefix"), ValueError, "structured must be"),
-    "too_small": (dict(sensitivity={"norm.weight": torch.ones(10)}, beta=20.0, budget=0.5),
-                  ValueError, "budget must be a positive|below the smallest"),
+    "too_small": (
+        dict(sensitivity={"norm.weight": torch.ones(10)}, beta=20.0, budget=0.5),
+        ValueError,
+        "budget must be a positive|below the smallest",
+    ),
     "not_a_dict": (dict(sensitivity=[1, 2]), TypeError, "non-empty dict"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("change", BAD_ALLOCATIONS.values(), ids=BAD_ALLOCATIONS.keys())
@@ -242,8 +267,9 @@ def test_apply_keeps_outputs_then_merge_round_trips(which):
 
 def test_optimizer_state_is_nnz_sized_for_the_deltas():
     model, data = mlp(), batches(2, (10,))
-    plan = spt.allocate(spt.sensitivity(model, data, exclude=("5.",), progress=False), model,
-                        40, rank=2, alpha=1.0)  # fmt: skip
+    plan = spt.allocate(
+        spt.sensitivity(model, data, exclude=("5.",), progress=False), model, 40, rank=2, alpha=1.0
+    )
     spt.apply(model, plan, trainable=())
     opt = torch.optim.AdamW(spt.param_groups(model, 0.05), lr=1e-3)
     F.cross_entropy(model(data[0][0]), data[0][1]).backward()
@@ -287,10 +313,16 @@ def test_stitched_vit_round_trip_leaves_stitching_weights_out():
     from stitchops.models import StitchedViT
 
     torch.manual_seed(0)
-    model = StitchedViT([VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2,
-                                           num_heads=2, num_classes=5),
-                         VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=2,
-                                           num_heads=2, num_classes=5)])  # fmt: skip
+    model = StitchedViT(
+        [
+            VisionTransformer(
+                img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=5
+            ),
+            VisionTransformer(
+                img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5
+            ),
+        ]
+    )
     model.select(model.stitches[1].id)
     data = batches(2, (3, 16, 16))
     sens = spt.sensitivity(model, data, progress=False)
@@ -309,8 +341,9 @@ def test_stitched_vit_round_trip_leaves_stitching_weights_out():
 def test_timm_vision_transformer_round_trip():
     timm = pytest.importorskip("timm", reason="timm does not import here (CPU torchvision)")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5,
-                              img_size=32, patch_size=16)  # fmt: skip
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=16
+    )
     data = batches(1, (3, 32, 32))
     plan = spt.allocate(spt.sensitivity(model, data, progress=False), model, 2_000)
     x = data[0][0]
@@ -326,8 +359,9 @@ def test_timm_vision_transformer_round_trip():
 def deit_small_widths(depth: int = 2) -> VisionTransformer:
     """DeiT-S's widths (384, 6 heads, MLP 1536) at a small depth."""
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=16, embed_dim=384, depth=depth,
-                             num_heads=6, num_classes=10)  # fmt: skip
+    return VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=384, depth=depth, num_heads=6, num_classes=10
+    )
 
 
 def separate_qkv_names(sensitivity: dict) -> dict:
@@ -365,11 +399,13 @@ def test_official_allocation_on_deit_small_widths(budget_m):
     plan = spt.allocate(sens, model, budget_m * 1e6, tau_search="official")
     got_structured = sorted(n for n, e in plan.entries.items() if e.kind == "lora")
     want = sorted(structured)
-    mapped = sorted(n.replace(".qkv.weight[", ".").replace("]", ".weight")
-                    for n in got_structured)  # fmt: skip
+    mapped = sorted(n.replace(".qkv.weight[", ".").replace("]", ".weight") for n in got_structured)
     assert mapped == want
-    got_vectors = sorted(n.replace(".qkv.bias[", ".").replace("]", ".bias")
-                         for n, e in plan.entries.items() if e.kind == "whole")  # fmt: skip
+    got_vectors = sorted(
+        n.replace(".qkv.bias[", ".").replace("]", ".bias")
+        for n, e in plan.entries.items()
+        if e.kind == "whole"
+    )
     assert got_vectors == sorted(vectors)
     for name, index in unstructured.items():
         ours_name = name
@@ -442,14 +478,20 @@ def test_allocation_refuses_nan_and_negative_sensitivities_and_says_when_saturat
     assert plan.tau == sum(t.numel() for t in toy_sensitivity().values())
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"a": 1}', "not an SPT plan: expected a JSON object with 'entries'"),
-    ('[1, 2]', "not an SPT plan"),
-    ('{"entries": []}', "missing alpha, beta, budget, rank, structured, tau"),
-    ('{"entries": [{"name": "x"}], "budget": 1, "tau": 1, "structured": "lora", "rank": 8,'
-     ' "alpha": 10, "beta": 5}', "malformed entry"),
-    ("not json", "not JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"a": 1}', "not an SPT plan: expected a JSON object with 'entries'"),
+        ("[1, 2]", "not an SPT plan"),
+        ('{"entries": []}', "missing alpha, beta, budget, rank, structured, tau"),
+        (
+            '{"entries": [{"name": "x"}], "budget": 1, "tau": 1, "structured": "lora", "rank": 8,'
+            ' "alpha": 10, "beta": 5}',
+            "malformed entry",
+        ),
+        ("not json", "not JSON"),
+    ],
+)
 def test_a_foreign_plan_file_is_refused_with_a_reason(tmp_path, text, message):
     path = tmp_path / "plan.json"
     path.write_text(text)

@@ -30,10 +30,19 @@ def pretrained(tmp_path):
 
 
 def spt_config(tmp_path, pretrained, name, **kw):
-    return TrainConfig(mode="spt", anchors=[BACKBONE + ",num_classes=5"],
-                       anchor_weights=[pretrained], data="shapes-cls", budget=400, epochs=1,
-                       batch_size=32, spt_batches=2, progress=False, out=str(tmp_path / name),
-                       **kw)  # fmt: skip
+    return TrainConfig(
+        mode="spt",
+        anchors=[BACKBONE + ",num_classes=5"],
+        anchor_weights=[pretrained],
+        data="shapes-cls",
+        budget=400,
+        epochs=1,
+        batch_size=32,
+        spt_batches=2,
+        progress=False,
+        out=str(tmp_path / name),
+        **kw,
+    )
 
 
 def test_spt_trains_evaluates_and_merges(tmp_path, pretrained):
@@ -63,8 +72,10 @@ def test_spt_trains_evaluates_and_merges(tmp_path, pretrained):
 def test_spt_resume_is_exact(tmp_path, pretrained):
     full = train(spt_config(tmp_path, pretrained, "full", max_steps=3))
     train(spt_config(tmp_path, pretrained, "part", max_steps=2))
-    resumed = train(TrainConfig(out=str(tmp_path / "part"), max_steps=3, progress=False),
-                    resume=str(tmp_path / "part" / "checkpoint.safetensors"))  # fmt: skip
+    resumed = train(
+        TrainConfig(out=str(tmp_path / "part"), max_steps=3, progress=False),
+        resume=str(tmp_path / "part" / "checkpoint.safetensors"),
+    )
     (a, meta_a), (b, meta_b) = tensors(full), tensors(resumed)
     assert_same_tensors(a, b)
     assert meta_a["spt_plan"] == meta_b["spt_plan"]
@@ -72,32 +83,41 @@ def test_spt_resume_is_exact(tmp_path, pretrained):
 
 
 def test_lora_everywhere_plan_and_adapter_plans(tmp_path, pretrained):
-    path = train(spt_config(tmp_path, pretrained, "lora", max_steps=1, spt_plan="lora-all",
-                            spt_rank=2))  # fmt: skip
+    path = train(
+        spt_config(tmp_path, pretrained, "lora", max_steps=1, spt_plan="lora-all", spt_rank=2)
+    )
     model, _ = load_trained(path)
     loras = [n for n, _ in model.named_parameters() if n.endswith("lora_A")]
     assert len(loras) == 2 * 4  # qkv, proj, fc1, fc2 in each of 2 blocks
-    path = train(spt_config(tmp_path, pretrained, "adapter", max_steps=1,
-                            spt_structured="adapter", spt_alpha=100.0))  # fmt: skip
+    path = train(
+        spt_config(
+            tmp_path, pretrained, "adapter", max_steps=1, spt_structured="adapter", spt_alpha=100.0
+        )
+    )
     assert any("adapter_up" in n for n, _ in load_trained(path)[0].named_parameters())
 
 
 @pytest.mark.slow
 def test_torchrun_spt_two_processes_and_exact_resume(tmp_path, pretrained):
-    extra = ["--anchor-weights", pretrained, "--budget", "400", "--data", "shapes-cls",
-             "--spt-batches", "2"]  # fmt: skip
+    extra = [
+        "--anchor-weights",
+        pretrained,
+        *"--budget 400 --data shapes-cls --spt-batches 2".split(),
+    ]
     specs = [BACKBONE + ",num_classes=5"]
     full = torchrun(tmp_path, tmp_path / "full", 3, mode="spt", extra=extra, specs=specs)
     part = torchrun(tmp_path, tmp_path / "part", 2, mode="spt", extra=extra, specs=specs)
-    resumed = torchrun(tmp_path, tmp_path / "part", 3, resume=part, mode="spt", extra=extra,
-                       specs=specs)  # fmt: skip
+    resumed = torchrun(
+        tmp_path, tmp_path / "part", 3, resume=part, mode="spt", extra=extra, specs=specs
+    )
     (a, meta_a), (b, _) = tensors(full), tensors(resumed)
     assert meta_a["step"] == 3 and "spt_plan" in meta_a
     assert_same_tensors(a, b)
 
 
-@pytest.mark.parametrize("text, value", [("0.4M", 4e5), ("250k", 2.5e5), ("1200", 1200.0),
-                                         ("1e3", 1e3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, value", [("0.4M", 4e5), ("250k", 2.5e5), ("1200", 1200.0), ("1e3", 1e3)]
+)
 def test_budget_parsing(text, value):
     assert parse_budget(text) == pytest.approx(value)
 
@@ -111,9 +131,15 @@ def test_bad_budget_is_a_clear_error(text):
 def test_cli_spt_mistakes_are_one_line_with_exit_code_2(tmp_path, pretrained, capsys):
     foreign = tmp_path / "foreign.json"
     foreign.write_text('{"layers": [1, 2, 3]}')
-    base = ["train", "--mode", "spt", "--anchors", BACKBONE + ",num_classes=5",
-            "--anchor-weights", pretrained, "--data", "shapes-cls", "--out",
-            str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    base = [
+        *"train --mode spt --anchors".split(),
+        BACKBONE + ",num_classes=5",
+        "--anchor-weights",
+        pretrained,
+        *"--data shapes-cls --out".split(),
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     for args, words in (
         (base, ["needs --budget"]),
         ([*base, "--budget", "0.5"], ["below the smallest possible plan"]),

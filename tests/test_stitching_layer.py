@@ -118,12 +118,19 @@ def test_least_squares_init_beats_random_init():
         StitchingLayer(16, 30).init_least_squares(src, dst)
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    ({"in_features": 0, "out_features": 4}, ValueError, "in_features must be >= 1"),
-    ({"in_features": 4, "out_features": 4, "rank": -1}, ValueError, "rank must be >= 0"),
-    ({"in_features": 4.0, "out_features": 4}, TypeError, "in_features must be an int"),
-    ({"in_features": 4, "out_features": 4, "num_stitch_biases": True}, TypeError, "must be an int"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"in_features": 0, "out_features": 4}, ValueError, "in_features must be >= 1"),
+        ({"in_features": 4, "out_features": 4, "rank": -1}, ValueError, "rank must be >= 0"),
+        ({"in_features": 4.0, "out_features": 4}, TypeError, "in_features must be an int"),
+        (
+            {"in_features": 4, "out_features": 4, "num_stitch_biases": True},
+            TypeError,
+            "must be an int",
+        ),
+    ],
+)
 def test_constructor_checks(kwargs, error, message):
     with pytest.raises(error, match=message):
         StitchingLayer(**kwargs)

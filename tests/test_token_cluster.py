@@ -20,9 +20,17 @@ from stitchops.ops import token_cluster as cluster_ops
 from stitchops.reference import token_cluster as reference
 
 # What the test machinery every op shares takes from this op (tests/op_tables.py).
-_BANDS = {name: "*i32" for name in ("pixel_start_ptr", "pixel_count_ptr", "centre_start_ptr",
-                                    "centre_count_ptr", "cell_column_ptr",
-                                    "column_start_ptr")}  # fmt: skip
+_BANDS = {
+    name: "*i32"
+    for name in (
+        "pixel_start_ptr",
+        "pixel_count_ptr",
+        "centre_start_ptr",
+        "centre_count_ptr",
+        "cell_column_ptr",
+        "column_start_ptr",
+    )
+}
 OP_TESTS = OpTests(
     name="token_cluster",
     kernels="token_cluster",
@@ -133,8 +141,9 @@ def losing_centre_map() -> torch.Tensor:
     x[0, :, 8:] = -10.0
     checker = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2 * 2 - 1
     x[0, :, 4:8, 0] = 10.0 * checker
-    return x + 0.01 * torch.randn(1, 4, 12, 1, generator=torch.Generator().manual_seed(2),
-                                  dtype=torch.float64)  # fmt: skip
+    return x + 0.01 * torch.randn(
+        1, 4, 12, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
 
 
 def test_a_centre_that_loses_every_pixel_keeps_its_value():
@@ -168,11 +177,13 @@ def test_official_numerics_match_the_official_code_at_realistic_scales(squared_n
     if squared_norm < 1e4:
         return
     flat = x.reshape(1, -1, 32)
-    _, history = reference._iterate(flat, (28, 28), 40, reference.bands((40, 40), (28, 28), 5),
-                                    50.0, 5, True, "official")  # fmt: skip
+    _, history = reference._iterate(
+        flat, (28, 28), 40, reference.bands((40, 40), (28, 28), 5), 50.0, 5, True, "official"
+    )
     assert any(((t > 0) & (t < 1e-16)).any() for _, t in history)  # the clamp acts
-    floored = [f for _, _, f in reference.topk_chunks(flat, got.reshape(1, -1, 32), 20, 50.0,
-                                                        "official")]  # fmt: skip
+    floored = [
+        f for _, _, f in reference.topk_chunks(flat, got.reshape(1, -1, 32), 20, 50.0, "official")
+    ]
     assert torch.cat(floored, 1).any()  # and the floor
     exact = stitchops.token_cluster(x, (28, 28))
     assert rel_err(exact, want) > 1e-3
@@ -187,8 +198,9 @@ def test_official_topk_in_float32_underflows_as_the_official_code():
     centres = reference.token_cluster(x, (5, 7), 5, 2, 50.0)
     far = (x + 60.0).float()
     values = torch.randn(2, 5, 7, 3)
-    official = stitchops.token_reconstruct(far, centres.float(), values, mode="topk",
-                                           numerics="official")  # fmt: skip
+    official = stitchops.token_reconstruct(
+        far, centres.float(), values, mode="topk", numerics="official"
+    )
     want = official_topk(far, centres.float(), values, 20, 50.0)
     assert (want == 0).all() and torch.equal(official, want)
     exact = stitchops.token_reconstruct(far, centres.float(), values, mode="topk")
@@ -204,8 +216,9 @@ BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 
 def require(backend: str, dtype: torch.dtype, mode: str = "local") -> None:
     probe = torch.empty(1, dtype=dtype, device=harness.DEVICE)
-    harness.require_backend(cluster_ops.TOKEN_CLUSTER, backend, probe,
-                            limits=cluster_ops.kernel_limits(mode))  # fmt: skip
+    harness.require_backend(
+        cluster_ops.TOKEN_CLUSTER, backend, probe, limits=cluster_ops.kernel_limits(mode)
+    )
 
 
 def _case_id(value) -> str:
@@ -213,8 +226,13 @@ def _case_id(value) -> str:
 
 
 # (map, grid, window, iterations): odd sizes, the paper's shape, the interpolation quirk.
-CLUSTER_CASES = [((13, 17), (5, 7), 5, 5), ((13, 17), (5, 7), 3, 1), ((40, 40), (28, 28), 5, 1),
-                 ((46, 46), (28, 28), 7, 1), ((9, 30), (2, 11), 11, 2)]  # fmt: skip
+CLUSTER_CASES = [
+    ((13, 17), (5, 7), 5, 5),
+    ((13, 17), (5, 7), 3, 1),
+    ((40, 40), (28, 28), 5, 1),
+    ((46, 46), (28, 28), 7, 1),
+    ((9, 30), (2, 11), 11, 2),
+]
 
 
 @BACKENDS
@@ -228,13 +246,21 @@ def test_cluster_op_matches_float64_reference(size, grid, window, iters, dtype, 
     harness.check_against_float64(
         lambda x: stitchops.token_cluster(x, grid, window=window, iters=iters, temperature=5.0),
         lambda x: reference.token_cluster(x, grid, window, iters, 5.0),
-        masters, dtype, lambda name: True, backend, grad,
-    )  # fmt: skip
+        masters,
+        dtype,
+        lambda name: True,
+        backend,
+        grad,
+    )
 
 
-RECONSTRUCT_CASES = [("torch", "local", "exact"), ("torch", "topk", "exact"),
-                     ("torch", "topk", "official"), ("triton", "local", "exact"),
-                     ("cuda", "local", "exact")]  # fmt: skip
+RECONSTRUCT_CASES = [
+    ("torch", "local", "exact"),
+    ("torch", "topk", "exact"),
+    ("torch", "topk", "official"),
+    ("triton", "local", "exact"),
+    ("cuda", "local", "exact"),
+]
 
 
 @DTYPES
@@ -259,11 +285,16 @@ def test_reconstruct_op_matches_float64_reference(mode, numerics, weight_grad, d
         return reference.token_reconstruct(x, centres, values, 5, 5.0, mode, 6, numerics)
 
     grads = harness.check_against_float64(
-        lambda **a: stitchops.token_reconstruct(**a, temperature=5.0, mode=mode, k=6,
-                                                numerics=numerics, weight_grad=weight_grad),
-        reference_fn, masters, dtype,
-        lambda name: weight_grad or name == "values", backend, grad,
-    )  # fmt: skip
+        lambda **a: stitchops.token_reconstruct(
+            **a, temperature=5.0, mode=mode, k=6, numerics=numerics, weight_grad=weight_grad
+        ),
+        reference_fn,
+        masters,
+        dtype,
+        lambda name: weight_grad or name == "values",
+        backend,
+        grad,
+    )
     assert set(grads) == ({"x", "centres", "values"} if weight_grad else {"values"})
 
 
@@ -277,16 +308,26 @@ def test_bf16_against_float64(backend):
     harness.check_against_float64(
         lambda x: stitchops.token_cluster(x, (5, 7), window=5, iters=2, temperature=5.0),
         lambda x: reference.token_cluster(x, (5, 7), 5, 2, 5.0),
-        {"x": x}, torch.bfloat16, lambda name: True, backend, torch.randn(2, 5, 7, 6, **f64),
-    )  # fmt: skip
-    masters = {"x": x, "centres": reference.token_cluster(x, (5, 7), 5, 2, 5.0),
-               "values": torch.randn(2, 5, 7, 4, **f64)}  # fmt: skip
+        {"x": x},
+        torch.bfloat16,
+        lambda name: True,
+        backend,
+        torch.randn(2, 5, 7, 6, **f64),
+    )
+    masters = {
+        "x": x,
+        "centres": reference.token_cluster(x, (5, 7), 5, 2, 5.0),
+        "values": torch.randn(2, 5, 7, 4, **f64),
+    }
     harness.check_against_float64(
         lambda **a: stitchops.token_reconstruct(**a, temperature=5.0, weight_grad=False),
         lambda **a: reference.token_reconstruct(**a, window=5, temperature=5.0),
-        masters, torch.bfloat16, lambda name: name == "values", backend,
+        masters,
+        torch.bfloat16,
+        lambda name: name == "values",
+        backend,
         torch.randn(2, 13, 17, 4, **f64),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -316,8 +357,7 @@ def test_cluster_backward_walks_back_through_kept_centres(backend):
         centres = stitchops.token_cluster(x, (1, 3), window=3, iters=3, temperature=1e-3)
         (got,) = torch.autograd.grad(centres, x, g, retain_graph=True)
     x64 = x.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(reference.token_cluster(x64, (1, 3), 3, 3, 1e-3), x64,
-                                  g.double())  # fmt: skip
+    (want,) = torch.autograd.grad(reference.token_cluster(x64, (1, 3), 3, 3, 1e-3), x64, g.double())
     assert rel_err(got, want) < (1e-12 if backend == "torch" else 1e-5)
     # The kept centre's gradient alone reaches its own cell through the pooling, g / 16 a
     # pixel, and nothing else.
@@ -333,15 +373,20 @@ def test_cluster_backward_walks_back_through_kept_centres(backend):
 def test_affinity_gradients_by_gradcheck():
     x = tokens((6, 7), channels=3, batch=1, scale=0.5).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda t: stitchops.token_cluster(t, (3, 4), window=3, iters=2, temperature=1.0,
-                                          affinity_grad=True), (x,))  # fmt: skip
+        lambda t: stitchops.token_cluster(
+            t, (3, 4), window=3, iters=2, temperature=1.0, affinity_grad=True
+        ),
+        (x,),
+    )
     centres = reference.token_cluster(x.detach(), (3, 4), 3, 2, 1.0).requires_grad_()
     values = torch.randn(1, 3, 4, 2, dtype=torch.float64, requires_grad=True)
     for mode, numerics in (("local", "exact"), ("topk", "exact"), ("topk", "official")):
         assert torch.autograd.gradcheck(
             lambda a, b, c, mode=mode, numerics=numerics: stitchops.token_reconstruct(
-                a, b, c, window=3, temperature=1.0, mode=mode, k=5, numerics=numerics),
-            (x, centres, values))  # fmt: skip
+                a, b, c, window=3, temperature=1.0, mode=mode, k=5, numerics=numerics
+            ),
+            (x, centres, values),
+        )
 
 
 def test_weight_gradients_where_the_official_norm_floor_acts():
@@ -350,8 +395,9 @@ def test_weight_gradients_where_the_official_norm_floor_acts():
     x = (tokens((6, 7), channels=3, batch=1, scale=0.5) + 6.0).requires_grad_()
     centres = reference.token_cluster(x.detach() - 6.0, (3, 4), 3, 2, 1.0).requires_grad_()
     values = torch.randn(1, 3, 4, 2, dtype=torch.float64, requires_grad=True)
-    y = stitchops.token_reconstruct(x, centres, values, window=3, temperature=1.0, mode="topk",
-                                    k=5, numerics="official")  # fmt: skip
+    y = stitchops.token_reconstruct(
+        x, centres, values, window=3, temperature=1.0, mode="topk", k=5, numerics="official"
+    )
     want = official_topk(x, centres, values, 5, 1.0)
     assert rel_err(y, want) < 1e-10
     g = torch.randn_like(y)
@@ -363,8 +409,10 @@ def test_weight_gradients_where_the_official_norm_floor_acts():
 
 def test_full_grid_with_tiny_temperature_is_the_identity():
     x = tokens((9, 11), scale=1.0)
-    clustering, reconstruction = TokenClustering((9, 11), temperature=1e-6), TokenReconstruction(
-        temperature=1e-6)  # fmt: skip
+    clustering, reconstruction = (
+        TokenClustering((9, 11), temperature=1e-6),
+        TokenReconstruction(temperature=1e-6),
+    )
     centres = clustering(x)
     assert rel_err(centres, x) < 1e-12
     assert rel_err(reconstruction(centres, clustering), x) < 1e-12
@@ -385,8 +433,9 @@ def test_kernels_refuse_topk_with_a_reason(backend):
     require(backend, torch.float32)
     x = torch.randn(1, 8, 8, 4, device=harness.DEVICE)
     centres = torch.randn(1, 4, 4, 4, device=harness.DEVICE)
-    refused = pytest.raises(stitchops.BackendUnavailableError,
-                            match="mode 'topk' runs on the torch backend")  # fmt: skip
+    refused = pytest.raises(
+        stitchops.BackendUnavailableError, match="mode 'topk' runs on the torch backend"
+    )
     with stitchops.use_backend(backend), refused:
         stitchops.token_reconstruct(x, centres, centres, mode="topk", k=4)
 
@@ -423,8 +472,10 @@ def test_non_contiguous_inputs(backend):
         got = stitchops.token_cluster(x, (5, 7), iters=3, temperature=5.0)
         y = stitchops.token_reconstruct(x, got, values, temperature=5.0)
     assert rel_err(got, want) < 1e-5
-    assert rel_err(y, reference.token_reconstruct(x.contiguous(), want, values.contiguous(), 5,
-                                                  5.0)) < 1e-5  # fmt: skip
+    assert (
+        rel_err(y, reference.token_reconstruct(x.contiguous(), want, values.contiguous(), 5, 5.0))
+        < 1e-5
+    )
 
 
 def _args(**change):
@@ -446,23 +497,32 @@ BAD_CLUSTER = {
     "x_3d": (dict(x=torch.randn(8, 9, 4)), ValueError, "x must be 4-D"),
     "iters": (dict(iters=-1), ValueError, "iters must be >= 0"),
     "numerics": (dict(numerics="approximate"), ValueError, "numerics must be one of"),
-}  # fmt: skip
+}
 
 BAD_RECONSTRUCT = {
     "batch": (_args(centres=torch.randn(2, 3, 4, 4)), ValueError, r"\[1, h, w, 4\] like x"),
     "channels": (_args(centres=torch.randn(1, 3, 4, 5)), ValueError, r"\[1, h, w, 4\] like x"),
     "values_grid": (_args(values=torch.randn(1, 3, 5, 2)), ValueError, r"\[1, 3, 4\] of centres"),
-    "dtype": (_args(values=torch.randn(1, 3, 4, 2, dtype=torch.float64)), TypeError,
-              "values has dtype torch.float64"),
+    "dtype": (
+        _args(values=torch.randn(1, 3, 4, 2, dtype=torch.float64)),
+        TypeError,
+        "values has dtype torch.float64",
+    ),
     "k_too_big": ({**_args(), "mode": "topk", "k": 13}, ValueError, "k = 13 is more than"),
     "k_zero": ({**_args(), "mode": "topk", "k": 0}, ValueError, "k must be >= 1"),
     "mode": ({**_args(), "mode": "nearest"}, ValueError, "mode must be one of"),
-    "numerics": ({**_args(), "mode": "topk", "k": 4, "numerics": "fast"}, ValueError,
-                 "numerics must be one of"),
-    "official_local": ({**_args(), "numerics": "official"}, ValueError,
-                       "numerics='official' is the official code's reconstruction"),
+    "numerics": (
+        {**_args(), "mode": "topk", "k": 4, "numerics": "fast"},
+        ValueError,
+        "numerics must be one of",
+    ),
+    "official_local": (
+        {**_args(), "numerics": "official"},
+        ValueError,
+        "numerics='official' is the official code's reconstruction",
+    ),
     "device": (_args(values=torch.randn(1, 3, 4, 2, device="meta")), ValueError, "is on meta"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("change", BAD_CLUSTER.values(), ids=BAD_CLUSTER.keys())
@@ -483,19 +543,31 @@ def test_opcheck():
     centres = torch.randn(2, 3, 4, 4)
     values = torch.randn(2, 3, 4, 2, requires_grad=True)
     for numerics in cluster_ops.NUMERICS:
-        harness.opcheck("torch", torch.ops.stitchops.token_cluster.default, x, 3, 4, 5, 2, 50.0,
-                        numerics)  # fmt: skip
-        harness.opcheck("torch", torch.ops.stitchops.token_cluster_backward.default,
-                        torch.randn(2, 3, 4, 4), x.detach(), 3, 4, 5, 2, 50.0,
-                        numerics)  # fmt: skip
+        harness.opcheck(
+            "torch", torch.ops.stitchops.token_cluster.default, x, 3, 4, 5, 2, 50.0, numerics
+        )
+        harness.opcheck(
+            "torch",
+            torch.ops.stitchops.token_cluster_backward.default,
+            torch.randn(2, 3, 4, 4),
+            x.detach(),
+            3,
+            4,
+            5,
+            2,
+            50.0,
+            numerics,
+        )
     for mode, numerics in (("local", "exact"), ("topk", "exact"), ("topk", "official")):
         args = (x, centres.requires_grad_(), values, 5, 50.0, mode, 6, numerics)
         harness.opcheck("torch", torch.ops.stitchops.token_reconstruct.default, *args)
         backward_args = (torch.randn(2, 8, 9, 2), *(t.detach() for t in args[:3]), *args[3:])
-        harness.opcheck("torch", torch.ops.stitchops.token_reconstruct_backward.default,
-                        *backward_args)  # fmt: skip
-        harness.opcheck("torch", torch.ops.stitchops.token_reconstruct_weight_backward.default,
-                        *backward_args)  # fmt: skip
+        harness.opcheck(
+            "torch", torch.ops.stitchops.token_reconstruct_backward.default, *backward_args
+        )
+        harness.opcheck(
+            "torch", torch.ops.stitchops.token_reconstruct_weight_backward.default, *backward_args
+        )
 
 
 class _Expedited(torch.nn.Module):
@@ -514,8 +586,9 @@ class _Expedited(torch.nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compiler: str, tmp_path, monkeypatch):
-    harness.assert_compiles_fullgraph(_Expedited(), torch.randn(2, 8, 9, 4), compiler,
-                                      tmp_path, monkeypatch)  # fmt: skip
+    harness.assert_compiles_fullgraph(
+        _Expedited(), torch.randn(2, 8, 9, 4), compiler, tmp_path, monkeypatch
+    )
 
 
 @BACKENDS
@@ -534,6 +607,7 @@ def test_float32_centres_no_worse_than_the_official_float32(backend):
 
     official = error(official_cluster(x.float(), (8, 8), 5, 5, 50.0))
     with stitchops.use_backend(backend):
-        ours = error(stitchops.token_cluster(x.float().to(harness.DEVICE), (8, 8),
-                                             numerics="official").cpu())  # fmt: skip
+        ours = error(
+            stitchops.token_cluster(x.float().to(harness.DEVICE), (8, 8), numerics="official").cpu()
+        )
     assert ours <= official / 3, (ours, official)

@@ -151,20 +151,13 @@ def test_train_on_image_folder(tmp_path):
     spec = "vit_small_test:img_size=8,in_chans=3,num_classes=2,embed_dim=16,depth=2,num_heads=2"
     code = main(
         [
-            "train",
-            "--mode",
-            "anchor",
-            "--anchors",
+            *"train --mode anchor --anchors".split(),
             spec,
             "--data",
             str(tmp_path / "data"),
             "--out",
             str(tmp_path / "run"),
-            "--batch-size",
-            "4",
-            "--epochs",
-            "1",
-            "--no-progress",
+            *"--batch-size 4 --epochs 1 --no-progress".split(),
         ]
     )
     assert code == 0 and (tmp_path / "run" / "checkpoint.safetensors").is_file()
@@ -185,17 +178,12 @@ def test_cli_errors_are_clear(tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     args = [a.format(empty=tmp_path / "empty", missing=tmp_path / "nope") for a in args]
     base = [
-        "train",
-        "--mode",
-        "snnet",
-        "--anchors",
+        *"train --mode snnet --anchors".split(),
         SMALL,
         LARGE,
         "--out",
         str(tmp_path / "r"),
-        "--no-progress",
-        "--max-steps",
-        "1",
+        *"--no-progress --max-steps 1".split(),
     ]
     assert main(base + args) == 2
     err = capsys.readouterr().err
@@ -205,8 +193,17 @@ def test_cli_errors_are_clear(tmp_path, capsys, args, message):
 def test_cli_eval_chosen_ids_quietly(tmp_path, capsys):
     path = train(TrainConfig(mode="snnet", out=str(tmp_path), max_steps=1, **TINY))
     out = tmp_path / "eval"
-    assert main(["eval", str(path), "--ids", "0,2", "--no-progress", "--latency-repeats", "2",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(path),
+                *"--ids 0,2 --no-progress --latency-repeats 2 --out".split(),
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "stitches.json").read_text())["rows"]
     assert [r["id"] for r in rows] == [0, 2]
     assert "evaluating stitches" not in capsys.readouterr().err
@@ -234,38 +231,12 @@ def _specs(mode: str, task: str) -> tuple[str, ...]:
     return specs[-1:] if mode == "anchor" else specs
 
 
-def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls", extra=(),
-             specs=None):  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "stitchops",
-        "train",
-        "--mode",
-        mode,
-        "--task",
-        task,
-        "--anchors",
-        *(specs or _specs(mode, task)),
-        "--rank",
-        "2",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "2",
-        "--init-images",
-        "32",
-        "--max-steps",
-        str(steps),
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+def torchrun(tmp_path, out, steps, resume=None, mode="snnetv2", task="cls", extra=(), specs=None):
+    launch = "-m torch.distributed.run --standalone --nproc_per_node 2 -m stitchops train"
+    sizes = "--rank 2 --batch-size 16 --epochs 2 --init-images 32"
+    cmd = [sys.executable, *launch.split(), "--mode", mode, "--task", task, "--anchors",
+           *(specs or _specs(mode, task)), *sizes.split(), "--max-steps", str(steps), "--out",
+           str(out), "--no-progress"]  # fmt: skip
     cmd += list(extra)
     if resume:
         cmd += ["--resume", str(resume)]
@@ -307,11 +278,28 @@ def test_torchrun_segmentation_three_steps_and_exact_resume(tmp_path):
 
 def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
     out = tmp_path / "seg"
-    assert main(["train", "--mode", "anchor", "--task", "seg", "--decoder", "mask",
-                 "--anchors", SEG_LARGE, "--max-steps", "2", "--batch-size", "4",
-                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
-    assert main(["eval", str(out / "checkpoint.safetensors"), "--task", "seg",
-                 "--no-progress", "--latency-repeats", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --task seg --decoder mask --anchors".split(),
+                SEG_LARGE,
+                *"--max-steps 2 --batch-size 4 --out".split(),
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "checkpoint.safetensors"),
+                *"--task seg --no-progress --latency-repeats 1".split(),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "mIoU %" in text
     rows = json.loads((out / "stitches.json").read_text())
@@ -319,36 +307,70 @@ def test_segmentation_train_and_eval_through_the_cli(tmp_path, capsys):
     assert rows["rows"][0]["flops"] > 0
     checkpoint = str(out / "checkpoint.safetensors")
     # sliding windows that cover the 16x16 images: the whole-image mIoU
-    assert main(["eval", checkpoint, "--crop", "16", "--stride", "8", "--no-progress",
-                 "--latency-repeats", "1", "--out", str(tmp_path / "slide")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                checkpoint,
+                *"--crop 16 --stride 8 --no-progress --latency-repeats 1 --out".split(),
+                str(tmp_path / "slide"),
+            ]
+        )
+        == 0
+    )
     slide = json.loads((tmp_path / "slide" / "stitches.json").read_text())
     assert slide["rows"][0]["accuracy"] == pytest.approx(rows["rows"][0]["accuracy"])
     # a crop larger than the images: they are padded to it (mmseg's sliding inference)
-    assert main(["eval", checkpoint, "--crop", "64", "--stride", "8", "--no-progress",
-                 "--latency-repeats", "1", "--out", str(tmp_path / "big")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                checkpoint,
+                *"--crop 64 --stride 8 --no-progress --latency-repeats 1 --out".split(),
+                str(tmp_path / "big"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", checkpoint, "--crop", "18", "--stride", "8"]) == 2
     err = capsys.readouterr().err
     assert "crop 18 is not a multiple of the patch size 4x4" in err and len(err.splitlines()) == 1
-    for args, words in (
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
         (["--mode", "snnet", "--anchors", SEG_SMALL, SEG_SMALL, SEG_LARGE],
          "stitched to the largest anchor"),
         (["--mode", "anchor", "--anchors", SEG_LARGE.replace("num_classes=6", "num_classes=5")],
          "shapes data has 6 classes"),
         (["--mode", "anchor", "--anchors", SEG_LARGE.replace("in_chans=3", "in_chans=1")],
          "in_chans=3"),
-    ):  # fmt: skip
-        assert main(["train", "--task", "seg", "--max-steps", "1", "--out", str(tmp_path / "x"),
-                     *args]) == 2  # fmt: skip
-        assert words in capsys.readouterr().err
+    ],
+    ids=["snnet-space", "classes", "channels"],
+)  # fmt: skip
+def test_segmentation_training_refuses_a_mismatch(tmp_path, capsys, args, words):
+    out = str(tmp_path / "x")
+    assert main(["train", "--task", "seg", "--max-steps", "1", "--out", out, *args]) == 2
+    assert words in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_segmentation_on_snnet_and_esta_spaces(tmp_path):
     for mode in ("snnet", "esta"):
-        path = train(TrainConfig(mode=mode, task="seg", anchors=[SEG_SMALL, SEG_LARGE],
-                                 out=str(tmp_path / mode), max_steps=2, batch_size=4,
-                                 init_images=8, progress=False))  # fmt: skip
+        path = train(
+            TrainConfig(
+                mode=mode,
+                task="seg",
+                anchors=[SEG_SMALL, SEG_LARGE],
+                out=str(tmp_path / mode),
+                max_steps=2,
+                batch_size=4,
+                init_images=8,
+                progress=False,
+            )
+        )
         model, cfg = load_trained(path)
         assert cfg.task == "seg" and model.backbone.options["dense"]
 
@@ -385,8 +407,9 @@ def test_demo_without_its_extra_is_one_line_with_exit_code_2(tmp_path, monkeypat
     from stitchops import cli
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "sklearn" else real(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+    )
     assert cli.main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install scikit-learn" in err[0], err
@@ -417,35 +440,70 @@ def _bad_inputs(tmp_path: Path) -> dict:
     a_file.write_text("not a folder")
     small_spec = ["--anchors", "vit_small_test:embed_dim=16,depth=1,num_heads=2"]
     return {
-        "out-file": ([*anchor, *small_spec, "--out", str(a_file)],
-                     ["--out", "a-file.txt is a file, not a folder"]),
-        "out-under-file": ([*anchor, *small_spec, "--out", str(a_file / "run")],
-                           ["--out", "is a file, so no folder can be made there"]),
-        "eval-out-file": (["eval", str(corrupt), "--out", str(a_file)],
-                          ["--out", "is a file, not a folder"]),
-        "resume-corrupt": (["train", "--resume", str(corrupt), *out],
-                           [str(corrupt), "truncated, corrupt"]),
+        "out-file": (
+            [*anchor, *small_spec, "--out", str(a_file)],
+            ["--out", "a-file.txt is a file, not a folder"],
+        ),
+        "out-under-file": (
+            [*anchor, *small_spec, "--out", str(a_file / "run")],
+            ["--out", "is a file, so no folder can be made there"],
+        ),
+        "eval-out-file": (
+            ["eval", str(corrupt), "--out", str(a_file)],
+            ["--out", "is a file, not a folder"],
+        ),
+        "resume-corrupt": (
+            ["train", "--resume", str(corrupt), *out],
+            [str(corrupt), "truncated, corrupt"],
+        ),
         "resume-not-checkpoint": (["train", "--resume", str(text), *out], [str(text)]),
         "eval-corrupt": (["eval", str(corrupt)], [str(corrupt), "truncated, corrupt"]),
-        "weights-shapes": ([*anchor, "--anchors", "vit_small_test:embed_dim=32,num_heads=2",
-                            "--anchor-weights", str(weights)],
-                           [str(weights), "blocks.0", "(16", "(32", "differ"]),
-        "spec-value": ([*anchor, "--anchors", "vit_small_test:embed_dim=abc"],
-                       ["embed_dim='abc'", "must be int"]),
-        "spec-key": ([*anchor, "--anchors", "vit_small_test:embdim=3"],
-                     ["unknown model option 'embdim'", "embed_dim"]),
-        "classes": ([*anchor, "--anchors", "vit_small_test:img_size=32,in_chans=3",
-                     "--data", str(three)], ["3 classes", "10 outputs", "num_classes=3"]),
-        "unreadable-image": ([*anchor, "--anchors", "vit_small_test:num_classes=2",
-                              "--data", str(broken)], ["9.png", "cannot read image"]),
+        "weights-shapes": (
+            [
+                *anchor,
+                "--anchors",
+                "vit_small_test:embed_dim=32,num_heads=2",
+                "--anchor-weights",
+                str(weights),
+            ],
+            [str(weights), "blocks.0", "(16", "(32", "differ"],
+        ),
+        "spec-value": (
+            [*anchor, "--anchors", "vit_small_test:embed_dim=abc"],
+            ["embed_dim='abc'", "must be int"],
+        ),
+        "spec-key": (
+            [*anchor, "--anchors", "vit_small_test:embdim=3"],
+            ["unknown model option 'embdim'", "embed_dim"],
+        ),
+        "classes": (
+            [*anchor, "--anchors", "vit_small_test:img_size=32,in_chans=3", "--data", str(three)],
+            ["3 classes", "10 outputs", "num_classes=3"],
+        ),
+        "unreadable-image": (
+            [*anchor, "--anchors", "vit_small_test:num_classes=2", "--data", str(broken)],
+            ["9.png", "cannot read image"],
+        ),
         "eval-device": (["eval", str(corrupt), "--device", "cuda"], ["no CUDA GPU"]),
         "eval-bad-device": (["eval", str(corrupt), "--device", "gpu"], ["not a device"]),
-    }  # fmt: skip
+    }
 
 
-BAD_CLI_CASES = ("resume-corrupt", "resume-not-checkpoint", "eval-corrupt", "weights-shapes",
-                 "spec-value", "spec-key", "classes", "unreadable-image", "eval-device",
-                 "eval-bad-device", "out-file", "out-under-file", "eval-out-file")  # fmt: skip
+BAD_CLI_CASES = (
+    "resume-corrupt",
+    "resume-not-checkpoint",
+    "eval-corrupt",
+    "weights-shapes",
+    "spec-value",
+    "spec-key",
+    "classes",
+    "unreadable-image",
+    "eval-device",
+    "eval-bad-device",
+    "out-file",
+    "out-under-file",
+    "eval-out-file",
+)
 
 
 @pytest.mark.parametrize("case", BAD_CLI_CASES)
@@ -468,8 +526,20 @@ def test_cli_prints_the_resize_policy_and_trains_a_folder(tmp_path, capsys):
     write_images(tmp_path / "data", classes=("a", "b", "c"), size=32, count=6)
     spec = "vit_small_test:num_classes=3,embed_dim=16,depth=1,num_heads=2"
     data = str(tmp_path / "data")
-    assert main(["train", "--mode", "anchor", "--anchors", spec, "--data", data, "--out",
-                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"train --mode anchor --anchors".split(),
+                spec,
+                "--data",
+                data,
+                "--out",
+                str(tmp_path / "run"),
+                *"--max-steps 1 --batch-size 4".split(),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "data: 18 images, 3 classes; images of 32x32" in out
     assert "resized to 8x8 grayscale" in out
@@ -493,8 +563,16 @@ def test_help_describes_every_option():
 
 def test_segmentation_demo_end_to_end(tmp_path):
     """demo seg in miniature: table, both pictures, the summary."""
-    assert main(["demo", "seg", "--out", str(tmp_path), "--anchor-epochs", "1",
-                 "--stitch-epochs", "1", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *"demo seg --out".split(),
+                str(tmp_path),
+                *"--anchor-epochs 1 --stitch-epochs 1 --no-progress".split(),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stitches"] == 14 and summary["stitches_between_anchors_in_flops"] == 12
     assert summary["anchor_small"]["mflops"] < summary["anchor_large"]["mflops"]
@@ -525,9 +603,17 @@ def test_segmentation_data_mistakes_through_the_cli(tmp_path, capsys):
         str(folder("ids", ids=9)): "holds class id 9",
     }
     for data, words in cases.items():
-        code = main(["train", "--task", "seg", "--mode", "anchor", "--anchors", SEG_LARGE,
-                     "--data", data, "--out", str(tmp_path / "run"),
-                     "--max-steps", "1"])  # fmt: skip
+        code = main(
+            [
+                *"train --task seg --mode anchor --anchors".split(),
+                SEG_LARGE,
+                "--data",
+                data,
+                "--out",
+                str(tmp_path / "run"),
+                *"--max-steps 1".split(),
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "run").exists()
@@ -536,6 +622,11 @@ def test_segmentation_data_mistakes_through_the_cli(tmp_path, capsys):
 def test_a_closed_pipe_is_not_a_traceback(tmp_path):
     """`stitchops info | true`: the reader is gone before the first line; no BrokenPipeError
     traceback (stitchops takes a second to import, `true` none)."""
-    proc = subprocess.run(f"{sys.executable} -m stitchops info | true", shell=True,
-                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        f"{sys.executable} -m stitchops info | true",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

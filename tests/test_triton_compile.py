@@ -50,8 +50,9 @@ def compiled() -> list[dict]:
     # STITCHOPS_AOT_PYTHON: compile with another environment's Triton (e.g. 3.6, the GPU
     # image's), as benchmarks/NOTES.md describes; by default this test's own.
     python = os.environ.get("STITCHOPS_AOT_PYTHON", sys.executable)
-    result = subprocess.run([python, str(HERE / "triton_aot.py")], env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [python, str(HERE / "triton_aot.py")], env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
@@ -64,8 +65,9 @@ def grid(compiled) -> list[dict]:
 
 def test_every_config_compiles_for_both_archs(grid):
     kernels = {row["kernel"] for row in grid}
-    declared = {getattr(_kernels_module(op), k.attr).fn.__name__
-                for op in ops() for k in op.aot_kernels}  # fmt: skip
+    declared = {
+        getattr(_kernels_module(op), k.attr).fn.__name__ for op in ops() for k in op.aot_kernels
+    }
     assert kernels == declared
     for kernel in kernels:
         rows = [row for row in grid if row["kernel"] == kernel]
@@ -139,9 +141,13 @@ def test_fallback_tilings_fit_every_rank_and_dtype(compiled):
             for _, tiling in tuned.space.fallbacks:
                 archs = fallback_archs(tuned.space, tiling)
                 assert archs, (op.name, tiling)
-                rows = [r for r in compiled if r["op"] == op.name
-                        and r["kernel"] == tuned.fn.__name__
-                        and r.get("variant") == fallback_variant(tiling)]  # fmt: skip
+                rows = [
+                    r
+                    for r in compiled
+                    if r["op"] == op.name
+                    and r["kernel"] == tuned.fn.__name__
+                    and r.get("variant") == fallback_variant(tiling)
+                ]
                 assert {(r["arch"], r["dtype"]) for r in rows} == {
                     (arch, dtype) for arch in archs for dtype in ("bf16", "fp32")
                 }, (op.name, kernel.attr, tiling)

@@ -252,6 +252,5 @@ def test_deit_small_traces():
 
 
 def test_flexi_vit_traces_at_its_patch_size():
-    model = vit_small_test(img_size=24, patch_size=6, in_chans=3, embed_dim=16, depth=2,
-                           flexi=True)  # fmt: skip
+    model = vit_small_test(img_size=24, patch_size=6, in_chans=3, embed_dim=16, depth=2, flexi=True)
     _assert_traces(model, torch.randn(2, 3, 24, 24))

@@ -17,6 +17,7 @@ wgmma) and asynchronous copies (the software pipeline) are in the code.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -104,44 +105,66 @@ def jobs() -> list[tuple]:
     out = []
     for op in ops():
         module = importlib.import_module(f"kernels.{op.kernels}")
-        main = {k.attr: k for k in op.aot_kernels}
-        for kernel in op.aot_kernels:
-            tuned = getattr(module, kernel.attr)
-            for config in [tuned.config(t) for t in tuned.tilings(tuned.space.tilings)]:
-                for arch in ARCHS:
-                    for dtype in DTYPES:
-                        out.append((op.name, kernel.attr, kernel.flags, kernel.unit_strides,
-                                    dtype, arch, config, None))  # fmt: skip
-        for variant in op.aot_variants:
-            base = main[variant.kernel]
-            tuned = getattr(module, variant.kernel)
-            space = [tuned.config(t) for t in tuned.tilings(tuned.space.tilings)]
-            largest = max(space, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-            widest = max(space, key=lambda c: c.kwargs.get("COLUMN_TILES", 1))
-            for config in dict.fromkeys([space[0], largest, widest]):
-                for arch in ARCHS:
-                    out.append((op.name, variant.kernel, {**base.flags, **variant.overrides},
-                                variant.unit_strides or base.unit_strides, "bf16", arch, config,
-                                variant.name))  # fmt: skip
-        for kernel in op.aot_kernels:
-            tuned = getattr(module, kernel.attr)
-            for _, tiling in tuned.space.fallbacks:
-                for arch in fallback_archs(tuned.space, tiling):
-                    for dtype in DTYPES:
-                        out.append((op.name, kernel.attr, {**kernel.flags, **op.aot_fallback_flags},
-                                    kernel.unit_strides, dtype, arch, tuned.config(tiling),
-                                    fallback_variant(tiling)))  # fmt: skip
-        for plain in op.aot_plain:
-            config = triton.Config(plain.constants, num_warps=plain.num_warps)
-            for arch in ARCHS:
-                for dtype in DTYPES:
-                    out.append((op.name, plain.attr, {}, plain.unit_strides, dtype, arch,
-                                config, plain_variant(plain.attr)))  # fmt: skip
+        out += _tuned_jobs(op, module) + _variant_jobs(op, module)
+        out += _fallback_jobs(op, module) + _plain_jobs(op)
     # The shared last step of deterministic reductions: no dot, launched with fixed sizes.
     config = triton.Config({"BLOCK_Z": partials.BLOCK_Z, "BLOCK_C": partials.BLOCK_C}, num_warps=4)
     for arch in ARCHS:
         for dtype in DTYPES:
             out.append((SUM_RANGES, SUM_RANGES, {}, (), dtype, arch, config, SUM_RANGES))
+    return out
+
+
+def _tuned_jobs(op, module) -> list[tuple]:
+    """Every autotune config of each main kernel, both archs and element widths."""
+    out = []
+    for kernel in op.aot_kernels:
+        tuned = getattr(module, kernel.attr)
+        for config in [tuned.config(t) for t in tuned.tilings(tuned.space.tilings)]:
+            for arch, dtype in itertools.product(ARCHS, DTYPES):
+                out.append((op.name, kernel.attr, kernel.flags, kernel.unit_strides, dtype, arch,
+                            config, None))  # fmt: skip
+    return out
+
+
+def _variant_jobs(op, module) -> list[tuple]:
+    """The other specialisations, bf16, at the first, largest and widest configs."""
+    out, main = [], {k.attr: k for k in op.aot_kernels}
+    for variant in op.aot_variants:
+        base, tuned = main[variant.kernel], getattr(module, variant.kernel)
+        space = [tuned.config(t) for t in tuned.tilings(tuned.space.tilings)]
+        largest = max(space, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        widest = max(space, key=lambda c: c.kwargs.get("COLUMN_TILES", 1))
+        flags = {**base.flags, **variant.overrides}
+        strides = variant.unit_strides or base.unit_strides
+        for config, arch in itertools.product(dict.fromkeys([space[0], largest, widest]), ARCHS):
+            out.append(
+                (op.name, variant.kernel, flags, strides, "bf16", arch, config, variant.name)
+            )
+    return out
+
+
+def _fallback_jobs(op, module) -> list[tuple]:
+    """Each fallback tiling on the archs that fall back to it, at the op's largest flags."""
+    out = []
+    for kernel in op.aot_kernels:
+        tuned = getattr(module, kernel.attr)
+        flags = {**kernel.flags, **op.aot_fallback_flags}
+        for _, tiling in tuned.space.fallbacks:
+            for arch, dtype in itertools.product(fallback_archs(tuned.space, tiling), DTYPES):
+                out.append((op.name, kernel.attr, flags, kernel.unit_strides, dtype, arch,
+                            tuned.config(tiling), fallback_variant(tiling)))  # fmt: skip
+    return out
+
+
+def _plain_jobs(op) -> list[tuple]:
+    """The fixed-size kernels, with their launch's constants."""
+    out = []
+    for plain in op.aot_plain:
+        config = triton.Config(plain.constants, num_warps=plain.num_warps)
+        for arch, dtype in itertools.product(ARCHS, DTYPES):
+            out.append((op.name, plain.attr, {}, plain.unit_strides, dtype, arch, config,
+                        plain_variant(plain.attr)))  # fmt: skip
     return out
 
 

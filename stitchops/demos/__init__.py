@@ -1,20 +1,35 @@
 """The demos: small end-to-end runs of each method on a laptop CPU, apps built on the
-library (``stitchops demo NAME``). Each module has ``run(out, ..., progress, seed)`` and the
-``OPTIONS`` of the command line it takes (``anchor_epochs``, ``stitch_epochs``); ``DEMOS``
-maps the command's names to the modules (imported when run) and says what each shows."""
+library (``stitchops demo NAME``).
+
+A demo is one module here: ``DESCRIPTION`` (one line for ``stitchops demo --help``),
+``OPTIONS`` (the command line's options it takes: ``anchor_epochs``, ``stitch_epochs``) and
+``run(out, ..., progress, seed)``. ``DEMOS`` finds them (reading, not importing, each
+module), so a new demo is its own file; ``demo(name)`` imports one to run it.
+"""
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from types import ModuleType
 
-DEMOS = {
-    "cls": "SN-Netv2 end to end on the bundled digits: two anchors, every stitch (runs/demo)",
-    "seg": "stitched ViTs as segmentation backbones on generated shapes (runs/demo-seg)",
-    "spt": "SPT against LoRA and full fine-tuning of a digits ViT (runs/demo-spt)",
-    "expedit": "a trained Segmenter expedited without fine-tuning (runs/demo-expedit)",
-    "faseg": "FASeg's decoder ablations, thesis Tables 5.4 / 5.6 (runs/demo-faseg)",
-}
+HERE = Path(__file__).resolve().parent
+DEFAULT = "cls"  # ``stitchops demo`` alone: the README's first command
+
+
+def _descriptions() -> dict[str, str]:
+    """name → DESCRIPTION of every demo module, the default first."""
+    found = {}
+    for path in sorted(HERE.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            targets = getattr(node, "targets", [])
+            if any(getattr(t, "id", None) == "DESCRIPTION" for t in targets):
+                found[path.stem] = ast.literal_eval(node.value)
+    return {name: found[name] for name in sorted(found, key=lambda n: (n != DEFAULT, n))}
+
+
+DEMOS = _descriptions()
 
 
 def demo(name: str) -> ModuleType:

@@ -20,6 +20,7 @@ from stitchops.train.data import load_digits
 from stitchops.train.evaluate import eval_stitches, plot_stitches
 from stitchops.train.loop import TrainConfig, load_trained, train
 
+DESCRIPTION = "SN-Netv2 end to end on the bundled digits: two anchors, every stitch (runs/demo)"
 OPTIONS = ("anchor_epochs", "stitch_epochs")
 
 SMALL = "vit_small_test:embed_dim=16,depth=4,num_heads=2"

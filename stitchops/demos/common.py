@@ -20,8 +20,10 @@ def require(*modules: str) -> None:
     missing = [NEEDS[m] for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         packages = " ".join(what.split()[0] for what in missing)
-        raise DataError(f"the demo needs {' and '.join(missing)}, dependencies of stitchops "
-                        f"that this environment lacks: pip install {packages}")  # fmt: skip
+        raise DataError(
+            f"the demo needs {' and '.join(missing)}, dependencies of stitchops "
+            f"that this environment lacks: pip install {packages}"
+        )
 
 
 def pyplot():
@@ -40,7 +42,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence], widths: Sequence[int]
     def line(cells):
         first, *rest = (str(c) for c in cells)
         return f"{first:<{widths[0]}} " + " ".join(
-            f"{c:>{w}}" for c, w in zip(rest, widths[1:], strict=True))  # fmt: skip
+            f"{c:>{w}}" for c, w in zip(rest, widths[1:], strict=True)
+        )
 
     return "\n".join([line(header), *(line(r) for r in rows)])
 
@@ -54,13 +57,14 @@ def timing_note() -> str:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = None
-    note = (f"times: medians after a warm-up, {torch.get_num_threads()} CPU thread(s), "
-            f"{cores} cores")  # fmt: skip
+    note = f"times: medians after a warm-up, {torch.get_num_threads()} CPU thread(s), {cores} cores"
     if load is None:
         return note
     if load > cores:
-        return (f"{note}; WARNING: the machine was busy (load {load:.1f}): the times are "
-                "inflated and may not rank the methods")  # fmt: skip
+        return (
+            f"{note}; WARNING: the machine was busy (load {load:.1f}): the times are "
+            "inflated and may not rank the methods"
+        )
     return f"{note}, load {load:.1f}"
 
 

@@ -38,10 +38,13 @@ from stitchops.train.loop import TrainConfig, load_trained, train
 from stitchops.train.segdata import GeneratedShapes
 from stitchops.train.segmetrics import ConfusionMatrix
 
+DESCRIPTION = "a trained Segmenter expedited without fine-tuning (runs/demo-expedit)"
 OPTIONS = ("anchor_epochs",)
 
-SPEC = ("vit_small_test:img_size=32,patch_size=2,in_chans=3,num_classes=6,num_heads=4,"
-        "embed_dim=64,depth=6")  # fmt: skip
+SPEC = (
+    "vit_small_test:img_size=32,patch_size=2,in_chans=3,num_classes=6,num_heads=4,"
+    "embed_dim=64,depth=6"
+)
 SETTINGS = ((2, (8, 8)), (2, (11, 11)), (3, (8, 8)), (3, (11, 11)), (4, (11, 11)))
 
 
@@ -69,8 +72,13 @@ def measure(model, loader, plain_labels=None) -> dict:
         model(images[:1])
     latency = median_latency_ms(lambda x, patch_size=None: model(x), images) / len(images)
     agree = 1.0 if plain_labels is None else (labels == plain_labels).float().mean().item()
-    return {"miou": matrix.scores()["mIoU"], "gflops": counter.get_total_flops() / 1e9,
-            "ms_per_image": latency, "agreement": agree, "labels": labels}  # fmt: skip
+    return {
+        "miou": matrix.scores()["mIoU"],
+        "gflops": counter.get_total_flops() / 1e9,
+        "ms_per_image": latency,
+        "agreement": agree,
+        "labels": labels,
+    }
 
 
 def temperature_at(model, images, alpha: int) -> float:
@@ -85,19 +93,40 @@ def temperature_at(model, images, alpha: int) -> float:
 def _plot(plain: dict, rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.scatter([plain["gflops"]], [100 * plain["miou"]], marker="*", s=160, color="black",
-               label="plain Segmenter", zorder=3)  # fmt: skip
-    colours = {"official": "tab:blue", "exact": "tab:cyan", "local": "tab:green",
-               "pool": "tab:orange"}  # fmt: skip
+    ax.scatter(
+        [plain["gflops"]],
+        [100 * plain["miou"]],
+        marker="*",
+        s=160,
+        color="black",
+        label="plain Segmenter",
+        zorder=3,
+    )
+    colours = {
+        "official": "tab:blue",
+        "exact": "tab:cyan",
+        "local": "tab:green",
+        "pool": "tab:orange",
+    }
     for variant, colour in colours.items():
         mine = [r for r in rows if r["variant"] == variant and r["tau_rule"] == "scaled"]
-        ax.scatter([r["gflops"] for r in mine], [100 * r["miou"] for r in mine], color=colour,
-                   label=variant, marker="o" if variant != "pool" else "s")  # fmt: skip
+        ax.scatter(
+            [r["gflops"] for r in mine],
+            [100 * r["miou"] for r in mine],
+            color=colour,
+            label=variant,
+            marker="o" if variant != "pool" else "s",
+        )
         if variant in ("official", "pool"):
             for r in mine:
-                ax.annotate(f"a{r['alpha']} {r['grid']}", (r["gflops"], 100 * r["miou"]),
-                            textcoords="offset points", fontsize=7, color=colour,
-                            xytext=(4, -10 if variant == "pool" else 4))  # fmt: skip
+                ax.annotate(
+                    f"a{r['alpha']} {r['grid']}",
+                    (r["gflops"], 100 * r["miou"]),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=colour,
+                    xytext=(4, -10 if variant == "pool" else 4),
+                )
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("mIoU on generated shapes (%)")
     ax.set_title("Expediting a trained Segmenter without fine-tuning (scaled τ)")
@@ -110,26 +139,43 @@ def _plot(plain: dict, rows: list[dict], path: Path) -> None:
 
 def _table(plain: dict, rows: list[dict]) -> str:
     def cells(setting, variant, r):
-        return (setting, variant, f"{r['gflops']:.4f}", f"{r['ms_per_image']:.2f}",
-                f"{100 * r['miou']:.1f}%", f"{100 * r['agreement']:.1f}%")  # fmt: skip
+        return (
+            setting,
+            variant,
+            f"{r['gflops']:.4f}",
+            f"{r['ms_per_image']:.2f}",
+            f"{100 * r['miou']:.1f}%",
+            f"{100 * r['agreement']:.1f}%",
+        )
 
     lines = [cells("plain", "", plain)]
-    lines += [cells(f"a={r['alpha']} {r['grid']} tau={r['temperature']:g}", r["variant"], r)
-              for r in rows]  # fmt: skip
+    lines += [
+        cells(f"a={r['alpha']} {r['grid']} tau={r['temperature']:g}", r["variant"], r) for r in rows
+    ]
     header = ("setting", "variant", "GFLOPs", "ms/img", "mIoU", "agree")
     return table(header, lines, (22, 9, 7, 7, 6, 6)) + "\n" + timing_note()
 
 
-def run(out="runs/demo-expedit", anchor_epochs=20, progress=True, seed=0,
-        settings=SETTINGS) -> dict:  # fmt: skip
+def run(
+    out="runs/demo-expedit", anchor_epochs=20, progress=True, seed=0, settings=SETTINGS
+) -> dict:
     """Train (``epochs``), expedite at ``settings`` ((α, (h, w)), ...) in every variant at
     both τ, print, plot."""
     out, start = Path(out), time.time()
     print(f"[demo expedit] training a Segmenter: {SPEC}", flush=True)
-    cfg = TrainConfig(mode="anchor", task="seg", data="shapes", anchors=[SPEC],
-                      epochs=anchor_epochs,
-                      batch_size=32, lr=2e-3, warmup_steps=20, progress=progress, seed=seed,
-                      out=str(out / "segmenter"))  # fmt: skip
+    cfg = TrainConfig(
+        mode="anchor",
+        task="seg",
+        data="shapes",
+        anchors=[SPEC],
+        epochs=anchor_epochs,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=20,
+        progress=progress,
+        seed=seed,
+        out=str(out / "segmenter"),
+    )
     model, _ = load_trained(train(cfg, overwrite=True))
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
     loader = torch.utils.data.DataLoader(val, batch_size=64)
@@ -144,15 +190,29 @@ def run(out="runs/demo-expedit", anchor_epochs=20, progress=True, seed=0,
                 with expedited(model, alpha, grid, temperature=tau, **options):
                     result = measure(model, loader, plain["labels"])
                 result.pop("labels")
-                rows.append({"alpha": alpha, "grid": f"{grid[0]}x{grid[1]}", "variant": variant,
-                             "tau_rule": rule, "temperature": round(tau, 3),
-                             **result})  # fmt: skip
+                rows.append(
+                    {
+                        "alpha": alpha,
+                        "grid": f"{grid[0]}x{grid[1]}",
+                        "variant": variant,
+                        "tau_rule": rule,
+                        "temperature": round(tau, 3),
+                        **result,
+                    }
+                )
     plain.pop("labels")
     print(_table(plain, rows))
     _plot(plain, rows, out / "expedit.png")
-    summary = {"plain": plain, "rows": rows, "seconds": round(time.time() - start, 1),
-               "plot": str(out / "expedit.png")}  # fmt: skip
+    summary = {
+        "plain": plain,
+        "rows": rows,
+        "seconds": round(time.time() - start, 1),
+        "plot": str(out / "expedit.png"),
+    }
     (out / "expedit.json").write_text(json.dumps(summary, indent=1))
-    print(f"[demo expedit] {summary['seconds']} s; wrote {out / 'expedit.json'} and "
-          f"{out / 'expedit.png'}", flush=True)  # fmt: skip
+    print(
+        f"[demo expedit] {summary['seconds']} s; wrote {out / 'expedit.json'} and "
+        f"{out / 'expedit.png'}",
+        flush=True,
+    )
     return summary

@@ -29,10 +29,13 @@ from stitchops.demos.common import miou, pyplot, table, timing_note
 from stitchops.train.loop import TrainConfig, load_trained, train
 from stitchops.train.segdata import GeneratedShapes
 
+DESCRIPTION = "FASeg's decoder ablations, thesis Tables 5.4 / 5.6 (runs/demo-faseg)"
 OPTIONS = ("anchor_epochs",)
 
-SPEC = ("vit_small_test:img_size=32,patch_size=4,in_chans=3,num_classes=6,num_heads=4,"
-        "embed_dim=64,depth=6")  # fmt: skip
+SPEC = (
+    "vit_small_test:img_size=32,patch_size=4,in_chans=3,num_classes=6,num_heads=4,"
+    "embed_dim=64,depth=6"
+)
 BASE = {"hidden": 64, "heads": 4, "queries": 20, "ffn": 256, "hrca_ratio": 4, "points": 1024}
 VARIANTS = (  # (name, table, decoder options)
     ("Mask2Former", "5.4", {"dfpq": False, "hrca": None, "layers": 6}),
@@ -64,8 +67,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(out="runs/demo-faseg", anchor_epochs=6, progress=True, seed=0, variants=VARIANTS,
-        lr=5e-4) -> dict:  # fmt: skip
+def run(
+    out="runs/demo-faseg", anchor_epochs=6, progress=True, seed=0, variants=VARIANTS, lr=5e-4
+) -> dict:
     """Train each of ``variants`` for ``epochs`` on 512 generated images; print, plot."""
     out, start = Path(out), time.time()
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
@@ -74,11 +78,21 @@ def run(out="runs/demo-faseg", anchor_epochs=6, progress=True, seed=0, variants=
     for i, (name, section, options) in enumerate(variants):
         print(f"[demo faseg] {i + 1}/{len(variants)}: {name}", flush=True)
         run_dir = out / f"variant{i}"
-        cfg = TrainConfig(mode="anchor", task="seg", decoder="faseg", data="shapes",
-                          anchors=[SPEC], decoder_options={**BASE, **options},
-                          epochs=anchor_epochs,
-                          batch_size=16, lr=lr, warmup_steps=20, progress=progress,
-                          seed=seed, out=str(run_dir))  # fmt: skip
+        cfg = TrainConfig(
+            mode="anchor",
+            task="seg",
+            decoder="faseg",
+            data="shapes",
+            anchors=[SPEC],
+            decoder_options={**BASE, **options},
+            epochs=anchor_epochs,
+            batch_size=16,
+            lr=lr,
+            warmup_steps=20,
+            progress=progress,
+            seed=seed,
+            out=str(run_dir),
+        )
         # a fresh process each: its peak resident memory is this variant's alone
         spawn = multiprocessing.get_context("spawn")
         worker = spawn.Process(target=train, args=(cfg,), kwargs={"overwrite": True})
@@ -88,18 +102,39 @@ def run(out="runs/demo-faseg", anchor_epochs=6, progress=True, seed=0, variants=
             raise RuntimeError(f"training {name!r} failed (exit code {worker.exitcode})")
         model, _ = load_trained(run_dir / "checkpoint.safetensors")
         usage = json.loads((run_dir / "usage.json").read_text())
-        rows.append({"variant": name, "table": section, "options": options,
-                     "miou": miou(model, loader), "peak_mb": usage["peak_mb"],
-                     "step_ms": usage["step_ms_median"]})  # fmt: skip
-    cells = [(r["variant"], r["table"], f"{100 * r['miou']:.1f}%",
-              f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-", f"{r['step_ms']:.0f}")
-             for r in rows]  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "table": section,
+                "options": options,
+                "miou": miou(model, loader),
+                "peak_mb": usage["peak_mb"],
+                "step_ms": usage["step_ms_median"],
+            }
+        )
+    cells = [
+        (
+            r["variant"],
+            r["table"],
+            f"{100 * r['miou']:.1f}%",
+            f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-",
+            f"{r['step_ms']:.0f}",
+        )
+        for r in rows
+    ]
     print(table(("variant", "table", "mIoU", "peak MB", "step ms"), cells, (24, 9, 6, 8, 8)))
     print(timing_note())
     _plot(rows, out / "faseg.png")
-    summary = {"rows": rows, "backbone": SPEC, "decoder": BASE, "epochs": anchor_epochs,
-               "seconds": round(time.time() - start, 1)}  # fmt: skip
+    summary = {
+        "rows": rows,
+        "backbone": SPEC,
+        "decoder": BASE,
+        "epochs": anchor_epochs,
+        "seconds": round(time.time() - start, 1),
+    }
     (out / "faseg.json").write_text(json.dumps(summary, indent=1))
-    print(f"[demo faseg] {summary['seconds']} s; wrote {out / 'faseg.json'} and "
-          f"{out / 'faseg.png'}", flush=True)  # fmt: skip
+    print(
+        f"[demo faseg] {summary['seconds']} s; wrote {out / 'faseg.json'} and {out / 'faseg.png'}",
+        flush=True,
+    )
     return summary

@@ -1,4 +1,6 @@
-"""Models: the timm-compatible ViT (DeiT / DeiT-III, FlexiViT patch sizes) and stitched ViTs."""
+"""Models: the timm-compatible ViT (DeiT / DeiT-III, FlexiViT patch sizes), stitched ViTs
+(SN-Net, SN-Netv2, ESTA; official checkpoints), segmentation models on any of them
+(``Segmenter``, ``FASeg``), and Expedit's insertion into a trained model (``expedite``)."""
 
 from stitchops.models.expedit import expedite, expedited, expedition, unexpedite
 from stitchops.models.faseg import FASegDecoder, FASegHead

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitchops.models.token_grid import set_clustered_grid
 from stitchops.ops.token_cluster import MODES, NUMERICS, token_cluster, token_reconstruct
 
 METHODS = ("cluster", "pool")
@@ -66,15 +67,21 @@ def route_of(model: nn.Module) -> Route:
     if hasattr(vit, "stitches") and hasattr(vit, "anchors"):
         stitch = vit.stitches[vit.active]
         first = vit.anchors[stitch.route[0].anchor]
-        blocks = tuple(vit.anchors[seg.anchor].blocks[i] for seg in stitch.route
-                       for i in range(seg.start, seg.stop))  # fmt: skip
+        blocks = tuple(
+            vit.anchors[seg.anchor].blocks[i]
+            for seg in stitch.route
+            for i in range(seg.start, seg.stop)
+        )
         return Route(vit, blocks, first.patch_embed, first.num_prefix_tokens, vit.active)
     missing = [a for a in ("blocks", "patch_embed") if not hasattr(vit, a)]
     if missing:
-        raise TypeError(f"expedite needs a ViT with timm's attribute names; "
-                        f"{type(vit).__name__} has no {', '.join(missing)}")  # fmt: skip
-    return Route(vit, tuple(vit.blocks), vit.patch_embed, getattr(vit, "num_prefix_tokens", 1),
-                 None)  # fmt: skip
+        raise TypeError(
+            f"expedite needs a ViT with timm's attribute names; "
+            f"{type(vit).__name__} has no {', '.join(missing)}"
+        )
+    return Route(
+        vit, tuple(vit.blocks), vit.patch_embed, getattr(vit, "num_prefix_tokens", 1), None
+    )
 
 
 @dataclass
@@ -107,9 +114,14 @@ class Expedition:
         if self.method == "pool":
             centres = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), self.grid).permute(0, 2, 3, 1)
         else:
-            centres = token_cluster(x, self.grid, window=self.window, iters=self.iters,
-                                    temperature=self.temperature,
-                                    numerics=self.numerics)  # fmt: skip
+            centres = token_cluster(
+                x,
+                self.grid,
+                window=self.window,
+                iters=self.iters,
+                temperature=self.temperature,
+                numerics=self.numerics,
+            )
         self.saved = (x, centres)
         return torch.cat([tokens[:, :prefix], centres.reshape(b, -1, c)], dim=1)
 
@@ -117,19 +129,32 @@ class Expedition:
         """[B, h, w, D] → [B, H, W, D]: the refined centres (or a head's per-centre outputs)
         back on the token grid, by the clustering's weights (or bilinearly for "pool")."""
         if self.saved is None:
-            raise RuntimeError("expedite: the reconstruction ran without a clustering in this "
-                               "forward")  # fmt: skip
+            raise RuntimeError(
+                "expedite: the reconstruction ran without a clustering in this forward"
+            )
         x, centres = self.saved
         self.saved = None
         if self.method == "pool":
-            upsampled = F.interpolate(values.permute(0, 3, 1, 2), size=self.token_grid,
-                                      mode="bilinear", align_corners=False)  # fmt: skip
+            upsampled = F.interpolate(
+                values.permute(0, 3, 1, 2),
+                size=self.token_grid,
+                mode="bilinear",
+                align_corners=False,
+            )
             return upsampled.permute(0, 2, 3, 1)
         numerics = self.numerics if self.reconstruct == "topk" else "exact"
         k = min(self.k, self.grid[0] * self.grid[1])  # fewer centres than k: all of them
-        return token_reconstruct(x, centres, values, window=self.window,
-                                 temperature=self.temperature, mode=self.reconstruct, k=k,
-                                 numerics=numerics, weight_grad=self.weight_grad)  # fmt: skip
+        return token_reconstruct(
+            x,
+            centres,
+            values,
+            window=self.window,
+            temperature=self.temperature,
+            mode=self.reconstruct,
+            k=k,
+            numerics=numerics,
+            weight_grad=self.weight_grad,
+        )
 
     def reconstruct_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, P + h·w, C] → [B, P + H·W, C] from the refined centres."""
@@ -144,8 +169,10 @@ class Expedition:
 
     def _check_stitch(self) -> None:
         if self.route.stitch is not None and self.route.backbone.active != self.route.stitch:
-            raise RuntimeError("this StitchedViT was expedited on another stitch; select() "
-                               "changed the route: call expedite again")  # fmt: skip
+            raise RuntimeError(
+                "this StitchedViT was expedited on another stitch; select() "
+                "changed the route: call expedite again"
+            )
 
 
 def _patch_size(patch_embed: nn.Module, args: tuple) -> tuple[int, int]:
@@ -161,21 +188,28 @@ def _check_settings(model, route, alpha, beta, grid, method, where) -> int:
     """β after the checks (default: to the end of the route); ``where`` resolved."""
     depth = len(route.blocks)
     if isinstance(alpha, bool) or not isinstance(alpha, int) or not 0 <= alpha < depth:
-        raise ValueError(f"alpha must be an int in [0, {depth - 1}] (the model has {depth} "
-                         f"blocks), got {alpha!r}")  # fmt: skip
+        raise ValueError(
+            f"alpha must be an int in [0, {depth - 1}] (the model has {depth} "
+            f"blocks), got {alpha!r}"
+        )
     if where not in PLACES:
         raise ValueError(f"where must be one of {PLACES}, got {where!r}")
     if where == "head":
         if beta not in (None, depth - alpha):
-            raise ValueError(f"beta must run to the end ({depth - alpha} blocks) with "
-                             f"where='head', got {beta!r}")  # fmt: skip
+            raise ValueError(
+                f"beta must run to the end ({depth - alpha} blocks) with where='head', got {beta!r}"
+            )
         if not _is_segmentation_model(model, route):
-            raise TypeError(f"where='head' needs a segmentation model with a backbone and a "
-                            f"decoder (a Segmenter), got {type(model).__name__}")  # fmt: skip
+            raise TypeError(
+                f"where='head' needs a segmentation model with a backbone and a "
+                f"decoder (a Segmenter), got {type(model).__name__}"
+            )
     beta = depth - alpha if beta is None else beta
     if isinstance(beta, bool) or not isinstance(beta, int) or not 1 <= beta <= depth - alpha:
-        raise ValueError(f"beta must be an int in [1, {depth - alpha}] (alpha + beta <= "
-                         f"{depth} blocks), got {beta!r}")  # fmt: skip
+        raise ValueError(
+            f"beta must be an int in [1, {depth - alpha}] (alpha + beta <= "
+            f"{depth} blocks), got {beta!r}"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(grid, (tuple, list)) or len(grid) != 2:
@@ -222,10 +256,21 @@ def expedite(
     beta = _check_settings(model, route, alpha, beta, grid, method, where)
     unexpedite(model)
     _check_variant(reconstruct, numerics)
-    state = Expedition(alpha, beta, tuple(grid), window=window, iters=iters,
-                       temperature=temperature, reconstruct=reconstruct, k=k, method=method,
-                       where=where, numerics=numerics, weight_grad=weight_grad,
-                       route=route)  # fmt: skip
+    state = Expedition(
+        alpha,
+        beta,
+        tuple(grid),
+        window=window,
+        iters=iters,
+        temperature=temperature,
+        reconstruct=reconstruct,
+        k=k,
+        method=method,
+        where=where,
+        numerics=numerics,
+        weight_grad=weight_grad,
+        route=route,
+    )
 
     def read_grid(module, args):
         ph, pw = _patch_size(module, args)
@@ -248,7 +293,7 @@ def expedite(
     if where == "tokens":
         state.handles.append(route.blocks[alpha + beta - 1].register_forward_hook(after_block))
     else:
-        route.backbone.clustered_grid = state.grid
+        set_clustered_grid(route.backbone, state.grid)
         state.handles.append(model.decoder.register_forward_hook(after_head))
     setattr(model, _ATTR, state)
     return model
@@ -261,7 +306,7 @@ def unexpedite(model: nn.Module) -> nn.Module:
         for handle in state.handles:
             handle.remove()
         if state.where == "head":
-            del state.route.backbone.clustered_grid  # back to the class's None
+            set_clustered_grid(state.route.backbone, None)
         delattr(model, _ATTR)
     return model
 

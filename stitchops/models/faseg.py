@@ -113,17 +113,30 @@ class FASegDecoder(nn.Module):
     1/4 map the masks are read from, all [B, hidden, h, w]; returns the predictions, first
     the one before any layer."""
 
-    def __init__(self, num_classes: int, hidden: int = 256, heads: int = 8, queries: int = 100,
-                 layers: int | None = None, ffn: int = 2048, dfpq: bool = True,
-                 hrca: str | None = "topk", hrca_ratio: int = 32, mask_threshold: float = 0.15,
-                 first_pos: str = "thesis", hrca_pos: str = "learned",
-                 hrca_windows: str = "at_least_one") -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int,
+        hidden: int = 256,
+        heads: int = 8,
+        queries: int = 100,
+        layers: int | None = None,
+        ffn: int = 2048,
+        dfpq: bool = True,
+        hrca: str | None = "topk",
+        hrca_ratio: int = 32,
+        mask_threshold: float = 0.15,
+        first_pos: str = "thesis",
+        hrca_pos: str = "learned",
+        hrca_windows: str = "at_least_one",
+    ) -> None:
         super().__init__()
         if hrca is not None and hrca not in HRCA_MODES:
             raise ValueError(f"hrca must be one of {HRCA_MODES} or None, got {hrca!r}")
-        for name, value, allowed in (("first_pos", first_pos, FIRST_POS),
-                                     ("hrca_pos", hrca_pos, HRCA_POS),
-                                     ("hrca_windows", hrca_windows, HRCA_WINDOWS)):  # fmt: skip
+        for name, value, allowed in (
+            ("first_pos", first_pos, FIRST_POS),
+            ("hrca_pos", hrca_pos, HRCA_POS),
+            ("hrca_windows", hrca_windows, HRCA_WINDOWS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
@@ -153,21 +166,27 @@ class FASegDecoder(nn.Module):
 
     def _memories(self, maps: list[torch.Tensor], positions: list[torch.Tensor]):
         """Per level: (tokens + level embedding, their positions, (h, w))."""
-        return [(_tokens(m) + self.level_embed.weight[i], _tokens(p), m.shape[-2:])
-                for i, (m, p) in enumerate(zip(maps, positions, strict=False))]  # fmt: skip
+        return [
+            (_tokens(m) + self.level_embed.weight[i], _tokens(p), m.shape[-2:])
+            for i, (m, p) in enumerate(zip(maps, positions, strict=False))
+        ]
 
     def _blocked(self, masks: torch.Tensor, size) -> torch.Tensor:
         """Mask2Former's attention mask [B, Q, h·w]: True where the resized prediction has
         sigmoid < threshold."""
-        resized = F.interpolate(masks.detach(), size=tuple(size), mode="bilinear",
-                                align_corners=False)  # fmt: skip
+        resized = F.interpolate(
+            masks.detach(), size=tuple(size), mode="bilinear", align_corners=False
+        )
         return (resized.sigmoid() < self.mask_threshold).flatten(2)
 
     def _first_positions(self, masks: torch.Tensor, memory_pos: torch.Tensor, size):
         """A_0·K_pos: each query's Σ m·K_pos / (Σ m + 1e−6) over its predicted foreground m
         (the thesis) or background (the official code); 0 where that is empty."""
-        resized = F.interpolate(masks.detach(), size=tuple(size), mode="bilinear",
-                                align_corners=False).flatten(2).sigmoid()  # fmt: skip
+        resized = (
+            F.interpolate(masks.detach(), size=tuple(size), mode="bilinear", align_corners=False)
+            .flatten(2)
+            .sigmoid()
+        )
         chosen = (resized >= 0.5) if self.first_pos == "thesis" else (resized < 0.5)
         # The guard is added in float32, as the official code's int count + 1e-6 promotes.
         guarded = chosen.sum(-1, keepdim=True, dtype=torch.float32) + 1e-6
@@ -180,22 +199,27 @@ class FASegDecoder(nn.Module):
             return {}
         ws = hires_size[0] // coarse_size[0]
         if ws < 1 or tuple(s * ws for s in coarse_size) != tuple(hires_size):
-            raise ValueError(f"HRCA needs the 1/4 map {tuple(hires_size)} to be a whole "
-                             f"multiple of the 1/32 map {tuple(coarse_size)}")  # fmt: skip
+            raise ValueError(
+                f"HRCA needs the 1/4 map {tuple(hires_size)} to be a whole "
+                f"multiple of the 1/32 map {tuple(coarse_size)}"
+            )
         count = coarse_size[0] * coarse_size[1]
         k = count // self.hrca_ratio
         k = max(1, k) if self.hrca_windows == "at_least_one" else k
         if self.hrca == "random":
             device = self.level_embed.weight.device
-            windows = torch.stack([torch.randperm(count, device=device)[:k]
-                                   for _ in range(batch)])  # fmt: skip
+            windows = torch.stack([torch.randperm(count, device=device)[:k] for _ in range(batch)])
         else:
             windows = scores.topk(k, dim=-1).indices
         return {"windows": windows, "window_size": ws, "map_size": tuple(hires_size)}
 
-    def forward(self, levels: list[torch.Tensor], hires: torch.Tensor,
-                mask_features: torch.Tensor,
-                positions: list[torch.Tensor]) -> list[Prediction]:  # fmt: skip
+    def forward(
+        self,
+        levels: list[torch.Tensor],
+        hires: torch.Tensor,
+        mask_features: torch.Tensor,
+        positions: list[torch.Tensor],
+    ) -> list[Prediction]:
         """``positions``: the keys' positions of the 1/32, 1/16, 1/8 and 1/4 maps (each as
         its map)."""
         memories = self._memories([*levels, hires][: self.cycle], positions)
@@ -218,10 +242,16 @@ class FASegDecoder(nn.Module):
             else:
                 attend = {"mask": self._blocked(predictions[-1].masks, size)}
             wants_pos = self.dfpq and level != 3
-            tgt, result = layer(tgt, query_pos, memory, memory_pos, cross_pos,
-                                key_pos=memory_pos if wants_pos else None,
-                                return_scores=level == 0 and self.hrca == "topk",
-                                **attend)  # fmt: skip
+            tgt, result = layer(
+                tgt,
+                query_pos,
+                memory,
+                memory_pos,
+                cross_pos,
+                key_pos=memory_pos if wants_pos else None,
+                return_scores=level == 0 and self.hrca == "topk",
+                **attend,
+            )
             if level == 0:
                 scores = result.scores
             if self.dfpq and level != 3:
@@ -263,8 +293,9 @@ class FASegHead(nn.Module):
 
     levels = 4  # the backbone levels it reads (Segmenter's out_indices)
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 256, key_pos: str = "auto",
-                 **decoder) -> None:  # fmt: skip
+    def __init__(
+        self, dim: int, num_classes: int, hidden: int = 256, key_pos: str = "auto", **decoder
+    ) -> None:
         super().__init__()
         if key_pos not in KEY_POS:
             raise ValueError(f"key_pos must be one of {KEY_POS}, got {key_pos!r}")
@@ -274,9 +305,11 @@ class FASegHead(nn.Module):
         self.decoder = FASegDecoder(num_classes, hidden, **decoder)
         mask2former = not self.decoder.dfpq and self.decoder.hrca is None
         self.key_pos = ("sine" if mask2former else "conv") if key_pos == "auto" else key_pos
-        self.positions = nn.ModuleList(
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) for _ in range(4)
-        ) if self.key_pos == "conv" else None  # fmt: skip
+        self.positions = (
+            nn.ModuleList(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) for _ in range(4))
+            if self.key_pos == "conv"
+            else None
+        )
         self.hidden = hidden
         self.predictions: list[Prediction] = []
 
@@ -288,19 +321,24 @@ class FASegHead(nn.Module):
         if self.positions is not None:  # the inputs' encodings, 1/32 first
             positions = [conv(m) for conv, m in zip(self.positions, laterals[::-1], strict=True)]
         else:
-            positions = [sine_positions(m, self.hidden).expand(m.shape[0], -1, -1, -1)
-                         for m in coarse_to_fine]  # fmt: skip
+            positions = [
+                sine_positions(m, self.hidden).expand(m.shape[0], -1, -1, -1)
+                for m in coarse_to_fine
+            ]
         mask_features = self.mask_features(fine_to_coarse[0])
-        self.predictions = self.decoder(coarse_to_fine[:3], coarse_to_fine[3], mask_features,
-                                        positions)  # fmt: skip
+        self.predictions = self.decoder(
+            coarse_to_fine[:3], coarse_to_fine[3], mask_features, positions
+        )
         return semantic_scores(self.predictions[-1])
 
-    def loss(self, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
-             **options) -> torch.Tensor:  # fmt: skip
+    def loss(
+        self, labels: torch.Tensor, num_classes: int, ignore_index: int = 255, **options
+    ) -> torch.Tensor:
         """Mask2Former's set loss on every prediction of the last forward (``options``:
         ``mask_classification_loss``'s ``points``, ``sampling``, ``generator``)."""
-        return mask_classification_loss(self.predictions, labels, num_classes,
-                                        ignore_index=ignore_index, **options)  # fmt: skip
+        return mask_classification_loss(
+            self.predictions, labels, num_classes, ignore_index=ignore_index, **options
+        )
 
     def to_image(self, scores: torch.Tensor, size) -> torch.Tensor:
         """The last prediction's semantic scores at ``size``: its mask logits upsampled

@@ -1,4 +1,4 @@
-"""FLOPs of ViTs and stitches, counted like fvcore.
+"""FLOPs of ViTs and stitches, counted like fvcore, and the parameters a stitch deploys.
 
 fvcore counts one FLOP per multiply-add of a linear, matmul or conv, and 5·numel for an
 affine LayerNorm; additions of biases and residuals, softmax, GELU and LayerScale count
@@ -11,11 +11,21 @@ nothing. For a ViT with N = prefix + gh·gw tokens of width D and MLP width H:
     stitching layer   N · D_in · D_out (deployed: a LoRA update is merged into W)
 
 which gives DeiT-Ti / S / B at 224² 1.26 / 4.61 / 17.58 GFLOPs and DeiT3-L 61.6 GFLOPs.
+
+A stitch's route (segments of anchors' blocks joined by stitching layers) costs its first
+anchor's embedding, its segments' blocks, its stitching layers and its last anchor's tail;
+its parameters are those modules' as deployed (LoRA merged, per-stitch bias tables folded).
 """
 
 from __future__ import annotations
 
+from torch import nn
+
 from stitchops.models.flexi import _pair
+
+# Parameter names that a deployed stitch does not carry: LoRA factors (merged into W) and
+# per-stitch bias tables (the active row folded into the bias).
+NOT_DEPLOYED = ("lora_A", "lora_B", "stitch_bias")
 
 
 def num_tokens(cfg, img_size=None, patch_size=None) -> tuple[int, int]:
@@ -54,3 +64,36 @@ def vit_flops(cfg, img_size=None, patch_size=None) -> int:
     """fvcore-style FLOPs of one image through a ``ViTConfig``."""
     args = (cfg, img_size, patch_size)
     return embed_flops(*args) + cfg.depth * block_flops(*args) + tail_flops(*args)
+
+
+def route_flops(cfgs, raw, depths: list[int], img_size=None, patch_size=None) -> int:
+    """FLOPs of one image through a stitch (``raw``, a space.RawStitch) of anchors ``cfgs``."""
+    route = raw.route(depths)
+    args = (img_size, patch_size)
+    total = embed_flops(cfgs[route[0].anchor], *args)
+    for seg in route:
+        total += (seg.stop - seg.start) * block_flops(cfgs[seg.anchor], *args)
+    for src, dst in zip(raw.anchors, raw.anchors[1:], strict=False):
+        total += stitch_layer_flops(cfgs[src].embed_dim, cfgs[dst].embed_dim, cfgs[src], *args)
+    return total + tail_flops(cfgs[route[-1].anchor], *args)
+
+
+def deployed_numel(module: nn.Module) -> int:
+    """Parameters of a module once deployed: LoRA merged, per-stitch bias tables folded."""
+    return sum(
+        p.numel()
+        for name, p in module.named_parameters()
+        if name.rsplit(".", 1)[-1] not in NOT_DEPLOYED
+    )
+
+
+def route_params(anchors, stitch_layers, route, points) -> int:
+    """Deployed parameters of a stitch: its first anchor's embedding, its segments' blocks,
+    its stitching layers (``stitch_layers[key][index]`` of each point), its last anchor's
+    norm and head."""
+    first, last = anchors[route[0].anchor], anchors[route[-1].anchor]
+    total = deployed_numel(first.patch_embed) + first.cls_token.numel()
+    total += first.pos_embed.numel() + deployed_numel(last.norm) + deployed_numel(last.head)
+    for seg in route:
+        total += sum(deployed_numel(b) for b in anchors[seg.anchor].blocks[seg.start : seg.stop])
+    return total + sum(deployed_numel(stitch_layers[p.key][p.index]) for p in points)

@@ -49,8 +49,14 @@ class MaskTransformer(nn.Module):
 
     levels = 1  # the backbone levels it reads: the last
 
-    def __init__(self, dim: int, num_classes: int, d_model: int | None = None,
-                 layers: int = 2, heads: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        d_model: int | None = None,
+        layers: int = 2,
+        heads: int | None = None,
+    ) -> None:
         super().__init__()
         d_model = d_model or dim
         heads = heads or max(1, d_model // 64)

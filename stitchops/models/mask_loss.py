@@ -62,8 +62,9 @@ def point_sample(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 def _pairwise_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[Q, P] logits against [T, P] targets → [Q, T] mean BCE."""
     positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
-                                                  reduction="none")  # fmt: skip
+    negative = F.binary_cross_entropy_with_logits(
+        logits, torch.zeros_like(logits), reduction="none"
+    )
     return (positive @ targets.T + negative @ (1 - targets).T) / logits.shape[1]
 
 
@@ -96,8 +97,11 @@ def match(prediction: Prediction, targets, points: int, weights: LossWeights, ge
             prediction.masks[b].float(), where.expand(prediction.masks.shape[1], -1, -1)
         )
         gold = point_sample(masks, where.expand(masks.shape[0], -1, -1))
-        cost = (-weights.classes * probabilities + weights.mask * _pairwise_bce(pred, gold)
-                + weights.dice * _pairwise_dice(pred, gold))  # fmt: skip
+        cost = (
+            -weights.classes * probabilities
+            + weights.mask * _pairwise_bce(pred, gold)
+            + weights.dice * _pairwise_dice(pred, gold)
+        )
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         out.append(
             (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long))
@@ -105,8 +109,9 @@ def match(prediction: Prediction, targets, points: int, weights: LossWeights, ge
     return out
 
 
-def uncertain_points(logits: torch.Tensor, points: int, sampling: str,
-                     generator=None) -> torch.Tensor:  # fmt: skip
+def uncertain_points(
+    logits: torch.Tensor, points: int, sampling: str, generator=None
+) -> torch.Tensor:
     """[N, points, 2] points for masks [N, h, w]: Mask2Former's importance sampling (3×
     random, the 75% with the smallest |logit|, then 25% uniform) or uniform."""
     n = logits.shape[0]
@@ -120,20 +125,28 @@ def uncertain_points(logits: torch.Tensor, points: int, sampling: str,
     return torch.cat([chosen, _uniform((n, points - important, 2), logits.device, generator)], 1)
 
 
-def prediction_loss(prediction: Prediction, targets, num_classes: int, points: int,
-                    sampling: str, weights: LossWeights,
-                    generator=None) -> torch.Tensor:  # fmt: skip
+def prediction_loss(
+    prediction: Prediction,
+    targets,
+    num_classes: int,
+    points: int,
+    sampling: str,
+    weights: LossWeights,
+    generator=None,
+) -> torch.Tensor:
     """One prediction's weighted loss (module docstring), normalised by the target count."""
     matches = match(prediction, targets, points, weights, generator)
     batch, queries = prediction.classes.shape[:2]
-    wanted = torch.full((batch, queries), num_classes, dtype=torch.long,
-                        device=prediction.classes.device)  # fmt: skip
+    wanted = torch.full(
+        (batch, queries), num_classes, dtype=torch.long, device=prediction.classes.device
+    )
     for b, ((rows, cols), (classes, _)) in enumerate(zip(matches, targets, strict=True)):
         wanted[b, rows] = classes[cols]
     class_weight = torch.ones(num_classes + 1, device=wanted.device)
     class_weight[-1] = weights.no_object
-    loss = weights.classes * F.cross_entropy(prediction.classes.float().transpose(1, 2), wanted,
-                                             class_weight)  # fmt: skip
+    loss = weights.classes * F.cross_entropy(
+        prediction.classes.float().transpose(1, 2), wanted, class_weight
+    )
     chosen = [prediction.masks[b, rows] for b, (rows, _) in enumerate(matches)]
     gold = [targets[b][1][cols] for b, (_, cols) in enumerate(matches)]
     logits, masks = torch.cat(chosen).float(), torch.cat(gold)
@@ -150,15 +163,22 @@ def prediction_loss(prediction: Prediction, targets, num_classes: int, points: i
     return loss
 
 
-def mask_classification_loss(predictions: list[Prediction], labels: torch.Tensor,
-                             num_classes: int, points: int = 12544,
-                             sampling: str = "importance", ignore_index: int = 255,
-                             weights: LossWeights = LossWeights(),
-                             generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def mask_classification_loss(
+    predictions: list[Prediction],
+    labels: torch.Tensor,
+    num_classes: int,
+    points: int = 12544,
+    sampling: str = "importance",
+    ignore_index: int = 255,
+    weights: LossWeights = LossWeights(),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The deep-supervised loss of every prediction against label maps [B, H, W]; the random
     points come from ``generator`` (a training loop seeds one per step for exact resumes)."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     targets = targets_of(labels, num_classes, ignore_index)
-    return sum(prediction_loss(p, targets, num_classes, points, sampling, weights, generator)
-               for p in predictions)  # fmt: skip
+    return sum(
+        prediction_loss(p, targets, num_classes, points, sampling, weights, generator)
+        for p in predictions
+    )

@@ -17,8 +17,12 @@ class MultiScaleNeck(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim),
-                                 nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, 2))  # fmt: skip
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, 2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, 2),
+        )
         self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.down2 = nn.MaxPool2d(2, 2)
 
@@ -36,10 +40,13 @@ class FPNDecoder(nn.Module):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(dim, channels, 1) for _ in range(levels))
         self.output = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                          nn.GroupNorm(32 if channels % 32 == 0 else 1, channels), nn.ReLU())
+            nn.Sequential(
+                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                nn.GroupNorm(32 if channels % 32 == 0 else 1, channels),
+                nn.ReLU(),
+            )
             for _ in range(levels)
-        )  # fmt: skip
+        )
 
     def forward(self, pyramid: list[torch.Tensor], with_laterals: bool = False):
         """The output maps, fine to coarse (and with ``with_laterals`` the lateral 1×1

@@ -107,6 +107,28 @@ def official_ids(raw, depths, options: dict) -> list[int]:
     return ids
 
 
+class StitchNumbering:
+    """Both numberings of a space's stitches: ours (positions in ``StitchedViT.stitches``)
+    and the official code's ids (``official_ids``)."""
+
+    def __init__(self, official: list[int]) -> None:
+        self.official = official
+
+    def official_id(self, position: int) -> int:
+        """The official code's id of our stitch at ``position``."""
+        return self.official[position]
+
+    def position(self, official: int) -> int:
+        """Our position of the official code's stitch ``official``."""
+        if official not in self.official:
+            raise ValueError(
+                f"official stitch {official} is not in this space: the official code builds it "
+                "but never samples it (SN-Netv2's FS after the small anchor's last block), or "
+                "the space's options differ from the checkpoint's"
+            )
+        return self.official.index(official)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

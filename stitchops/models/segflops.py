@@ -13,7 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stitchops.models import flops as _flops
-from stitchops.models.stitched import StitchedViT, deployed_numel
+from stitchops.models.flops import deployed_numel
+from stitchops.models.stitched import StitchedViT
 
 
 @torch.no_grad()
@@ -64,11 +65,15 @@ def segmenter_params(model) -> int:
     backbone = model.backbone
     if isinstance(backbone, StitchedViT):
         stitch = backbone.stitches[backbone.active]
-        projections = {backbone.stitch_layers[key][index]
-                       for key, index in backbone.level_projections(model.out_indices)}  # fmt: skip
-        extra = [layer for layer in projections
-                 if not any(layer is backbone.stitch_layers[p.key][p.index]
-                            for p in stitch.points)]  # fmt: skip
+        projections = {
+            backbone.stitch_layers[key][index]
+            for key, index in backbone.level_projections(model.out_indices)
+        }
+        extra = [
+            layer
+            for layer in projections
+            if not any(layer is backbone.stitch_layers[p.key][p.index] for p in stitch.points)
+        ]
         route = stitch.params + sum(deployed_numel(layer) for layer in extra)
     else:
         route = deployed_numel(backbone)

@@ -49,8 +49,14 @@ class Segmenter(nn.Module):
         decoder_options: keyword arguments of the FASeg head (``FASegHead``).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "linear",
-                 out_indices=None, decoder_options: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        decoder: str = "linear",
+        out_indices=None,
+        decoder_options: dict | None = None,
+    ) -> None:
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {tuple(DECODERS)}, got {decoder!r}")
@@ -76,8 +82,9 @@ class Segmenter(nn.Module):
             return to_image(logits, image_size(images))
         return F.interpolate(logits, size=image_size(images), mode="bilinear", align_corners=False)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
-             **options) -> torch.Tensor:  # fmt: skip
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, **options
+    ) -> torch.Tensor:
         """The training loss of the last forward: the decoder's own (FASeg: Mask2Former's set
         loss on every layer's prediction; ``options`` are its), else the per-pixel
         cross-entropy of ``logits``."""
@@ -105,15 +112,22 @@ class Segmenter(nn.Module):
         """ValueError unless ``crop`` and ``stride`` make sliding inference here: both >= 1,
         the crop a multiple of the patch size."""
         if crop is None or stride is None or crop < 1 or stride < 1:
-            raise ValueError(f"sliding inference needs crop >= 1 and stride >= 1, got {crop}, "
-                             f"{stride}")  # fmt: skip
+            raise ValueError(
+                f"sliding inference needs crop >= 1 and stride >= 1, got {crop}, {stride}"
+            )
         ph, pw = self.patch_size(patch_size)
         if crop % ph or crop % pw:
             raise ValueError(f"crop {crop} is not a multiple of the patch size {ph}x{pw}")
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, mode: str = "whole", crop: int | None = None,
-                stride: int | None = None, patch_size=None) -> torch.Tensor:  # fmt: skip
+    def predict(
+        self,
+        images: torch.Tensor,
+        mode: str = "whole",
+        crop: int | None = None,
+        stride: int | None = None,
+        patch_size=None,
+    ) -> torch.Tensor:
         """Logits [B, K, H, W] of images of any size: the whole image at once (padded to the
         patch grid), or ``mode="slide"``: crop × crop windows every ``stride`` pixels (the
         last flush with the border; an image smaller than the crop is padded to it, as

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stitchops.models import flops as _flops
-from stitchops.models.official import official_ids
+from stitchops.models.official import StitchNumbering, official_ids
 from stitchops.models.space import (
     RawStitch,
     Segment,
@@ -33,11 +33,10 @@ from stitchops.models.space import (
     snnet_space,
     two_way_space,
 )
+from stitchops.models.token_grid import clustered_grid
 from stitchops.models.vit import VisionTransformer, image_size, patch_token_map
 from stitchops.nn.stitching import StitchingLayer
 from stitchops.ops.least_squares import _NormalEquations
-
-_NOT_DEPLOYED = ("lora_A", "lora_B", "stitch_bias")
 
 
 @dataclass(frozen=True)
@@ -60,15 +59,6 @@ class Stitch:
     def describe(self) -> str:
         parts = [f"a{s.anchor}[{s.start}:{s.stop}]" for s in self.route]
         return " → ".join(parts)
-
-
-def deployed_numel(module: nn.Module) -> int:
-    """Parameters of a module once deployed: LoRA merged, per-stitch bias tables folded."""
-    return sum(
-        p.numel()
-        for name, p in module.named_parameters()
-        if name.rsplit(".", 1)[-1] not in _NOT_DEPLOYED
-    )
 
 
 def _check_anchors(anchors) -> list[VisionTransformer]:
@@ -127,9 +117,6 @@ class StitchedViT(nn.Module):
         rank, alpha: LoRA rank of the stitching layers (0: fully trainable, SN-Net).
         stitch_biases: a per-stitch bias table in every stitching layer (ESTA).
     """
-
-    # As VisionTransformer.clustered_grid: set by ``expedite(..., where="head")``.
-    clustered_grid: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -194,9 +181,9 @@ class StitchedViT(nn.Module):
                 )
                 for _ in range(count)
             )
-        self._official = (
-            official_ids(raw, depths, self.options) if stitch_ids == "official" else None
-        )
+        self._numbering = None
+        if stitch_ids == "official":
+            self._numbering = StitchNumbering(official_ids(raw, depths, self.options))
         self.stitches: list[Stitch] = [self._make_stitch(i) for i in range(len(raw))]
         self._projections = self._projection_table() if dense else {}
         self.active = len(anchors) - 1  # a position in ``stitches``: the largest anchor
@@ -208,62 +195,39 @@ class StitchedViT(nn.Module):
         depths = [len(a.blocks) for a in self.anchors]
         route = raw.route(depths)
         return Stitch(
-            self._official[i] if self._official else i,
+            self._numbering.official_id(i) if self._numbering else i,
             raw.kind,
             raw.anchors,
             route,
             raw.points,
             self._flops(i),
-            self._params(route, raw.points),
+            _flops.route_params(self.anchors, self.stitch_layers, route, raw.points),
         )
 
-    def _official_ids(self) -> list[int]:
-        depths = [len(a.blocks) for a in self.anchors]
-        return self._official or official_ids(self._raw, depths, self.options)
+    @property
+    def numbering(self) -> StitchNumbering:
+        """Our stitch positions and the official code's ids (``stitchops.models.official``)."""
+        if self._numbering is None:
+            depths = [len(a.blocks) for a in self.anchors]
+            self._numbering = StitchNumbering(official_ids(self._raw, depths, self.options))
+        return self._numbering
 
     def official_id(self, position: int) -> int:
-        """The official code's id of ``stitches[position]`` (``stitchops.models.official``)."""
-        return self._official_ids()[self._position(position, "ours")]
+        """The official code's id of ``stitches[position]``."""
+        return self.numbering.official_id(self._position(position, "ours"))
 
     def our_id(self, official: int) -> int:
         """The position in ``stitches`` of the official code's stitch ``official``."""
-        ids = self._official_ids()
-        if official not in ids:
-            raise ValueError(
-                f"official stitch {official} is not in this space: the official code builds it "
-                "but never samples it (SN-Netv2's FS after the small anchor's last block), or "
-                "the space's options differ from the checkpoint's"
-            )
-        return ids.index(official)
-
-    def _params(self, route, points) -> int:
-        first, last = self.anchors[route[0].anchor], self.anchors[route[-1].anchor]
-        total = deployed_numel(first.patch_embed) + first.cls_token.numel()
-        total += first.pos_embed.numel() + deployed_numel(last.norm) + deployed_numel(last.head)
-        for seg in route:
-            total += sum(
-                deployed_numel(b) for b in self.anchors[seg.anchor].blocks[seg.start : seg.stop]
-            )
-        total += sum(deployed_numel(self.stitch_layers[p.key][p.index]) for p in points)
-        return total
+        return self.numbering.position(official)
 
     def flops(self, stitch_id: int, img_size=None, patch_size=None) -> int:
         """fvcore-style FLOPs of one image through a stitch, at any image and patch size."""
         return self._flops(self._check_id(stitch_id), img_size, patch_size)
 
     def _flops(self, position: int, img_size=None, patch_size=None) -> int:
-        raw = self._raw[position]
-        route = raw.route([len(a.blocks) for a in self.anchors])
+        depths = [len(a.blocks) for a in self.anchors]
         cfgs = [a.cfg for a in self.anchors]
-        args = (img_size, patch_size)
-        total = _flops.embed_flops(cfgs[route[0].anchor], *args)
-        for seg in route:
-            total += (seg.stop - seg.start) * _flops.block_flops(cfgs[seg.anchor], *args)
-        for src, dst in zip(raw.anchors, raw.anchors[1:], strict=False):
-            total += _flops.stitch_layer_flops(
-                cfgs[src].embed_dim, cfgs[dst].embed_dim, cfgs[src], *args
-            )
-        return total + _flops.tail_flops(cfgs[route[-1].anchor], *args)
+        return _flops.route_flops(cfgs, self._raw[position], depths, img_size, patch_size)
 
     def route_parameters(self, stitch_id: int) -> list[str]:
         """Names of the parameters a stitch's forward pass uses."""
@@ -290,12 +254,12 @@ class StitchedViT(nn.Module):
         if isinstance(stitch_id, bool) or not isinstance(stitch_id, int):
             raise TypeError(f"stitch_id must be an int, got {type(stitch_id).__name__}")
         if numbering == "official":
-            if stitch_id not in self._official:
+            if stitch_id not in self.numbering.official:
                 raise ValueError(
                     f"unknown stitch id {stitch_id} (official numbering): this model's ids are "
                     f"{[s.id for s in self.stitches][:6]}... (see model.stitches)"
                 )
-            return self._official.index(stitch_id)
+            return self.numbering.position(stitch_id)
         if not 0 <= stitch_id < len(self._raw):
             raise ValueError(
                 f"unknown stitch id {stitch_id}: this model has {len(self._raw)} stitches, ids "
@@ -348,8 +312,12 @@ class StitchedViT(nn.Module):
                 if self.options["two_way"]:
                     table[(a, b)] = (key, b)
                     continue
-                ends = [(p.end, p.index) for raw in self._raw for p in raw.points
-                        if p.key == key and p.front == b]  # fmt: skip
+                ends = [
+                    (p.end, p.index)
+                    for raw in self._raw
+                    for p in raw.points
+                    if p.key == key and p.front == b
+                ]
                 if not ends:
                     raise ValueError(
                         f"dense=True: block {b} of anchor {a} starts no stitch into anchor "
@@ -417,8 +385,9 @@ class StitchedViT(nn.Module):
                     if seg.anchor != len(self.anchors) - 1:
                         key, index = self._projections[(seg.anchor, b)]
                         level = self.stitch_layers[key][index](level)
-                    maps.append(patch_token_map(level, anchor.num_prefix_tokens, grid,
-                                                self.clustered_grid))  # fmt: skip
+                    maps.append(
+                        patch_token_map(level, anchor.num_prefix_tokens, grid, clustered_grid(self))
+                    )
             if k < len(stitch.points):
                 point = stitch.points[k]
                 tokens = self.stitch_layers[point.key][point.index](tokens)

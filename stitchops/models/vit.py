@@ -25,6 +25,7 @@ from torch import nn
 
 from stitchops._runtime import constant_shapes
 from stitchops.models.flexi import _pair, pi_resize_patch_embed, resize_pos_embed
+from stitchops.models.token_grid import clustered_grid
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,12 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # [B, gh·gw, D]
 
 
-def patch_token_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int],
-                    clustered: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+def patch_token_map(
+    tokens: torch.Tensor,
+    prefix: int,
+    grid: tuple[int, int],
+    clustered: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Patch tokens [B, prefix + n, D] → map [B, D, gh, gw] on the image's token ``grid``, or
     on ``clustered`` (h, w) where the tokens are an expedited model's clustered ones
     (n = h·w ≠ gh·gw)."""
@@ -149,10 +154,6 @@ def patch_token_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int],
 
 class VisionTransformer(nn.Module):
     """DeiT / DeiT-III ViT (class-token pooling), timm-compatible parameters."""
-
-    # The h×w grid of the patch tokens after an expedited model's clustering, for token maps
-    # read after it (set by ``stitchops.models.expedite(..., where="head")``).
-    clustered_grid: tuple[int, int] | None = None
 
     def __init__(self, device=None, dtype=None, **kwargs) -> None:
         super().__init__()
@@ -257,7 +258,7 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in wanted:
-                maps[i] = patch_token_map(x, self.num_prefix_tokens, grid, self.clustered_grid)
+                maps[i] = patch_token_map(x, self.num_prefix_tokens, grid, clustered_grid(self))
             if i >= max(wanted):
                 break
         return [maps[i] for i in wanted]

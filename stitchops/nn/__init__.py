@@ -1,4 +1,6 @@
-"""Drop-in ``nn.Module`` replacements built on stitchops ops."""
+"""Drop-in ``nn.Module``s built on stitchops ops: the stitching layer (SN-Net, SN-Netv2,
+ESTA), SPT's tuned linear layers, Expedit's clustering and reconstruction (global and per
+window), FASeg's focus cross-attention."""
 
 from stitchops.nn.focus import FocusCrossAttention
 from stitchops.nn.sparse import AdapterLinear, LoRALinear, PartedLinear, SparseDeltaLinear
@@ -10,7 +12,17 @@ from stitchops.nn.window_cluster import (
     WindowTokenReconstruction,
 )
 
-__all__ = ["AdapterLinear", "ClusterState", "FocusCrossAttention", "LoRALinear",
-           "PartedLinear", "SparseDeltaLinear", "StitchingLayer", "TokenClustering",
-           "TokenReconstruction", "WindowClusterState", "WindowTokenClustering",
-           "WindowTokenReconstruction"]  # fmt: skip
+__all__ = [
+    "AdapterLinear",
+    "ClusterState",
+    "FocusCrossAttention",
+    "LoRALinear",
+    "PartedLinear",
+    "SparseDeltaLinear",
+    "StitchingLayer",
+    "TokenClustering",
+    "TokenReconstruction",
+    "WindowClusterState",
+    "WindowTokenClustering",
+    "WindowTokenReconstruction",
+]

@@ -38,12 +38,14 @@ class FocusCrossAttention(nn.Module):
     op read each query's windows from it (their union can cover the map).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, device=None,
-                 dtype=None) -> None:  # fmt: skip
+    def __init__(
+        self, embed_dim: int, num_heads: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads "
-                             f"({num_heads})")  # fmt: skip
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
+            )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
@@ -67,28 +69,50 @@ class FocusCrossAttention(nn.Module):
         y = F.linear(x, weight, bias[which * e : (which + 1) * e] if bias is not None else None)
         return y.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, query_pos=None, memory_pos=None,
-                *, mask=None, windows=None, window_size=None, map_size=None, key_pos=None,
-                return_scores: bool = False) -> FocusOutput:  # fmt: skip
+    def forward(
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        query_pos=None,
+        memory_pos=None,
+        *,
+        mask=None,
+        windows=None,
+        window_size=None,
+        map_size=None,
+        key_pos=None,
+        return_scores: bool = False,
+    ) -> FocusOutput:
         q = self._project(query if query_pos is None else query + query_pos, 0)
         if isinstance(windows, torch.Tensor) and windows.dim() == 2:
             if mask is not None:
-                raise ValueError("mask and windows are exclusive: pass one (or neither, for "
-                                 "full attention)")  # fmt: skip
-            result = self._attend_windows(q, memory, memory_pos, key_pos, windows, window_size,
-                                          map_size, return_scores)  # fmt: skip
+                raise ValueError(
+                    "mask and windows are exclusive: pass one (or neither, for full attention)"
+                )
+            result = self._attend_windows(
+                q, memory, memory_pos, key_pos, windows, window_size, map_size, return_scores
+            )
         else:
             keys_in = memory if memory_pos is None else memory + memory_pos
             k, v = self._project(keys_in, 1), self._project(memory, 2)
-            result = focus_attention(q, k, v, mask=mask, windows=windows, window_size=window_size,
-                                     map_size=map_size, pos=key_pos,
-                                     return_scores=return_scores)  # fmt: skip
+            result = focus_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                windows=windows,
+                window_size=window_size,
+                map_size=map_size,
+                pos=key_pos,
+                return_scores=return_scores,
+            )
         b, _, q_count, _ = result.out.shape
         out = self.out_proj(result.out.transpose(1, 2).reshape(b, q_count, self.embed_dim))
         return FocusOutput(out, result.pos_out, result.scores)
 
-    def _attend_windows(self, q, memory, memory_pos, key_pos, windows, window_size, map_size,
-                        return_scores: bool) -> FocusOutput:  # fmt: skip
+    def _attend_windows(
+        self, q, memory, memory_pos, key_pos, windows, window_size, map_size, return_scores: bool
+    ) -> FocusOutput:
         """One window set per batch element: gather its tokens, project only those, attend
         them all; the scores go back to their map positions. No window (K = 0) attends no
         key: the output is 0 before the projection (its bias after), as

@@ -41,13 +41,21 @@ class SparseDeltaLinear(nn.Module):
     [nnz] of flat indices ``row·IN + col`` (sorted, unique; checked once here).
     """
 
-    def __init__(self, in_features: int, out_features: int, index: torch.Tensor,
-                 bias: bool = True, device=None, dtype=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        index: torch.Tensor,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw),
-                                   requires_grad=False)  # fmt: skip
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, **kw), requires_grad=False
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         check_index(index, (out_features, in_features))
         self.register_buffer("index", index.to(device=self.weight.device, copy=True))
@@ -57,22 +65,34 @@ class SparseDeltaLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, index: torch.Tensor) -> SparseDeltaLinear:
         """Wrap ``linear`` (sharing its weight and bias) with trainable entries at ``index``."""
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, index.to(w.device),
-                    bias=linear.bias is not None, device="meta", dtype=w.dtype)  # fmt: skip
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            index.to(w.device),
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=w.dtype,
+        )
         _copy_linear(linear, layer)
         layer.index = index.to(w.device, copy=True)
         layer.delta = nn.Parameter(torch.zeros(index.numel(), device=w.device, dtype=w.dtype))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_delta_linear(x, self.weight, self.delta, self.index, self.bias,
-                                   validate_index=False)  # fmt: skip
+        return sparse_delta_linear(
+            x, self.weight, self.delta, self.index, self.bias, validate_index=False
+        )
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with weight W + S(δ) (new tensors)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         flat = self.weight.detach().flatten().clone()
         flat.index_add_(0, self.index, self.delta.detach())
         out.weight.copy_(flat.view_as(self.weight))
@@ -81,8 +101,10 @@ class SparseDeltaLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"nnz={self.index.numel()}, bias={self.bias is not None}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.index.numel()}, bias={self.bias is not None}"
+        )
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -102,8 +124,9 @@ class LoRALinear(nn.Module):
     ``stitchops.lora_linear``.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int, dropout: float = 0.0,
-                 drop_path: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self, linear: nn.Linear, rank: int, dropout: float = 0.0, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
@@ -111,7 +134,10 @@ class LoRALinear(nn.Module):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         self.in_features, self.out_features, self.rank = (
-            linear.in_features, linear.out_features, rank)  # fmt: skip
+            linear.in_features,
+            linear.out_features,
+            rank,
+        )
         _copy_linear(linear, self)
         kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
@@ -127,16 +153,20 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         out.weight.copy_(self.weight + self.lora_B @ self.lora_A)
         if self.bias is not None:
             out.bias.copy_(self.bias)
         return out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"rank={self.rank}"  # fmt: skip
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 class AdapterLinear(nn.Module):
@@ -154,7 +184,10 @@ class AdapterLinear(nn.Module):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.in_features, self.out_features, self.rank = (
-            linear.in_features, linear.out_features, rank)  # fmt: skip
+            linear.in_features,
+            linear.out_features,
+            rank,
+        )
         _copy_linear(linear, self)
         kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         self.adapter_down = nn.Linear(self.out_features, rank, **kw)
@@ -199,16 +232,28 @@ class PartedLinear(nn.Module):
     on the LoRA branches' input, ``drop_path`` drops each structured branch per sample.
     """
 
-    def __init__(self, linear: nn.Linear, parts: dict, rank: int, dropout: float = 0.0,
-                 drop_path: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        linear: nn.Linear,
+        parts: dict,
+        rank: int,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = (
-            linear.in_features, linear.out_features, rank)  # fmt: skip
+            linear.in_features,
+            linear.out_features,
+            rank,
+        )
         _copy_linear(linear, self)
         kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         self.parts = {name: (tuple(rows), kind) for name, (rows, kind, _) in parts.items()}
-        flat = [torch.as_tensor(index, dtype=torch.int64) + rows[0] * self.in_features
-                for rows, kind, index in parts.values() if kind == "unstructured"]  # fmt: skip
+        flat = [
+            torch.as_tensor(index, dtype=torch.int64) + rows[0] * self.in_features
+            for rows, kind, index in parts.values()
+            if kind == "unstructured"
+        ]
         index = torch.cat(flat).sort().values if flat else torch.zeros(0, dtype=torch.int64)
         check_index(index, (self.out_features, self.in_features))
         self.register_buffer("index", index.to(kw["device"]))
@@ -226,8 +271,9 @@ class PartedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.index.numel():
-            y = sparse_delta_linear(x, self.weight, self.delta, self.index, self.bias,
-                                    validate_index=False)  # fmt: skip
+            y = sparse_delta_linear(
+                x, self.weight, self.delta, self.index, self.bias, validate_index=False
+            )
         else:
             y = F.linear(x, self.weight, self.bias)
         pieces, start = [], 0
@@ -254,10 +300,17 @@ class PartedLinear(nn.Module):
         """A plain ``nn.Linear`` with W + S(δ) + the LoRAs in their rows (no adapter part:
         an adapter is not linear)."""
         if len(self.adapters):
-            raise ValueError("a PartedLinear with adapter parts does not merge: the adapter's "
-                             "GELU bottleneck is not linear; deploy it as it is")  # fmt: skip
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+            raise ValueError(
+                "a PartedLinear with adapter parts does not merge: the adapter's "
+                "GELU bottleneck is not linear; deploy it as it is"
+            )
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         flat = self.weight.detach().flatten().clone()
         flat.index_add_(0, self.index, self.delta.detach())
         weight = flat.view_as(self.weight)
@@ -271,5 +324,7 @@ class PartedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{name} {kind}" for name, (_, kind) in self.parts.items())
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, parts=({parts})")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, parts=({parts})"
+        )

@@ -29,24 +29,38 @@ class TokenClustering(nn.Module):
     """x [B, H, W, C] → centres [B, h, w, C] (``stitchops.token_cluster``); the state for
     the reconstruction is ``self.state`` after each forward."""
 
-    def __init__(self, grid: tuple[int, int], window: int = 5, iters: int = 5,
-                 temperature: float = 50.0, numerics: str = "exact",
-                 affinity_grad: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        window: int = 5,
+        iters: int = 5,
+        temperature: float = 50.0,
+        numerics: str = "exact",
+        affinity_grad: bool = False,
+    ) -> None:
         super().__init__()
         self.grid, self.window, self.iters = tuple(grid), window, iters
         self.temperature, self.numerics, self.affinity_grad = temperature, numerics, affinity_grad
         self.state: ClusterState | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centres = token_cluster(x, self.grid, window=self.window, iters=self.iters,
-                                temperature=self.temperature, numerics=self.numerics,
-                                affinity_grad=self.affinity_grad)  # fmt: skip
+        centres = token_cluster(
+            x,
+            self.grid,
+            window=self.window,
+            iters=self.iters,
+            temperature=self.temperature,
+            numerics=self.numerics,
+            affinity_grad=self.affinity_grad,
+        )
         self.state = ClusterState(x, centres)
         return centres
 
     def extra_repr(self) -> str:
-        return (f"grid={self.grid}, window={self.window}, iters={self.iters}, "
-                f"temperature={self.temperature}, numerics={self.numerics!r}")  # fmt: skip
+        return (
+            f"grid={self.grid}, window={self.window}, iters={self.iters}, "
+            f"temperature={self.temperature}, numerics={self.numerics!r}"
+        )
 
 
 class TokenReconstruction(nn.Module):
@@ -54,9 +68,15 @@ class TokenReconstruction(nn.Module):
     ``ClusterState`` (or the ``TokenClustering``) of the same forward. The weights are
     differentiable in the clustered tokens and the centres unless ``weight_grad=False``."""
 
-    def __init__(self, window: int = 5, temperature: float = 50.0, mode: str = "local",
-                 k: int = 20, numerics: str = "exact",
-                 weight_grad: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        window: int = 5,
+        temperature: float = 50.0,
+        mode: str = "local",
+        k: int = 20,
+        numerics: str = "exact",
+        weight_grad: bool = True,
+    ) -> None:
         super().__init__()
         self.window, self.temperature, self.mode, self.k = window, temperature, mode, k
         self.numerics, self.weight_grad = numerics, weight_grad
@@ -65,12 +85,24 @@ class TokenReconstruction(nn.Module):
         if isinstance(state, TokenClustering):
             state = state.state
         if not isinstance(state, ClusterState):
-            raise ValueError("TokenReconstruction needs the state of a TokenClustering that "
-                             "ran in this forward: pass the clustering or its .state")  # fmt: skip
-        return token_reconstruct(state.tokens, state.centres, values, window=self.window,
-                                 temperature=self.temperature, mode=self.mode, k=self.k,
-                                 numerics=self.numerics, weight_grad=self.weight_grad)  # fmt: skip
+            raise ValueError(
+                "TokenReconstruction needs the state of a TokenClustering that "
+                "ran in this forward: pass the clustering or its .state"
+            )
+        return token_reconstruct(
+            state.tokens,
+            state.centres,
+            values,
+            window=self.window,
+            temperature=self.temperature,
+            mode=self.mode,
+            k=self.k,
+            numerics=self.numerics,
+            weight_grad=self.weight_grad,
+        )
 
     def extra_repr(self) -> str:
-        return (f"window={self.window}, temperature={self.temperature}, mode={self.mode!r}, "
-                f"numerics={self.numerics!r}")  # fmt: skip
+        return (
+            f"window={self.window}, temperature={self.temperature}, mode={self.mode!r}, "
+            f"numerics={self.numerics!r}"
+        )

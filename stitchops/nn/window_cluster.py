@@ -28,8 +28,13 @@ from stitchops.ops.token_cluster import token_cluster, token_reconstruct
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(
-        value, (tuple, list)) else ()  # fmt: skip
+    pair = (
+        (value, value)
+        if isinstance(value, int)
+        else tuple(value)
+        if isinstance(value, (tuple, list))
+        else ()
+    )
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair
@@ -63,8 +68,11 @@ def groups(hw: tuple[int, int], size: tuple[int, int], grid: tuple[int, int]) ->
         if rest:
             axis.append((whole * k, 1, rest))
         spans.append([(start, count, valid, cells(valid, k, g)) for start, count, valid in axis])
-    return [Group(r0, c0, nr, nc, (vh, vw), (gh, gw))
-            for r0, nr, vh, gh in spans[0] for c0, nc, vw, gw in spans[1]]  # fmt: skip
+    return [
+        Group(r0, c0, nr, nc, (vh, vw), (gh, gw))
+        for r0, nr, vh, gh in spans[0]
+        for c0, nc, vw, gw in spans[1]
+    ]
 
 
 def _windows(x: torch.Tensor, g: Group) -> torch.Tensor:
@@ -72,15 +80,21 @@ def _windows(x: torch.Tensor, g: Group) -> torch.Tensor:
     b, c = x.shape[0], x.shape[-1]
     (vh, vw) = g.valid
     region = x[:, g.row0 : g.row0 + g.rows * vh, g.col0 : g.col0 + g.cols * vw]
-    return (region.reshape(b, g.rows, vh, g.cols, vw, c).permute(0, 1, 3, 2, 4, 5)
-            .reshape(b * g.rows * g.cols, vh, vw, c))  # fmt: skip
+    return (
+        region.reshape(b, g.rows, vh, g.cols, vw, c)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(b * g.rows * g.cols, vh, vw, c)
+    )
 
 
 def _tile(windows: torch.Tensor, g: Group, batch: int, shape: tuple[int, int]) -> torch.Tensor:
     """[B·rows·cols, sh, sw, C] windows → their region [B, rows·sh, cols·sw, C]."""
     (sh, sw), c = shape, windows.shape[-1]
-    return (windows.reshape(batch, g.rows, g.cols, sh, sw, c).permute(0, 1, 3, 2, 4, 5)
-            .reshape(batch, g.rows * sh, g.cols * sw, c))  # fmt: skip
+    return (
+        windows.reshape(batch, g.rows, g.cols, sh, sw, c)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch, g.rows * sh, g.cols * sw, c)
+    )
 
 
 def _assemble(regions: list[torch.Tensor], parts: list[Group]) -> torch.Tensor:
@@ -113,8 +127,15 @@ class WindowTokenClustering(nn.Module):
         window, iters, temperature, numerics: ``stitchops.token_cluster``'s.
     """
 
-    def __init__(self, window_size, grid, window: int = 5, iters: int = 5,
-                 temperature: float = 50.0, numerics: str = "exact") -> None:  # fmt: skip
+    def __init__(
+        self,
+        window_size,
+        grid,
+        window: int = 5,
+        iters: int = 5,
+        temperature: float = 50.0,
+        numerics: str = "exact",
+    ) -> None:
         super().__init__()
         self.window_size = _pair(window_size, "window_size")
         self.grid = _pair(grid, "grid")
@@ -130,20 +151,37 @@ class WindowTokenClustering(nn.Module):
         batch, height, width, _ = x.shape
         parts = groups((height, width), self.window_size, self.grid)
         tokens = [_windows(x, g) for g in parts]
-        centres = [token_cluster(t, g.grid, window=self.window, iters=self.iters,
-                                 temperature=self.temperature, numerics=self.numerics)
-                   for t, g in zip(tokens, parts, strict=True)]  # fmt: skip
-        self.state = WindowClusterState((height, width), self.window_size, self.grid, parts,
-                                        tokens, centres)  # fmt: skip
+        centres = [
+            token_cluster(
+                t,
+                g.grid,
+                window=self.window,
+                iters=self.iters,
+                temperature=self.temperature,
+                numerics=self.numerics,
+            )
+            for t, g in zip(tokens, parts, strict=True)
+        ]
+        self.state = WindowClusterState(
+            (height, width), self.window_size, self.grid, parts, tokens, centres
+        )
         kh, kw = self.grid
-        blocks = [_tile(torch.nn.functional.pad(s, (0, 0, 0, kw - g.grid[1], 0, kh - g.grid[0])),
-                        g, batch, self.grid)
-                  for s, g in zip(centres, parts, strict=True)]  # fmt: skip
+        blocks = [
+            _tile(
+                torch.nn.functional.pad(s, (0, 0, 0, kw - g.grid[1], 0, kh - g.grid[0])),
+                g,
+                batch,
+                self.grid,
+            )
+            for s, g in zip(centres, parts, strict=True)
+        ]
         return _assemble(blocks, parts)
 
     def extra_repr(self) -> str:
-        return (f"window_size={self.window_size}, grid={self.grid}, window={self.window}, "
-                f"iters={self.iters}, temperature={self.temperature}")  # fmt: skip
+        return (
+            f"window_size={self.window_size}, grid={self.grid}, window={self.window}, "
+            f"iters={self.iters}, temperature={self.temperature}"
+        )
 
 
 def _clustered_windows(values: torch.Tensor, state: WindowClusterState, g: Group) -> torch.Tensor:
@@ -153,8 +191,10 @@ def _clustered_windows(values: torch.Tensor, state: WindowClusterState, g: Group
     top, left = g.row0 // big_h * kh, g.col0 // big_w * kw
     expected = (math.ceil(state.hw[0] / big_h) * kh, math.ceil(state.hw[1] / big_w) * kw)
     if values.dim() != 4 or tuple(values.shape[1:3]) != expected:
-        raise ValueError(f"values must be [B, {expected[0]}, {expected[1]}, D] (the clustered "
-                         f"map's layout), got shape {tuple(values.shape)}")  # fmt: skip
+        raise ValueError(
+            f"values must be [B, {expected[0]}, {expected[1]}, D] (the clustered "
+            f"map's layout), got shape {tuple(values.shape)}"
+        )
     region = values[:, top : top + g.rows * kh, left : left + g.cols * kw]
     windows = _windows(region, Group(0, 0, g.rows, g.cols, (kh, kw), (kh, kw)))
     return windows[:, : g.grid[0], : g.grid[1]]
@@ -166,9 +206,15 @@ class WindowTokenReconstruction(nn.Module):
     ``WindowTokenClustering``) of the same forward. ``window``, ``temperature``, ``mode``,
     ``k``, ``numerics`` and ``weight_grad`` are ``stitchops.token_reconstruct``'s."""
 
-    def __init__(self, window: int = 5, temperature: float = 50.0, mode: str = "local",
-                 k: int = 20, numerics: str = "exact",
-                 weight_grad: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        window: int = 5,
+        temperature: float = 50.0,
+        mode: str = "local",
+        k: int = 20,
+        numerics: str = "exact",
+        weight_grad: bool = True,
+    ) -> None:
         super().__init__()
         self.window, self.temperature, self.mode, self.k = window, temperature, mode, k
         self.numerics, self.weight_grad = numerics, weight_grad
@@ -177,15 +223,25 @@ class WindowTokenReconstruction(nn.Module):
         if isinstance(state, WindowTokenClustering):
             state = state.state
         if not isinstance(state, WindowClusterState):
-            raise ValueError("WindowTokenReconstruction needs the state of a "
-                             "WindowTokenClustering that ran in this forward")  # fmt: skip
+            raise ValueError(
+                "WindowTokenReconstruction needs the state of a "
+                "WindowTokenClustering that ran in this forward"
+            )
         batch = values.shape[0]
         outputs = []
         for tokens, centres, g in zip(state.tokens, state.centres, state.parts, strict=True):
             per_window = _clustered_windows(values, state, g)
-            y = token_reconstruct(tokens, centres, per_window, window=self.window,
-                                  temperature=self.temperature, mode=self.mode, k=self.k,
-                                  numerics=self.numerics, weight_grad=self.weight_grad)  # fmt: skip
+            y = token_reconstruct(
+                tokens,
+                centres,
+                per_window,
+                window=self.window,
+                temperature=self.temperature,
+                mode=self.mode,
+                k=self.k,
+                numerics=self.numerics,
+                weight_grad=self.weight_grad,
+            )
             outputs.append(_tile(y, g, batch, g.valid))
         return _assemble(outputs, state.parts)
 

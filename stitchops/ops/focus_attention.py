@@ -58,20 +58,28 @@ def kernel_limits(head_dim: int, pos_dim: int) -> list[str]:
     return reasons
 
 
-def _entry(tensors: list[torch.Tensor], function: str, q: torch.Tensor,
-           pos: torch.Tensor | None):  # fmt: skip
+def _entry(tensors: list[torch.Tensor], function: str, q: torch.Tensor, pos: torch.Tensor | None):
     limits = kernel_limits(q.shape[-1], pos.shape[-1] if pos is not None else 0)
     return FOCUS_ATTENTION.entry(FOCUS_ATTENTION.choose(tensors, limits=limits), function)
 
 
 @torch.library.custom_op("stitchops::focus_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  windows: torch.Tensor | None, window_size: int, map_width: int,
-                  pos: torch.Tensor | None, scale: float,
-                  return_scores: bool) -> Tensors4:  # fmt: skip
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    windows: torch.Tensor | None,
+    window_size: int,
+    map_width: int,
+    pos: torch.Tensor | None,
+    scale: float,
+    return_scores: bool,
+) -> Tensors4:
     forward = _entry([q, k, v], "focus_attention_forward", q, pos)
-    out, pos_out, scores, lse = forward(q, k, v, mask, windows, window_size, map_width, pos,
-                                        scale, return_scores)  # fmt: skip
+    out, pos_out, scores, lse = forward(
+        q, k, v, mask, windows, window_size, map_width, pos, scale, return_scores
+    )
     return out, pos_out, scores, lse
 
 
@@ -79,19 +87,46 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 def _(q, k, v, mask, windows, window_size, map_width, pos, scale, return_scores):
     b, h, q_count, d = q.shape
     p_dim = pos.shape[-1] if pos is not None else 0
-    return (q.new_empty(b, h, q_count, d), q.new_empty(b, q_count, p_dim),
-            q.new_empty(b, k.shape[2] if return_scores else 0),
-            q.new_empty(b, h, q_count, dtype=torch.float32))  # fmt: skip
+    return (
+        q.new_empty(b, h, q_count, d),
+        q.new_empty(b, q_count, p_dim),
+        q.new_empty(b, k.shape[2] if return_scores else 0),
+        q.new_empty(b, h, q_count, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("stitchops::focus_attention_backward", mutates_args=())
-def _backward_op(dout: torch.Tensor, dpos_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor, mask: torch.Tensor | None, windows: torch.Tensor | None,
-                 window_size: int, map_width: int, pos: torch.Tensor | None, scale: float,
-                 out: torch.Tensor, lse: torch.Tensor) -> Tensors4:  # fmt: skip
+def _backward_op(
+    dout: torch.Tensor,
+    dpos_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    windows: torch.Tensor | None,
+    window_size: int,
+    map_width: int,
+    pos: torch.Tensor | None,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> Tensors4:
     backward = _entry([dout, q, k, v], "focus_attention_backward", q, pos)
-    dq, dk, dv, dpos = backward(dout.contiguous(), dpos_out.contiguous(), q, k, v, mask,
-                                windows, window_size, map_width, pos, scale, out, lse)  # fmt: skip
+    dq, dk, dv, dpos = backward(
+        dout.contiguous(),
+        dpos_out.contiguous(),
+        q,
+        k,
+        v,
+        mask,
+        windows,
+        window_size,
+        map_width,
+        pos,
+        scale,
+        out,
+        lse,
+    )
     return dq, dk, dv, dpos
 
 
@@ -113,8 +148,8 @@ def _backward(ctx, dout, dpos_out, _dscores, _dlse):
     q, k, v, mask, windows, pos, out, lse = ctx.saved_tensors
     window_size, map_width, scale = ctx.args
     dq, dk, dv, dpos = torch.ops.stitchops.focus_attention_backward(
-        dout, dpos_out, q, k, v, mask, windows, window_size, map_width, pos, scale, out,
-        lse)  # fmt: skip
+        dout, dpos_out, q, k, v, mask, windows, window_size, map_width, pos, scale, out, lse
+    )
     return (dq, dk, dv, None, None, None, None, dpos if pos is not None else None, None, None)
 
 
@@ -130,8 +165,19 @@ def attention_flops(
 
 
 @register_flop_formula(torch.ops.stitchops.focus_attention)
-def _flops(q_shape, k_shape, v_shape, mask_shape, windows_shape, window_size, map_width,
-           pos_shape, scale, return_scores, **kwargs):  # fmt: skip
+def _flops(
+    q_shape,
+    k_shape,
+    v_shape,
+    mask_shape,
+    windows_shape,
+    window_size,
+    map_width,
+    pos_shape,
+    scale,
+    return_scores,
+    **kwargs,
+):
     """For torch.utils.flop_counter: the keys a query attends (every key, or K·ws²), whatever
     the backend executes."""
     b, h, q_count, d = q_shape
@@ -156,16 +202,20 @@ def _check_mask(mask: object, q: torch.Tensor, n: int) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = may not attend), got {mask.dtype}; "
-                        "a float mask is not taken")  # fmt: skip
+        raise TypeError(
+            f"mask must be a bool tensor (True = may not attend), got {mask.dtype}; "
+            "a float mask is not taken"
+        )
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
     b, h, q_count, _ = q.shape
     if mask.dim() == 3:
         mask = mask[:, None]
     if mask.dim() != 4 or tuple(mask.shape) not in ((b, 1, q_count, n), (b, h, q_count, n)):
-        raise ValueError(f"mask must be [B, Q, N] = {(b, q_count, n)} or [B, heads, Q, N] = "
-                         f"{(b, h, q_count, n)}, got {tuple(mask.shape)}")  # fmt: skip
+        raise ValueError(
+            f"mask must be [B, Q, N] = {(b, q_count, n)} or [B, heads, Q, N] = "
+            f"{(b, h, q_count, n)}, got {tuple(mask.shape)}"
+        )
     return mask
 
 
@@ -194,23 +244,33 @@ def _check_windows(windows: object, q: torch.Tensor, count: int, validate: bool)
     if windows.dim() == 2:
         windows = windows[:, None]
     if windows.dim() != 3 or windows.shape[0] != b or windows.shape[1] not in (1, q_count):
-        raise ValueError(f"windows must be [B, K] (one set for all queries) or [B, Q, K] with "
-                         f"B = {b}, Q = {q_count}, got {tuple(windows.shape)}")  # fmt: skip
+        raise ValueError(
+            f"windows must be [B, K] (one set for all queries) or [B, Q, K] with "
+            f"B = {b}, Q = {q_count}, got {tuple(windows.shape)}"
+        )
     if windows.shape[2] == 0:
         raise ValueError("windows must name at least one window per set (K >= 1)")
     if validate and windows.numel() and not torch.compiler.is_compiling():
         low, high = int(windows.min()), int(windows.max())
         if low < 0 or high >= count:
-            raise ValueError(f"windows holds indices in [{low}, {high}]; the map has {count} "
-                             f"windows (0 ... {count - 1})")  # fmt: skip
+            raise ValueError(
+                f"windows holds indices in [{low}, {high}]; the map has {count} "
+                f"windows (0 ... {count - 1})"
+            )
         ordered = windows.sort(dim=-1).values
         if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
             raise ValueError("windows repeats an index within a set; each set must be unique")
     return windows
 
 
-def check_windows(windows: object, window_size: object, map_size: object, q: torch.Tensor,
-                  n: int, validate: bool = True) -> tuple[torch.Tensor, int, int]:  # fmt: skip
+def check_windows(
+    windows: object,
+    window_size: object,
+    map_size: object,
+    q: torch.Tensor,
+    n: int,
+    validate: bool = True,
+) -> tuple[torch.Tensor, int, int]:
     """Window mode's arguments for queries q [B, heads, Q, D] and a map of n tokens:
     (windows [B, 1 or Q, K], window_size, the map's width Wm), or a clear error."""
     if window_size is None or map_size is None:
@@ -224,8 +284,9 @@ def _check_pos(pos: object, q: torch.Tensor, n: int) -> None:
     _checks.tensor("pos", pos, ndim=3)
     _checks.same_dtype_and_device("q", {"q": q, "pos": pos})
     if pos.shape[:2] != (q.shape[0], n):
-        raise ValueError(f"pos must be [B, N, P] with B = {q.shape[0]} and N = {n} (k's), got "
-                         f"{tuple(pos.shape)}")  # fmt: skip
+        raise ValueError(
+            f"pos must be [B, N, P] with B = {q.shape[0]} and N = {n} (k's), got {tuple(pos.shape)}"
+        )
 
 
 def _check_scale(scale: object, head_dim: int) -> float:
@@ -274,14 +335,16 @@ def focus_attention(
     _check_qkv(q, k, v)
     n = k.shape[2]
     if mask is not None and windows is not None:
-        raise ValueError("mask and windows are exclusive: pass one (or neither, for full "
-                         "attention)")  # fmt: skip
+        raise ValueError(
+            "mask and windows are exclusive: pass one (or neither, for full attention)"
+        )
     window_size_, map_width = 0, 0
     if mask is not None:
         mask = _check_mask(mask, q, n)
     if windows is not None:
-        windows, window_size_, map_width = check_windows(windows, window_size, map_size, q, n,
-                                                         validate)  # fmt: skip
+        windows, window_size_, map_width = check_windows(
+            windows, window_size, map_size, q, n, validate
+        )
     elif window_size is not None or map_size is not None:
         raise ValueError("window_size and map_size are for window mode: pass windows too")
     if pos is not None:
@@ -290,6 +353,6 @@ def focus_attention(
         raise TypeError(f"return_scores must be a bool, got {type(return_scores).__name__}")
     scale = _check_scale(scale, q.shape[-1])
     out, pos_out, scores, _ = torch.ops.stitchops.focus_attention(
-        q, k, v, mask, windows, window_size_, map_width, pos, scale, return_scores)  # fmt: skip
-    return FocusOutput(out, pos_out if pos is not None else None,
-                       scores if return_scores else None)  # fmt: skip
+        q, k, v, mask, windows, window_size_, map_width, pos, scale, return_scores
+    )
+    return FocusOutput(out, pos_out if pos is not None else None, scores if return_scores else None)

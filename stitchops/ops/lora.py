@@ -81,8 +81,9 @@ def _lora_linear_op(
     save_s: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rank = lora_a.shape[0] if lora_a is not None else 0
-    backend = _backend(x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank,
-                       weight.shape[0])  # fmt: skip
+    backend = _backend(
+        x, _present(x, weight, bias, lora_a, lora_b, extra_bias), rank, weight.shape[0]
+    )
     # Every kernel reads the [OUT] biases with unit stride (a no-op copy when contiguous).
     bias = bias.contiguous() if bias is not None else None
     extra_bias = extra_bias.contiguous() if extra_bias is not None else None
@@ -159,9 +160,15 @@ def _backward(ctx, grad_y, _grad_s):
     wanted = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
     wanted["bias"] = wanted["bias"] or wanted["extra_bias"]  # both receive Σ_t dy
     needs = [wanted[name] for name in reference.GRADIENTS]
-    grads = dict(zip(reference.GRADIENTS, torch.ops.stitchops.lora_linear_backward(
-        grad_y, x, weight, lora_a, lora_b, s, ctx.scale, needs,
-    ), strict=True))  # fmt: skip
+    grads = dict(
+        zip(
+            reference.GRADIENTS,
+            torch.ops.stitchops.lora_linear_backward(
+                grad_y, x, weight, lora_a, lora_b, s, ctx.scale, needs
+            ),
+            strict=True,
+        )
+    )
     grads["extra_bias"] = grads["bias"]
     return tuple(
         grads[name] if name in grads and ctx.needs_input_grad[i] else None
@@ -230,8 +237,14 @@ def _check(x, weight, bias, lora_a, lora_b, scale, extra_bias) -> float:
                 f"has rank {rank}: lora_a is [R, IN], lora_b is [OUT, R]"
             )
         _checks.shape("lora_b", lora_b, (out_f, rank), "[OUT, R]")
-    named = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
-             "extra_bias": extra_bias}  # fmt: skip
+    named = {
+        "x": x,
+        "weight": weight,
+        "bias": bias,
+        "lora_a": lora_a,
+        "lora_b": lora_b,
+        "extra_bias": extra_bias,
+    }
     _checks.same_dtype_and_device("x", named)
     return _checks.finite_float("scale", scale)
 

@@ -102,10 +102,15 @@ def _sparse_delta_backward_op(
     ``needs`` (same order) is set; a gradient not asked for is an empty tensor."""
     backend = _backend([grad_y, x, weight, delta], weight)
     grads = reference.sparse_delta_backward(
-        grad_y, x, weight, delta, index, needs,
+        grad_y,
+        x,
+        weight,
+        delta,
+        index,
+        needs,
         SPARSE_DELTA.entry(backend, "sparse_delta_weight"),
         SPARSE_DELTA.entry(backend, "sparse_delta_grad"),
-    )  # fmt: skip
+    )
     return [
         g if g is not None and want else x.new_empty(0)
         for g, want in zip(grads, needs, strict=True)
@@ -140,9 +145,15 @@ def _backward(ctx, grad_y):
     x, weight, delta, index = ctx.saved_tensors
     wanted = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
     needs = [wanted[name] for name in reference.GRADIENTS]
-    grads = dict(zip(reference.GRADIENTS, torch.ops.stitchops.sparse_delta_linear_backward(
-        grad_y.contiguous(), x, weight, delta, index, needs,
-    ), strict=True))  # fmt: skip
+    grads = dict(
+        zip(
+            reference.GRADIENTS,
+            torch.ops.stitchops.sparse_delta_linear_backward(
+                grad_y.contiguous(), x, weight, delta, index, needs
+            ),
+            strict=True,
+        )
+    )
     return tuple(
         grads[name] if name in grads and ctx.needs_input_grad[i] else None
         for i, name in enumerate(_INPUTS)
@@ -161,8 +172,7 @@ def _forward_flops(x_shape, weight_shape, *args, **kwargs):
 
 
 @register_flop_formula(torch.ops.stitchops.sparse_delta_linear_backward)
-def _backward_flops(grad_shape, x_shape, weight_shape, delta_shape, index_shape, needs,
-                    **kwargs):  # fmt: skip
+def _backward_flops(grad_shape, x_shape, weight_shape, delta_shape, index_shape, needs, **kwargs):
     need_x, need_weight, need_delta, _need_bias = needs
     tokens, (out_f, in_f) = math.prod(x_shape[:-1]), weight_shape
     gemm = (need_x + need_weight) * 2 * tokens * out_f * in_f

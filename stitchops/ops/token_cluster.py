@@ -57,8 +57,10 @@ def kernel_limits(mode: str = "local") -> list[str]:
     only mode with official numerics) runs on the torch backend."""
     if mode == "local":
         return []
-    return [f"mode {mode!r} runs on the torch backend (a GEMM and topk over all centres, "
-            "chunked over pixels)"]  # fmt: skip
+    return [
+        f"mode {mode!r} runs on the torch backend (a GEMM and topk over all centres, "
+        "chunked over pixels)"
+    ]
 
 
 def _entry(tensors: list[torch.Tensor], function: str, mode: str = "local"):
@@ -67,8 +69,9 @@ def _entry(tensors: list[torch.Tensor], function: str, mode: str = "local"):
 
 
 @torch.library.custom_op("stitchops::token_cluster", mutates_args=())
-def _cluster_op(x: torch.Tensor, h: int, w: int, window: int, iters: int, temperature: float,
-                numerics: str) -> torch.Tensor:  # fmt: skip
+def _cluster_op(
+    x: torch.Tensor, h: int, w: int, window: int, iters: int, temperature: float, numerics: str
+) -> torch.Tensor:
     return _entry([x], "token_cluster_forward")(x, (h, w), window, iters, temperature, numerics)
 
 
@@ -78,9 +81,16 @@ def _(x, h, w, window, iters, temperature, numerics):
 
 
 @torch.library.custom_op("stitchops::token_cluster_backward", mutates_args=())
-def _cluster_backward_op(grad: torch.Tensor, x: torch.Tensor, h: int, w: int, window: int,
-                         iters: int, temperature: float,
-                         numerics: str) -> torch.Tensor:  # fmt: skip
+def _cluster_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    h: int,
+    w: int,
+    window: int,
+    iters: int,
+    temperature: float,
+    numerics: str,
+) -> torch.Tensor:
     backward = _entry([grad, x], "token_cluster_backward")
     return backward(grad.contiguous(), x, (h, w), window, iters, temperature, numerics)
 
@@ -101,14 +111,22 @@ def _cluster_backward(ctx, grad):
     return (dx, *[None] * len(ctx.args))
 
 
-torch.library.register_autograd("stitchops::token_cluster", _cluster_backward,
-                                setup_context=_cluster_setup)  # fmt: skip
+torch.library.register_autograd(
+    "stitchops::token_cluster", _cluster_backward, setup_context=_cluster_setup
+)
 
 
 @torch.library.custom_op("stitchops::token_reconstruct", mutates_args=())
-def _reconstruct_op(x: torch.Tensor, centres: torch.Tensor, values: torch.Tensor, window: int,
-                    temperature: float, mode: str, k: int,
-                    numerics: str) -> torch.Tensor:  # fmt: skip
+def _reconstruct_op(
+    x: torch.Tensor,
+    centres: torch.Tensor,
+    values: torch.Tensor,
+    window: int,
+    temperature: float,
+    mode: str,
+    k: int,
+    numerics: str,
+) -> torch.Tensor:
     forward = _entry([values, x, centres], "token_reconstruct_forward", mode)
     return forward(x, centres, values, window, temperature, mode, k, numerics)
 
@@ -119,12 +137,19 @@ def _(x, centres, values, window, temperature, mode, k, numerics):
 
 
 @torch.library.custom_op("stitchops::token_reconstruct_backward", mutates_args=())
-def _reconstruct_backward_op(grad: torch.Tensor, x: torch.Tensor, centres: torch.Tensor,
-                             values: torch.Tensor, window: int, temperature: float, mode: str,
-                             k: int, numerics: str) -> torch.Tensor:  # fmt: skip
+def _reconstruct_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    centres: torch.Tensor,
+    values: torch.Tensor,
+    window: int,
+    temperature: float,
+    mode: str,
+    k: int,
+    numerics: str,
+) -> torch.Tensor:
     backward = _entry([grad, x, centres], "token_reconstruct_backward", mode)
-    return backward(grad.contiguous(), x, centres, values, window, temperature, mode, k,
-                    numerics)  # fmt: skip
+    return backward(grad.contiguous(), x, centres, values, window, temperature, mode, k, numerics)
 
 
 @_reconstruct_backward_op.register_fake
@@ -133,12 +158,19 @@ def _(grad, x, centres, values, window, temperature, mode, k, numerics):
 
 
 @torch.library.custom_op("stitchops::token_reconstruct_weight_backward", mutates_args=())
-def _weight_backward_op(grad: torch.Tensor, x: torch.Tensor, centres: torch.Tensor,
-                        values: torch.Tensor, window: int, temperature: float, mode: str, k: int,
-                        numerics: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _weight_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    centres: torch.Tensor,
+    values: torch.Tensor,
+    window: int,
+    temperature: float,
+    mode: str,
+    k: int,
+    numerics: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     backward = _entry([grad, x, centres, values], "token_reconstruct_weight_backward", mode)
-    return backward(grad.contiguous(), x, centres, values, window, temperature, mode, k,
-                    numerics)  # fmt: skip
+    return backward(grad.contiguous(), x, centres, values, window, temperature, mode, k, numerics)
 
 
 @_weight_backward_op.register_fake
@@ -159,12 +191,14 @@ def _reconstruct_backward(ctx, grad):
         dv = torch.ops.stitchops.token_reconstruct_backward(grad, x, centres, values, *ctx.args)
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         dx, dcentres = torch.ops.stitchops.token_reconstruct_weight_backward(
-            grad, x, centres, values, *ctx.args)  # fmt: skip
+            grad, x, centres, values, *ctx.args
+        )
     return (dx, dcentres, dv, *[None] * len(ctx.args))
 
 
-torch.library.register_autograd("stitchops::token_reconstruct", _reconstruct_backward,
-                                setup_context=_reconstruct_setup)  # fmt: skip
+torch.library.register_autograd(
+    "stitchops::token_reconstruct", _reconstruct_backward, setup_context=_reconstruct_setup
+)
 
 
 def _check_window(window: object) -> int:
@@ -192,8 +226,10 @@ def _check_grid(grid: object, x: torch.Tensor) -> tuple[int, int]:
     h, w = (_checks.int_at_least(f"grid[{i}]", g, 1) for i, g in enumerate(grid))
     height, width = x.shape[1:3]
     if h > height or w > width:
-        raise ValueError(f"grid {(h, w)} is larger than the map {(height, width)} of x "
-                         "[B, H, W, C]: need 1 <= h <= H and 1 <= w <= W")  # fmt: skip
+        raise ValueError(
+            f"grid {(h, w)} is larger than the map {(height, width)} of x "
+            "[B, H, W, C]: need 1 <= h <= H and 1 <= w <= W"
+        )
     return h, w
 
 
@@ -238,8 +274,9 @@ def token_cluster(
         temperature = _check_temperature(temperature)
         numerics = _check_numerics(numerics)
     if affinity_grad:
-        return reference.token_cluster(x, grid, window, iters, temperature, affinity_grad=True,
-                                       numerics=numerics)  # fmt: skip
+        return reference.token_cluster(
+            x, grid, window, iters, temperature, affinity_grad=True, numerics=numerics
+        )
     return torch.ops.stitchops.token_cluster(x, *grid, window, iters, temperature, numerics)
 
 
@@ -250,13 +287,16 @@ def _check_reconstruct(x, centres, values, mode, k, numerics) -> None:
     b, _, _, c = x.shape
     h, w = centres.shape[1:3]
     if centres.shape[0] != b or centres.shape[3] != c:
-        raise ValueError(f"centres must be [B, h, w, C] = [{b}, h, w, {c}] like x, got "
-                         f"{tuple(centres.shape)}")  # fmt: skip
+        raise ValueError(
+            f"centres must be [B, h, w, C] = [{b}, h, w, {c}] like x, got {tuple(centres.shape)}"
+        )
     _check_grid((h, w), x)
     if values.shape[:3] != centres.shape[:3]:
-        raise ValueError(f"values must be [B, h, w, D] with [B, h, w] = "
-                         f"{list(centres.shape[:3])} of centres, got "
-                         f"{tuple(values.shape)}")  # fmt: skip
+        raise ValueError(
+            f"values must be [B, h, w, D] with [B, h, w] = "
+            f"{list(centres.shape[:3])} of centres, got "
+            f"{tuple(values.shape)}"
+        )
     _checks.same_dtype_and_device("x", {"x": x, "centres": centres, "values": values})
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -264,8 +304,10 @@ def _check_reconstruct(x, centres, values, mode, k, numerics) -> None:
     if mode == "topk" and k > h * w:
         raise ValueError(f"k = {k} is more than the h·w = {h * w} centres")
     if _check_numerics(numerics) == "official" and mode != "topk":
-        raise ValueError("numerics='official' is the official code's reconstruction, "
-                         "mode='topk'; the paper's local mode has only exact numerics")  # fmt: skip
+        raise ValueError(
+            "numerics='official' is the official code's reconstruction, "
+            "mode='topk'; the paper's local mode has only exact numerics"
+        )
 
 
 def token_reconstruct(
@@ -305,8 +347,9 @@ def token_reconstruct(
         temperature = _check_temperature(temperature)
     if not weight_grad:
         x, centres = x.detach(), centres.detach()
-    return torch.ops.stitchops.token_reconstruct(x, centres, values, window, temperature, mode,
-                                                 k, numerics)  # fmt: skip
+    return torch.ops.stitchops.token_reconstruct(
+        x, centres, values, window, temperature, mode, k, numerics
+    )
 
 
 def local_flops(tokens: int, channels: int, window: int, iters: int) -> int:
@@ -328,8 +371,9 @@ def _cluster_flops(x_shape, h, w, window, iters, temperature, numerics, **kwargs
 
 
 @register_flop_formula(torch.ops.stitchops.token_reconstruct)
-def _reconstruct_flops(x_shape, centres_shape, values_shape, window, temperature, mode, k,
-                       numerics, **kwargs):  # fmt: skip
+def _reconstruct_flops(
+    x_shape, centres_shape, values_shape, window, temperature, mode, k, numerics, **kwargs
+):
     tokens = math.prod(x_shape[:3])
     candidates = centres_shape[1] * centres_shape[2] if mode == "topk" else window * window
     return tokens * candidates * (3 * x_shape[3] + 2 * values_shape[3])

@@ -98,8 +98,11 @@ def _chunks(q, k, v, pos, mask, windows, window_size, map_width):
     for q0 in range(0, q_count, step):
         part = ids[:, q0 : q0 + step]
         gathered_pos = _gather_pos(pos, part) if pos is not None else None
-        yield q0, q0 + part.shape[1], Keys(_gather(k, part), _gather(v, part), gathered_pos,
-                                           part, None)  # fmt: skip
+        yield (
+            q0,
+            q0 + part.shape[1],
+            Keys(_gather(k, part), _gather(v, part), gathered_pos, part, None),
+        )
 
 
 def _probabilities(q: torch.Tensor, keys: Keys, scale: float):
@@ -134,8 +137,9 @@ def _scatter_keys(total: torch.Tensor, ids: torch.Tensor | None, rows: torch.Ten
     total.scatter_add_(-2, flat, rows.reshape(b, *lead, -1, x))
 
 
-def focus_attention_forward(q, k, v, mask, windows, window_size, map_width, pos, scale,
-                            return_scores):  # fmt: skip
+def focus_attention_forward(
+    q, k, v, mask, windows, window_size, map_width, pos, scale, return_scores
+):
     """(out [B, H, Q, D], pos_out [B, Q, P] (P = 0 without pos), scores [B, N] (or [B, 0]),
     lse [B, H, Q] fp32)."""
     b, h, q_count, d = q.shape
@@ -155,13 +159,15 @@ def focus_attention_forward(q, k, v, mask, windows, window_size, map_width, pos,
             pos_out[:, q0:q1] = _times_keys(mean, keys.pos[:, None])[:, 0]
         if return_scores:
             per_query = keys.k.dim() == 5
-            _scatter_keys(scores, keys.ids,
-                          (mean[:, 0] if per_query else mean[:, 0].sum(1))[..., None])  # fmt: skip
+            _scatter_keys(
+                scores, keys.ids, (mean[:, 0] if per_query else mean[:, 0].sum(1))[..., None]
+            )
     return out.to(q.dtype), pos_out.to(q.dtype), scores[..., 0].to(q.dtype), lse
 
 
-def focus_attention_backward(dout, dpos_out, q, k, v, mask, windows, window_size, map_width,
-                             pos, scale, out, lse):  # fmt: skip
+def focus_attention_backward(
+    dout, dpos_out, q, k, v, mask, windows, window_size, map_width, pos, scale, out, lse
+):
     """(dq, dk, dv, dpos (or [B, N, 0] without pos)) by the adjoint in the module docstring,
     the pos term shared by the heads: dP_h += dpos_out·posᵀ / H. ``out`` and ``lse`` are the
     forward's; this reference recomputes A and takes Δ = rowsum(A ∘ dP) directly."""
@@ -171,8 +177,11 @@ def focus_attention_backward(dout, dpos_out, q, k, v, mask, windows, window_size
     dq = torch.zeros_like(q, dtype=f)
     dk = torch.zeros_like(k, dtype=f)
     dv = torch.zeros_like(v, dtype=f)
-    dpos = (torch.zeros_like(pos, dtype=f) if pos is not None
-            else q.new_zeros(k.shape[0], k.shape[2], 0, dtype=f))  # fmt: skip
+    dpos = (
+        torch.zeros_like(pos, dtype=f)
+        if pos is not None
+        else q.new_zeros(k.shape[0], k.shape[2], 0, dtype=f)
+    )
     for q0, q1, keys in _chunks(q, k, v, pos, mask, windows, window_size, map_width):
         qc, g = q[:, :, q0:q1].to(f), dout[:, :, q0:q1].to(f)
         a, _ = _probabilities(qc, keys, scale)

@@ -95,9 +95,12 @@ def _sampled_grad(
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
-            crow, index % in_features, torch.zeros(index.numel(), dtype=acc),
-            (out_features, in_features), check_invariants=False,
-        )  # fmt: skip
+            crow,
+            index % in_features,
+            torch.zeros(index.numel(), dtype=acc),
+            (out_features, in_features),
+            check_invariants=False,
+        )
     step = max(256, _TRANSPOSED_ELEMENTS // (in_features + out_features))
     total = torch.zeros(index.numel(), dtype=acc)
     for start in range(0, tokens, step):
@@ -142,7 +145,9 @@ def sparse_delta_backward(
         )
     else:
         ddelta = None
-    dbias = grad_y.sum(0, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(
-        grad_y.dtype
-    ) if need_bias else None  # fmt: skip
+    dbias = (
+        grad_y.sum(0, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(grad_y.dtype)
+        if need_bias
+        else None
+    )
     return [dx, dw, ddelta, dbias]

@@ -133,8 +133,9 @@ class Tokens:
     def of(cls, x3: torch.Tensor) -> Tokens:
         mu = mean_token(x3)
         step = _chunk_size(x3.shape[0], x3.shape[2])
-        norms = torch.cat([(x3[:, i : i + step] - mu).square().sum(-1)
-                           for i in range(0, x3.shape[1], step)], 1)  # fmt: skip
+        norms = torch.cat(
+            [(x3[:, i : i + step] - mu).square().sum(-1) for i in range(0, x3.shape[1], step)], 1
+        )
         return cls(x3, mu, norms)
 
     def centred(self, rows) -> torch.Tensor:
@@ -156,21 +157,24 @@ def squared_distances(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     ).clamp_min(0)
 
 
-def band_weights(tokens: Tokens, sc: torch.Tensor, sn: torch.Tensor, band: Band,
-                 temperature: float) -> torch.Tensor:  # fmt: skip
+def band_weights(
+    tokens: Tokens, sc: torch.Tensor, sn: torch.Tensor, band: Band, temperature: float
+) -> torch.Tensor:
     """[B, pixels, centres] softmax over each pixel's candidates of −‖x_p − s_i‖²/τ (0 off
     them) for the band's pixels and its centres of sc [B, M, C] (centred; sn their squared
     norms [B, M])."""
     pixels, centres = band.pixels, band.centres
-    cross = torch.baddbmm(sn[:, None, centres], tokens.centred(pixels),
-                          sc[:, centres].transpose(1, 2), alpha=-2.0)  # fmt: skip
+    cross = torch.baddbmm(
+        sn[:, None, centres], tokens.centred(pixels), sc[:, centres].transpose(1, 2), alpha=-2.0
+    )
     d = (cross + tokens.norms[:, pixels, None]).clamp_min(0)
     logits = (d / -temperature).masked_fill(~band.allowed, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
-def divide_totals(numer: torch.Tensor, totals: torch.Tensor, previous: torch.Tensor,
-                  numerics: str) -> torch.Tensor:  # fmt: skip
+def divide_totals(
+    numer: torch.Tensor, totals: torch.Tensor, previous: torch.Tensor, numerics: str
+) -> torch.Tensor:
     """The M-step's Σ_p a x / D (module docstring): [B, M, C] from numer [B, M, C] and
     totals [B, M]."""
     if numerics == "official":
@@ -236,16 +240,26 @@ def token_cluster(
     b, height, width, c = x.shape
     band_list = bands((height, width), grid, window, x.device)
     flat = x.reshape(b, height * width, c).to(accumulation(x.dtype))
-    s, _ = _iterate(flat, grid, width, band_list, temperature, iters, not affinity_grad,
-                    check_numerics(numerics), keep=False)  # fmt: skip
+    s, _ = _iterate(
+        flat,
+        grid,
+        width,
+        band_list,
+        temperature,
+        iters,
+        not affinity_grad,
+        check_numerics(numerics),
+        keep=False,
+    )
     return s.reshape(b, grid[0], grid[1], c).to(x.dtype)
 
 
 def _exp_weights(xc, xn, sc, sn, temperature, numerics):
     """[B, n, M] e = exp(−d/τ) (official) or exp(−(d − min_j d_j)/τ) (exact) for centred
     tokens xc [B, n, C] (squared norms xn [B, n]) and centres sc [B, M, C] (sn [B, M])."""
-    d = (torch.baddbmm(sn[:, None, :], xc, sc.transpose(1, 2), alpha=-2.0)
-         + xn[..., None]).clamp_min(0)  # fmt: skip
+    d = (
+        torch.baddbmm(sn[:, None, :], xc, sc.transpose(1, 2), alpha=-2.0) + xn[..., None]
+    ).clamp_min(0)
     if numerics == "exact":
         d = d - d.min(dim=-1, keepdim=True).values
     return torch.exp(d / -temperature)
@@ -274,12 +288,17 @@ def topk_chunks(x3, s3, k, temperature, numerics):
     step = _chunk_size(x3.shape[0], s3.shape[1])
     for start in range(0, n, step):
         part = slice(start, min(n, start + step))
-        yield (part, *_topk_chunk(tokens.centred(part), tokens.norms[:, part], sc, sn, k,
-                                  temperature, numerics))  # fmt: skip
+        yield (
+            part,
+            *_topk_chunk(
+                tokens.centred(part), tokens.norms[:, part], sc, sn, k, temperature, numerics
+            ),
+        )
 
 
-def topk_weights(x: torch.Tensor, s: torch.Tensor, k: int, temperature: float,
-                 numerics: str = "exact") -> torch.Tensor:  # fmt: skip
+def topk_weights(
+    x: torch.Tensor, s: torch.Tensor, k: int, temperature: float, numerics: str = "exact"
+) -> torch.Tensor:
     """[B, N, M] the official code's weights (module docstring) for x [B, N, C], s [B, M, C]."""
     parts = [w for _, w, _ in topk_chunks(x, s, k, temperature, numerics)]
     return torch.cat(parts, dim=1) if parts else x.new_zeros(x.shape[0], x.shape[1], s.shape[1])
@@ -310,8 +329,9 @@ def _sparse_rows(e: torch.Tensor, k: int):
     rows = torch.arange(0, n * k + 1, k, device=e.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        matrix = torch.sparse_csr_tensor(rows, index.flatten(), values.flatten(), (n, m),
-                                         check_invariants=False)  # fmt: skip
+        matrix = torch.sparse_csr_tensor(
+            rows, index.flatten(), values.flatten(), (n, m), check_invariants=False
+        )
     return matrix, tied.nonzero().flatten()
 
 
@@ -332,13 +352,15 @@ def topk_apply(x3, s3, operand, k, temperature, numerics, transpose: bool) -> to
             part = slice(start, min(n, start + step))
             xc = tokens.x[i : i + 1, part] - tokens.mu[i : i + 1]
             xn = tokens.norms[i : i + 1, part]
-            e = _exp_weights_in_place(xc, xn, sc[i : i + 1], sn[i : i + 1], temperature,
-                                      numerics)[0]  # fmt: skip
+            e = _exp_weights_in_place(xc, xn, sc[i : i + 1], sn[i : i + 1], temperature, numerics)[
+                0
+            ]
             matrix, tied = _sparse_rows(e, k)
             dense = None
             if tied.numel():
-                dense = _topk_chunk(xc[:, tied], xn[:, tied], sc[i : i + 1], sn[i : i + 1], k,
-                                    temperature, numerics)[0][0]  # fmt: skip
+                dense = _topk_chunk(
+                    xc[:, tied], xn[:, tied], sc[i : i + 1], sn[i : i + 1], k, temperature, numerics
+                )[0][0]
             if transpose:
                 out[i] += matrix.t() @ operand[i, part]
                 if dense is not None:
@@ -355,8 +377,12 @@ def _flat(x, centres, values):
     b, height, width, c = x.shape
     grid = tuple(centres.shape[1:3])
     m, acc = grid[0] * grid[1], accumulation(x.dtype)
-    return (x.reshape(b, height * width, c).to(acc), centres.reshape(b, m, c).to(acc),
-            values.reshape(b, m, values.shape[-1]).to(acc), grid)  # fmt: skip
+    return (
+        x.reshape(b, height * width, c).to(acc),
+        centres.reshape(b, m, c).to(acc),
+        values.reshape(b, m, values.shape[-1]).to(acc),
+        grid,
+    )
 
 
 def token_reconstruct(
@@ -380,8 +406,10 @@ def token_reconstruct(
     else:
         tokens = Tokens.of(flat)
         sc, sn = tokens.centre(s)
-        parts = [band_weights(tokens, sc, sn, band, temperature) @ v[:, band.centres]
-                 for band in bands((height, width), grid, window, x.device)]  # fmt: skip
+        parts = [
+            band_weights(tokens, sc, sn, band, temperature) @ v[:, band.centres]
+            for band in bands((height, width), grid, window, x.device)
+        ]
         y = torch.cat(parts, dim=1)
     return y.reshape(b, height, width, v.shape[-1]).to(values.dtype)
 
@@ -449,8 +477,9 @@ def _reconstruction_steps(x, centres, mode, window):
     return _steps(x, (window | 1) * centres.shape[2], x.shape[2] * 2)
 
 
-def token_reconstruct_forward(x, centres, values, window, temperature, mode, k,
-                              numerics) -> torch.Tensor:  # fmt: skip
+def token_reconstruct_forward(
+    x, centres, values, window, temperature, mode, k, numerics
+) -> torch.Tensor:
     with torch.no_grad(), _reconstruction_steps(x, centres, mode, window):
         if mode != "topk":
             return token_reconstruct(x, centres, values, window, temperature, mode, k, numerics)
@@ -473,8 +502,7 @@ def _weights_by_part(flat, s, hw, grid, window, temperature, mode, k, numerics):
         yield band.pixels, band.centres, band_weights(tokens, sc, sn, band, temperature), None
 
 
-def token_reconstruct_backward(grad, x, centres, values, window, temperature, mode, k,
-                               numerics):  # fmt: skip
+def token_reconstruct_backward(grad, x, centres, values, window, temperature, mode, k, numerics):
     """d values = Wᵀ·dy, W the reconstruction weights [N, M]."""
     b, height, width, _ = x.shape
     flat, s, v, grid = _flat(x, centres, values)
@@ -484,8 +512,9 @@ def token_reconstruct_backward(grad, x, centres, values, window, temperature, mo
             dv = topk_apply(flat, s, dy, k, temperature, numerics, transpose=True)
             return dv.reshape(values.shape).to(values.dtype)
         dv = torch.zeros_like(v)
-        for pixels, cols, w, _ in _weights_by_part(flat, s, (height, width), grid, window,
-                                                   temperature, mode, k, numerics):  # fmt: skip
+        for pixels, cols, w, _ in _weights_by_part(
+            flat, s, (height, width), grid, window, temperature, mode, k, numerics
+        ):
             dv[:, cols] += w.transpose(1, 2) @ dy[:, pixels]
     return dv.reshape(values.shape).to(values.dtype)
 
@@ -500,8 +529,9 @@ def distance_gradient(w, dots, temperature, floored=None):
     return (dots - inner) * w / -temperature
 
 
-def token_reconstruct_weight_backward(grad, x, centres, values, window, temperature, mode, k,
-                                      numerics):  # fmt: skip
+def token_reconstruct_weight_backward(
+    grad, x, centres, values, window, temperature, mode, k, numerics
+):
     """(dx [B, H, W, C], d centres [B, h, w, C]) through the reconstruction weights: with
     g = ∂L/∂d (``distance_gradient``), dx_p = 2 Σ_i g_pi (x_p − s_i) and
     ds_i = −2 Σ_p g_pi (x_p − s_i), on the centred tokens."""
@@ -512,12 +542,14 @@ def token_reconstruct_weight_backward(grad, x, centres, values, window, temperat
     xc, (sc, _) = tokens.centred(slice(None)), tokens.centre(s)
     dx, ds = torch.zeros_like(flat), torch.zeros_like(s)
     with torch.no_grad(), _reconstruction_steps(x, centres, mode, window):
-        for pixels, cols, w, floored in _weights_by_part(flat, s, (height, width), grid, window,
-                                                         temperature, mode, k,
-                                                         numerics):  # fmt: skip
-            g = distance_gradient(w, dy[:, pixels] @ v[:, cols].transpose(1, 2), temperature,
-                                  floored)  # fmt: skip
+        for pixels, cols, w, floored in _weights_by_part(
+            flat, s, (height, width), grid, window, temperature, mode, k, numerics
+        ):
+            g = distance_gradient(
+                w, dy[:, pixels] @ v[:, cols].transpose(1, 2), temperature, floored
+            )
             dx[:, pixels] += 2 * (xc[:, pixels] * g.sum(-1, keepdim=True) - g @ sc[:, cols])
-            ds[:, cols] -= 2 * (g.transpose(1, 2) @ xc[:, pixels]
-                                - sc[:, cols] * g.sum(1)[..., None])  # fmt: skip
+            ds[:, cols] -= 2 * (
+                g.transpose(1, 2) @ xc[:, pixels] - sc[:, cols] * g.sum(1)[..., None]
+            )
     return dx.reshape(x.shape).to(x.dtype), ds.reshape(centres.shape).to(centres.dtype)

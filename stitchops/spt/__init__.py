@@ -12,5 +12,13 @@ from stitchops.spt.allocate import PlanEntry, SPTPlan, allocate
 from stitchops.spt.apply import apply, merge, param_groups, trainable_count
 from stitchops.spt.sensitivity import sensitivity
 
-__all__ = ["PlanEntry", "SPTPlan", "allocate", "apply", "merge", "param_groups", "sensitivity",
-           "trainable_count"]  # fmt: skip
+__all__ = [
+    "PlanEntry",
+    "SPTPlan",
+    "allocate",
+    "apply",
+    "merge",
+    "param_groups",
+    "sensitivity",
+    "trainable_count",
+]

@@ -85,12 +85,15 @@ class SPTPlan:
 
     def __str__(self) -> str:
         width = max([len("parameter"), *map(len, self.entries)])
-        lines = [f"{'parameter':<{width}}  {'shape':<14} {'kind':<12} {'sensitive':>10} "
-                 f"{'trainable':>10}"]  # fmt: skip
+        lines = [
+            f"{'parameter':<{width}}  {'shape':<14} {'kind':<12} {'sensitive':>10} "
+            f"{'trainable':>10}"
+        ]
         for e in self.entries.values():
             shape = "x".join(map(str, e.shape))
-            lines.append(f"{e.name:<{width}}  {shape:<14} {e.kind:<12} {e.count:>10,} "
-                         f"{e.cost:>10,}")  # fmt: skip
+            lines.append(
+                f"{e.name:<{width}}  {shape:<14} {e.kind:<12} {e.count:>10,} {e.cost:>10,}"
+            )
         t = self.totals()
         lines.append(
             f"unstructured {t['unstructured'] + t['partial']:,} | structured "
@@ -101,24 +104,35 @@ class SPTPlan:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "entries"},
-                "entries": [asdict(e) for e in self.entries.values()]}  # fmt: skip
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "entries"},
+            "entries": [asdict(e) for e in self.entries.values()],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> SPTPlan:
         """The plan of ``to_dict``'s dict; ValueError naming what is missing or malformed."""
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-            raise ValueError("not an SPT plan: expected a JSON object with 'entries' (a list), "
-                             "'budget', 'tau', 'structured', 'rank', 'alpha' and 'beta', as "
-                             "stitchops' plan.json")  # fmt: skip
+            raise ValueError(
+                "not an SPT plan: expected a JSON object with 'entries' (a list), "
+                "'budget', 'tau', 'structured', 'rank', 'alpha' and 'beta', as "
+                "stitchops' plan.json"
+            )
         head = {k: v for k, v in data.items() if k != "entries"}
         missing = {"budget", "tau", "structured", "rank", "alpha", "beta"} - set(head)
         if missing:
             raise ValueError(f"not an SPT plan: missing {', '.join(sorted(missing))}")
         try:
-            entries = [PlanEntry(**{**e, "shape": tuple(e["shape"]),
-                                    "rows": tuple(e["rows"]) if e.get("rows") else None})
-                       for e in data["entries"]]  # fmt: skip
+            entries = [
+                PlanEntry(
+                    **{
+                        **e,
+                        "shape": tuple(e["shape"]),
+                        "rows": tuple(e["rows"]) if e.get("rows") else None,
+                    }
+                )
+                for e in data["entries"]
+            ]
             plan = cls(**head, entries={e.name: e for e in entries})
         except (TypeError, KeyError) as err:
             raise ValueError(f"not an SPT plan: a malformed entry ({err})") from None
@@ -144,8 +158,11 @@ class SPTPlan:
 
 def linear_weights(model: nn.Module) -> set[str]:
     """Names of the weights of the model's ``nn.Linear`` layers."""
-    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
-            if isinstance(m, nn.Linear)}  # fmt: skip
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
 
 
 def structured_cost(structured: str, rank: int, shape: tuple[int, ...]) -> int:
@@ -180,8 +197,10 @@ def _check_sensitivity(sensitivity: dict, model: nn.Module) -> dict[str, tuple[i
             raise ValueError(f"sensitivity names {name!r}, which the model does not have")
         if not isinstance(value, torch.Tensor) or value.shape != params[name].shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"sensitivity[{name!r}] must have the parameter's shape "
-                             f"{tuple(params[name].shape)}, got {got}")  # fmt: skip
+            raise ValueError(
+                f"sensitivity[{name!r}] must have the parameter's shape "
+                f"{tuple(params[name].shape)}, got {got}"
+            )
         if value.dim() != 1 and name not in matrices:
             raise ValueError(
                 f"parameter {name!r} {tuple(value.shape)} is neither an nn.Linear weight nor a "
@@ -189,9 +208,11 @@ def _check_sensitivity(sensitivity: dict, model: nn.Module) -> dict[str, tuple[i
             )
         bad = ~torch.isfinite(value) | (value < 0)
         if bool(bad.any()):
-            raise ValueError(f"sensitivity[{name!r}] holds {int(bad.sum())} NaN, infinite or "
-                             "negative values: sensitivities are sums of squared gradients "
-                             "(>= 0); check the loss and the model for NaN")  # fmt: skip
+            raise ValueError(
+                f"sensitivity[{name!r}] holds {int(bad.sum())} NaN, infinite or "
+                "negative values: sensitivities are sums of squared gradients "
+                "(>= 0); check the loss and the model for NaN"
+            )
         shapes[name] = tuple(value.shape)
     return shapes
 
@@ -213,8 +234,9 @@ def ranked(sensitivity: dict, shapes: dict, split_fused: bool) -> list[Ranked]:
 class _Costs:
     """The plan's cost as a function of τ, over the globally sorted sensitivities."""
 
-    def __init__(self, items: list[Ranked], structured: str, rank: int, alpha: float,
-                 beta: float) -> None:  # fmt: skip
+    def __init__(
+        self, items: list[Ranked], structured: str, rank: int, alpha: float, beta: float
+    ) -> None:
         self.items = items
         self.names = [r.name for r in items]
         shapes = [tuple(r.values.shape) for r in items]
@@ -225,8 +247,12 @@ class _Costs:
         self.order = torch.sort(flat, descending=True, stable=True).indices
         self.owner = torch.searchsorted(self.offsets, self.order, right=True) - 1
         matrix = torch.tensor([len(shape) == 2 for shape in shapes])
-        s_cost = torch.tensor([structured_cost(structured, rank, shape) if len(shape) == 2
-                               else sizes[i].item() for i, shape in enumerate(shapes)])  # fmt: skip
+        s_cost = torch.tensor(
+            [
+                structured_cost(structured, rank, shape) if len(shape) == 2 else sizes[i].item()
+                for i, shape in enumerate(shapes)
+            ]
+        )
         self.matrix, self.sizes, self.s_cost = matrix, sizes, s_cost
         # Structured (or whole) from this many entries on.
         self.threshold = torch.where(matrix, s_cost.double() / alpha, sizes.double() / beta)
@@ -268,9 +294,11 @@ def _official_tau(costs: _Costs, budget: int, extra: int) -> int:
             best, gap = tau, distance
     if best is None:
         smallest = costs.total(min(OFFICIAL_SWEEP[0], costs.order.numel())) + extra
-        raise ValueError(f"the official tau sweep has no plan for budget {budget:,}: its "
-                         f"smallest (tau 20,000) tunes {smallest:,} parameters, more than "
-                         "twice the budget; use tau_search='exact'")  # fmt: skip
+        raise ValueError(
+            f"the official tau sweep has no plan for budget {budget:,}: its "
+            f"smallest (tau 20,000) tunes {smallest:,} parameters, more than "
+            "twice the budget; use tau_search='exact'"
+        )
     return best
 
 
@@ -311,8 +339,12 @@ def allocate(
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0 \
-            or not math.isfinite(budget):  # fmt: skip
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not budget > 0
+        or not math.isfinite(budget)
+    ):
         raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
     budget = int(budget)
     shapes = _check_sensitivity(sensitivity, model)
@@ -323,14 +355,18 @@ def allocate(
     else:
         smallest = costs.total(1)
         if smallest > budget:
-            raise ValueError(f"budget {budget:,} is below the smallest possible plan "
-                             f"({smallest:,} trainable parameters)")  # fmt: skip
+            raise ValueError(
+                f"budget {budget:,} is below the smallest possible plan "
+                f"({smallest:,} trainable parameters)"
+            )
         tau = _largest_tau(costs, budget)
         most = costs.total(costs.order.numel())
         if tau == costs.order.numel() and most < budget:
-            warnings.warn(f"SPT budget {budget:,} is more than any plan uses: every ranked "
-                          f"entry is chosen and the plan tunes {most:,} parameters",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"SPT budget {budget:,} is more than any plan uses: every ranked "
+                f"entry is chosen and the plan tunes {most:,} parameters",
+                stacklevel=2,
+            )
     return _plan(costs, tau, budget, structured, rank, alpha, beta)
 
 
@@ -347,12 +383,16 @@ def _plan(costs: _Costs, tau: int, budget, structured, rank, alpha, beta) -> SPT
         shape = costs.shapes[item.name]
         matrix = len(shape) == 2
         switched = c >= float(costs.threshold[i])
-        kind = (structured if switched else "unstructured") if matrix else (
-            "whole" if switched else "partial")  # fmt: skip
+        kind = (
+            (structured if switched else "unstructured")
+            if matrix
+            else ("whole" if switched else "partial")
+        )
         index = None
         if kind in ("unstructured", "partial"):
             index = (chosen[owner == i] - costs.offsets[i]).sort().values.tolist()
         parameter = item.parameter if item.rows is not None else None
-        plan.entries[item.name] = PlanEntry(item.name, shape, kind, c, int(per_param[i]), index,
-                                            parameter, item.rows)  # fmt: skip
+        plan.entries[item.name] = PlanEntry(
+            item.name, shape, kind, c, int(per_param[i]), index, parameter, item.rows
+        )
     return plan

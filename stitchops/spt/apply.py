@@ -61,8 +61,9 @@ def _check_plan(model: nn.Module, plan: SPTPlan) -> None:
         if entry.rows is not None:
             shape = (entry.rows[1] - entry.rows[0], *shape[1:])
         if shape != tuple(entry.shape):
-            raise ValueError(f"plan entry {name!r} has shape {entry.shape} but the model's "
-                             f"parameter is {shape}")  # fmt: skip
+            raise ValueError(
+                f"plan entry {name!r} has shape {entry.shape} but the model's parameter is {shape}"
+            )
 
 
 def apply(
@@ -117,16 +118,24 @@ def _apply_parts(model, name, entries, rank, dropout, drop_path) -> None:
     vector trains at the union of its parts' entries (whole parts: all their rows)."""
     module, attr, path = _owner(model, name)
     if attr == "weight" and isinstance(module, nn.Linear):
-        parts = {e.name.rsplit("[", 1)[-1].rstrip("]"): (e.rows, e.kind, e.index)
-                 for e in entries}  # fmt: skip
+        parts = {e.name.rsplit("[", 1)[-1].rstrip("]"): (e.rows, e.kind, e.index) for e in entries}
         _replace(model, path, PartedLinear(module, parts, rank, dropout, drop_path))
         return
     like = getattr(module, attr)
     if like.dim() != 1:
         raise ValueError(f"plan parts of {name!r} must be of an nn.Linear weight or a vector")
-    index = torch.cat([torch.arange(e.rows[0], e.rows[1]) if e.kind == "whole"
-                       else torch.as_tensor(e.index, dtype=torch.int64) + e.rows[0]
-                       for e in entries]).sort().values  # fmt: skip
+    index = (
+        torch.cat(
+            [
+                torch.arange(e.rows[0], e.rows[1])
+                if e.kind == "whole"
+                else torch.as_tensor(e.index, dtype=torch.int64) + e.rows[0]
+                for e in entries
+            ]
+        )
+        .sort()
+        .values
+    )
     parametrize.register_parametrization(module, attr, VectorDelta(index, like))
     module.parametrizations[attr].original.requires_grad_(False)
 
@@ -138,14 +147,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:  # deltas, biases and norm vectors are 1-D
             (no_decay if p.dim() <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def trainable_count(model: nn.Module, exclude: Sequence[str] = ("head",)) -> int:
     """Trainable parameters, leaving out those whose names contain an ``exclude`` string."""
-    return sum(p.numel() for n, p in model.named_parameters()
-               if p.requires_grad and not any(e in n for e in exclude))  # fmt: skip
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.requires_grad and not any(e in n for e in exclude)
+    )
 
 
 @torch.no_grad()

@@ -36,8 +36,11 @@ def ranked_parameters(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.
     (biases, norms, layer scales) whose name contains none of ``exclude``. Other tensors
     (convolutions, embeddings, a StitchingLayer's weight) are left out: SPT tunes neither."""
     matrices = linear_weights(model)
-    return {n: p for n, p in model.named_parameters()
-            if (p.dim() == 1 or n in matrices) and not any(e in n for e in exclude)}  # fmt: skip
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if (p.dim() == 1 or n in matrices) and not any(e in n for e in exclude)
+    }
 
 
 def sensitivity(
@@ -80,8 +83,9 @@ def sensitivity(
         for p in ranked.values():
             p.requires_grad_(True)
         model.train()
-        for inputs, targets in tqdm(batches, desc="SPT sensitivity", disable=not progress,
-                                    leave=False):  # fmt: skip
+        for inputs, targets in tqdm(
+            batches, desc="SPT sensitivity", disable=not progress, leave=False
+        ):
             inputs, targets = inputs.to(device), targets.to(device)
             pieces = range(len(inputs)) if per_sample else [slice(None)]
             for piece in pieces:

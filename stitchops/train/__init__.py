@@ -1,4 +1,5 @@
-"""Training and evaluation of anchors and stitched ViTs (samplers, loop, data, evaluation)."""
+"""Training and evaluation: one loop for anchors, stitched ViTs (SN-Net, SN-Netv2, ESTA) and
+SPT, for classification and segmentation (samplers, data, checkpoints, evaluation)."""
 
 from stitchops.train.evaluate import StitchTable, eval_stitches, pareto_frontier, plot_stitches
 from stitchops.train.loop import TrainConfig, load_trained, train

@@ -13,9 +13,11 @@ from stitchops.models.vit import MODELS, VisionTransformer, ViTConfig, create_mo
 # The keys a model spec may set, with what each takes (ViTConfig's fields).
 SPEC_KEYS = {f.name: f.type for f in dataclasses.fields(ViTConfig)}
 SPEC_HELP = (
-    "model spec: NAME[:key=value,...], NAME one of " + ", ".join(sorted(MODELS)) + "; keys: "
+    "model spec: NAME[:key=value,...], NAME one of "
+    + ", ".join(sorted(MODELS))
+    + "; keys: "
     + ", ".join(f"{name} ({kind})" for name, kind in SPEC_KEYS.items())
-)  # fmt: skip
+)
 
 
 def _check_spec_value(key: str, value, spec: str):
@@ -25,9 +27,9 @@ def _check_spec_value(key: str, value, spec: str):
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
-        "float | None": value is None or (isinstance(value, (int, float))
-                                          and not isinstance(value, bool)),
-    }.get(kind, True)  # fmt: skip
+        "float | None": value is None
+        or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+    }.get(kind, True)
     if not ok:
         raise ValueError(f"model option {key}={value!r} in {spec!r} must be {kind}")
     return value
@@ -56,8 +58,9 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def load_weights(model: torch.nn.Module, path: str, prefix: str = "",
-                 new_head: bool = False) -> None:  # fmt: skip
+def load_weights(
+    model: torch.nn.Module, path: str, prefix: str = "", new_head: bool = False
+) -> None:
     """Load a state dict from .safetensors (timm's hub files, or a stitchops checkpoint,
     whose ``model.`` keys are used, a segmentation one's ``backbone.`` part for an anchor) or
     a torch .pth/.bin file (``model`` entry if present); ``prefix``: only the keys under it.
@@ -81,13 +84,19 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "",
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = model.state_dict()
     if new_head:
-        other = {k: tuple(v.shape) for k, v in state.items()
-                 if k.startswith("head.") and k in own and own[k].shape != v.shape}  # fmt: skip
+        other = {
+            k: tuple(v.shape)
+            for k, v in state.items()
+            if k.startswith("head.") and k in own and own[k].shape != v.shape
+        }
         if other:
             state = {k: v for k, v in state.items() if k not in other}
             ours = tuple(own["head.weight"].shape)
-            print(f"{file.name}: head {other.get('head.weight')} does not fit the model's "
-                  f"{ours}: a new head is trained", flush=True)  # fmt: skip
+            print(
+                f"{file.name}: head {other.get('head.weight')} does not fit the model's "
+                f"{ours}: a new head is trained",
+                flush=True,
+            )
     for key, value in state.items():  # the first shape that does not fit, named
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             mismatched = sum(k in own and own[k].shape != v.shape for k, v in state.items())
@@ -106,8 +115,9 @@ def load_weights(model: torch.nn.Module, path: str, prefix: str = "",
         )
 
 
-def build_anchor(spec: str, weights: str | None = None,
-                 new_head: bool = False) -> VisionTransformer:  # fmt: skip
+def build_anchor(
+    spec: str, weights: str | None = None, new_head: bool = False
+) -> VisionTransformer:
     """The model of ``spec`` with ``weights`` (``new_head``: as for ``load_weights``)."""
     name, overrides = parse_spec(spec)
     try:

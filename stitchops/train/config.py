@@ -25,12 +25,38 @@ MODE_DEFAULTS = {
 DEFAULT_OUT = "runs/stitchops"
 
 # Which runs read an option (the rest ignore it): a predicate of the resolved config.
-_STITCHED = ("sampler", "ros_step", "esta_intervals", "esta_momentum", "esta_warmup",
-             "kernel_size", "stride", "partial_windows", "nearest", "two_way", "rank", "alpha",
-             "stitch_biases", "pst_rank", "init_images")  # fmt: skip
-_SPT = ("budget", "spt_structured", "spt_rank", "spt_alpha", "spt_beta", "spt_batches",
-        "spt_per_sample", "spt_plan", "spt_dropout", "spt_drop_path", "spt_train_cls",
-        "spt_tau_search", "spt_split_fused")  # fmt: skip
+_STITCHED = (
+    "sampler",
+    "ros_step",
+    "esta_intervals",
+    "esta_momentum",
+    "esta_warmup",
+    "kernel_size",
+    "stride",
+    "partial_windows",
+    "nearest",
+    "two_way",
+    "rank",
+    "alpha",
+    "stitch_biases",
+    "pst_rank",
+    "init_images",
+)
+_SPT = (
+    "budget",
+    "spt_structured",
+    "spt_rank",
+    "spt_alpha",
+    "spt_beta",
+    "spt_batches",
+    "spt_per_sample",
+    "spt_plan",
+    "spt_dropout",
+    "spt_drop_path",
+    "spt_train_cls",
+    "spt_tau_search",
+    "spt_split_fused",
+)
 _SEG = ("decoder", "decoder_options", "head_weights", "val_data", "reduce_zero_label")
 
 
@@ -112,8 +138,10 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"the checkpoint's config has options this stitchops does not "
-                             f"know: {', '.join(unknown)}")  # fmt: skip
+            raise ValueError(
+                f"the checkpoint's config has options this stitchops does not "
+                f"know: {', '.join(unknown)}"
+            )
         return cls(**data)
 
     def _check_spt(self) -> None:
@@ -122,19 +150,22 @@ class TrainConfig:
         if self.task != "cls":
             raise ValueError("mode 'spt' fine-tunes classifiers (task cls)")
         if self.spt_plan is None and not (self.budget and self.budget > 0):
-            raise ValueError("mode 'spt' needs --budget (trainable parameters, e.g. 0.4M) or "
-                             "--spt-plan")  # fmt: skip
+            raise ValueError(
+                "mode 'spt' needs --budget (trainable parameters, e.g. 0.4M) or --spt-plan"
+            )
         if self.spt_structured not in ("lora", "adapter"):
-            raise ValueError(f"spt_structured must be 'lora' or 'adapter', got "
-                             f"{self.spt_structured!r}")  # fmt: skip
+            raise ValueError(
+                f"spt_structured must be 'lora' or 'adapter', got {self.spt_structured!r}"
+            )
         if self.spt_batches < 1 or self.spt_rank < 1:
             raise ValueError("spt_batches and spt_rank must be >= 1")
         for name in ("spt_dropout", "spt_drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.spt_tau_search not in ("exact", "official"):
-            raise ValueError(f"spt_tau_search must be 'exact' or 'official', got "
-                             f"{self.spt_tau_search!r}")  # fmt: skip
+            raise ValueError(
+                f"spt_tau_search must be 'exact' or 'official', got {self.spt_tau_search!r}"
+            )
         if self.spt_plan not in (None, "lora-all"):
             SPTPlan.load(self.spt_plan)  # a foreign or broken file: refused before any work
 
@@ -155,8 +186,10 @@ class TrainConfig:
             if self.decoder not in DECODER_NAMES:
                 raise ValueError(f"decoder must be one of {DECODER_NAMES}, got {self.decoder!r}")
             if self.decoder == "faseg" and self.distill != "none":
-                raise ValueError("distillation compares per-pixel logits; the FASeg head is "
-                                 "trained with its set loss only (distill 'none')")  # fmt: skip
+                raise ValueError(
+                    "distillation compares per-pixel logits; the FASeg head is "
+                    "trained with its set loss only (distill 'none')"
+                )
             if self.data == "digits":
                 self.data = "shapes"
         self.schedule = self.schedule or ("poly" if self.task == "seg" else "cosine")
@@ -172,8 +205,7 @@ class TrainConfig:
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {list(SAMPLER_NAMES)}, got "
-                             f"{self.sampler!r}")  # fmt: skip
+            raise ValueError(f"sampler must be one of {list(SAMPLER_NAMES)}, got {self.sampler!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -185,8 +217,9 @@ class TrainConfig:
 
     def ignored(self) -> list[str]:
         """The options set away from their defaults that this run's mode and task ignore."""
-        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default
-                    for f in fields(self)}  # fmt: skip
+        defaults = {
+            f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(self)
+        }
         unused = []
         if self.mode not in STITCHED_MODES:
             unused += [n for n in _STITCHED if n not in MODE_DEFAULTS.get(self.mode, {})]

@@ -30,8 +30,14 @@ from stitchops.train.images import (
     shape_mask,
 )
 
-__all__ = ["DataError", "ImageFolder", "TensorDataset", "load_dataset", "load_digits",
-           "load_shapes_cls"]  # fmt: skip
+__all__ = [
+    "DataError",
+    "ImageFolder",
+    "TensorDataset",
+    "load_dataset",
+    "load_digits",
+    "load_shapes_cls",
+]
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -139,9 +145,11 @@ class ImageFolder(torch.utils.data.Dataset):
             f" and {len(sizes) - 3} more sizes" if len(sizes) > 3 else ""
         )
         target = "RGB" if self.in_chans == 3 else "grayscale"
-        return (f"images of {found} ({'/'.join(sorted(modes))}) are resized to "
-                f"{self.img_size}x{self.img_size} {target}, the model's img_size and "
-                "in_chans")  # fmt: skip
+        return (
+            f"images of {found} ({'/'.join(sorted(modes))}) are resized to "
+            f"{self.img_size}x{self.img_size} {target}, the model's img_size and "
+            "in_chans"
+        )
 
     def __getitem__(self, i):
         from PIL import Image

@@ -129,8 +129,11 @@ def eval_stitches(
         img_size = tuple(first.shape[-2:])  # FLOPs at the size evaluated
         flops = model.flops(sid, img_size=img_size, patch_size=patch_size)
         latency = median_latency_ms(model, first, patch_size, latency_repeats)
-        rows.append(StitchResult(sid, stitch.kind, stitch.describe(), flops, stitch.params,
-                                 correct / total, latency))  # fmt: skip
+        rows.append(
+            StitchResult(
+                sid, stitch.kind, stitch.describe(), flops, stitch.params, correct / total, latency
+            )
+        )
     model.select(previous)
     model.train(was_training)
     return _table(rows, device, "top-1 accuracy")
@@ -170,13 +173,21 @@ def eval_seg_stitches(
             raise ValueError("eval_seg_stitches got an empty loader")
         matrix.all_reduce()
         ph, pw = model.patch_size()  # FLOPs at the first image's size, padded to the grid
-        img_size = (first.shape[-2] + -first.shape[-2] % ph,
-                    first.shape[-1] + -first.shape[-1] % pw)  # fmt: skip
-        rows.append(StitchResult(
-            sid, stitch.kind if stitch else "anchor", stitch.describe() if stitch else "model",
-            segmenter_flops(model, img_size), segmenter_params(model), matrix.scores()["mIoU"],
-            median_latency_ms(model.predict, first, None, latency_repeats),
-        ))  # fmt: skip
+        img_size = (
+            first.shape[-2] + -first.shape[-2] % ph,
+            first.shape[-1] + -first.shape[-1] % pw,
+        )
+        rows.append(
+            StitchResult(
+                sid,
+                stitch.kind if stitch else "anchor",
+                stitch.describe() if stitch else "model",
+                segmenter_flops(model, img_size),
+                segmenter_params(model),
+                matrix.scores()["mIoU"],
+                median_latency_ms(model.predict, first, None, latency_repeats),
+            )
+        )
     if stitched is not None:
         model.backbone.select(previous)
     model.train(was_training)
@@ -184,8 +195,9 @@ def eval_seg_stitches(
 
 
 @torch.no_grad()
-def eval_classifier(model, loader, patch_size=None, device=None, latency_repeats=5,
-                    name: str = "model") -> StitchTable:  # fmt: skip
+def eval_classifier(
+    model, loader, patch_size=None, device=None, latency_repeats=5, name: str = "model"
+) -> StitchTable:
     """Top-1 accuracy, FLOPs, params and batch latency of one classifier (an anchor, SPT's
     fine-tuned or merged model), as a one-row table (id 0)."""
     from stitchops.models.flops import vit_flops
@@ -205,8 +217,15 @@ def eval_classifier(model, loader, patch_size=None, device=None, latency_repeats
         raise ValueError("eval_classifier got an empty loader")
     flops = vit_flops(model.cfg, img_size=tuple(first.shape[-2:]), patch_size=patch_size)
     params = sum(p.numel() for p in model.parameters())
-    row = StitchResult(0, "anchor", name, flops, params, correct / total,
-                       median_latency_ms(model, first, patch_size, latency_repeats))  # fmt: skip
+    row = StitchResult(
+        0,
+        "anchor",
+        name,
+        flops,
+        params,
+        correct / total,
+        median_latency_ms(model, first, patch_size, latency_repeats),
+    )
     model.train(was_training)
     return _table([row], device, "top-1 accuracy")
 
@@ -277,8 +296,9 @@ def validation_accuracy(model, data: str, device, batch_size: int = 256) -> floa
     from stitchops.train.data import load_dataset
 
     cfg = model.cfg
-    loader = torch.utils.data.DataLoader(load_dataset(data, "val", cfg.img_size, cfg.in_chans),
-                                         batch_size=batch_size)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        load_dataset(data, "val", cfg.img_size, cfg.in_chans), batch_size=batch_size
+    )
     was_training = model.training
     model.eval()
     right = total = 0
@@ -290,8 +310,9 @@ def validation_accuracy(model, data: str, device, batch_size: int = 256) -> floa
     return right / max(total, 1)
 
 
-def segmentation_loader(data: str, model, num_classes: int, seed: int,
-                        reduce_zero_label=None, batch_size: int = 16):  # fmt: skip
+def segmentation_loader(
+    data: str, model, num_classes: int, seed: int, reduce_zero_label=None, batch_size: int = 16
+):
     """The validation images of ``data`` for a segmentation model: batches of the generated
     shapes, or one image at a time from a folder (their sizes differ)."""
     from stitchops.train.segdata import load_seg_dataset
@@ -305,7 +326,8 @@ def segmentation_loader(data: str, model, num_classes: int, seed: int,
 @torch.no_grad()
 def segmentation_miou(model, cfg, device) -> float:
     """mIoU of a (not stitched) segmentation model on its validation data, whole images."""
-    loader = segmentation_loader(cfg.val_data or cfg.data, model, model.num_classes, cfg.seed,
-                                 cfg.reduce_zero_label)  # fmt: skip
+    loader = segmentation_loader(
+        cfg.val_data or cfg.data, model, model.num_classes, cfg.seed, cfg.reduce_zero_label
+    )
     table = eval_seg_stitches(model, loader, device=device, progress=False, latency_repeats=1)
     return table.rows[0].accuracy

@@ -42,8 +42,10 @@ def read_image(path: Path, channels: int = 3) -> np.ndarray:
                 return np.repeat(gray[..., None], channels, axis=-1)
             if mode in ("I", "F"):
                 kind = "32-bit integer" if mode == "I" else "floating-point"
-                raise DataError(f"image {path} is a {kind} image (mode {mode}), whose value "
-                                "range is unknown: convert it to 8 or 16 bits")  # fmt: skip
+                raise DataError(
+                    f"image {path} is a {kind} image (mode {mode}), whose value "
+                    "range is unknown: convert it to 8 or 16 bits"
+                )
             converted = img.convert("RGB" if channels == 3 else "L")
             data = np.asarray(converted, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
@@ -59,15 +61,18 @@ def read_label_map(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as m:
             if m.mode not in LABEL_MODES:
-                raise DataError(f"mask {path} is {m.mode}, not a map of class ids (grayscale, "
-                                "palette or 16-bit)")  # fmt: skip
+                raise DataError(
+                    f"mask {path} is {m.mode}, not a map of class ids (grayscale, "
+                    "palette or 16-bit)"
+                )
             return np.asarray(m, dtype=np.int64)
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"cannot read mask {path}: {exc}") from exc
 
 
-def shape_mask(kind: int, cy: float, cx: float, r: float, angle: float, ys: torch.Tensor,
-               xs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def shape_mask(
+    kind: int, cy: float, cx: float, r: float, angle: float, ys: torch.Tensor, xs: torch.Tensor
+) -> torch.Tensor:
     """bool [size, size]: one of the generated shapes (1 disc, 2 square, 3 triangle, 4 ring,
     5 cross) of radius ``r`` centred at (cy, cx), rotated by ``angle``, over the pixel
     centres ``ys``, ``xs``."""

@@ -43,11 +43,26 @@ from stitchops.train.segdata import has_split, load_seg_dataset
 # What a resumed run takes from the command line instead of its checkpoint: where to stop,
 # how to save and show it, and the machine's settings. Everything else (the schedule
 # included) comes from the checkpoint, so the resumed run is the uninterrupted one.
-RUN_SETTINGS = ("max_steps", "progress", "save_every", "save_minutes", "workers", "threads",
-                "deterministic")  # fmt: skip
+RUN_SETTINGS = (
+    "max_steps",
+    "progress",
+    "save_every",
+    "save_minutes",
+    "workers",
+    "threads",
+    "deterministic",
+)
 # The files of a run in its folder (``--overwrite`` removes them before a new run).
-RUN_FILES = ("checkpoint.safetensors", "config.json", "log.jsonl", "usage.json", "plan.json",
-             "spt.json", "merged.safetensors", "result.json")  # fmt: skip
+RUN_FILES = (
+    "checkpoint.safetensors",
+    "config.json",
+    "log.jsonl",
+    "usage.json",
+    "plan.json",
+    "spt.json",
+    "merged.safetensors",
+    "result.json",
+)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -126,8 +141,9 @@ LOSS_OPTIONS = ("points", "sampling")  # decoder_options for the set loss, not t
 
 def _segmenter(backbone, num_classes: int, cfg: TrainConfig) -> Segmenter:
     head = {k: v for k, v in cfg.decoder_options.items() if k not in LOSS_OPTIONS}
-    return Segmenter(backbone, num_classes, cfg.decoder,
-                     decoder_options=head if cfg.decoder == "faseg" else None)  # fmt: skip
+    return Segmenter(
+        backbone, num_classes, cfg.decoder, decoder_options=head if cfg.decoder == "faseg" else None
+    )
 
 
 def _task_loss(model, logits, labels, cfg: TrainConfig, step: int, rank: int) -> torch.Tensor:
@@ -147,8 +163,7 @@ def build_model(cfg: TrainConfig, with_weights: bool = True):
     """The model a config describes (weights of anchors loaded when ``with_weights``)."""
     weights = cfg.anchor_weights if with_weights else None
     if cfg.mode in ("anchor", "spt"):
-        anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None,
-                                    new_head=True)  # fmt: skip
+        anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None, new_head=True)
         if cfg.task == "seg":
             return _segmenter(anchor, anchor.cfg.num_classes, cfg)
         return anchor
@@ -298,9 +313,11 @@ def _claim_folder(out: Path, overwrite: bool) -> None:
     if not found:
         return
     if not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with "
-                         f"--resume {out / 'checkpoint.safetensors'}, or start over there with "
-                         "--overwrite")  # fmt: skip
+        raise ValueError(
+            f"--out {out} already holds a run ({', '.join(found)}): continue it with "
+            f"--resume {out / 'checkpoint.safetensors'}, or start over there with "
+            "--overwrite"
+        )
     if _dist_info()[0] == 0:
         for name in found:
             (out / name).unlink()
@@ -312,16 +329,18 @@ def _build(run: _Run) -> None:
     torch.manual_seed(cfg.seed)
     run.model = build_model(cfg, with_weights=run.state is None).to(run.device)
     if run.device.type == "cpu":
-        count, why = threads.choose(run.model, threads.token_rows(run.model, cfg.batch_size),
-                                    cfg.threads)  # fmt: skip
+        count, why = threads.choose(
+            run.model, threads.token_rows(run.model, cfg.batch_size), cfg.threads
+        )
         torch.set_num_threads(count)
         if run.main:
             print(f"cpu threads: {count} ({why})", flush=True)
     run.stitched = stitched_part(run.model)
     in_cfg = input_config(run.model)
     if cfg.task == "seg":
-        run.train_set = load_seg_dataset(cfg.data, "train", in_cfg, in_cfg.num_classes, cfg.seed,
-                                         cfg.reduce_zero_label)  # fmt: skip
+        run.train_set = load_seg_dataset(
+            cfg.data, "train", in_cfg, in_cfg.num_classes, cfg.seed, cfg.reduce_zero_label
+        )
         policy = f"{len(run.train_set)} images; {run.train_set.describe()}"
     else:
         run.train_set = load_dataset(cfg.data, "train", in_cfg.img_size, in_cfg.in_chans)
@@ -414,17 +433,30 @@ def _loop(run: _Run) -> Path:
         )
     teacher = _teacher(cfg, device)
     keyed = getattr(run.train_set, "transform", None) is not None
-    batches = _Batches(len(run.train_set), cfg.batch_size, run.rank, run.world, cfg.seed,
-                       run.start, run.stop, keyed)  # fmt: skip
-    loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches,
-                                         num_workers=cfg.workers)  # fmt: skip
+    batches = _Batches(
+        len(run.train_set),
+        cfg.batch_size,
+        run.rank,
+        run.world,
+        cfg.seed,
+        run.start,
+        run.stop,
+        keyed,
+    )
+    loader = torch.utils.data.DataLoader(
+        run.train_set, batch_sampler=batches, num_workers=cfg.workers
+    )
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = (run.out / "log.jsonl").open("a") if run.main else None
     usage = _Usage(device)
-    bar = tqdm(total=run.stop, initial=run.start, desc=f"train {cfg.mode}",
-               disable=not cfg.progress or not run.main)  # fmt: skip
+    bar = tqdm(
+        total=run.stop,
+        initial=run.start,
+        desc=f"train {cfg.mode}",
+        disable=not cfg.progress or not run.main,
+    )
     step, last_save = run.start, time.time()
     model.train()
     with StopRequests(run.world) as stops:
@@ -441,8 +473,11 @@ def _loop(run: _Run) -> Path:
                 bar.close()
                 path = _save(run, step)
                 if run.main:
-                    print(f"interrupted after step {step} of {run.stop}: saved {path}; continue "
-                          f"with: stitchops train --resume {path}", flush=True)  # fmt: skip
+                    print(
+                        f"interrupted after step {step} of {run.stop}: saved {path}; continue "
+                        f"with: stitchops train --resume {path}",
+                        flush=True,
+                    )
                 raise TrainingInterrupted(path, signum)
             if _due(run, step, last_save):
                 _save(run, step)
@@ -489,8 +524,10 @@ def _step(run: _Run, step_module, teacher, step: int, images, labels):
                 hard = teacher(images, patch_size=patch).argmax(1)
             loss = 0.5 * loss + 0.5 * F.cross_entropy(logits.float(), hard)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {step} (stitch {sid}); "
-                                 "lower --lr or enable --clip-grad")  # fmt: skip
+        raise FloatingPointError(
+            f"loss became {loss.item()} at step {step} (stitch {sid}); "
+            "lower --lr or enable --clip-grad"
+        )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad:
@@ -505,9 +542,15 @@ def _step(run: _Run, step_module, teacher, step: int, images, labels):
 
 
 def _log(log, run: _Run, step: int, loss, sid, patch) -> None:
-    record = {"step": step, "epoch": (step - 1) // run.per_epoch, "stitch": sid,
-              "patch_size": patch, "loss": round(loss.item(), 6),
-              "lr": run.optimizer.param_groups[0]["lr"], "time": round(time.time(), 3)}  # fmt: skip
+    record = {
+        "step": step,
+        "epoch": (step - 1) // run.per_epoch,
+        "stitch": sid,
+        "patch_size": patch,
+        "loss": round(loss.item(), 6),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "time": round(time.time(), 3),
+    }
     log.write(json.dumps(record) + "\n")
     log.flush()
 
@@ -535,13 +578,17 @@ def evaluation_note(cfg: TrainConfig) -> str | None:
     if cfg.task == "seg":
         if cfg.val_data or has_split(cfg.data):
             return None
-        return (f"{cfg.data} has no validation split (images/ + masks/): evaluation would read "
-                "the training images; give --val-data FOLDER")  # fmt: skip
+        return (
+            f"{cfg.data} has no validation split (images/ + masks/): evaluation would read "
+            "the training images; give --val-data FOLDER"
+        )
     root = Path(cfg.data)
     if cfg.data in ("digits", "shapes-cls") or (root / "val").is_dir():
         return None
-    return (f"{cfg.data} has no val/ sub-folder: the same images serve training and evaluation "
-            "(split them into train/ and val/)")  # fmt: skip
+    return (
+        f"{cfg.data} has no val/ sub-folder: the same images serve training and evaluation "
+        "(split them into train/ and val/)"
+    )
 
 
 @torch.no_grad()
@@ -549,8 +596,10 @@ def final_validation(model, cfg: TrainConfig, device) -> str:
     """One line: the trained model's validation accuracy or mIoU (a stitched model: how to
     evaluate its stitches)."""
     if stitched_part(model) is not None:
-        return (f"trained {len(stitched_part(model).stitches)} stitches: evaluate them with "
-                f"stitchops eval {Path(cfg.out) / 'checkpoint.safetensors'}")  # fmt: skip
+        return (
+            f"trained {len(stitched_part(model).stitches)} stitches: evaluate them with "
+            f"stitchops eval {Path(cfg.out) / 'checkpoint.safetensors'}"
+        )
     from stitchops.train.evaluate import segmentation_miou, validation_accuracy
 
     model.eval()

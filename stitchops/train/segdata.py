@@ -65,9 +65,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
     and for the whole set by ``scan``).
     """
 
-    def __init__(self, root, split: str = "train", layout: str = "ade20k",
-                 reduce_zero_label: bool | None = None, num_classes: int | None = None,
-                 transform=None, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root,
+        split: str = "train",
+        layout: str = "ade20k",
+        reduce_zero_label: bool | None = None,
+        num_classes: int | None = None,
+        transform=None,
+        seed: int = 0,
+    ) -> None:
         root = Path(root)
         if layout == "ade20k":
             if split not in ADE20K_SPLITS:
@@ -120,12 +127,17 @@ class SegmentationFolder(torch.utils.data.Dataset):
         top = self.num_classes + (1 if self.reduce_zero_label else 0)
         bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= top))
         if bad.any():
-            rule = (f"1..{self.num_classes} (0 and {IGNORE_INDEX} ignored: reduce_zero_label, "
-                    "--no-reduce-zero-label to turn it off)" if self.reduce_zero_label else
-                    f"0..{self.num_classes - 1} ({IGNORE_INDEX} ignored)")  # fmt: skip
-            raise DataError(f"mask {path} holds class id {int(mask[bad][0])}: the model has "
-                            f"{self.num_classes} classes, so the file's ids must be in "
-                            f"{rule}")  # fmt: skip
+            rule = (
+                f"1..{self.num_classes} (0 and {IGNORE_INDEX} ignored: reduce_zero_label, "
+                "--no-reduce-zero-label to turn it off)"
+                if self.reduce_zero_label
+                else f"0..{self.num_classes - 1} ({IGNORE_INDEX} ignored)"
+            )
+            raise DataError(
+                f"mask {path} holds class id {int(mask[bad][0])}: the model has "
+                f"{self.num_classes} classes, so the file's ids must be in "
+                f"{rule}"
+            )
 
     def scan(self) -> None:
         """Read every pair once (before training): DataError naming the first bad file."""
@@ -134,8 +146,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         aug = "random resize, crop, flip and jitter" if self.transform else "as they are"
-        return (f"image-mask pairs of {self.pairs[0][0].parent.parent}, {aug}"
-                + (", zero label ignored" if self.reduce_zero_label else ""))  # fmt: skip
+        return f"image-mask pairs of {self.pairs[0][0].parent.parent}, {aug}" + (
+            ", zero label ignored" if self.reduce_zero_label else ""
+        )
 
     def __getitem__(self, key):
         """Item ``i``, or ``(i, draw)``: with its augmentation drawn from a generator seeded
@@ -144,8 +157,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
         i, draw = key if isinstance(key, tuple) else (key, None)
         image, mask = self._read(i)
         if self.transform is not None:
-            g = None if draw is None else torch.Generator().manual_seed(
-                self.seed * 1_000_003 + draw)  # fmt: skip
+            g = (
+                None
+                if draw is None
+                else torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+            )
             image, mask = self.transform(image, mask, g)
         return normalize(image), mask
 
@@ -155,8 +171,15 @@ class SegAugment:
     ``crop`` × ``crop`` padded with 0 / the ignore label, horizontal flip, photometric jitter
     (brightness, contrast, saturation). Called as ``(image, mask) → (image, mask)``."""
 
-    def __init__(self, crop: int, scale: int | None = None, ratio_range=(0.5, 2.0),
-                 flip: float = 0.5, jitter: float = 0.2, generator=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        crop: int,
+        scale: int | None = None,
+        ratio_range=(0.5, 2.0),
+        flip: float = 0.5,
+        jitter: float = 0.2,
+        generator=None,
+    ) -> None:
         if crop < 1:
             raise ValueError(f"crop must be >= 1, got {crop}")
         self.crop, self.scale, self.ratio_range = crop, scale or crop, ratio_range
@@ -204,8 +227,9 @@ class GeneratedShapes(torch.utils.data.Dataset):
 
     classes = SHAPE_CLASSES
 
-    def __init__(self, length: int = 256, size: int = 64, seed: int = 0, max_objects: int = 4,
-                 transform=None) -> None:  # fmt: skip
+    def __init__(
+        self, length: int = 256, size: int = 64, seed: int = 0, max_objects: int = 4, transform=None
+    ) -> None:
         if length < 1 or size < 8:
             raise ValueError(f"length must be >= 1 and size >= 8, got {length}, {size}")
         self.length, self.size, self.seed, self.max_objects = length, size, seed, max_objects
@@ -216,8 +240,10 @@ class GeneratedShapes(torch.utils.data.Dataset):
         return self.length
 
     def describe(self) -> str:
-        return (f"generated shapes, {self.size}x{self.size}, {len(self.classes)} classes, "
-                f"seed {self.seed}")  # fmt: skip
+        return (
+            f"generated shapes, {self.size}x{self.size}, {len(self.classes)} classes, "
+            f"seed {self.seed}"
+        )
 
     def _shape(self, kind: int, cy: float, cx: float, r: float, angle: float) -> torch.Tensor:
         return shape_mask(kind, cy, cx, r, angle, self.ys, self.xs)
@@ -268,8 +294,15 @@ def has_split(data: str) -> bool:
     return data == "shapes" or (Path(data) / "images" / "training").is_dir()
 
 
-def load_seg_dataset(data: str, split: str, model_cfg, num_classes: int, seed: int = 0,
-                     reduce_zero_label: bool | None = None, scan: bool = True):  # fmt: skip
+def load_seg_dataset(
+    data: str,
+    split: str,
+    model_cfg,
+    num_classes: int,
+    seed: int = 0,
+    reduce_zero_label: bool | None = None,
+    scan: bool = True,
+):
     """``"shapes"`` (generated: 512 training and 128 validation images at the model's
     img_size, disjoint seeds) or a folder (ADE20K layout if it has ``images/training``, else
     ``images/`` + ``masks/``, the whole folder for either split; training crops of img_size
@@ -293,10 +326,15 @@ def load_seg_dataset(data: str, split: str, model_cfg, num_classes: int, seed: i
     root = Path(data)
     layout = "ade20k" if (root / "images" / "training").is_dir() else "plain"
     transform = SegAugment(model_cfg.img_size, generator=torch.Generator().manual_seed(seed))
-    dataset = SegmentationFolder(root, split if layout == "ade20k" else "train", layout,
-                                 reduce_zero_label=reduce_zero_label, num_classes=num_classes,
-                                 transform=transform if split == "train" else None,
-                                 seed=seed)  # fmt: skip
+    dataset = SegmentationFolder(
+        root,
+        split if layout == "ade20k" else "train",
+        layout,
+        reduce_zero_label=reduce_zero_label,
+        num_classes=num_classes,
+        transform=transform if split == "train" else None,
+        seed=seed,
+    )
     if scan:
         dataset.scan()
     return dataset

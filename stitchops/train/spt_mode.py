@@ -40,8 +40,9 @@ def parse_budget(text: str | float | int) -> float:
         try:
             value = float(digits) * scale
         except ValueError:
-            raise ValueError(f"budget {text!r} is not a number of parameters (e.g. 0.4M, "
-                             "400k, 400000)") from None  # fmt: skip
+            raise ValueError(
+                f"budget {text!r} is not a number of parameters (e.g. 0.4M, 400k, 400000)"
+            ) from None
     if not value > 0:
         raise ValueError(f"budget must be > 0 parameters, got {text!r}")
     return value
@@ -73,18 +74,30 @@ def make_plan(model: nn.Module, cfg, train_set, announce: bool) -> SPTPlan:
         return lora_everywhere(model, cfg.spt_rank)
     if cfg.spt_plan:
         return SPTPlan.load(cfg.spt_plan)
-    sens = spt.sensitivity(model, _sensitivity_batches(train_set, cfg),
-                           per_sample=cfg.spt_per_sample, progress=announce)  # fmt: skip
-    return spt.allocate(sens, model, cfg.budget, structured=cfg.spt_structured,
-                        rank=cfg.spt_rank, alpha=cfg.spt_alpha, beta=cfg.spt_beta,
-                        split_fused=cfg.spt_split_fused,
-                        tau_search=cfg.spt_tau_search)  # fmt: skip
+    sens = spt.sensitivity(
+        model,
+        _sensitivity_batches(train_set, cfg),
+        per_sample=cfg.spt_per_sample,
+        progress=announce,
+    )
+    return spt.allocate(
+        sens,
+        model,
+        cfg.budget,
+        structured=cfg.spt_structured,
+        rank=cfg.spt_rank,
+        alpha=cfg.spt_alpha,
+        beta=cfg.spt_beta,
+        split_fused=cfg.spt_split_fused,
+        tau_search=cfg.spt_tau_search,
+    )
 
 
 def _apply(model: nn.Module, plan: SPTPlan, cfg) -> None:
     trainable = ("head", "cls_token") if cfg.spt_train_cls else ("head",)
-    spt.apply(model, plan, trainable=trainable, dropout=cfg.spt_dropout,
-              drop_path=cfg.spt_drop_path)  # fmt: skip
+    spt.apply(
+        model, plan, trainable=trainable, dropout=cfg.spt_dropout, drop_path=cfg.spt_drop_path
+    )
 
 
 def prepare(model: nn.Module, cfg, train_set, meta: dict | None, rank: int) -> SPTPlan:
@@ -135,8 +148,10 @@ def finish(model: nn.Module, cfg, device) -> dict:
     }
     (out / "spt.json").write_text(json.dumps(result, indent=1))
     if cfg.progress:
-        print(f"spt: val accuracy {100 * acc:.2f}% (merged {100 * merged_acc:.2f}%), "
-              f"{trainable:,} trainable parameters + head and class token; "
-              f"{out / 'merged.safetensors'}",
-              flush=True)  # fmt: skip
+        print(
+            f"spt: val accuracy {100 * acc:.2f}% (merged {100 * merged_acc:.2f}%), "
+            f"{trainable:,} trainable parameters + head and class token; "
+            f"{out / 'merged.safetensors'}",
+            flush=True,
+        )
     return result

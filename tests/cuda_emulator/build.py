@@ -65,8 +65,10 @@ def translate(source: str) -> str:
 
     def shared(m: re.Match) -> str:
         align, type_, name, dims = m[1] or "1", m[2], m[3], m[4].replace(" ", "")
-        return (f"static char {name}_site; auto& {name} = "
-                f"::emu::block_shared<{type_}{dims}, {align}>(&{name}_site);")  # fmt: skip
+        return (
+            f"static char {name}_site; auto& {name} = "
+            f"::emu::block_shared<{type_}{dims}, {align}>(&{name}_site);"
+        )
 
     return _SHARED.sub(shared, _LAUNCH.sub(launch, source))
 
@@ -96,8 +98,12 @@ def _compile_kernels(out: Path, sanitize: str, *more_sources: Path) -> list[Path
     objects under ``out``."""
     sources = [*_translated_kernels(out), *more_sources]
     objects = [out / (src.stem + ".o") for src in sources]
-    run_all([[compiler(), "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o", str(obj)]
-             for src, obj in zip(sources, objects, strict=True)])  # fmt: skip
+    run_all(
+        [
+            [compiler(), "-c", "-fPIC", *_kernel_flags(sanitize), str(src), "-o", str(obj)]
+            for src, obj in zip(sources, objects, strict=True)
+        ]
+    )
     return objects
 
 
@@ -123,8 +129,17 @@ def _translated_kernels(out: Path) -> list[Path]:
 
 def _kernel_flags(sanitize: str) -> list[str]:
     san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
-    return ["-std=c++20", "-O1", "-g", "-pthread", *san, "-Wno-unknown-pragmas",
-            f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]  # fmt: skip
+    return [
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-pthread",
+        *san,
+        "-Wno-unknown-pragmas",
+        f"-I{HERE / 'include'}",
+        f"-I{HERE}",
+        f"-I{CSRC}",
+    ]
 
 
 def build_racecheck(out: Path) -> Path:
@@ -158,14 +173,27 @@ def compile_binding(out: Path, name: str, cuda_version: str, *flags: str) -> lis
     from torch.utils.cpp_extension import include_paths
 
     out.mkdir(parents=True, exist_ok=True)
-    command = [compiler(), "-c", "-std=c++20", "-O0", "-fPIC", *flags,
-               f"-DTORCH_EXTENSION_NAME={name}", f'-DSTITCHOPS_CUDA_VERSION="{cuda_version}"',
-               f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
-               *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
-               f"-I{CSRC}"]  # fmt: skip
+    command = [
+        compiler(),
+        "-c",
+        "-std=c++20",
+        "-O0",
+        "-fPIC",
+        *flags,
+        f"-DTORCH_EXTENSION_NAME={name}",
+        f'-DSTITCHOPS_CUDA_VERSION="{cuda_version}"',
+        f'-DSTITCHOPS_TORCH_VERSION="{torch.__version__}"',
+        *[f"-I{p}" for p in include_paths()],
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{CSRC}",
+    ]
     objects = [out / (src.stem + ".o") for src in binding_sources()]
-    run_all([[*command, str(src), "-o", str(obj)]
-             for src, obj in zip(binding_sources(), objects, strict=True)])  # fmt: skip
+    run_all(
+        [
+            [*command, str(src), "-o", str(obj)]
+            for src, obj in zip(binding_sources(), objects, strict=True)
+        ]
+    )
     return objects
 
 
@@ -173,8 +201,21 @@ def link_and_import(module: Path, name: str, objects: list[Path], *flags: str):
     """Link ``objects`` with torch's libraries into ``module`` and import it as ``name``."""
     torch_lib = Path(torch.__file__).parent / "lib"
     partial = module.with_suffix(".partial")
-    run([compiler(), "-shared", *map(str, objects), f"-L{torch_lib}", "-lc10", "-ltorch",
-         "-ltorch_cpu", "-ltorch_python", *flags, "-o", str(partial)])  # fmt: skip
+    run(
+        [
+            compiler(),
+            "-shared",
+            *map(str, objects),
+            f"-L{torch_lib}",
+            "-lc10",
+            "-ltorch",
+            "-ltorch_cpu",
+            "-ltorch_python",
+            *flags,
+            "-o",
+            str(partial),
+        ]
+    )
     partial.rename(module)
     return load(module, name)
 

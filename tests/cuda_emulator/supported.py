@@ -14,26 +14,51 @@ from pathlib import Path
 SUPPORTED = {
     "cuda_runtime.h": {
         # qualifiers and launch configuration
-        "__global__", "__device__", "__host__", "__forceinline__", "__launch_bounds__",
-        "__shared__", "__restrict__", "__align__",
-        "threadIdx", "blockIdx", "blockDim", "gridDim",
+        "__global__",
+        "__device__",
+        "__host__",
+        "__forceinline__",
+        "__launch_bounds__",
+        "__shared__",
+        "__restrict__",
+        "__align__",
+        "threadIdx",
+        "blockIdx",
+        "blockDim",
+        "gridDim",
         # barriers and loads
-        "__syncthreads", "__syncwarp", "__ldg",
+        "__syncthreads",
+        "__syncwarp",
+        "__ldg",
         # the runtime calls a kernel file makes
-        "cudaStream_t", "cudaError_t", "cudaSuccess", "cudaErrorInvalidValue",
-        "cudaGetLastError", "cudaGetDevice", "cudaDeviceGetAttribute",
-        "cudaDevAttrMultiProcessorCount", "cudaGetErrorString",
+        "cudaStream_t",
+        "cudaError_t",
+        "cudaSuccess",
+        "cudaErrorInvalidValue",
+        "cudaGetLastError",
+        "cudaGetDevice",
+        "cudaDeviceGetAttribute",
+        "cudaDevAttrMultiProcessorCount",
+        "cudaGetErrorString",
     },
     "cuda_fp16.h": {"__half", "__half2float", "__float2half_rn"},
     "cuda_bf16.h": {"__nv_bfloat16", "__bfloat162float", "__float2bfloat16_rn"},
     "cuda_pipeline.h": {"__pipeline_memcpy_async", "__pipeline_commit", "__pipeline_wait_prior"},
     "mma.h": {  # nvcuda::wmma, fragments held whole by every lane
-        "wmma::fragment", "wmma::matrix_a", "wmma::matrix_b", "wmma::accumulator",
-        "wmma::row_major", "wmma::col_major", "wmma::mem_row_major", "wmma::mem_col_major",
-        "wmma::fill_fragment", "wmma::load_matrix_sync", "wmma::store_matrix_sync",
+        "wmma::fragment",
+        "wmma::matrix_a",
+        "wmma::matrix_b",
+        "wmma::accumulator",
+        "wmma::row_major",
+        "wmma::col_major",
+        "wmma::mem_row_major",
+        "wmma::mem_col_major",
+        "wmma::fill_fragment",
+        "wmma::load_matrix_sync",
+        "wmma::store_matrix_sync",
         "wmma::mma_sync",
     },
-}  # fmt: skip
+}
 
 # What counts as a CUDA identifier in a kernel source: double-underscore builtins, the
 # runtime's cuda* names, the built-in index variables and WMMA's names.
