@@ -153,9 +153,14 @@ def cases(batch, size, grid, channels, device, threads=None, busy=0) -> list[Cas
     if threads is not None:
         torch.set_num_threads(threads)
     setup = _Setup(batch, size, grid, channels, device)
-    params = {"batch": batch, "map": f"{size[0]}x{size[1]}", "grid": f"{grid[0]}x{grid[1]}",
-              "channels": channels, "device": device,
-              **({"threads": threads, "busy": busy} if threads is not None else {})}  # fmt: skip
+    params = {
+        "batch": batch,
+        "map": f"{size[0]}x{size[1]}",
+        "grid": f"{grid[0]}x{grid[1]}",
+        "channels": channels,
+        "device": device,
+        **({"threads": threads, "busy": busy} if threads is not None else {}),
+    }
     return [_cluster_case(setup, params), _reconstruct_case(setup, params)]
 
 
@@ -194,12 +199,17 @@ def _cluster_case(setup: _Setup, params: dict) -> Case:
     b, n, m, c = setup.batch, setup.n, setup.m, setup.channels
     return Case(
         {"work": "cluster", **params},
-        {"official": Impl(official, setup.check(official, truth)),
-         **{backend: ours(backend) for backend in setup.backends}},
-        baseline="official", flops=b * local_flops(n, c, WINDOW, ITERS),
-        min_bytes=b * ITERS * (n + m) * c * 4, dtype="float32", peak_memory=True,
+        {
+            "official": Impl(official, setup.check(official, truth)),
+            **{backend: ours(backend) for backend in setup.backends},
+        },
+        baseline="official",
+        flops=b * local_flops(n, c, WINDOW, ITERS),
+        min_bytes=b * ITERS * (n + m) * c * 4,
+        dtype="float32",
+        peak_memory=True,
         details=lambda: {"official_gflop": b * dense_flops(n, m, c, ITERS) / 1e9},
-    )  # fmt: skip
+    )
 
 
 def _reconstruct_case(setup: _Setup, params: dict) -> Case:
@@ -208,8 +218,9 @@ def _reconstruct_case(setup: _Setup, params: dict) -> Case:
     values = make_tokens(setup.batch, setup.grid, setup.channels, device, torch.float32)
     values64 = values.double().cpu()
     want_local = reference.token_reconstruct(setup.x64, setup.truth, values64, WINDOW, TEMPERATURE)
-    want_topk = reference.token_reconstruct(setup.x64, setup.truth, values64, WINDOW, TEMPERATURE,
-                                            mode="topk", k=K, numerics="official")  # fmt: skip
+    want_topk = reference.token_reconstruct(
+        setup.x64, setup.truth, values64, WINDOW, TEMPERATURE, mode="topk", k=K, numerics="official"
+    )
 
     def local(backend):
         def run():
@@ -219,19 +230,25 @@ def _reconstruct_case(setup: _Setup, params: dict) -> Case:
         return Impl(run, setup.check(run, want_local))
 
     def topk():
-        return stitchops.token_reconstruct(x, centres, values, mode="topk", k=K,
-                                           numerics="official")  # fmt: skip
+        return stitchops.token_reconstruct(
+            x, centres, values, mode="topk", k=K, numerics="official"
+        )
 
     official = lambda: official_reconstruct(x, centres, values)  # noqa: E731
     b, n, m, c = setup.batch, setup.n, setup.m, setup.channels
     return Case(
         {"work": "reconstruct", **params},
-        {"official": Impl(official, setup.check(official, want_topk, 2e-3)),
-         **{backend: local(backend) for backend in setup.backends},
-         "torch_topk": Impl(topk, setup.check(topk, want_topk))},
-        baseline="official", flops=2 * b * n * WINDOW**2 * c * 2,
-        min_bytes=b * (2 * n + 2 * m) * c * 4, dtype="float32", peak_memory=True,
-    )  # fmt: skip
+        {
+            "official": Impl(official, setup.check(official, want_topk, 2e-3)),
+            **{backend: local(backend) for backend in setup.backends},
+            "torch_topk": Impl(topk, setup.check(topk, want_topk)),
+        },
+        baseline="official",
+        flops=2 * b * n * WINDOW**2 * c * 2,
+        min_bytes=b * (2 * n + 2 * m) * c * 4,
+        dtype="float32",
+        peak_memory=True,
+    )
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ SECTIONS = (
     ("stitchops.nn", "Modules (`stitchops.nn`)"),
     ("stitchops.models", "Models (`stitchops.models`)"),
     ("stitchops.spt", "Sparse tuning (`stitchops.spt`)"),
+    ("stitchops.spvit", "SPViT (`stitchops.spvit`)"),
     ("stitchops.train", "Training and evaluation (`stitchops.train`)"),
 )
 _KWARGS = "`**kwargs` are `ViTConfig` fields"

@@ -1,22 +1,15 @@
 """stitchops: fast, exact kernels for stitched, expedited and sparse-tuned vision transformers.
 
-Public API (this release):
-  lora_linear(x, weight, bias, lora_a, lora_b, scale, extra_bias)   fused stitching projection
-  least_squares_init(x_src, x_dst, ridge)                           SN-Net least-squares init
-  sparse_delta_linear(x, weight, delta, index, bias)                SPT sparse-delta linear
-  token_cluster(x, grid), token_reconstruct(x, centres, values)     Expedit's layers
-  focus_attention(q, k, v, mask=, windows=, pos=, return_scores=)   FASeg's cross-attention
-  nn.StitchingLayer, nn.SparseDeltaLinear                           drop-in nn.Linear
-  spt.sensitivity, spt.allocate, spt.apply, spt.merge               sensitivity-aware tuning
-  use_backend(name), available_backends()                           backend control
-  models.VisionTransformer, models.StitchedViT                      ViT and stitched ViTs
-  pi_resize_patch_embed(weight, patch_size)                         FlexiViT PI-resize
-  eval_stitches(model, loader)                                      every stitch, Pareto front
+The ops (each with a torch reference, Triton and CUDA kernels, ``torch.library``
+registration and autograd) and backend control are this module's names (``__all__``;
+docs/api.md lists every public name with its arguments). The layers above load at first
+use: ``stitchops.nn`` (drop-in modules), ``stitchops.models`` (ViTs, stitched ViTs,
+segmentation models), ``stitchops.train`` (training and evaluation), ``stitchops.spt``
+(sensitivity-aware sparse tuning).
 
 Importing ``stitchops`` registers the ops (``torch.ops.stitchops.*``) and loads nothing
-above them: ``nn``, ``models``, ``train`` and the names taken from them load at first use
-(module ``__getattr__``). Nothing imports triton or the compiled extension at import time
-either: a missing backend is a reason reported by ``available_backends()``.
+above them (module ``__getattr__``). Nothing imports triton or the compiled extension at
+import time either: a missing backend is a reason reported by ``available_backends()``.
 """
 
 from __future__ import annotations
@@ -25,6 +18,7 @@ import importlib
 
 from stitchops._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from stitchops.ops.focus_attention import FocusOutput, focus_attention
+from stitchops.ops.head_mixed_conv import head_mixed_conv
 from stitchops.ops.least_squares import least_squares_init
 from stitchops.ops.lora import lora_linear
 from stitchops.ops.sparse_delta import sparse_delta_linear
@@ -49,6 +43,7 @@ __all__ = [
     "available_backends",
     "eval_stitches",
     "focus_attention",
+    "head_mixed_conv",
     "least_squares_init",
     "lora_linear",
     "models",

@@ -111,18 +111,39 @@ def demo(args) -> int:
     return 0
 
 
+PLUGIN_PREFIX = "mode_option__"  # argparse dest of a plugin mode's options
+
+
+def _plugin_options(args) -> tuple[dict, list[str]]:
+    """(the options given for the chosen plugin mode, the flags given for other modes)."""
+    chosen, ignored = {}, []
+    from stitchops.train import plugins
+
+    for plugin in plugins.plugins():
+        for option in (o for o in plugin.options if o.cli):
+            value = getattr(args, PLUGIN_PREFIX + option.name, None)
+            if value is None:
+                continue
+            if plugin.name == args.mode:
+                chosen[option.name] = value
+            else:
+                ignored.append(option.name)
+    return chosen, ignored
+
+
 def train_cmd(args) -> int:
     from stitchops.train.loop import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["mode_options"], ignored_elsewhere = _plugin_options(args)
     values["progress"] = not args.no_progress
     values["amp"] = not args.no_amp
     values["nearest"] = not args.all_pairs
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in fields})
     main_process = int(os.environ.get("RANK", "0")) == 0  # say things once under torchrun
     if args.resume is None and main_process:
-        ignored = TrainConfig(**vars(cfg)).resolved().ignored()
+        ignored = TrainConfig(**vars(cfg)).resolved().ignored() + ignored_elsewhere
         if ignored:
             flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
             print(
@@ -218,19 +239,17 @@ def _eval_cls(model, cfg, args, device):
     import torch
 
     from stitchops.train.data import load_dataset
-    from stitchops.train.evaluate import eval_classifier, eval_stitches
+    from stitchops.train.evaluate import eval_stitches
     from stitchops.train.loop import check_data_fits
 
     first = model.anchors[0].cfg if hasattr(model, "stitches") else model.cfg
     data = load_dataset(args.data or cfg.data, "val", first.img_size, first.in_chans)
     check_data_fits(data, first, args.data or cfg.data)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
-    if not hasattr(model, "stitches"):  # an anchor or an SPT-tuned model
+    if not hasattr(model, "stitches"):  # an anchor, an SPT-tuned or a plugin mode's model
         if args.ids:
             raise ValueError(f"--ids: {args.checkpoint} holds one model, not stitches")
-        return eval_classifier(
-            model, loader, args.patch_size, device, args.latency_repeats, name=f"{cfg.mode} model"
-        )
+        return _eval_single(model, cfg, loader, args, device)
     _check_ids(args.ids, {s.id for s in model.stitches}, args.checkpoint)
     return eval_stitches(
         model,
@@ -241,6 +260,24 @@ def _eval_cls(model, cfg, args, device):
         progress=not args.no_progress,
         latency_repeats=args.latency_repeats,
     )
+
+
+def _eval_single(model, cfg, loader, args, device):
+    """One model's row, after the rows of the models its mode shows beside it (SPViT: the
+    dense model it pruned)."""
+    from stitchops.train import plugins
+    from stitchops.train.evaluate import combine_tables, eval_classifier
+
+    plugin = plugins.find(cfg.mode)
+    models = [
+        *(plugin.companions(cfg, device) if plugin and plugin.companions else []),
+        (f"{cfg.mode} model", model),
+    ]
+    tables = [
+        eval_classifier(m, loader, args.patch_size, device, args.latency_repeats, name=name)
+        for name, m in models
+    ]
+    return combine_tables(tables)
 
 
 def _eval_seg(model, cfg, args, device):
@@ -426,7 +463,9 @@ def _default(name: str) -> str:
 
 
 def _add_train_parser(sub) -> None:
+    from stitchops.train import plugins
     from stitchops.train.build import SPEC_HELP
+    from stitchops.train.config import MODES
 
     p = sub.add_parser(
         "train",
@@ -435,12 +474,13 @@ def _add_train_parser(sub) -> None:
         "processes). Defaults in brackets; 'by mode' ones follow --mode.",
         epilog=SPEC_HELP,
     )
+    extra = "".join(f"; {plugin.name}: {plugin.help}" for plugin in plugins.plugins())
     p.add_argument(
         "--mode",
-        choices=["anchor", "snnet", "snnetv2", "esta", "spt"],
+        choices=list(MODES),
         default="snnetv2",
-        help="what to train; spt: sensitivity-aware sparse "
-        "fine-tuning of one pretrained model (--anchor-weights) [snnetv2]",
+        help="what to train; spt: sensitivity-aware sparse fine-tuning of one "
+        f"pretrained model (--anchor-weights){extra} [snnetv2]",
     )
     for options in (
         _spt_options,
@@ -450,6 +490,17 @@ def _add_train_parser(sub) -> None:
         _run_options,
     ):
         options(p)
+    for plugin in plugins.plugins():
+        group = p.add_argument_group(f"mode {plugin.name}")
+        for option in (o for o in plugin.options if o.cli):
+            default = "none" if option.default is None else option.default
+            group.add_argument(
+                f"--{option.name.replace('_', '-')}",
+                type=option.type,
+                dest=f"{PLUGIN_PREFIX}{option.name}",
+                metavar=option.name.upper(),
+                help=f"{option.help} [{default}]",
+            )
     p.set_defaults(fn=train_cmd)
 
 

@@ -8,7 +8,14 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = ("stitchops", "stitchops.nn", "stitchops.models", "stitchops.spt", "stitchops.train")
+PUBLIC = (
+    "stitchops",
+    "stitchops.nn",
+    "stitchops.models",
+    "stitchops.spt",
+    "stitchops.spvit",
+    "stitchops.train",
+)
 
 
 def test_readme_is_short():

@@ -66,13 +66,32 @@ def vit_flops(cfg, img_size=None, patch_size=None) -> int:
     return embed_flops(*args) + cfg.depth * block_flops(*args) + tail_flops(*args)
 
 
-def route_flops(cfgs, raw, depths: list[int], img_size=None, patch_size=None) -> int:
-    """FLOPs of one image through a stitch (``raw``, a space.RawStitch) of anchors ``cfgs``."""
-    route = raw.route(depths)
+def block_flops_of(block: nn.Module, cfg, img_size=None, patch_size=None) -> int:
+    """One block's FLOPs: its own count where it has one (``block.flops(cfg, img_size,
+    patch_size)``, e.g. a block pruned by SPViT), else a ViT block's."""
+    own = getattr(block, "flops", None)
+    return (
+        own(cfg, img_size, patch_size) if callable(own) else block_flops(cfg, img_size, patch_size)
+    )
+
+
+def model_flops(model: nn.Module, img_size=None, patch_size=None) -> int:
+    """FLOPs of one image through a ViT, block by block (``vit_flops`` for an unpruned one)."""
+    cfg = model.cfg
+    blocks = sum(block_flops_of(b, cfg, img_size, patch_size) for b in model.blocks)
+    return embed_flops(cfg, img_size, patch_size) + blocks + tail_flops(cfg, img_size, patch_size)
+
+
+def route_flops(anchors, raw, img_size=None, patch_size=None) -> int:
+    """FLOPs of one image through a stitch (``raw``, a space.RawStitch) of ``anchors``,
+    block by block (pruned anchors included)."""
+    cfgs = [a.cfg for a in anchors]
+    route = raw.route([len(a.blocks) for a in anchors])
     args = (img_size, patch_size)
     total = embed_flops(cfgs[route[0].anchor], *args)
     for seg in route:
-        total += (seg.stop - seg.start) * block_flops(cfgs[seg.anchor], *args)
+        blocks = anchors[seg.anchor].blocks[seg.start : seg.stop]
+        total += sum(block_flops_of(b, cfgs[seg.anchor], *args) for b in blocks)
     for src, dst in zip(raw.anchors, raw.anchors[1:], strict=False):
         total += stitch_layer_flops(cfgs[src].embed_dim, cfgs[dst].embed_dim, cfgs[src], *args)
     return total + tail_flops(cfgs[route[-1].anchor], *args)

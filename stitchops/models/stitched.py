@@ -79,7 +79,7 @@ def _check_anchors(anchors) -> list[VisionTransformer]:
                     f"anchors must share {field}: anchors[0] has {getattr(first, field)}, "
                     f"anchors[{i}] has {getattr(anchor.cfg, field)}"
                 )
-    costs = [_flops.vit_flops(a.cfg) for a in anchors]
+    costs = [_flops.model_flops(a) for a in anchors]
     for i in range(1, len(costs)):
         if costs[i] < costs[i - 1]:
             raise ValueError(
@@ -225,9 +225,7 @@ class StitchedViT(nn.Module):
         return self._flops(self._check_id(stitch_id), img_size, patch_size)
 
     def _flops(self, position: int, img_size=None, patch_size=None) -> int:
-        depths = [len(a.blocks) for a in self.anchors]
-        cfgs = [a.cfg for a in self.anchors]
-        return _flops.route_flops(cfgs, self._raw[position], depths, img_size, patch_size)
+        return _flops.route_flops(self.anchors, self._raw[position], img_size, patch_size)
 
     def route_parameters(self, stitch_id: int) -> list[str]:
         """Names of the parameters a stitch's forward pass uses."""

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
-MODES = ("anchor", "snnet", "snnetv2", "esta", "spt")
+from stitchops.train import plugins
+
+# The built-in modes, then the plugin modes (stitchops/train/mode_<name>.py).
+BUILT_IN_MODES = ("anchor", "snnet", "snnetv2", "esta", "spt")
+MODES = (*BUILT_IN_MODES, *plugins.names())
+SINGLE_MODEL_MODES = ("anchor", "spt")  # and every plugin mode: one model
 TASKS = ("cls", "seg")
 SCHEDULES = ("cosine", "poly")
 STITCHED_MODES = ("snnet", "snnetv2", "esta")
@@ -131,6 +136,8 @@ class TrainConfig:
     spt_train_cls: bool = True  # the class token trains with the head (official)
     spt_tau_search: str = "exact"  # "exact" or "official" (the official τ sweep)
     spt_split_fused: bool = True  # a fused qkv ranked as q, k and v (official)
+    # ---- a plugin mode's own options (stitchops/train/plugins.py), by name
+    mode_options: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -169,12 +176,20 @@ class TrainConfig:
         if self.spt_plan not in (None, "lora-all"):
             SPTPlan.load(self.spt_plan)  # a foreign or broken file: refused before any work
 
+    def _check_plugin(self, plugin) -> None:
+        """A plugin mode's options: known names, its defaults filled in, its own checks."""
+        unknown = sorted(set(self.mode_options) - {o.name for o in plugin.options})
+        if unknown:
+            raise ValueError(f"mode {self.mode!r} has no option {', '.join(unknown)}")
+        self.mode_options = {**plugin.defaults(), **self.mode_options}
+        plugin.check(self)
+
     def _check_models(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.anchors:
             raise ValueError("give at least one model spec in anchors")
-        if self.mode in ("anchor", "spt") and len(self.anchors) != 1:
+        if self.mode in (*SINGLE_MODEL_MODES, *plugins.names()) and len(self.anchors) != 1:
             raise ValueError(f"mode {self.mode!r} trains one model: give exactly one spec")
         if self.mode in STITCHED_MODES and len(self.anchors) < 2:
             raise ValueError(f"mode {self.mode!r} stitches anchors: give at least two specs")
@@ -201,6 +216,9 @@ class TrainConfig:
         self._check_models()
         if self.mode == "spt":
             self._check_spt()
+        plugin = plugins.find(self.mode)
+        if plugin is not None:
+            self._check_plugin(plugin)
         for key, value in MODE_DEFAULTS.get(self.mode, {}).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)

@@ -3,6 +3,7 @@ and latency; Pareto frontier; plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -200,7 +201,7 @@ def eval_classifier(
 ) -> StitchTable:
     """Top-1 accuracy, FLOPs, params and batch latency of one classifier (an anchor, SPT's
     fine-tuned or merged model), as a one-row table (id 0)."""
-    from stitchops.models.flops import vit_flops
+    from stitchops.models.flops import model_flops
 
     _check_repeats(latency_repeats)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -215,7 +216,7 @@ def eval_classifier(
         total += labels.numel()
     if total == 0:
         raise ValueError("eval_classifier got an empty loader")
-    flops = vit_flops(model.cfg, img_size=tuple(first.shape[-2:]), patch_size=patch_size)
+    flops = model_flops(model, img_size=tuple(first.shape[-2:]), patch_size=patch_size)
     params = sum(p.numel() for p in model.parameters())
     row = StitchResult(
         0,
@@ -228,6 +229,14 @@ def eval_classifier(
     )
     model.train(was_training)
     return _table([row], device, "top-1 accuracy")
+
+
+def combine_tables(tables: list[StitchTable]) -> StitchTable:
+    """One table of several one-model tables' rows, numbered in order."""
+    if len(tables) == 1:
+        return tables[0]
+    rows = [dataclasses.replace(row, id=i) for i, t in enumerate(tables) for row in t.rows]
+    return _table(rows, tables[0].device, tables[0].metric)
 
 
 def _table(rows: list[StitchResult], device, metric: str) -> StitchTable:

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from stitchops import _memory, spt
 from stitchops.models.segmentation import Segmenter
 from stitchops.models.stitched import StitchedViT
-from stitchops.train import build, spt_mode, threads
+from stitchops.train import build, plugins, spt_mode, threads
 from stitchops.train.checkpoint import read_checkpoint, save_checkpoint
-from stitchops.train.config import MODE_DEFAULTS, MODES, TASKS, TrainConfig  # noqa: F401
+from stitchops.train.config import MODE_DEFAULTS, MODES, SINGLE_MODEL_MODES, TASKS, TrainConfig  # noqa: F401
 from stitchops.train.data import DataError, load_dataset
 from stitchops.train.images import IGNORE_INDEX
 from stitchops.train.interrupt import StopRequests, TrainingInterrupted
@@ -162,7 +162,7 @@ def _task_loss(model, logits, labels, cfg: TrainConfig, step: int, rank: int) ->
 def build_model(cfg: TrainConfig, with_weights: bool = True):
     """The model a config describes (weights of anchors loaded when ``with_weights``)."""
     weights = cfg.anchor_weights if with_weights else None
-    if cfg.mode in ("anchor", "spt"):
+    if cfg.mode in SINGLE_MODEL_MODES or plugins.find(cfg.mode) is not None:
         anchor = build.build_anchor(cfg.anchors[0], weights[0] if weights else None, new_head=True)
         if cfg.task == "seg":
             return _segmenter(anchor, anchor.cfg.num_classes, cfg)
@@ -239,6 +239,7 @@ class _Run:
     per_epoch: int = 0
     total: int = 0
     stop: int = 0
+    hooks: Any = None  # a plugin mode's Hooks (stitchops.train.plugins), or None
 
     @property
     def out(self) -> Path:
@@ -259,7 +260,47 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     ``save_every`` steps; on SIGINT / SIGTERM the step finishes, a checkpoint is saved and
     ``TrainingInterrupted`` is raised (module stitchops.train.interrupt).
     """
+    mode = read_checkpoint(resume)[2]["config"]["mode"] if resume else cfg.mode
+    plugin = plugins.find(mode)
+    if plugin is not None:
+        return plugin.train(cfg, resume, overwrite)
+    return run_phase(cfg, resume, overwrite)
+
+
+class Hooks:
+    """What a plugin mode changes in a phase of the loop; the defaults change nothing."""
+
+    def prepare(self, run: _Run) -> None:
+        """After the model and the data are built, before a checkpoint's state is loaded."""
+
+    def param_groups(self, run: _Run) -> list | None:
+        """AdamW's parameter groups (None: every trainable parameter, one group)."""
+        return None
+
+    def restore(self, run: _Run, meta: dict) -> None:
+        """From a resumed checkpoint's meta (what ``meta`` saved)."""
+
+    def before_step(self, run: _Run, step: int) -> None:
+        """Before the forward of step ``step``."""
+
+    def extra_loss(self, run: _Run, task_loss: torch.Tensor):
+        """A term added to the task loss (None: nothing)."""
+        return None
+
+    def meta(self, run: _Run) -> dict:
+        """More of the checkpoint's meta."""
+        return {}
+
+    def finish(self, run: _Run) -> bool:
+        """After the last step (main process); True: it said the final figures itself."""
+        return False
+
+
+def run_phase(cfg: TrainConfig, resume: str | None, overwrite: bool, hooks: Hooks | None = None):
+    """One run of the loop (a plugin mode may chain several), with ``hooks``; returns the
+    final checkpoint's path."""
     run = _start(cfg, resume, overwrite)
+    run.hooks = hooks
     _build(run)
     _optimisation(run)
     path = _loop(run)
@@ -282,7 +323,7 @@ def _start(cfg: TrainConfig, resume: str | None, overwrite: bool) -> _Run:
     cfg = cfg.resolved()
     check_output_folder(cfg.out)
     if resume is None:
-        _claim_folder(Path(cfg.out), overwrite)
+        claim_folder(Path(cfg.out), overwrite)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and cfg.deterministic:
         deterministic_cuda()
@@ -306,7 +347,7 @@ def deterministic_cuda() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _claim_folder(out: Path, overwrite: bool) -> None:
+def claim_folder(out: Path, overwrite: bool) -> None:
     """A new run's folder must not hold another run, unless ``overwrite`` (which removes
     that run's files)."""
     found = [name for name in RUN_FILES if (out / name).exists()]
@@ -357,6 +398,8 @@ def _build(run: _Run) -> None:
     if cfg.mode == "spt":  # sensitivity, allocation and the tuned layers (or the saved plan)
         meta = run.state[2] if run.state else None
         run.plan = spt_mode.prepare(run.model, cfg, run.train_set, meta, run.rank)
+    if run.hooks is not None:
+        run.hooks.prepare(run)
 
 
 def _optimisation(run: _Run) -> None:
@@ -365,6 +408,8 @@ def _optimisation(run: _Run) -> None:
     cfg = run.cfg
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     groups = spt.param_groups(run.model, cfg.weight_decay) if run.plan is not None else run.params
+    if run.hooks is not None:
+        groups = run.hooks.param_groups(run) or groups
     run.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if run.stitched is not None:
         run.sampler = make_sampler(cfg, run.stitched, cfg.seed + run.rank)
@@ -378,6 +423,8 @@ def _optimisation(run: _Run) -> None:
             run.sampler.load_state_dict(meta["samplers"][run.rank])
         version, internal, gauss = meta["patch_rngs"][run.rank]
         run.patch_rng.setstate((version, tuple(internal), gauss))
+        if run.hooks is not None:
+            run.hooks.restore(run, meta)
     run.per_epoch = (len(run.train_set) // run.world) // cfg.batch_size
     if run.per_epoch == 0:
         raise ValueError(
@@ -400,6 +447,8 @@ def _save(run: _Run, step: int) -> Path:
         meta = {"config": asdict(run.cfg), "step": step, "samplers": states, "patch_rngs": rngs}
         if run.plan is not None:
             meta["spt_plan"] = run.plan.to_dict()
+        if run.hooks is not None:
+            meta.update(run.hooks.meta(run))
         save_checkpoint(path, run.model, run.optimizer, meta)
     return path
 
@@ -505,7 +554,10 @@ def _step(run: _Run, step_module, teacher, step: int, images, labels):
     cfg, device, sampler = run.cfg, run.device, run.sampler
     images, labels = images.to(device), labels.to(device)
     for group in run.optimizer.param_groups:
-        group["lr"] = _lr(cfg, step, run.total)
+        if not group.get("fixed_lr"):  # a plugin's group may keep its own rate
+            group["lr"] = _lr(cfg, step, run.total)
+    if run.hooks is not None:
+        run.hooks.before_step(run, step)
     sid = sampler.sample(step) if sampler else None
     patch = run.patch_rng.choice(cfg.patch_sizes) if cfg.patch_sizes else None
     inplace = run.stitched is not None and cfg.distill == "inplace"
@@ -523,6 +575,9 @@ def _step(run: _Run, step_module, teacher, step: int, images, labels):
             with torch.no_grad():
                 hard = teacher(images, patch_size=patch).argmax(1)
             loss = 0.5 * loss + 0.5 * F.cross_entropy(logits.float(), hard)
+        extra = run.hooks.extra_loss(run, loss) if run.hooks is not None else None
+        if extra is not None:
+            loss = loss + extra
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss became {loss.item()} at step {step} (stitch {sid}); "
@@ -560,7 +615,7 @@ def _finish(run: _Run) -> None:
     if run.main:
         if run.plan is not None:
             spt_mode.finish(run.model, run.cfg, run.device)
-        else:
+        elif run.hooks is None or not run.hooks.finish(run):
             print(final_validation(run.model, run.cfg, run.device), flush=True)
     if run.world > 1:
         dist.barrier()
@@ -648,5 +703,8 @@ def load_trained(path, device="cpu"):
     model = build_model(cfg, with_weights=False)
     if cfg.mode == "spt":
         spt_mode.apply_saved(model, meta, cfg)
+    plugin = plugins.find(cfg.mode)
+    if plugin is not None:
+        model = plugin.load(model, meta, cfg)
     model.load_state_dict(model_state)
     return model.to(device).eval(), cfg
