@@ -98,6 +98,13 @@ def kernel_test_files() -> list[str]:
     ]
 
 
+def parallel_pytest(*args: str) -> list[str]:
+    """pytest over the machine's cores less two (pytest-xdist, ``--dist load``)."""
+    workers = str(max(1, (os.cpu_count() or 2) - 2))
+    return [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n", workers,
+            "--dist", "load", *args]  # fmt: skip
+
+
 def sanitizer_commands(tools: tuple[str, ...]) -> list[list[str]]:
     """compute-sanitizer over every op's cuda tests (tests/test_cuda_sanitizer.py)."""
     selection = " or ".join(tools)
@@ -119,7 +126,6 @@ def sanitizer_commands(tools: tuple[str, ...]) -> list[list[str]]:
 
 def first_part(out: Path) -> list[Step]:
     junit = str(out / "junit.xml")
-    workers = str(max(1, (os.cpu_count() or 2) - 2))
     versions = (
         "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', "
         "torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, "
@@ -127,76 +133,41 @@ def first_part(out: Path) -> list[Step]:
     )
     build_env = {"STITCHOPS_CUDA_ARCHS": gpu_arch(), "MAX_JOBS": str(os.cpu_count() or 8)}
     return [
-        Step("versions", 30, [[PY, "-c", versions]]),
+        Step("versions", 15, [[PY, "-c", versions]]),
         Step(
             "build",
-            170,
+            150,
             [[PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]],
             env=build_env,
         ),
-        Step("info", 30, [[PY, "-m", "stitchops", "info"]]),
+        Step("info", 15, [[PY, "-m", "stitchops", "info"]]),
         Step(
             "kernels",
-            200,
-            [
-                [
-                    PY,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-rs",
-                    "-p",
-                    "no:cacheprovider",
-                    "-n",
-                    workers,
-                    "--dist",
-                    "load",
-                    "-k",
-                    "triton or cuda",
-                    f"--junitxml={junit}",
-                    *kernel_test_files(),
-                ]
-            ],
+            180,
+            [parallel_pytest("-k", "triton or cuda", f"--junitxml={junit}", *kernel_test_files())],
             background=sanitizer_commands(("memcheck",)),
         ),
         Step(
             "bench",
-            240,
+            160,
             [[PY, s, "--device", "cuda"] for s in _bench_scripts()],
             env={"STITCHOPS_BENCH_QUICK": "1", "STITCHOPS_AUTOTUNE": "0"},
         ),
-        Step("acceptance", 30, [[PY, "benchmarks/acceptance.py"]]),
+        Step("acceptance", 20, [[PY, "benchmarks/acceptance.py"]]),
     ]
 
 
 def second_part(out: Path) -> list[Step]:
     junit = str(out / "junit.xml")
-    workers = str(max(1, (os.cpu_count() or 2) - 2))
     return [
-        Step("sanitizers", 200, sanitizer_commands(("synccheck", "racecheck"))),
+        Step("sanitizers", 180, sanitizer_commands(("synccheck", "racecheck"))),
         Step(
             "suite",
-            240,
-            [
-                [
-                    PY,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-rs",
-                    "-p",
-                    "no:cacheprovider",
-                    "-n",
-                    workers,
-                    "--dist",
-                    "load",
-                    "--ignore=tests/test_cuda_sanitizer.py",
-                    f"--junitxml={junit}",
-                ]
-            ],
+            200,
+            [parallel_pytest("--ignore=tests/test_cuda_sanitizer.py", f"--junitxml={junit}")],
         ),
-        Step("bench", 120, [[PY, s, "--device", "cuda"] for s in _bench_scripts()]),
-        Step("acceptance", 30, [[PY, "benchmarks/acceptance.py"]]),
+        Step("bench", 145, [[PY, s, "--device", "cuda"] for s in _bench_scripts()]),
+        Step("acceptance", 20, [[PY, "benchmarks/acceptance.py"]]),
     ]
 
 
