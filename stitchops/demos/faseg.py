@@ -4,7 +4,8 @@ Train the same small ViT with six query decoders on the generated shapes (32×32
 patch 4: the neck's maps are 32², 16², 8² and 4², so the "1/4" map is 8× the "1/32" one and
 HRCA's windows are 8×8), each for the same steps, and report mIoU on held-out images, the
 training's peak memory and median step time (the training loop's ``usage.json``; each
-variant trains in a fresh process, so a CPU's resident-set peak is its own):
+variant trains in a fresh process on one thread, so a CPU's resident-set peak is its own,
+and as many train side by side as there are cores):
 
 - Table 5.4: Mask2Former's decoder (no DFPQ, no HRCA), + DFPQ, + HRCA, FASeg (both);
 - Table 5.6: FASeg's HRCA against attending the whole high-resolution map and against as
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
+import os
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -67,39 +71,100 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _train_logged(cfg: TrainConfig, log: Path) -> None:
+    """``train(cfg)`` with its output in ``log``: variants that train side by side would
+    interleave their lines."""
+    with open(log, "w") as stream, redirect_stdout(stream), redirect_stderr(stream):
+        train(cfg, overwrite=True)
+
+
+def _config(out: Path, options: dict, anchor_epochs: int, progress: bool, seed, lr):
+    """One variant's training: the same backbone, data, steps and seed for each."""
+    return TrainConfig(
+        mode="anchor",
+        task="seg",
+        decoder="faseg",
+        data="shapes",
+        anchors=[SPEC],
+        decoder_options={**BASE, **options},
+        epochs=anchor_epochs,
+        batch_size=16,
+        lr=lr,
+        warmup_steps=20,
+        progress=progress,
+        seed=seed,
+        threads=1,
+        out=str(out),
+    )
+
+
+def train_variants(out: Path, variants, parallel: int, **settings) -> None:
+    """Train every variant in a fresh process of its own (its peak resident memory is its
+    alone), ``parallel`` at a time: each trains on one thread (the work of a step earns no
+    more), so one per core keeps every core busy. Side by side, each writes its output to
+    ``variant<i>/train.log``; alone, to the terminal."""
+    spawn = multiprocessing.get_context("spawn")
+    waiting, running = list(enumerate(variants)), {}
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            i, (name, _, options) = waiting.pop(0)
+            run_dir = out / f"variant{i}"
+            cfg = _config(run_dir, options, **settings)
+            if parallel > 1:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                worker = spawn.Process(target=_train_logged, args=(cfg, run_dir / "train.log"))
+            else:
+                worker = spawn.Process(target=train, args=(cfg,), kwargs={"overwrite": True})
+            worker.start()
+            running[worker.sentinel] = (i, name, worker, time.time())
+            print(f"[demo faseg] {i + 1}/{len(variants)}: {name}: training", flush=True)
+        ready = multiprocessing.connection.wait(list(running))
+        for sentinel in ready:
+            i, name, worker, began = running.pop(sentinel)
+            worker.join()
+            if worker.exitcode != 0:
+                for _, _, other, _ in running.values():
+                    other.terminate()
+                where = f"; its output: {out / f'variant{i}' / 'train.log'}" if parallel > 1 else ""
+                raise RuntimeError(f"training {name!r} failed (exit code {worker.exitcode}){where}")
+            print(
+                f"[demo faseg] {i + 1}/{len(variants)}: {name}: trained in "
+                f"{time.time() - began:.0f} s",
+                flush=True,
+            )
+
+
 def run(
-    out="runs/demo-faseg", anchor_epochs=6, progress=True, seed=0, variants=VARIANTS, lr=5e-4
+    out="runs/demo-faseg",
+    anchor_epochs=6,
+    progress=True,
+    seed=0,
+    variants=VARIANTS,
+    lr=5e-4,
+    parallel: int | None = None,
 ) -> dict:
-    """Train each of ``variants`` for ``epochs`` on 512 generated images; print, plot."""
+    """Train each of ``variants`` for ``anchor_epochs`` on 512 generated images, ``parallel``
+    at a time (default: one per core); print, plot."""
     out, start = Path(out), time.time()
+    parallel = max(1, min(len(variants), parallel or cores()))
+    print(
+        f"[demo faseg] {len(variants)} variants, {parallel} at a time (one thread each)", flush=True
+    )
+    settings = {"anchor_epochs": anchor_epochs, "seed": seed, "lr": lr}
+    train_variants(out, variants, parallel, progress=progress and parallel == 1, **settings)
     val = GeneratedShapes(128, 32, seed=2 * seed + 1)
     loader = torch.utils.data.DataLoader(val, batch_size=64)
     rows = []
     for i, (name, section, options) in enumerate(variants):
-        print(f"[demo faseg] {i + 1}/{len(variants)}: {name}", flush=True)
         run_dir = out / f"variant{i}"
-        cfg = TrainConfig(
-            mode="anchor",
-            task="seg",
-            decoder="faseg",
-            data="shapes",
-            anchors=[SPEC],
-            decoder_options={**BASE, **options},
-            epochs=anchor_epochs,
-            batch_size=16,
-            lr=lr,
-            warmup_steps=20,
-            progress=progress,
-            seed=seed,
-            out=str(run_dir),
-        )
-        # a fresh process each: its peak resident memory is this variant's alone
-        spawn = multiprocessing.get_context("spawn")
-        worker = spawn.Process(target=train, args=(cfg,), kwargs={"overwrite": True})
-        worker.start()
-        worker.join()
-        if worker.exitcode != 0:
-            raise RuntimeError(f"training {name!r} failed (exit code {worker.exitcode})")
         model, _ = load_trained(run_dir / "checkpoint.safetensors")
         usage = json.loads((run_dir / "usage.json").read_text())
         rows.append(
@@ -130,6 +195,7 @@ def run(
         "backbone": SPEC,
         "decoder": BASE,
         "epochs": anchor_epochs,
+        "parallel": parallel,
         "seconds": round(time.time() - start, 1),
     }
     (out / "faseg.json").write_text(json.dumps(summary, indent=1))
