@@ -17,7 +17,8 @@ implementation checked against a float64 reference in the same run:
 Costs, per call (s bytes per element): the SDDMM 2·T·nnz FLOPs and at least
 T·(IN + OUT)·s + 8·nnz bytes; forward + backward two GEMMs, 4·T·IN·OUT FLOPs, plus the SDDMM,
 and at least (2·T·(IN + OUT) + 2·IN·OUT)·s bytes. Peak memory per implementation is measured
-too (``peak_mb``; the CPU's peak resident set, the GPU's peak allocation).
+too (``peak_mb``: the tensor bytes held at the peak, from the profiler's trace of every
+allocation on the CPU, the allocator's counter on a GPU).
 
     python benchmarks/bench_sparse_delta.py [--device cpu|cuda] [--tokens N]
 """

@@ -218,11 +218,52 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], to
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
-    """Memory ``fn`` holds at its peak beyond what was held before (stitchops._memory: the
-    GPU's peak allocation, or the CPU process's peak resident set)."""
+    """Bytes of tensors ``fn`` holds at its peak beyond what was held before: on a GPU torch's
+    peak allocation counter (stitchops._memory), on a CPU the same figure from the profiler's
+    trace of every allocation and free (``cpu_tensor_peak``)."""
+    if torch.device(device).type == "cpu":
+        return cpu_tensor_peak(fn)
     baseline = _memory.start_peak(device)
     fn()
     return _memory.peak_since(device, baseline)
+
+
+def cpu_tensor_peak(fn: Callable[[], object]) -> int:
+    """The largest sum of CPU tensor bytes allocated and not yet freed at any point of ``fn``
+    (the prefix sums of the profiler's ``[memory]`` events, +bytes per allocation, −bytes per
+    free, in time order): what the GPU's ``max_memory_allocated`` counts, free of the noise of
+    the resident set (heap arenas per thread, pages freed but kept by malloc)."""
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    )
+    with _native_stderr_silenced():  # kineto prints a line at each start and stop
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 on /dev/null inside the block (C++ code writes there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _synced(fn: Callable[[], object], device: str) -> Callable[[], object]:

@@ -168,3 +168,27 @@ def test_headline_takes_one_target_row_per_op(tmp_path, monkeypatch):
     assert "GPU rows: unmeasured" in text
     full = report.full_report()
     assert "### `sparse_delta_linear`" in full and "Acceptance: NOT every target met" in full
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_peak_counts_the_tensors_held_at_the_peak(threads):
+    """Two 4 MB inputs and their 4 MB product live together (12 MB), one input is freed,
+    then 4 MB and 12 MB more: 24 MB at the peak, whatever the thread count; tensors made
+    before the measured call do not count."""
+    held = torch.ones(2_000_000)
+
+    def work():
+        a, b = torch.ones(1000, 1000), torch.ones(1000, 1000)
+        c = a @ b
+        del a
+        d = c + held[:1].sum()
+        e = torch.empty(3000, 1000)
+        del e
+        return d[0, 0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert runner.peak_bytes(work, "cpu") == 24_000_000
+    finally:
+        torch.set_num_threads(before)

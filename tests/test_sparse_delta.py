@@ -148,10 +148,17 @@ def test_token_splits_match_float64_reference(backend: str, dtype: torch.dtype):
         run(Case((150,), 24, 40, 300, layout="rows"), backend, dtype)
 
 
-def test_reference_is_the_dense_definition_in_float64():
-    """The backward's SDDMM and rebuilt W' equal autograd of the dense definition."""
-    case = Case((77,), 50, 130, 37, train_weight=False)
+@pytest.mark.parametrize(
+    "case",
+    [Case((77,), 50, 130, 37), Case((77,), 50, 130, 300), Case((77,), 50, 130, "all")],
+    ids=["SDDMM", "dense-GEMM", "every-entry"],
+)
+def test_reference_is_the_dense_definition_in_float64(case: Case):
+    """The backward's dδ (the SDDMM below 1/32 of W, the dense GEMM from there) and rebuilt
+    W' equal autograd of the dense definition and a loop over the entries."""
     m, index = masters(case), case.index()
+    dense = index.numel() * reference._DENSE_FRACTION >= 50 * 130
+    assert dense == (case.nnz != 37)  # each case takes the path its id names
     grad = torch.randn(77, 130, dtype=torch.float64)
     args = harness.leaves(m, torch.float64, lambda n: True)
     y = reference.sparse_delta_linear(index=index, **args)
