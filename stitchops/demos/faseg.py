@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from stitchops.demos.common import miou, pyplot, table, timing_note
+from stitchops.train import threads
 from stitchops.train.loop import TrainConfig, load_trained, train
 from stitchops.train.segdata import GeneratedShapes
 
@@ -69,14 +69,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cores() -> int:
-    """The CPU cores this process may run on (its affinity, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _train_logged(cfg: TrainConfig, log: Path) -> None:
@@ -154,7 +146,7 @@ def run(
     """Train each of ``variants`` for ``anchor_epochs`` on 512 generated images, ``parallel``
     at a time (default: one per core); print, plot."""
     out, start = Path(out), time.time()
-    parallel = max(1, min(len(variants), parallel or cores()))
+    parallel = max(1, min(len(variants), parallel or threads.cores()))
     print(
         f"[demo faseg] {len(variants)} variants, {parallel} at a time (one thread each)", flush=True
     )

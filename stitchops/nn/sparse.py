@@ -33,6 +33,28 @@ def _copy_linear(linear: nn.Linear, target: nn.Module) -> None:
     target.bias = linear.bias
 
 
+def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding copies of ``weight`` [OUT, IN] and ``bias``."""
+    out = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    out.weight.copy_(weight)
+    if bias is not None:
+        out.bias.copy_(bias)
+    return out
+
+
+def _plus_delta(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W + S(δ) as a new tensor."""
+    flat = weight.detach().flatten().clone()
+    flat.index_add_(0, index, delta.detach())
+    return flat.view_as(weight)
+
+
 class SparseDeltaLinear(nn.Module):
     """A linear layer whose pretrained weight moves only at ``index`` (SPT unstructured).
 
@@ -86,19 +108,7 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with weight W + S(δ) (new tensors)."""
-        out = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        flat = self.weight.detach().flatten().clone()
-        flat.index_add_(0, self.index, self.delta.detach())
-        out.weight.copy_(flat.view_as(self.weight))
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+        return _linear_of(_plus_delta(self.weight, self.index, self.delta), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -153,17 +163,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        out = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        out.weight.copy_(self.weight + self.lora_B @ self.lora_A)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+        """A plain ``nn.Linear`` with weight W + B·A (new tensors)."""
+        return _linear_of(self.weight + self.lora_B @ self.lora_A, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -304,23 +305,11 @@ class PartedLinear(nn.Module):
                 "a PartedLinear with adapter parts does not merge: the adapter's "
                 "GELU bottleneck is not linear; deploy it as it is"
             )
-        out = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        flat = self.weight.detach().flatten().clone()
-        flat.index_add_(0, self.index, self.delta.detach())
-        weight = flat.view_as(self.weight)
+        weight = _plus_delta(self.weight, self.index, self.delta)
         for name, ((r0, r1), kind) in self.parts.items():
             if kind == "lora":
                 weight[r0:r1] += self.lora_B[name] @ self.lora_A[name]
-        out.weight.copy_(weight)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+        return _linear_of(weight, self.bias)
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{name} {kind}" for name, (_, kind) in self.parts.items())

@@ -89,9 +89,15 @@ class TokenReconstruction(nn.Module):
                 "TokenReconstruction needs the state of a TokenClustering that "
                 "ran in this forward: pass the clustering or its .state"
             )
+        return self.reconstruct(state.tokens, state.centres, values)
+
+    def reconstruct(
+        self, tokens: torch.Tensor, centres: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """``stitchops.token_reconstruct`` with this module's settings."""
         return token_reconstruct(
-            state.tokens,
-            state.centres,
+            tokens,
+            centres,
             values,
             window=self.window,
             temperature=self.temperature,

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stitchops.ops.token_cluster import token_cluster, token_reconstruct
+from stitchops.nn.token_cluster import TokenReconstruction
+from stitchops.ops.token_cluster import token_cluster
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -200,24 +201,11 @@ def _clustered_windows(values: torch.Tensor, state: WindowClusterState, g: Group
     return windows[:, : g.grid[0], : g.grid[1]]
 
 
-class WindowTokenReconstruction(nn.Module):
+class WindowTokenReconstruction(TokenReconstruction):
     """values [B, ⌈H/K⌉·k, ⌈W/K⌉·k, D] (the clustered map's layout) → [B, H, W, D], each
     window's valid tokens from its own centres, given the ``WindowClusterState`` (or the
     ``WindowTokenClustering``) of the same forward. ``window``, ``temperature``, ``mode``,
     ``k``, ``numerics`` and ``weight_grad`` are ``stitchops.token_reconstruct``'s."""
-
-    def __init__(
-        self,
-        window: int = 5,
-        temperature: float = 50.0,
-        mode: str = "local",
-        k: int = 20,
-        numerics: str = "exact",
-        weight_grad: bool = True,
-    ) -> None:
-        super().__init__()
-        self.window, self.temperature, self.mode, self.k = window, temperature, mode, k
-        self.numerics, self.weight_grad = numerics, weight_grad
 
     def forward(self, values: torch.Tensor, state) -> torch.Tensor:
         if isinstance(state, WindowTokenClustering):
@@ -231,19 +219,6 @@ class WindowTokenReconstruction(nn.Module):
         outputs = []
         for tokens, centres, g in zip(state.tokens, state.centres, state.parts, strict=True):
             per_window = _clustered_windows(values, state, g)
-            y = token_reconstruct(
-                tokens,
-                centres,
-                per_window,
-                window=self.window,
-                temperature=self.temperature,
-                mode=self.mode,
-                k=self.k,
-                numerics=self.numerics,
-                weight_grad=self.weight_grad,
-            )
+            y = self.reconstruct(tokens, centres, per_window)
             outputs.append(_tile(y, g, batch, g.valid))
         return _assemble(outputs, state.parts)
-
-    def extra_repr(self) -> str:
-        return f"window={self.window}, temperature={self.temperature}, mode={self.mode!r}"

@@ -80,7 +80,7 @@ def sparse_delta_grad(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor
     acc = torch.promote_types(x.dtype, torch.float32)
     if index.numel() == 0 or x.shape[0] == 0:
         return x.new_zeros(index.numel())
-    if not x.is_cuda and index.numel() * _DENSE_FRACTION >= weight_elements(grad_y, x):
+    if not x.is_cuda and index.numel() * _DENSE_FRACTION >= grad_y.shape[1] * in_features:
         return (grad_y.t().to(acc) @ x.to(acc)).flatten()[index].to(x.dtype)
     if not x.is_cuda:
         return _sampled_grad(grad_y, x, index, acc).to(x.dtype)
@@ -92,11 +92,6 @@ def sparse_delta_grad(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor
         g = grad_y.index_select(1, r).to(acc)
         out[start : start + step] = (g * x.index_select(1, c).to(acc)).sum(0)
     return out.to(x.dtype)
-
-
-def weight_elements(grad_y: torch.Tensor, x: torch.Tensor) -> int:
-    """OUT·IN, the entries of W (and of the dense Gᵀx)."""
-    return grad_y.shape[1] * x.shape[1]
 
 
 def _sampled_grad(

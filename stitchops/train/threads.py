@@ -18,6 +18,15 @@ from torch import nn
 from stitchops._runtime import CPU_STEP_GRAIN_FLOPS
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else the
+    machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def largest_gemm_flops(model: nn.Module, rows: int) -> int:
     """FLOPs of the model's largest ``nn.Linear`` over ``rows`` token rows (2·rows·in·out)."""
     sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
@@ -26,13 +35,12 @@ def largest_gemm_flops(model: nn.Module, rows: int) -> int:
 
 def choose(model: nn.Module, rows: int, requested: int | None = None) -> tuple[int, str]:
     """(threads, why) for a CPU run of ``model`` whose steps carry ``rows`` token rows."""
-    cores = os.cpu_count() or 1
     if requested is not None:
         return requested, f"--threads {requested}"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     flops = largest_gemm_flops(model, rows)
-    threads = max(1, min(cores, int(flops // CPU_STEP_GRAIN_FLOPS)))
+    threads = max(1, min(cores(), int(flops // CPU_STEP_GRAIN_FLOPS)))
     return threads, f"chosen for the work: largest GEMM {flops / 1e9:.2g} GFLOP a step"
 
 
